@@ -1,0 +1,59 @@
+"""Artifact packaging: provenance in ``metadata_props``, SHA-256, atomic publication.
+
+A model is written into a hidden temporary folder beside its destination and
+renamed into place, so an app never sees a half-written artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from edgec.compile.export import set_metadata
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def publish_model(model_path: Path, dest_dir: Path, metadata: dict) -> Path:
+    """Copy ``model_path`` to ``dest_dir/model.onnx`` with ``metadata`` added, atomically.
+
+    An existing ``dest_dir`` is replaced only once the new one is complete.
+    Returns the published model's path.
+    """
+    dest_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest_dir.parent, prefix=f".tmp-{dest_dir.name}-"))
+    try:
+        shutil.copyfile(model_path, tmp / "model.onnx")
+        set_metadata(tmp / "model.onnx", metadata)
+        if dest_dir.exists():
+            old = dest_dir.with_name(f".old-{dest_dir.name}-{os.getpid()}")
+            os.replace(dest_dir, old)
+            os.replace(tmp, dest_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest_dir / "model.onnx"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,79 @@
+"""Static post-training quantization in QDQ format, honouring a per-layer policy.
+
+The recipe for ONNX Runtime's CPU execution provider: ``onnxruntime.quantization
+.quantize_static`` with QDQ format, uint8 activations, int8 per-channel weights,
+MinMax calibration on training images (≥ 256). Layers the
+:class:`~edgec.search.space.QuantPolicy` keeps FP32 are passed as
+``nodes_to_exclude``, so no QuantizeLinear/DequantizeLinear pair sits on their
+weights; INT8 layers get one (SimQ-NAS, Sridhar et al. 2023, §3: mixed
+INT8/FP32 per layer).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import shutil
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from edgec.compile.export import INPUT_NAME, layer_nodes
+from edgec.errors import DataError, ExportError
+
+MIN_CALIBRATION_IMAGES = 256
+
+
+class _Batches:
+    """ONNX Runtime CalibrationDataReader over ``x`` (N, C, H, W) float32 in batches."""
+
+    def __init__(self, x: np.ndarray, batch_size: int = 64) -> None:
+        self._it = iter([{INPUT_NAME: x[i:i + batch_size]} for i in range(0, len(x), batch_size)])
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def quantize_qdq(fp32_path: Path, out_path: Path, int8_layers: tuple[str, ...], calib_x: np.ndarray) -> Path:
+    """Write the QDQ model of ``fp32_path`` to ``out_path`` with only ``int8_layers`` quantized.
+
+    ``calib_x``: (N ≥ 256, C, H, W) float32 calibration images. With no INT8 layer the
+    FP32 model is copied unchanged. Raises :class:`DataError` for too few calibration
+    images and :class:`ExportError` when quantization fails or names an unknown layer.
+    """
+    if not int8_layers:
+        shutil.copyfile(fp32_path, out_path)
+        return out_path
+    if len(calib_x) < MIN_CALIBRATION_IMAGES:
+        raise DataError("too few calibration images", f"got {len(calib_x)}, need ≥ {MIN_CALIBRATION_IMAGES}",
+                        "pass more training data")
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    layers = layer_nodes(onnx.load(str(fp32_path)))
+    unknown = sorted(set(int8_layers) - set(layers))
+    if unknown:
+        raise ExportError(f"policy names layers the model lacks: {', '.join(unknown[:3])}",
+                          f"model layers are {', '.join(sorted(layers)[:5])}…", "fix the policy")
+    exclude = sorted(set(layers) - set(int8_layers))
+    logging.getLogger("onnxruntime").setLevel(logging.ERROR)
+    try:
+        with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+            quantize_static(str(fp32_path), str(out_path), _Batches(calib_x), quant_format=QuantFormat.QDQ,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude)
+    except Exception as e:  # ORT raises assorted types
+        raise ExportError("quantization failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                          "report this with the candidate config") from None
+    return out_path
+
+
+def weight_precisions(model: onnx.ModelProto) -> dict[str, str]:
+    """{layer: "int8" | "fp32"}: INT8 when the layer's weight input comes from a DequantizeLinear."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    result = {}
+    for name, node in layer_nodes(model).items():
+        src = producers.get(node.input[1])
+        result[name] = "int8" if src is not None and src.op_type == "DequantizeLinear" else "fp32"
+    return result

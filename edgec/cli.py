@@ -1,0 +1,247 @@
+"""``edgec`` command line: ``compile``, ``profile``, ``targets``.
+
+User errors print one line (what, why, fix) on stderr and exit 2 — no traceback.
+A finished compile prints a short table and where its outputs are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+# Idle OpenMP threads of torch in this process would otherwise spin-wait for a while
+# after each torch call and steal the cores the latency worker is timing on.
+# Must be set before torch is first imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from edgec.errors import EdgecError
+
+
+def _compile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML file with compile settings (flags override it)")
+    p.add_argument("--model", help="built-in model: fbnet-supernet (default)")
+    p.add_argument("--dataset", help="digits (default) | fashion-mnist")
+    p.add_argument("--data-dir", help="folder of the Fashion-MNIST IDX files")
+    p.add_argument("--target", help="target to search and build for (default cpu-ort)")
+    p.add_argument("--budget-evals", type=int, help="candidates to compile and measure (default 40)")
+    p.add_argument("--max-accuracy-drop", type=float,
+                   help="percentage points of validation accuracy below the reference (default 1.0)")
+    p.add_argument("--latency-budget-ms", type=float, help="p50 latency budget at batch 1, ms")
+    p.add_argument("--size-budget-kb", type=float, help="model size budget, KiB")
+    p.add_argument("--out", help="run directory (default runs/edgec)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out")
+    p.add_argument("--force", action="store_true", default=None, help="replace edgec's outputs in --out")
+    p.add_argument("--strategy", help="nsga2 (default) | random")
+    p.add_argument("--population-size", type=int, help="NSGA-II generation size (default 16)")
+    p.add_argument("--threads", type=int, help="runtime threads (default 2)")
+    p.add_argument("--train-epochs", type=int, help="supernet training epochs (default per dataset)")
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line and exit 2, like every other user error
+        sys.stderr.write(f"edgec: error: {message} — see 'edgec {self.prog.split()[-1]} --help'\n"
+                         if " " in self.prog else f"edgec: error: {message} — see 'edgec --help'\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="edgec", description="Edge-deployment compiler: search, compile, profile, publish.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
+    p = sub.add_parser("compile", help="search, compile, measure and publish models")
+    _compile_args(p)
+    p = sub.add_parser("profile", help="measure an ONNX model's latency on targets")
+    p.add_argument("model", help="ONNX file")
+    p.add_argument("--target", action="append", help="target name (repeatable; default cpu-ort)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p.add_argument("--threads", type=int, default=2, help="runtime threads (default 2)")
+    p.add_argument("--runs", type=int, default=300, help="timed runs (default 300)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = sub.add_parser("targets", help="list the known targets and whether they are available here")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "compile":
+            return cmd_compile(args)
+        if args.command == "profile":
+            return cmd_profile(args)
+        return cmd_targets(args)
+    except EdgecError as e:
+        sys.stderr.write(f"edgec: error: {e.line()}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("edgec: interrupted — rerun the same command with --resume to continue\n")
+        return 130
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from edgec.config import CompileConfig
+    from edgec.errors import NoQualifyingCandidate
+    from edgec.pipeline import run_compile
+
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    cfg = CompileConfig.from_sources(args.config, overrides)
+    console = Console(stderr=True)
+    with _RichProgress(console) as progress:
+        try:
+            result = run_compile(cfg, progress)
+        except NoQualifyingCandidate:
+            progress.close()
+            raise
+    _print_summary(result, Console())
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgec.errors import ModelError
+    from edgec.targets import get_target
+
+    path = Path(args.model)
+    if not path.is_file():
+        raise ModelError(f"model {path} not found" if not path.exists() else f"{path} is not a file",
+                         "edgec profile needs an ONNX file", "pass the path of a .onnx file")
+    shape = _static_input_shape(path, args.batch)
+    rows = []
+    for name in args.target or ["cpu-ort"]:
+        target = get_target(name, threads=args.threads, runs=args.runs)
+        target.require_available()
+        try:
+            stats = target.measure_latency(path, shape[1:], batch=args.batch)
+        finally:
+            target.close()
+        rows.append({"target": name, **target.describe(), "latency": stats.to_dict(),
+                     "size_bytes": path.stat().st_size})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title=f"{path.name}, batch {args.batch}")
+    for col in ("target", "kind", "p50 ms", "p90 ms", "p99 ms", "min ms", "runs", "threads", "size KiB", "runtime"):
+        table.add_column(col)
+    for r in rows:
+        s = r["latency"]
+        table.add_row(r["target"], s["kind"], f"{s['p50_ms']:.4f}", f"{s['p90_ms']:.4f}", f"{s['p99_ms']:.4f}",
+                      f"{s['min_ms']:.4f}", str(s["runs"]), str(s["threads"]), f"{r['size_bytes'] / 1024:.1f}",
+                      r["runtime"])
+    Console().print(table)
+    return 0
+
+
+def _static_input_shape(path: Path, batch: int) -> tuple[int, ...]:
+    """The first input's shape with the batch dimension set; other dynamic dims are an error."""
+    import onnx
+
+    from edgec.errors import ModelError
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:
+        raise ModelError(f"{path} is not a readable ONNX model", str(e).splitlines()[0] if str(e) else
+                         type(e).__name__, "pass a valid .onnx file") from None
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if not inputs:
+        raise ModelError(f"{path} has no graph input", "", "pass a model with one image input")
+    dims = inputs[0].type.tensor_type.shape.dim
+    shape = []
+    for k, d in enumerate(dims):
+        if d.HasField("dim_value") and d.dim_value > 0:
+            shape.append(d.dim_value if k else batch)
+        elif k == 0:
+            shape.append(batch)
+        else:
+            raise ModelError(f"input {inputs[0].name!r} of {path} has a dynamic dimension {k} ({d.dim_param!r})",
+                             "edgec profile needs static shapes besides the batch", "export with a fixed shape")
+    return tuple(shape)
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgec.targets import get_target, target_names
+
+    rows = []
+    for name in target_names():
+        t = get_target(name)
+        ok, why = t.availability()
+        info = t.describe() if ok else {}
+        rows.append({"name": name, "available": ok, "why_not": why, "recipe": t.recipe,
+                     "latency_kind": t.latency_kind, **info})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title="edgec targets")
+    for col in ("name", "available", "runtime", "device", "recipe", "latency kind"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], "yes" if r["available"] else f"no: {r['why_not']}", r.get("runtime", ""),
+                      r.get("device", ""), r["recipe"], r["latency_kind"])
+    Console().print(table)
+    return 0
+
+
+class _RichProgress:
+    """Progress bars on stderr for the pipeline's stages."""
+
+    def __init__(self, console) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.console = console
+        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console, transient=False)
+        self._task = None
+
+    def __enter__(self):
+        self._bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._bar.stop()
+
+    def stage(self, name: str, total: int | None = None) -> None:
+        if self._task is not None:
+            self._bar.update(self._task, visible=True)
+        self._task = self._bar.add_task(name, total=total, note="")
+
+    def advance(self, done: int, total: int | None = None, note: str = "") -> None:
+        if self._task is not None:
+            self._bar.update(self._task, completed=done, total=total, note=note)
+
+    def log(self, text: str) -> None:
+        self._bar.console.print(text)
+
+
+def _print_summary(result, console) -> None:
+    from rich.table import Table
+
+    ref = result.reference
+    table = Table(title="edgec compile — published artifacts")
+    for col in ("id", "role", "val acc %", "test acc %", "p50 µs", "vs ref", "size KiB", "INT8 layers"):
+        table.add_column(col, justify="right" if col not in ("id", "role") else "left")
+    for a in result.artifacts:
+        table.add_row(a.id, a.role + (" ★" if a.chosen else ""), f"{a.val_accuracy * 100:.2f}",
+                      f"{a.test_accuracy * 100:.2f}", f"{a.p50_ms * 1e3:.1f}",
+                      f"{ref.latency.p50_ms / a.p50_ms:.2f}×", f"{a.size_bytes / 1024:.1f}",
+                      f"{sum(p == 'int8' for p in a.policy.values())}/{len(a.policy)}")
+    console.print(table)
+    console.print(f"{len(result.evaluations) + 1} candidates evaluated; latency kind: {ref.latency.kind}. "
+                  f"Outputs: {result.out}/report.html, report.json, manifest.json, candidates.csv")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

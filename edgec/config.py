@@ -1,0 +1,129 @@
+"""``edgec compile`` settings: one dataclass, read from a TOML file and/or flags.
+
+Flags override the file. Unknown keys are refused with a did-you-mean; types and
+ranges are checked here so the pipeline never sees a bad value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from edgec.errors import ConfigError
+
+MODELS = ("fbnet-supernet",)
+DATASETS = ("digits", "fashion-mnist")
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    model: str = "fbnet-supernet"          # built-in supernet, trained on `dataset` (cached)
+    dataset: str = "digits"                # digits | fashion-mnist
+    data_dir: str | None = None            # Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)
+    target: str = "cpu-ort"                # where candidates are measured and artifacts built for
+    budget_evals: int = 40                 # candidates the search compiles and measures (the reference is extra)
+    max_accuracy_drop: float = 1.0         # percentage points of validation accuracy below the reference
+    latency_budget_ms: float | None = None  # p50 at batch 1 on `target`; None = no budget
+    size_budget_kb: float | None = None    # ONNX file size in KiB (1024 bytes); None = no budget
+    out: str = "runs/edgec"                # run directory
+    seed: int = 0                          # seeds the search and the supernet training
+    resume: bool = False                   # continue the run in `out` without repeating evaluations
+    force: bool = False                    # replace edgec's outputs in a non-empty `out`
+    strategy: str = "nsga2"                # nsga2 | random
+    population_size: int = 16              # NSGA-II generation size
+    threads: int = 2                       # ONNX Runtime intra-op threads and torch threads
+    train_epochs: int | None = None        # supernet epochs; None = the dataset's default
+    calibration_images: int = 512          # training images for static quantization (≥ 256)
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str, fix: str) -> None:
+            raise ConfigError(f"bad value for {name}: {getattr(self, name)!r}", why, fix)
+
+        if self.model not in MODELS:
+            bad("model", f"known models: {', '.join(MODELS)}", "use --model fbnet-supernet")
+        if self.dataset not in DATASETS:
+            bad("dataset", f"known datasets: {', '.join(DATASETS)}", "use --dataset digits or fashion-mnist")
+        if self.budget_evals < 1:
+            bad("budget_evals", "the search needs at least one evaluation", "pass --budget-evals 1 or more")
+        if not 0 <= self.max_accuracy_drop <= 100:
+            bad("max_accuracy_drop", "it is in percentage points, 0..100", "e.g. --max-accuracy-drop 1.0")
+        if self.latency_budget_ms is not None and self.latency_budget_ms <= 0:
+            bad("latency_budget_ms", "a latency budget must be positive", "e.g. --latency-budget-ms 0.5")
+        if self.size_budget_kb is not None and self.size_budget_kb <= 0:
+            bad("size_budget_kb", "a size budget must be positive", "e.g. --size-budget-kb 200")
+        if self.resume and self.force:
+            bad("force", "--resume continues a run and --force replaces it", "pass only one of them")
+        if self.strategy not in ("nsga2", "random"):
+            bad("strategy", "known strategies: nsga2, random", "use --strategy nsga2")
+        if self.population_size < 2:
+            bad("population_size", "NSGA-II needs a population of at least 2", "e.g. population_size = 16")
+        if not 1 <= self.threads <= 256:
+            bad("threads", "threads must be between 1 and 256", "e.g. --threads 2")
+        if self.train_epochs is not None and self.train_epochs < 1:
+            bad("train_epochs", "training needs at least one epoch", "e.g. --train-epochs 15")
+        if self.calibration_images < 256:
+            bad("calibration_images", "static quantization calibrates on at least 256 images",
+                "use calibration_images = 256 or more")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_sources(cls, toml_path: str | Path | None, overrides: Mapping[str, Any]) -> "CompileConfig":
+        """Merge the TOML file (if any) with ``overrides`` (flags; None means not given)."""
+        values: dict[str, Any] = {}
+        if toml_path is not None:
+            values.update(read_toml(Path(toml_path)))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return from_dict(cls, values)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a config file; keys may use '-' or '_'. A ``[compile]`` table is accepted too."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found", "", "check the path given to --config") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}", str(e), "check the path given to --config") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML", str(e), "fix the syntax") from None
+    if isinstance(data.get("compile"), dict) and len(data) == 1:
+        data = data["compile"]
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def from_dict(cls, values: Mapping[str, Any]):
+    """Build ``cls`` from ``values``, refusing unknown keys (with a did-you-mean) and wrong types."""
+    known = {f.name: f for f in fields(cls)}
+    for key in values:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
+            raise ConfigError(f"unknown config key {key!r}", "edgec does not know this setting", hint)
+    typed = {}
+    for key, value in values.items():
+        typed[key] = _coerce(key, known[key].type, value)
+    return cls(**typed)
+
+
+def _coerce(key: str, type_text: str, value: Any) -> Any:
+    wants = str(type_text)
+    optional = "None" in wants
+    if value is None and optional:
+        return None
+    if wants.startswith("bool"):
+        ok = isinstance(value, bool)
+    elif wants.startswith("int"):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif wants.startswith("float"):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:  # str
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"bad type for {key}: {value!r}", f"expected {wants}", f"set {key} to a {wants.split()[0]}")
+    return value

@@ -1,0 +1,289 @@
+"""The main job: search → compile → measure → publish, as ``edgec compile`` runs it.
+
+The loop "ask a candidate → compile it → measure it on the target → tell the
+result" lives here, so the search (``edgec.search``) knows no runtime and the
+targets (``edgec.targets``) know no search.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+import edgec
+from edgec.config import CompileConfig
+from edgec.data import Dataset, load_dataset
+from edgec.errors import ConfigError, EdgecError, NoQualifyingCandidate
+from edgec.records import Artifact, Evaluation
+from edgec.rundir import EvaluationStore, RunDir
+from edgec.search.pareto import pareto_front
+from edgec.search.space import Candidate, QuantPolicy, SupernetSpec, fbnet_space
+from edgec.search.strategy import NSGA2Search, RandomSearch, make_candidate
+from edgec.targets import Target, get_target
+
+# Supernet training per dataset (seed comes from the config). Measured on 2 cores:
+# digits ≈ 80 s; fashion-mnist ≈ 6 min per epoch.
+DEFAULT_TRAINING = {
+    "digits": {"epochs": 15, "batch_size": 32},
+    "fashion-mnist": {"epochs": 5, "batch_size": 128},
+}
+# Settings that change what a resumed run would compute; the rest (budgets, drop) may change on --resume.
+RESUME_KEYS = ("model", "dataset", "target", "seed", "strategy", "population_size", "threads", "train_epochs",
+               "calibration_images")
+PARITY_IMAGES = 64
+
+
+@dataclass
+class RunResult:
+    out: Path
+    reference: Evaluation
+    evaluations: list[Evaluation]
+    front_ids: list[str]
+    chosen: Evaluation | None
+    artifacts: list[Artifact]
+    report: dict
+
+
+class Progress:
+    """Callbacks the CLI turns into progress bars; the default does nothing."""
+
+    def stage(self, name: str, total: int | None = None) -> None: ...
+    def advance(self, done: int, total: int | None = None, note: str = "") -> None: ...
+    def log(self, text: str) -> None: ...
+
+
+def cache_root() -> Path:
+    """Where trained supernets are cached: ``$EDGEC_CACHE_DIR`` or ``~/.cache/edgec``."""
+    env = os.environ.get("EDGEC_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgec"
+
+
+def get_supernet(ds: Dataset, cfg: CompileConfig, progress: Progress):
+    """The trained supernet for ``ds``: from the cache when its key matches, else trained and cached."""
+    from edgec.search.train import TrainSettings, cache_key, load_checkpoint, save_checkpoint, train_supernet
+
+    c, h, _ = ds.input_shape
+    spec = fbnet_space(c, h, ds.num_classes)
+    defaults = DEFAULT_TRAINING[ds.name]
+    settings = TrainSettings(epochs=cfg.train_epochs or defaults["epochs"], batch_size=defaults["batch_size"],
+                             seed=cfg.seed)
+    key = cache_key(spec, settings, ds.train_x, ds.train_y)
+    folder = cache_root() / "supernets" / f"{ds.name}-{key}"
+    info = {"cache_dir": str(folder), "cache_key": key, "train": settings.to_dict(), "spec": spec.to_dict()}
+    if (folder / "supernet.json").is_file():
+        net, meta = load_checkpoint(folder)
+        progress.log(f"supernet: cached ({folder})")
+        return net, {**info, "cached": True, "train_s": meta.get("train_s")}
+    progress.stage(f"training supernet on {ds.name} ({settings.epochs} epochs)", None)
+    t0 = time.perf_counter()
+    net = train_supernet(spec, ds.train_x, ds.train_y, settings,
+                         on_step=lambda step, total, loss: progress.advance(step, total, f"loss {loss:.3f}"))
+    train_s = time.perf_counter() - t0
+    save_checkpoint(net, settings, folder, extra={"train_s": train_s, "dataset": ds.name})
+    return net, {**info, "cached": False, "train_s": train_s}
+
+
+class Evaluator:
+    """Compiles one candidate (extract → BN recalibration → ONNX → parity → QDQ) and measures it."""
+
+    def __init__(self, supernet, ds: Dataset, target: Target, models_dir: Path, cfg: CompileConfig) -> None:
+        self.supernet, self.ds, self.target, self.models_dir, self.cfg = supernet, ds, target, models_dir, cfg
+
+    def model_path(self, candidate: Candidate) -> Path:
+        return self.models_dir / candidate.id / "model.onnx"
+
+    def compile(self, candidate: Candidate) -> tuple[Path, float]:
+        """Write the candidate's ONNX model (QDQ per its policy); returns (path, parity max |diff|)."""
+        import torch
+
+        from edgec.compile.export import check_parity, export_onnx
+        from edgec.compile.quantize import quantize_qdq
+        from edgec.search.supernet import extract_subnet
+        from edgec.search.train import recalibrate_bn
+
+        ds = self.ds
+        folder = self.models_dir / candidate.id
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        static = recalibrate_bn(extract_subnet(self.supernet, candidate.subnet), ds.train_x)
+        fp32 = export_onnx(static.fused(), ds.input_shape, folder / "fp32.onnx")
+        parity = check_parity(static, fp32, ds.val_x[:PARITY_IMAGES])
+        tmp = folder / "model.tmp.onnx"
+        quantize_qdq(fp32, tmp, candidate.policy.int8_layers(), ds.train_x[:self.cfg.calibration_images])
+        os.replace(tmp, folder / "model.onnx")
+        return folder / "model.onnx", parity
+
+    def evaluate(self, candidate: Candidate, role: str = "search") -> Evaluation:
+        from edgec.compile.accuracy import onnx_top1
+
+        t0 = time.perf_counter()
+        path, parity = self.compile(candidate)
+        val_acc = onnx_top1(path, self.ds.val_x, self.ds.val_y, threads=self.cfg.threads)
+        compile_s = time.perf_counter() - t0
+        latency = self.target.measure_latency(path, self.ds.input_shape, batch=1)
+        return Evaluation(candidate, self.target.name, val_acc, latency, path.stat().st_size, parity, compile_s,
+                          edgec.__version__, role)
+
+
+def select_chosen(evals: list[Evaluation], front_ids: list[str], reference: Evaluation,
+                  cfg: CompileConfig) -> tuple[Evaluation | None, dict]:
+    """The lowest-p50 Pareto candidate within the accuracy drop and budgets (validation split only)."""
+    min_acc = reference.val_accuracy - cfg.max_accuracy_drop / 100.0
+    qualified = [e for e in evals if e.candidate_id in front_ids
+                 and e.val_accuracy >= min_acc - 1e-12
+                 and (cfg.latency_budget_ms is None or e.latency.p50_ms <= cfg.latency_budget_ms)
+                 and (cfg.size_budget_kb is None or e.size_bytes <= cfg.size_budget_kb * 1024)]
+    chosen = min(qualified, key=lambda e: (e.latency.p50_ms, e.size_bytes)) if qualified else None
+    rule = {"rule": "lowest p50 on the Pareto front with val_accuracy ≥ reference − max_accuracy_drop "
+                    "and within the latency/size budgets (the test split is never used to choose)",
+            "min_val_accuracy": min_acc, "max_accuracy_drop_pp": cfg.max_accuracy_drop,
+            "latency_budget_ms": cfg.latency_budget_ms, "size_budget_kb": cfg.size_budget_kb,
+            "qualified": len(qualified)}
+    return chosen, rule
+
+
+def run_compile(cfg: CompileConfig, progress: Progress | None = None) -> RunResult:
+    """Run the whole job into ``cfg.out``. Raises :class:`EdgecError` subclasses for user errors and
+    :class:`NoQualifyingCandidate` (after writing the report) when no candidate meets the budgets."""
+    import torch
+
+    progress = progress or Progress()
+    target = get_target(cfg.target, threads=cfg.threads)
+    target.require_available()
+    ds = load_dataset(cfg.dataset, cfg.data_dir)
+    with RunDir(Path(cfg.out), resume=cfg.resume, force=cfg.force) as run:
+        try:
+            _check_resume(run, cfg)
+            torch.set_num_threads(cfg.threads)
+            supernet, supernet_info = get_supernet(ds, cfg, progress)
+            spec: SupernetSpec = supernet.spec
+            store = EvaluationStore(run.study / "evaluations.jsonl")
+            evaluator = Evaluator(supernet, ds, target, run.study / "models", cfg)
+            reference, evals, failed = _search(cfg, spec, store, evaluator, progress)
+            return _publish(cfg, run.path, ds, supernet_info, target, evaluator, reference, evals, failed, progress)
+        finally:
+            target.close()
+
+
+def _check_resume(run: RunDir, cfg: CompileConfig) -> None:
+    from edgec.compile.package import write_atomic
+
+    path = run.study / "config.json"
+    if cfg.resume:
+        stored = json.loads(path.read_text())
+        changed = [k for k in RESUME_KEYS if stored.get(k) != getattr(cfg, k)]
+        if changed:
+            raise ConfigError(f"--resume with changed settings: {', '.join(changed)}",
+                              "a resumed run must compute what the interrupted one did",
+                              f"use the stored values (see {path}) or start a new run with --force")
+    write_atomic(path, json.dumps(cfg.to_dict(), indent=2))
+
+
+def _evaluate_cached(candidate: Candidate, role: str, store: EvaluationStore, evaluator: Evaluator,
+                     progress: Progress) -> Evaluation | str:
+    """The stored evaluation of ``candidate``, or a new one (stored at once); a str is a failure reason."""
+    rec = store.get(candidate.id)
+    if rec is None:
+        try:
+            ev = evaluator.evaluate(candidate, role)
+            rec = ev.to_dict()
+        except EdgecError as e:
+            if role == "reference":
+                raise
+            rec = {"candidate_id": candidate.id, "candidate": candidate.to_dict(), "failed": e.line()}
+            progress.log(f"candidate {candidate.id} failed: {e.line()}")
+        store.add(rec)
+    if "failed" in rec:
+        return rec["failed"]
+    return Evaluation.from_dict({**rec, "role": role})
+
+
+def _search(cfg, spec, store, evaluator, progress):
+    reference = _evaluate_cached(make_candidate(spec, spec.largest(), QuantPolicy()), "reference", store,
+                                 evaluator, progress)
+    assert isinstance(reference, Evaluation)
+    int8 = QuantPolicy.uniform(spec.quantizable_layers(), "int8")
+    initial = [make_candidate(spec, spec.largest(), int8), make_candidate(spec, spec.smallest(), QuantPolicy()),
+               make_candidate(spec, spec.smallest(), int8)]
+    if cfg.strategy == "nsga2":
+        strategy = NSGA2Search(spec, cfg.seed, cfg.population_size, initial=initial)
+    else:
+        strategy = RandomSearch(spec, cfg.seed)
+    evals: dict[str, Evaluation] = {}
+    failed: dict[str, str] = {}
+    seen: set[str] = set()
+    asks = 0
+    progress.stage(f"searching ({cfg.strategy}, {cfg.budget_evals} evaluations on {cfg.target})", cfg.budget_evals)
+    while len(seen) < cfg.budget_evals and asks < 50 * cfg.budget_evals:
+        asks += 1
+        candidate = strategy.ask()
+        if candidate.id == reference.candidate_id:
+            strategy.tell(candidate, reference.objectives())
+            continue
+        result = _evaluate_cached(candidate, "search", store, evaluator, progress)
+        if candidate.id not in seen:
+            seen.add(candidate.id)
+            progress.advance(len(seen), cfg.budget_evals,
+                             f"{len(evals) + isinstance(result, Evaluation)} ok, {len(failed)} failed")
+        if isinstance(result, str):
+            failed[candidate.id] = result
+            strategy.tell(candidate, None)
+        else:
+            evals[candidate.id] = result
+            strategy.tell(candidate, result.objectives())
+    return reference, list(evals.values()), failed
+
+
+def _publish(cfg, out: Path, ds: Dataset, supernet_info: dict, target: Target, evaluator: Evaluator,
+             reference: Evaluation, evals: list[Evaluation], failed: dict, progress: Progress) -> RunResult:
+    from edgec.compile.accuracy import onnx_top1
+    from edgec.compile.package import publish_model, sha256_file
+    from edgec.report import write_reports
+
+    everything = [reference] + evals
+    front_idx = pareto_front([e.objectives() for e in everything], maximize=[True, False, False])
+    front_ids = list(dict.fromkeys(everything[i].candidate_id for i in front_idx))
+    chosen, selection = select_chosen(everything, front_ids, reference, cfg)
+    to_publish = [reference] + [e for e in evals if e.candidate_id in front_ids]
+    progress.stage(f"publishing {len(to_publish)} artifacts", len(to_publish))
+    artifacts = []
+    input_spec = {"name": "input", "shape": ["batch", *ds.input_shape], "dtype": "float32",
+                  "preprocessing": ds.provenance["preprocessing"], "output": {"name": "logits",
+                  "shape": ["batch", ds.num_classes], "dtype": "float32"}}
+    for i, ev in enumerate(to_publish, 1):
+        model = evaluator.model_path(ev.candidate)
+        if not model.is_file():  # a resumed run whose work files were removed: recompile (deterministic)
+            evaluator.compile(ev.candidate)
+        test_acc = onnx_top1(model, ds.test_x, ds.test_y, threads=cfg.threads)
+        role = "reference" if ev is reference else "pareto"
+        dest = out / "artifacts" / target.name / ev.candidate_id
+        metadata = {"edgec_version": edgec.__version__, "candidate_id": ev.candidate_id, "role": role,
+                    "config": ev.candidate.subnet.to_dict(), "policy": ev.candidate.policy.to_dict(),
+                    "dataset": ds.name, "target": target.name,
+                    "metrics": {"val_accuracy": ev.val_accuracy, "test_accuracy": test_acc,
+                                "p50_ms": ev.latency.p50_ms, "latency_kind": ev.latency.kind}}
+        path = publish_model(model, dest, metadata)
+        artifacts.append(Artifact(ev.candidate_id, str(path.relative_to(out)), sha256_file(path), target.name, role,
+                                  chosen is not None and ev.candidate_id == chosen.candidate_id, test_acc,
+                                  ev.val_accuracy, ev.latency.p50_ms, ev.latency.p90_ms, ev.latency.kind,
+                                  path.stat().st_size, ev.candidate.subnet.to_dict(), ev.candidate.policy.to_dict(),
+                                  input_spec))
+        progress.advance(i, len(to_publish), ev.candidate_id)
+    report = write_reports(out, cfg, ds, supernet_info, target, reference, evals, failed, front_ids, chosen,
+                           selection, artifacts)
+    result = RunResult(out, reference, evals, front_ids, chosen, artifacts, report)
+    if chosen is None:
+        raise NoQualifyingCandidate(
+            "no candidate meets the accuracy drop and budgets",
+            f"{len(everything)} evaluated, best p50 {min(e.latency.p50_ms for e in everything):.3f} ms; "
+            f"the report is in {out}",
+            "relax --max-accuracy-drop / --latency-budget-ms / --size-budget-kb or raise --budget-evals")
+    return result

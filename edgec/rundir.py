@@ -1,0 +1,115 @@
+"""The run directory: refusing to clobber, a lock a killed run cannot leave stuck, the study store.
+
+Layout (DESIGN.md): ``report.json``, ``report.html``, ``candidates.csv``,
+``manifest.json``, ``artifacts/<target>/<candidate-id>/model.onnx`` and
+``study/`` (``config.json``, ``evaluations.jsonl``, compiled models under ``models/``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+from edgec.errors import OutputDirError
+
+OUTPUTS = ("report.json", "report.html", "candidates.csv", "manifest.json", "artifacts", "study")
+LOCK = ".edgec.lock"
+
+
+class RunDir:
+    """An opened, locked run directory. Use as a context manager."""
+
+    def __init__(self, path: Path, *, resume: bool = False, force: bool = False) -> None:
+        self.path = path
+        self._lock_fd: int | None = None
+        self._prepare(resume, force)
+
+    def _prepare(self, resume: bool, force: bool) -> None:
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise OutputDirError(f"output {p} is a file", "a run directory is needed", "pass another --out")
+        contents = [c.name for c in p.iterdir() if c.name != LOCK] if p.is_dir() else []
+        if resume and not (p / "study" / "config.json").is_file():
+            raise OutputDirError(f"nothing to resume in {p}", "it holds no edgec study",
+                                 "drop --resume to start a new run")
+        if contents and not resume and not force:
+            raise OutputDirError(f"output directory {p} is not empty", "edgec will not overwrite it",
+                                 "pass --resume to continue that run, --force to replace it, or another --out")
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(p / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise OutputDirError(f"cannot write to output directory {p}", e.strerror or str(e),
+                                 "pass a writable --out") from None
+        try:
+            # flock is released by the kernel when the holder dies, so a killed run never leaves it stuck.
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+            raise OutputDirError(f"output directory {p} is in use", "another edgec run holds its lock",
+                                 "wait for it to finish or pass another --out") from None
+        if force:
+            for name in OUTPUTS:
+                target = p / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        (p / "study" / "models").mkdir(parents=True, exist_ok=True)
+
+    @property
+    def study(self) -> Path:
+        return self.path / "study"
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class EvaluationStore:
+    """Append-only JSON-lines store of evaluation results, keyed by candidate id.
+
+    Each line is written and flushed (fsync) when its evaluation completes, so a
+    killed run loses at most the evaluation in flight; a torn last line is ignored.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records: dict[str, dict[str, Any]] = {}
+        if path.is_file():
+            text = path.read_text()
+            if text and not text.endswith("\n"):  # a line torn by a kill: drop it before appending
+                text = text[:text.rfind("\n") + 1]
+                path.write_text(text)
+            for line in text.splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a kill
+                self.records[rec["candidate_id"]] = rec
+
+    def get(self, candidate_id: str) -> dict[str, Any] | None:
+        return self.records.get(candidate_id)
+
+    def add(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records[record["candidate_id"]] = record
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.records.values())

@@ -1,0 +1,157 @@
+"""Supernet training (sandwich rule + in-place distillation), BN recalibration and checkpoints.
+
+Sandwich rule (Yu & Huang, "Universally Slimmable Networks", 2019, §3.2; BigNAS,
+Yu et al. 2020, §3.1): every step trains the largest subnet, the smallest and
+two random ones and sums their gradients. In-place distillation: the largest
+subnet learns from the labels, the others from its detached soft predictions
+(the same papers; Once-for-All §3.2 does the same with a fixed teacher), mixed
+with the labels' cross-entropy (``label_weight``), which on a dataset as small as
+digits (1,150 training images) kept the small subnets closer to the largest.
+
+Checkpoints are safetensors plus a JSON config — never pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from edgec.errors import ModelError
+from edgec.search.space import SupernetSpec
+from edgec.search.supernet import StaticNet, Supernet
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Supernet training settings; part of the checkpoint cache key."""
+
+    epochs: int = 40          # passes over the training split
+    batch_size: int = 128     # images per step (each of the 4 sandwich subnets sees the batch)
+    lr: float = 3e-3          # AdamW peak learning rate, cosine-decayed to 0
+    weight_decay: float = 1e-4
+    random_subnets: int = 2   # random subnets per step besides the largest and smallest
+    skip_prob: float = 0.5    # chance a skippable block is skipped in a random subnet
+    label_weight: float = 0.5  # smaller subnets' loss: this × cross-entropy + (1 − this) × KD from the largest
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cache_key(spec: SupernetSpec, settings: TrainSettings, train_x: np.ndarray, train_y: np.ndarray) -> str:
+    """SHA-256 (16 hex digits) of the spec, the settings and the training data bytes."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"spec": spec.to_dict(), "train": settings.to_dict(), "format": CHECKPOINT_FORMAT},
+                        sort_keys=True).encode())
+    h.update(np.ascontiguousarray(train_x).tobytes())
+    h.update(np.ascontiguousarray(train_y).tobytes())
+    return h.hexdigest()[:16]
+
+
+def train_supernet(spec: SupernetSpec, train_x: np.ndarray, train_y: np.ndarray, settings: TrainSettings,
+                   on_step: Callable[[int, int, float], None] | None = None) -> Supernet:
+    """Train a supernet from scratch with the sandwich rule and in-place distillation.
+
+    ``train_x``: (N, C, H, W) float32 in [0, 1]; ``train_y``: (N,) int64 class ids.
+    ``on_step(step, total_steps, loss)`` reports progress. Deterministic for a given seed
+    on one machine (torch CPU kernels).
+    """
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    net = Supernet(spec)
+    opt = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    x_all, y_all = torch.from_numpy(train_x), torch.from_numpy(train_y)
+    steps_per_epoch = max(1, len(train_x) // settings.batch_size)
+    total = settings.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, settings.lr, total_steps=total, pct_start=0.1)
+    largest, smallest = spec.largest(), spec.smallest()
+    step = 0
+    net.train()
+    for _ in range(settings.epochs):
+        order = rng.permutation(len(train_x))
+        for i in range(steps_per_epoch):
+            idx = torch.from_numpy(order[i * settings.batch_size:(i + 1) * settings.batch_size])
+            x, y = x_all[idx], y_all[idx]
+            x = _augment(x, rng)
+            opt.zero_grad(set_to_none=True)
+            logits = net(x, largest)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            soft = F.softmax(logits.detach(), dim=1)
+            for config in [smallest] + [spec.sample(rng, settings.skip_prob) for _ in range(settings.random_subnets)]:
+                logits_s = net(x, config)
+                kd = F.kl_div(F.log_softmax(logits_s, dim=1), soft, reduction="batchmean")
+                ((1 - settings.label_weight) * kd + settings.label_weight * F.cross_entropy(logits_s, y)).backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+            opt.step()
+            sched.step()
+            step += 1
+            if on_step:
+                on_step(step, total, loss.item())
+    return net.eval()
+
+
+def _augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Random shift by up to 1 pixel (8×8) or 2 pixels (larger), zero-padded: (B, C, H, W) → same."""
+    pad = 1 if x.shape[-1] <= 8 else 2
+    dx, dy = rng.integers(-pad, pad + 1, size=2)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    h, w = x.shape[-2:]
+    return padded[..., pad + dy:pad + dy + h, pad + dx:pad + dx + w]
+
+
+@torch.no_grad()
+def recalibrate_bn(net: StaticNet, x: np.ndarray, batch_size: int = 256, max_images: int = 2000) -> StaticNet:
+    """Re-estimate every batch norm's running statistics on ``x`` (N, C, H, W) float32.
+
+    Shared statistics belong to no single subnet, so each extracted subnet gets its
+    own before evaluation (Once-for-All §3.2; BigNAS §3.3). Uses the first
+    ``max_images`` images; returns ``net`` in eval mode.
+    """
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over all calibration batches
+    net.train()
+    data = torch.from_numpy(x[:max_images])
+    for i in range(0, len(data), batch_size):
+        net(data[i:i + batch_size])
+    return net.eval()
+
+
+def save_checkpoint(net: Supernet, settings: TrainSettings, directory: Path, extra: dict | None = None) -> Path:
+    """Write ``supernet.safetensors`` + ``supernet.json`` into ``directory`` atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".tmp-"))
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp / "supernet.safetensors"))
+    meta = {"format": CHECKPOINT_FORMAT, "spec": net.spec.to_dict(), "train": settings.to_dict(), **(extra or {})}
+    (tmp / "supernet.json").write_text(json.dumps(meta, indent=2))
+    for name in ("supernet.safetensors", "supernet.json"):
+        os.replace(tmp / name, directory / name)
+    tmp.rmdir()
+    return directory
+
+
+def load_checkpoint(directory: Path) -> tuple[Supernet, dict]:
+    """Load a supernet written by :func:`save_checkpoint`. Raises :class:`ModelError`."""
+    try:
+        meta = json.loads((directory / "supernet.json").read_text())
+        spec = SupernetSpec.from_dict(meta["spec"])
+        net = Supernet(spec)
+        net.load_state_dict(load_file(str(directory / "supernet.safetensors")))
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelError(f"cannot load supernet checkpoint {directory}", str(e).splitlines()[0],
+                         "delete the folder to retrain, or pass --force") from None
+    return net.eval(), meta

@@ -1,0 +1,114 @@
+"""The ``Target`` interface, its registry and :class:`LatencyStats`.
+
+A target knows whether it is available here (and why not), how to quantize for
+itself (its recipe name), how to measure latency and which *kind* that latency
+is: ``measured`` (wall clock on the real device), ``simulated`` (a simulator's
+cost) or ``predicted`` (a model's estimate). Kinds are never mixed in one number.
+"""
+
+from __future__ import annotations
+
+import abc
+import difflib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from edgec.errors import TargetError
+
+LATENCY_KINDS = ("measured", "simulated", "predicted")
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Latency of one model on one target at one batch size, in milliseconds."""
+
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    min_ms: float
+    runs: int
+    warmup_runs: int
+    threads: int
+    batch: int
+    kind: str
+    runtime: str = ""           # e.g. "onnxruntime 1.32.0"
+    device: str = ""            # e.g. the CPU model
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        assert self.kind in LATENCY_KINDS, self.kind
+
+    @classmethod
+    def from_samples(cls, samples_ms: np.ndarray, **fields: Any) -> "LatencyStats":
+        """Summarize per-run latencies ``samples_ms`` (runs,) float in ms."""
+        p50, p90, p99 = np.percentile(samples_ms, [50, 90, 99])
+        return cls(float(p50), float(p90), float(p99), float(np.mean(samples_ms)), float(np.min(samples_ms)),
+                   runs=len(samples_ms), **fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LatencyStats":
+        return cls(**{**d, "extra": dict(d.get("extra", {}))})
+
+
+class Target(abc.ABC):
+    """A device + runtime edgec can compile for and profile on."""
+
+    name: str = ""
+    latency_kind: str = "measured"
+    recipe: str = ""          # the quantization recipe this target wants, e.g. "ort-qdq-u8s8"
+
+    @abc.abstractmethod
+    def availability(self) -> tuple[bool, str]:
+        """(available here?, reason when not)."""
+
+    @abc.abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """Runtime, version, device: what ``edgec targets`` shows."""
+
+    @abc.abstractmethod
+    def measure_latency(self, model_path: Path, input_shape: tuple[int, ...], *, batch: int = 1) -> LatencyStats:
+        """Latency of ``model_path`` on random inputs of shape ``(batch, *input_shape)`` float32."""
+
+    def close(self) -> None:
+        """Release workers or sessions; the target stays usable (it reopens on demand)."""
+
+    def require_available(self) -> None:
+        ok, why = self.availability()
+        if not ok:
+            raise TargetError(f"target {self.name!r} is not available here", why,
+                              "run 'edgec targets' to see which targets are")
+
+
+_REGISTRY: dict[str, Callable[..., Target]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a target known under ``name``; duplicates are an error."""
+    def deco(cls):
+        if name in _REGISTRY:
+            raise ValueError(f"target {name!r} is registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+def target_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_target(name: str, **options: Any) -> Target:
+    """Instantiate the target registered as ``name``; raises :class:`TargetError` naming the known ones."""
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise TargetError(f"unknown target {name!r}", f"known targets: {', '.join(target_names())}",
+                          f"{hint}run 'edgec targets' to list them")
+    return _REGISTRY[name](**options)

@@ -1,0 +1,69 @@
+"""A persistent worker subprocess that runs measurement functions, one request at a time.
+
+``python -m edgec.targets.ort_worker`` is started once and fed JSON lines; a model
+that crashes or hangs the runtime kills only the worker, which is restarted for the
+next request. Unlike multiprocessing's spawn, it never re-imports the caller's
+``__main__``, so it works the same from the CLI, pytest and user scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import subprocess
+import sys
+import time
+
+
+class WorkerCrashed(RuntimeError):
+    """The worker process died while handling a request."""
+
+
+class WorkerTimeout(RuntimeError):
+    """The worker did not answer in time (it was killed)."""
+
+
+class WorkerFailed(RuntimeError):
+    """The function raised inside the worker; the message is its one-line error."""
+
+
+class Worker:
+    def __init__(self, module: str) -> None:
+        self.module = module
+        self._proc: subprocess.Popen | None = None
+
+    def call(self, fn: str, timeout_s: float, **kwargs) -> dict:
+        if self._proc is None or self._proc.poll() is not None:
+            self._proc = subprocess.Popen([sys.executable, "-m", self.module], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1)
+        proc = self._proc
+        try:
+            proc.stdin.write(json.dumps({"fn": fn, "kwargs": kwargs}) + "\n")
+            proc.stdin.flush()
+        except BrokenPipeError:
+            self.close()
+            raise WorkerCrashed("worker died before the request") from None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.close()
+                raise WorkerTimeout(f"no answer within {timeout_s:.0f} s")
+            ready, _, _ = select.select([proc.stdout], [], [], left)
+            if ready:
+                break
+        line = proc.stdout.readline()
+        if not line:
+            code = proc.wait()
+            self._proc = None
+            raise WorkerCrashed(f"worker exited with code {code}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise WorkerFailed(reply["error"])
+        return reply["ok"]
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None

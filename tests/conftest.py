@@ -1,0 +1,41 @@
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np
+import pytest
+import torch
+
+from edgec.search.space import fbnet_space
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Trained supernets go to a per-session temporary cache, never the user's."""
+    monkeypatch.setenv("EDGEC_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "edgec-cache"))
+
+
+@pytest.fixture
+def spec8():
+    return fbnet_space(1, 8, 10)
+
+
+@pytest.fixture
+def randomized_supernet(spec8):
+    """A supernet with random weights *and* random BN statistics, so slicing bugs show."""
+    from edgec.search.supernet import Supernet
+
+    torch.manual_seed(0)
+    net = Supernet(spec8)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return net.eval()
+
+
+@pytest.fixture
+def images8():
+    return np.random.default_rng(0).random((300, 1, 8, 8), dtype=np.float32)

@@ -1,0 +1,63 @@
+"""The CLI as a user meets it: one-line errors with exit code 2, the targets table, profile."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+def edgec(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "edgec.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc, fragment):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("edgec: error:") and fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["compile", "--dataset", "cifar"], "known datasets"),
+    (["compile", "--target", "gpu-magic"], "unknown target 'gpu-magic'"),
+    (["compile", "--budget-evals", "0"], "budget_evals"),
+    (["compile", "--resume", "--force"], "pass only one"),
+    (["compile", "--config", "/nonexistent.toml"], "not found"),
+    (["compile", "--budget-evals", "lots"], "invalid int value"),
+    (["compile", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent"], "apt-get install"),
+    (["profile", "/nonexistent.onnx"], "not found"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_input_is_one_line_exit_2(args, fragment):
+    assert_one_line_error(edgec(*args), fragment)
+
+
+def test_non_empty_out_is_refused_and_untouched(tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    proc = edgec("compile", "--out", str(tmp_path))
+    assert_one_line_error(proc, "not empty")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_resume_without_a_run_is_refused(tmp_path):
+    assert_one_line_error(edgec("compile", "--resume", "--out", str(tmp_path / "new")), "nothing to resume")
+
+
+def test_targets_lists_cpu_ort():
+    proc = edgec("targets", "--json")
+    rows = {r["name"]: r for r in json.loads(proc.stdout)}
+    assert rows["cpu-ort"]["available"] and rows["cpu-ort"]["latency_kind"] == "measured"
+    assert "onnxruntime" in rows["cpu-ort"]["runtime"]
+    assert "cpu-ort" in edgec("targets").stdout
+
+
+def test_profile_an_onnx_file(tmp_path):
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(torch.nn.Conv2d(1, 4, 3).eval(), (torch.zeros(1, 1, 8, 8),), str(path),
+                      input_names=["input"], dynamo=False)
+    proc = edgec("profile", str(path), "--target", "cpu-ort", "--runs", "20", "--json")
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout)[0]
+    assert row["latency"]["kind"] == "measured" and row["latency"]["runs"] == 20 and row["size_bytes"] > 0

@@ -1,0 +1,90 @@
+"""``edgec compile`` end to end on the real digits data with a tiny budget."""
+
+import csv
+import hashlib
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ARGS = ["--dataset", "digits", "--train-epochs", "1", "--population-size", "4", "--seed", "0"]
+
+
+def compile_(*args):
+    return subprocess.run([sys.executable, "-m", "edgec.cli", "compile", *ARGS, *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    proc = compile_("--budget-evals", "4", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out, proc
+
+
+def test_outputs_follow_the_run_directory_layout(run):
+    out, proc = run
+    for name in ("report.json", "report.html", "candidates.csv", "manifest.json", "study/evaluations.jsonl"):
+        assert (out / name).is_file(), name
+    assert "published artifacts" in proc.stdout and "report.html" in proc.stdout
+
+
+def test_report_and_manifest(run):
+    out, _ = run
+    report = json.loads((out / "report.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert report["schema_version"] == 1 and report["dataset"]["name"] == "digits"
+    assert "random_state=0" in report["dataset"]["test_split"]
+    assert len(report["evaluations"]) == 5  # the reference + 4 searched
+    assert report["reference"]["role"] == "reference" and report["reference"]["candidate"]["policy"]
+    assert all(e["latency"]["kind"] == "measured" for e in report["evaluations"])
+    arts = manifest["artifacts"]
+    roles = [a["role"] for a in arts]
+    assert roles.count("reference") == 1 and set(roles) <= {"reference", "pareto"}
+    assert {a["id"] for a in arts if a["role"] == "pareto"} <= set(report["pareto_front"])
+    chosen = [a for a in arts if a["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["id"] == manifest["chosen"] == report["chosen"]["candidate_id"]
+    ref_val = report["reference"]["val_accuracy"]
+    assert chosen[0]["val_accuracy"] >= ref_val - 0.01 - 1e-9
+    for a in arts:
+        path = out / a["path"]
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == a["sha256"]
+        assert a["input"]["shape"] == ["batch", 1, 8, 8] and a["input"]["dtype"] == "float32"
+        assert 0 <= a["test_accuracy"] <= 1 and a["p50_ms"] > 0
+        props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        assert props["candidate_id"] == a["id"] and json.loads(props["policy"]) == a["policy"]
+        assert props["dataset"] == "digits" and "test_accuracy" in json.loads(props["metrics"])
+    rows = list(csv.DictReader((out / "candidates.csv").open()))
+    assert len(rows) == 5 and rows[0]["role"] == "reference"
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and chosen[0]["id"] in html
+
+
+def test_resume_continues_without_repeating(run):
+    out, _ = run
+    before = (out / "study" / "evaluations.jsonl").read_text().splitlines()
+    proc = compile_("--budget-evals", "6", "--out", str(out), "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = (out / "study" / "evaluations.jsonl").read_text().splitlines()
+    assert after[:len(before)] == before
+    ids = [json.loads(line)["candidate_id"] for line in after]
+    assert len(ids) == len(set(ids)) == 7
+    assert "cached" in proc.stderr  # the supernet was not retrained
+
+
+def test_second_run_into_same_out_is_refused(run):
+    out, _ = run
+    proc = compile_("--budget-evals", "1", "--out", str(out))
+    assert proc.returncode == 2 and "not empty" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_impossible_budget_says_so_and_exits_non_zero(run, tmp_path):
+    proc = compile_("--budget-evals", "2", "--out", str(tmp_path / "o"), "--latency-budget-ms", "0.000001")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "no candidate meets" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "o" / "report.json").is_file()

@@ -1,0 +1,62 @@
+import copy
+import json
+
+import numpy as np
+import pytest
+
+from edgec.errors import ConfigError
+from edgec.search.space import BlockConfig, Candidate, QuantPolicy, SubnetConfig, SupernetSpec
+from edgec.search.strategy import make_candidate
+
+
+def test_block_names_round_trip():
+    for name in ("k3_e1", "k5_e6", "skip"):
+        assert BlockConfig.from_name(name).name == name
+    with pytest.raises(ConfigError, match="bad block op"):
+        BlockConfig.from_name("k7_e6")
+
+
+def test_candidate_json_round_trip_is_stable_and_does_not_mutate(spec8):
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        subnet = spec8.sample(rng)
+        policy = QuantPolicy(tuple((n, "int8" if rng.random() < 0.5 else "fp32") for n in spec8.layers_of(subnet)))
+        c = Candidate(subnet, policy)
+        d = c.to_dict()
+        frozen = copy.deepcopy(d)
+        back = Candidate.from_dict(json.loads(json.dumps(d)))
+        assert back == c and back.id == c.id
+        assert d == frozen
+    assert SupernetSpec.from_dict(json.loads(json.dumps(spec8.to_dict()))) == spec8
+
+
+def test_candidate_id_ignores_layers_the_subnet_lacks(spec8):
+    small = spec8.smallest()
+    a = make_candidate(spec8, small, QuantPolicy.uniform(spec8.quantizable_layers(), "int8"))
+    b = make_candidate(spec8, small, QuantPolicy.uniform(spec8.layers_of(small), "int8"))
+    assert a.id == b.id
+    assert set(a.policy.to_dict()) == set(spec8.layers_of(small))
+    assert a.id != make_candidate(spec8, small, QuantPolicy()).id
+
+
+def test_layers_of_matches_block_choices(spec8):
+    layers = spec8.layers_of(spec8.smallest())
+    # three k3_e1 blocks: dw + project each (no expand), plus stem and classifier
+    assert len(layers) == 2 + 3 * 2
+    assert all(".expand" not in n for n in layers)
+    assert len(spec8.layers_of(spec8.largest())) == len(spec8.quantizable_layers())
+
+
+def test_validate_refuses_misfits(spec8):
+    bad_width = SubnetConfig(spec8.largest().blocks, (16, 32, 100))
+    with pytest.raises(ConfigError, match="width 100"):
+        spec8.validate(bad_width)
+    blocks = list(spec8.largest().blocks)
+    blocks[0] = BlockConfig()
+    with pytest.raises(ConfigError, match="cannot be skipped"):
+        spec8.validate(SubnetConfig(tuple(blocks), spec8.largest().widths))
+
+
+def test_bad_precision_is_refused():
+    with pytest.raises(ConfigError, match="int4"):
+        QuantPolicy((("stem", "int4"),))
