@@ -193,15 +193,18 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 class _RichProgress:
-    """Progress bars on stderr for the pipeline's stages."""
+    """Progress on stderr: live bars on a terminal, a plain line per ~10% step otherwise (logs, CI)."""
 
     def __init__(self, console) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.console = console
+        self.live = console.is_terminal
         self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console, transient=False)
+                             TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console,
+                             disable=not self.live)
         self._task = None
+        self._name, self._last_decile = "", -1
 
     def __enter__(self):
         self._bar.start()
@@ -214,16 +217,22 @@ class _RichProgress:
         self._bar.stop()
 
     def stage(self, name: str, total: int | None = None) -> None:
-        if self._task is not None:
-            self._bar.update(self._task, visible=True)
         self._task = self._bar.add_task(name, total=total, note="")
+        self._name, self._last_decile = name, -1
+        if not self.live:
+            self.console.print(f"{name} …")
 
     def advance(self, done: int, total: int | None = None, note: str = "") -> None:
         if self._task is not None:
             self._bar.update(self._task, completed=done, total=total, note=note)
+        if not self.live and total:
+            decile = 10 * done // total
+            if decile != self._last_decile:
+                self._last_decile = decile
+                self.console.print(f"  {self._name}: {done}/{total} {note}")
 
     def log(self, text: str) -> None:
-        self._bar.console.print(text)
+        self.console.print(text)
 
 
 def _print_summary(result, console) -> None:

@@ -117,7 +117,8 @@ def recalibrate_bn(net: StaticNet, x: np.ndarray, batch_size: int = 256, max_ima
     """Re-estimate every batch norm's running statistics on ``x`` (N, C, H, W) float32.
 
     Shared statistics belong to no single subnet, so each extracted subnet gets its
-    own before evaluation (Once-for-All §3.2; BigNAS §3.3). Uses the first
+    own before evaluation (Once-for-All §3.2; BigNAS §3.3). Statistics are the
+    plain average over batches (``momentum=None``). Uses the first
     ``max_images`` images; returns ``net`` in eval mode.
     """
     bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]

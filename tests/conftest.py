@@ -9,10 +9,17 @@ import torch
 from edgec.search.space import fbnet_space
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Trained supernets go to a per-session temporary cache, never the user's."""
-    monkeypatch.setenv("EDGEC_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "edgec-cache"))
+def pytest_configure(config):
+    """Trained supernets go to a per-session temporary cache, never the user's (set before any fixture)."""
+    import tempfile
+
+    os.environ["EDGEC_CACHE_DIR"] = tempfile.mkdtemp(prefix="edgec-test-cache-")
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    shutil.rmtree(os.environ.get("EDGEC_CACHE_DIR", ""), ignore_errors=True)
 
 
 @pytest.fixture

@@ -51,7 +51,7 @@ def test_training_reduces_loss_and_checkpoint_round_trips(spec8, tmp_path):
 
 
 def test_recalibrate_bn_sets_subnet_statistics(randomized_supernet, spec8, images8):
-    static = recalibrate_bn(extract_subnet(randomized_supernet, spec8.smallest()), images8)
+    static = recalibrate_bn(extract_subnet(randomized_supernet, spec8.smallest()), images8, batch_size=100)
     stem_bn = static.stem.bn
     with torch.no_grad():
         h = static.stem.conv(torch.from_numpy(images8))
