@@ -13,13 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_console_script_from_a_non_editable_install(tmp_path):
-    prefix = tmp_path / "prefix"
+    # --target, not --prefix: pip --prefix uninstalls the running environment's edgec first.
+    site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--prefix", str(prefix), str(ROOT)], check=True, capture_output=True, timeout=300)
-    site = next(prefix.glob("lib/python*/site-packages"))
+                    "--target", str(site), str(ROOT)], check=True, capture_output=True, timeout=300)
     assert (site / "edgec" / "search" / "supernet.py").is_file()
     assert {p.name for p in site.iterdir()}.isdisjoint({"search", "compile", "targets"})
-    script = prefix / "bin" / "edgec"
+    script = site / "bin" / "edgec"
     assert script.is_file()
     env = {**os.environ, "PYTHONPATH": str(site)}
     proc = subprocess.run([sys.executable, str(script), "targets", "--json"], capture_output=True, text=True,
