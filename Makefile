@@ -8,7 +8,9 @@ OUT ?= runs/demo
 
 .PHONY: setup demo test test-fast bench clean
 
-setup: $(VENV)/.edgec-installed
+setup:
+	@[ -x $(VENV)/bin/edgec ] || rm -f $(VENV)/.edgec-installed
+	@$(MAKE) --no-print-directory $(VENV)/.edgec-installed
 
 $(VENV)/.edgec-installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -15,6 +15,18 @@ from pathlib import Path
 from edgec.compile.export import set_metadata
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_readable(path: Path) -> None:
+    """Give a temp file/folder (created 0600/0700) the modes an ordinary one gets (0666/0777 & ~umask),
+    so apps and other users can read what edgec publishes."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -34,6 +46,8 @@ def publish_model(model_path: Path, dest_dir: Path, metadata: dict) -> Path:
     try:
         shutil.copyfile(model_path, tmp / "model.onnx")
         set_metadata(tmp / "model.onnx", metadata)
+        make_readable(tmp)
+        make_readable(tmp / "model.onnx")
         if dest_dir.exists():
             old = dest_dir.with_name(f".old-{dest_dir.name}-{os.getpid()}")
             os.replace(dest_dir, old)
@@ -53,6 +67,7 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        make_readable(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -49,11 +49,12 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog="edgec", description="Edge-deployment compiler: search, compile, profile, publish.")
+    parser = _ArgumentParser(prog="edgec", description="Edge-deployment compiler: search, compile, profile, publish.",
+                             allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
-    p = sub.add_parser("compile", help="search, compile, measure and publish models")
+    p = sub.add_parser("compile", help="search, compile, measure and publish models", allow_abbrev=False)
     _compile_args(p)
-    p = sub.add_parser("profile", help="measure an ONNX model's latency on targets")
+    p = sub.add_parser("profile", help="measure an ONNX model's latency on targets", allow_abbrev=False)
     p.add_argument("model", help="ONNX file")
     p.add_argument("--target", action="append", help="target name (repeatable; default cpu-ort)")
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
@@ -97,7 +98,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         except NoQualifyingCandidate:
             progress.close()
             raise
-    _print_summary(result, Console())
+    _print_summary(result, _stdout_console())
     return 0
 
 
@@ -105,13 +106,20 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from edgec.errors import ModelError
+    from edgec.errors import ConfigError, ModelError
     from edgec.targets import get_target
 
+    for name, low, high in (("batch", 1, 4096), ("threads", 1, 256), ("runs", 1, 100_000)):
+        value = getattr(args, name)
+        if not low <= value <= high:
+            raise ConfigError(f"bad value for --{name}: {value}", f"it must be between {low} and {high}",
+                              f"e.g. --{name} {low if name != 'threads' else 2}")
     path = Path(args.model)
     if not path.is_file():
         raise ModelError(f"model {path} not found" if not path.exists() else f"{path} is not a file",
                          "edgec profile needs an ONNX file", "pass the path of a .onnx file")
+    if path.stat().st_size == 0:
+        raise ModelError(f"model {path} is empty", "a 0-byte file is no ONNX model", "pass a valid .onnx file")
     shape = _static_input_shape(path, args.batch)
     rows = []
     for name in args.target or ["cpu-ort"]:
@@ -134,8 +142,16 @@ def cmd_profile(args: argparse.Namespace) -> int:
         table.add_row(r["target"], s["kind"], f"{s['p50_ms']:.4f}", f"{s['p90_ms']:.4f}", f"{s['p99_ms']:.4f}",
                       f"{s['min_ms']:.4f}", str(s["runs"]), str(s["threads"]), f"{r['size_bytes'] / 1024:.1f}",
                       r["runtime"])
-    Console().print(table)
+    _stdout_console().print(table)
     return 0
+
+
+def _stdout_console():
+    """A console for tables: off a terminal (logs, pipes) wide enough that ids and numbers aren't cut."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
 
 
 def _static_input_shape(path: Path, batch: int) -> tuple[int, ...]:
@@ -188,7 +204,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
     for r in rows:
         table.add_row(r["name"], "yes" if r["available"] else f"no: {r['why_not']}", r.get("runtime", ""),
                       r.get("device", ""), r["recipe"], r["latency_kind"])
-    Console().print(table)
+    _stdout_console().print(table)
     return 0
 
 

@@ -7,8 +7,9 @@ ranges are checked here so the pipeline never sees a bad value.
 from __future__ import annotations
 
 import difflib
+import math
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -48,12 +49,17 @@ class CompileConfig:
             bad("dataset", f"known datasets: {', '.join(DATASETS)}", "use --dataset digits or fashion-mnist")
         if self.budget_evals < 1:
             bad("budget_evals", "the search needs at least one evaluation", "pass --budget-evals 1 or more")
-        if not 0 <= self.max_accuracy_drop <= 100:
+        if not 0 <= self.max_accuracy_drop <= 100:  # also refuses NaN
             bad("max_accuracy_drop", "it is in percentage points, 0..100", "e.g. --max-accuracy-drop 1.0")
-        if self.latency_budget_ms is not None and self.latency_budget_ms <= 0:
-            bad("latency_budget_ms", "a latency budget must be positive", "e.g. --latency-budget-ms 0.5")
-        if self.size_budget_kb is not None and self.size_budget_kb <= 0:
-            bad("size_budget_kb", "a size budget must be positive", "e.g. --size-budget-kb 200")
+        if self.latency_budget_ms is not None and not 0 < self.latency_budget_ms < math.inf:
+            bad("latency_budget_ms", "a latency budget must be a positive finite number", "e.g. --latency-budget-ms 0.5")
+        if self.size_budget_kb is not None and not 0 < self.size_budget_kb < math.inf:
+            bad("size_budget_kb", "a size budget must be a positive finite number", "e.g. --size-budget-kb 200")
+        if not 0 <= self.seed < 2**32:
+            bad("seed", "seeds are integers in 0 .. 2**32 - 1", "e.g. --seed 0")
+        if self.data_dir is not None and (self.dataset != "fashion-mnist" or not self.data_dir.strip()):
+            bad("data_dir", "a data directory applies only to --dataset fashion-mnist and must not be empty",
+                "drop --data-dir or pass --dataset fashion-mnist --data-dir DIR")
         if self.resume and self.force:
             bad("force", "--resume continues a run and --force replaces it", "pass only one of them")
         if self.strategy not in ("nsga2", "random"):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,8 @@ FASHION_MNIST_FILES = {
     "test_x": "t10k-images-idx3-ubyte.gz", "test_y": "t10k-labels-idx1-ubyte.gz",
 }
 DATASETS = ("digits", "fashion-mnist")
+FASHION_MNIST_VAL = 5000   # validation images carved from the training set
+MIN_TRAIN_IMAGES = 256     # at least one calibration set must remain for training
 
 
 @dataclass(frozen=True)
@@ -97,12 +100,32 @@ def read_idx(path: Path) -> np.ndarray:
         zero, dtype, ndim = struct.unpack(">HBB", data[:4])
         if zero != 0 or dtype != 0x08:
             raise ValueError("not an IDX file of unsigned bytes")
+        if not 1 <= ndim <= 4:
+            raise ValueError(f"{ndim} dimensions in the header (IDX data has 1 to 4)")
         dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-        count = int(np.prod(dims))
+        count = int(np.prod(dims, dtype=np.int64))
+        if count != len(data) - 4 - 4 * ndim:
+            raise ValueError(f"header says {count} bytes of data, file has {len(data) - 4 - 4 * ndim}")
         body = np.frombuffer(data, dtype=np.uint8, count=count, offset=4 + 4 * ndim)
-    except (OSError, ValueError, struct.error, EOFError) as e:
+    except (OSError, ValueError, struct.error, EOFError, zlib.error) as e:
         raise DataError(f"cannot read IDX file {path}", str(e), "reinstall the dataset package") from None
     return body.reshape(dims)
+
+
+def check_split(name: str, x: np.ndarray, y: np.ndarray, num_classes: int, where: str) -> None:
+    """Raise :class:`DataError` unless ``x`` is (N ≥ 1, C, H, W) finite float32 and ``y`` (N,) ints in range."""
+    fix = f"check {where}"
+    if x.ndim != 4 or x.dtype != np.float32 or len(x) == 0:
+        raise DataError(f"{name} images from {where} are unusable",
+                        f"expected (N ≥ 1, C, H, W) float32, got {x.shape} {x.dtype}", fix)
+    if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{name} labels from {where} are unusable",
+                        f"expected ({len(x)},) integers, got {y.shape} {y.dtype}", fix)
+    if not np.isfinite(x).all():
+        raise DataError(f"{name} images from {where} contain NaN or Inf", "", fix)
+    if y.min() < 0 or y.max() >= num_classes:
+        raise DataError(f"{name} labels from {where} are out of range",
+                        f"expected 0..{num_classes - 1}, got {y.min()}..{y.max()}", fix)
 
 
 def load_fashion_mnist(directory: Path = FASHION_MNIST_DIR) -> Dataset:
@@ -113,13 +136,25 @@ def load_fashion_mnist(directory: Path = FASHION_MNIST_DIR) -> Dataset:
         raise DataError(f"Fashion-MNIST not found in {directory}", f"missing {', '.join(missing)}",
                         "install it with 'apt-get install dataset-fashion-mnist' or pass --data-dir DIR")
     arrays = {k: read_idx(directory / n) for k, n in FASHION_MNIST_FILES.items()}
+    shapes = {k: a.shape for k, a in arrays.items()}
+    if (len(shapes["train_x"]) != 3 or len(shapes["test_x"]) != 3 or len(shapes["train_y"]) != 1
+            or len(shapes["test_y"]) != 1 or shapes["train_x"][1:] != (28, 28) or shapes["test_x"][1:] != (28, 28)
+            or shapes["train_x"][0] != shapes["train_y"][0] or shapes["test_x"][0] != shapes["test_y"][0]):
+        raise DataError(f"Fashion-MNIST in {directory} is malformed",
+                        f"expected (N, 28, 28) images with (N,) labels, got {shapes}", "reinstall the dataset package")
+    if shapes["train_x"][0] < FASHION_MNIST_VAL + MIN_TRAIN_IMAGES:
+        raise DataError(f"Fashion-MNIST in {directory} has too few training images",
+                        f"{shapes['train_x'][0]} < {FASHION_MNIST_VAL} validation + {MIN_TRAIN_IMAGES} training",
+                        "reinstall the dataset package")
     trx = (arrays["train_x"][:, None] / 255.0).astype(np.float32)
     tex = (arrays["test_x"][:, None] / 255.0).astype(np.float32)
     try_, tey = arrays["train_y"].astype(np.int64), arrays["test_y"].astype(np.int64)
-    if len(trx) != len(try_) or len(tex) != len(tey) or trx.shape[-2:] != (28, 28):
-        raise DataError(f"Fashion-MNIST in {directory} is malformed", "image and label counts or sizes disagree",
-                        "reinstall the dataset package")
-    trx, vax, try_, vay = train_test_split(trx, try_, test_size=5000, random_state=1, stratify=try_)
+    for split, x, y in (("training", trx, try_), ("test", tex, tey)):
+        check_split(split, x, y, 10, str(directory))
+    try:
+        trx, vax, try_, vay = train_test_split(trx, try_, test_size=FASHION_MNIST_VAL, random_state=1, stratify=try_)
+    except ValueError as e:
+        raise DataError(f"cannot split Fashion-MNIST in {directory}", str(e), "reinstall the dataset package") from None
     return Dataset("fashion-mnist", trx, try_, vax, vay, tex, tey, 10, {
         "source": f"Fashion-MNIST IDX files in {directory}",
         "preprocessing": "pixels / 255 → float32 in [0, 1], shape (N, 1, 28, 28)",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,7 +21,7 @@ import numpy as np
 import edgec
 from edgec.config import CompileConfig
 from edgec.data import Dataset, load_dataset
-from edgec.errors import ConfigError, EdgecError, NoQualifyingCandidate
+from edgec.errors import ConfigError, EdgecError, ModelError, NoQualifyingCandidate, OutputDirError
 from edgec.records import Artifact, Evaluation
 from edgec.rundir import EvaluationStore, RunDir
 from edgec.search.pareto import pareto_front
@@ -34,8 +36,8 @@ DEFAULT_TRAINING = {
     "fashion-mnist": {"epochs": 6, "batch_size": 128},
 }
 # Settings that change what a resumed run would compute; the rest (budgets, drop) may change on --resume.
-RESUME_KEYS = ("model", "dataset", "target", "seed", "strategy", "population_size", "threads", "train_epochs",
-               "calibration_images")
+RESUME_KEYS = ("model", "dataset", "data_dir", "target", "seed", "strategy", "population_size", "threads",
+               "train_epochs", "calibration_images", "dataset_fingerprint")
 PARITY_IMAGES = 64
 
 
@@ -79,9 +81,19 @@ def get_supernet(ds: Dataset, cfg: CompileConfig, progress: Progress):
     folder = cache_root() / "supernets" / f"{ds.name}-{key}"
     info = {"cache_dir": str(folder), "cache_key": key, "train": settings.to_dict(), "spec": spec.to_dict()}
     if (folder / "supernet.json").is_file():
-        net, meta = load_checkpoint(folder)
-        progress.log(f"supernet: cached ({folder})")
-        return net, {**info, "cached": True, "train_s": meta.get("train_s")}
+        try:
+            net, meta = load_checkpoint(folder)
+        except ModelError as e:  # our own cache, damaged: train again and overwrite it
+            progress.log(f"supernet cache unusable ({e.why}); retraining")
+        else:
+            progress.log(f"supernet: cached ({folder})")
+            return net, {**info, "cached": True, "train_s": meta.get("train_s")}
+    try:  # fail before a long training, not after it
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise ConfigError(f"cannot write the supernet cache {folder}", e.strerror or str(e),
+                          "set EDGEC_CACHE_DIR to a writable folder") from None
     progress.stage(f"training supernet on {ds.name} ({settings.epochs} epochs)", None)
     t0 = time.perf_counter()
     net = train_supernet(spec, ds.train_x, ds.train_y, settings,
@@ -133,20 +145,26 @@ class Evaluator:
                           edgec.__version__, role)
 
 
-def select_chosen(evals: list[Evaluation], front_ids: list[str], reference: Evaluation,
-                  cfg: CompileConfig) -> tuple[Evaluation | None, dict]:
-    """The lowest-p50 Pareto candidate within the accuracy drop and budgets (validation split only)."""
+def select_chosen(evals: list[Evaluation], front_ids: list[str], reference: Evaluation, cfg: CompileConfig,
+                  published_size: dict[str, int] | None = None) -> tuple[Evaluation | None, dict]:
+    """The lowest-p50 Pareto candidate within the accuracy drop and budgets (validation split only).
+
+    ``published_size`` (candidate id → bytes of the published file, provenance included) is what the
+    size budget is checked against when given; otherwise the compiled model's size.
+    """
+    sizes = published_size or {}
     min_acc = reference.val_accuracy - cfg.max_accuracy_drop / 100.0
-    qualified = [e for e in evals if e.candidate_id in front_ids
-                 and e.val_accuracy >= min_acc - 1e-12
-                 and (cfg.latency_budget_ms is None or e.latency.p50_ms <= cfg.latency_budget_ms)
-                 and (cfg.size_budget_kb is None or e.size_bytes <= cfg.size_budget_kb * 1024)]
+    accurate = [e for e in evals if e.candidate_id in front_ids and e.val_accuracy >= min_acc - 1e-12]
+    qualified = [e for e in accurate
+                 if (cfg.latency_budget_ms is None or e.latency.p50_ms <= cfg.latency_budget_ms)
+                 and (cfg.size_budget_kb is None or sizes.get(e.candidate_id, e.size_bytes) <= cfg.size_budget_kb * 1024)]
     chosen = min(qualified, key=lambda e: (e.latency.p50_ms, e.size_bytes)) if qualified else None
     rule = {"rule": "lowest p50 on the Pareto front with val_accuracy ≥ reference − max_accuracy_drop "
-                    "and within the latency/size budgets (the test split is never used to choose)",
+                    "and within the latency/size budgets (the test split is never used to choose; "
+                    "the size budget applies to the published file)",
             "min_val_accuracy": min_acc, "max_accuracy_drop_pp": cfg.max_accuracy_drop,
             "latency_budget_ms": cfg.latency_budget_ms, "size_budget_kb": cfg.size_budget_kb,
-            "qualified": len(qualified)}
+            "within_accuracy": len(accurate), "qualified": len(qualified)}
     return chosen, rule
 
 
@@ -158,14 +176,16 @@ def run_compile(cfg: CompileConfig, progress: Progress | None = None) -> RunResu
     progress = progress or Progress()
     target = get_target(cfg.target, threads=cfg.threads)
     target.require_available()
-    ds = load_dataset(cfg.dataset, cfg.data_dir)
     with RunDir(Path(cfg.out), resume=cfg.resume, force=cfg.force) as run:
         try:
-            _check_resume(run, cfg)
+            ds = load_dataset(cfg.dataset, cfg.data_dir)
+            _check_resume(run, cfg, ds)
             torch.set_num_threads(cfg.threads)
             supernet, supernet_info = get_supernet(ds, cfg, progress)
             spec: SupernetSpec = supernet.spec
-            store = EvaluationStore(run.study / "evaluations.jsonl")
+            store = EvaluationStore(run.study / "evaluations.jsonl", validate=_check_record)
+            if store.skipped:
+                progress.log(f"{store.skipped} damaged line(s) in {store.path} ignored; those candidates are re-evaluated")
             evaluator = Evaluator(supernet, ds, target, run.study / "models", cfg)
             reference, evals, failed = _search(cfg, spec, store, evaluator, progress)
             return _publish(cfg, run.path, ds, supernet_info, target, evaluator, reference, evals, failed, progress)
@@ -173,18 +193,37 @@ def run_compile(cfg: CompileConfig, progress: Progress | None = None) -> RunResu
             target.close()
 
 
-def _check_resume(run: RunDir, cfg: CompileConfig) -> None:
+def _check_record(rec: dict) -> None:
+    """Raise unless ``rec`` is a well-formed stored evaluation or failure of the candidate it names."""
+    candidate = Candidate.from_dict(rec["candidate"])
+    if candidate.id != rec["candidate_id"]:
+        raise ValueError("candidate id does not match its config")
+    if "failed" in rec:
+        if not isinstance(rec["failed"], str):
+            raise ValueError("bad failure record")
+    else:
+        Evaluation.from_dict(rec)
+
+
+def _check_resume(run: RunDir, cfg: CompileConfig, ds: Dataset) -> None:
     from edgec.compile.package import write_atomic
 
     path = run.study / "config.json"
+    state = {**cfg.to_dict(), "dataset_fingerprint": ds.fingerprint()}
     if cfg.resume:
-        stored = json.loads(path.read_text())
-        changed = [k for k in RESUME_KEYS if stored.get(k) != getattr(cfg, k)]
+        try:
+            stored = json.loads(path.read_text())
+            if not isinstance(stored, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise OutputDirError(f"the study state {path} is damaged", str(e),
+                                 "start the run over with --force") from None
+        changed = [k for k in RESUME_KEYS if stored.get(k) != state[k]]
         if changed:
-            raise ConfigError(f"--resume with changed settings: {', '.join(changed)}",
+            raise ConfigError(f"--resume with changed settings or data: {', '.join(changed)}",
                               "a resumed run must compute what the interrupted one did",
                               f"use the stored values (see {path}) or start a new run with --force")
-    write_atomic(path, json.dumps(cfg.to_dict(), indent=2))
+    write_atomic(path, json.dumps(state, indent=2))
 
 
 def _evaluate_cached(candidate: Candidate, role: str, store: EvaluationStore, evaluator: Evaluator,
@@ -251,39 +290,45 @@ def _publish(cfg, out: Path, ds: Dataset, supernet_info: dict, target: Target, e
     everything = [reference] + evals
     front_idx = pareto_front([e.objectives() for e in everything], maximize=[True, False, False])
     front_ids = list(dict.fromkeys(everything[i].candidate_id for i in front_idx))
-    chosen, selection = select_chosen(everything, front_ids, reference, cfg)
     to_publish = [reference] + [e for e in evals if e.candidate_id in front_ids]
     progress.stage(f"publishing {len(to_publish)} artifacts", len(to_publish))
-    artifacts = []
     input_spec = {"name": "input", "shape": ["batch", *ds.input_shape], "dtype": "float32",
                   "preprocessing": ds.provenance["preprocessing"], "output": {"name": "logits",
                   "shape": ["batch", ds.num_classes], "dtype": "float32"}}
+    published = []  # (evaluation, role, path, test accuracy)
     for i, ev in enumerate(to_publish, 1):
         model = evaluator.model_path(ev.candidate)
         if not model.is_file():  # a resumed run whose work files were removed: recompile (deterministic)
             evaluator.compile(ev.candidate)
         test_acc = onnx_top1(model, ds.test_x, ds.test_y, threads=cfg.threads)
         role = "reference" if ev is reference else "pareto"
-        dest = out / "artifacts" / target.name / ev.candidate_id
         metadata = {"edgec_version": edgec.__version__, "candidate_id": ev.candidate_id, "role": role,
                     "config": ev.candidate.subnet.to_dict(), "policy": ev.candidate.policy.to_dict(),
                     "dataset": ds.name, "target": target.name,
                     "metrics": {"val_accuracy": ev.val_accuracy, "test_accuracy": test_acc,
                                 "p50_ms": ev.latency.p50_ms, "latency_kind": ev.latency.kind}}
-        path = publish_model(model, dest, metadata)
-        artifacts.append(Artifact(ev.candidate_id, str(path.relative_to(out)), sha256_file(path), target.name, role,
-                                  chosen is not None and ev.candidate_id == chosen.candidate_id, test_acc,
-                                  ev.val_accuracy, ev.latency.p50_ms, ev.latency.p90_ms, ev.latency.kind,
-                                  path.stat().st_size, ev.candidate.subnet.to_dict(), ev.candidate.policy.to_dict(),
-                                  input_spec))
+        path = publish_model(model, out / "artifacts" / target.name / ev.candidate_id, metadata)
+        published.append((ev, role, path, test_acc))
         progress.advance(i, len(to_publish), ev.candidate_id)
+    keep = {ev.candidate_id for ev, _, _, _ in published}
+    for stale in (out / "artifacts" / target.name).iterdir():  # left by an earlier publish of a resumed run
+        if stale.is_dir() and not stale.name.startswith(".") and stale.name not in keep:
+            shutil.rmtree(stale)
+    chosen, selection = select_chosen(everything, front_ids, reference, cfg,
+                                      {ev.candidate_id: path.stat().st_size for ev, _, path, _ in published})
+    artifacts = [Artifact(ev.candidate_id, str(path.relative_to(out)), sha256_file(path), target.name, role,
+                          chosen is not None and ev.candidate_id == chosen.candidate_id, test_acc, ev.val_accuracy,
+                          ev.latency.p50_ms, ev.latency.p90_ms, ev.latency.kind, path.stat().st_size,
+                          ev.candidate.subnet.to_dict(), ev.candidate.policy.to_dict(), input_spec)
+                 for ev, role, path, test_acc in published]
     report = write_reports(out, cfg, ds, supernet_info, target, reference, evals, failed, front_ids, chosen,
                            selection, artifacts)
     result = RunResult(out, reference, evals, front_ids, chosen, artifacts, report)
     if chosen is None:
         raise NoQualifyingCandidate(
             "no candidate meets the accuracy drop and budgets",
-            f"{len(everything)} evaluated, best p50 {min(e.latency.p50_ms for e in everything):.3f} ms; "
-            f"the report is in {out}",
+            f"{len(everything)} evaluated, {selection['within_accuracy']} within the accuracy drop, "
+            f"best p50 {min(e.latency.p50_ms for e in everything):.4f} ms, "
+            f"smallest {min(e.size_bytes for e in everything) / 1024:.1f} KiB; the report is in {out}",
             "relax --max-accuracy-drop / --latency-budget-ms / --size-budget-kb or raise --budget-evals")
     return result

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from edgec.errors import OutputDirError
 
@@ -26,7 +26,17 @@ class RunDir:
     def __init__(self, path: Path, *, resume: bool = False, force: bool = False) -> None:
         self.path = path
         self._lock_fd: int | None = None
+        self._created = not path.exists()
+        self._fresh = self._created or (path.is_dir() and not any(path.iterdir()))
         self._prepare(resume, force)
+
+    def _remove_outputs(self) -> None:
+        for name in OUTPUTS:
+            target = self.path / name
+            if target.is_symlink() or target.is_file():
+                target.unlink()  # a link is removed, never followed
+            elif target.is_dir():
+                shutil.rmtree(target)
 
     def _prepare(self, resume: bool, force: bool) -> None:
         p = self.path
@@ -54,12 +64,7 @@ class RunDir:
             raise OutputDirError(f"output directory {p} is in use", "another edgec run holds its lock",
                                  "wait for it to finish or pass another --out") from None
         if force:
-            for name in OUTPUTS:
-                target = p / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
+            self._remove_outputs()
         (p / "study" / "models").mkdir(parents=True, exist_ok=True)
 
     @property
@@ -75,7 +80,16 @@ class RunDir:
     def __enter__(self) -> "RunDir":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # A run that failed before storing any evaluation in a folder that was empty leaves nothing
+        # behind, so the corrected command is not refused as "not empty". (Ctrl-C keeps it: --resume.)
+        if exc_type is not None and issubclass(exc_type, Exception) and self._fresh:
+            evals = self.study / "evaluations.jsonl"
+            if not evals.is_file() or evals.stat().st_size == 0:
+                self._remove_outputs()
+                (self.path / LOCK).unlink(missing_ok=True)
+                if self._created:
+                    shutil.rmtree(self.path, ignore_errors=True)
         self.close()
 
 
@@ -86,9 +100,11 @@ class EvaluationStore:
     killed run loses at most the evaluation in flight; a torn last line is ignored.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, validate: Callable[[dict], None] | None = None) -> None:
+        """``validate(record)`` raises on a malformed record; such lines are skipped (and re-evaluated)."""
         self.path = path
         self.records: dict[str, dict[str, Any]] = {}
+        self.skipped = 0
         if path.is_file():
             text = path.read_text()
             if text and not text.endswith("\n"):  # a line torn by a kill: drop it before appending
@@ -97,8 +113,13 @@ class EvaluationStore:
             for line in text.splitlines():
                 try:
                     rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line torn by a kill
+                    if not isinstance(rec, dict) or not isinstance(rec.get("candidate_id"), str):
+                        raise ValueError("not an evaluation record")
+                    if validate:
+                        validate(rec)
+                except Exception:  # damaged by hand or by a kill: evaluate that candidate again
+                    self.skipped += 1
+                    continue
                 self.records[rec["candidate_id"]] = rec
 
     def get(self, candidate_id: str) -> dict[str, Any] | None:

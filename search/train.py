@@ -140,6 +140,7 @@ def save_checkpoint(net: Supernet, settings: TrainSettings, directory: Path, ext
     meta = {"format": CHECKPOINT_FORMAT, "spec": net.spec.to_dict(), "train": settings.to_dict(), **(extra or {})}
     (tmp / "supernet.json").write_text(json.dumps(meta, indent=2))
     for name in ("supernet.safetensors", "supernet.json"):
+        os.chmod(tmp / name, 0o644)
         os.replace(tmp / name, directory / name)
     tmp.rmdir()
     return directory
@@ -152,7 +153,7 @@ def load_checkpoint(directory: Path) -> tuple[Supernet, dict]:
         spec = SupernetSpec.from_dict(meta["spec"])
         net = Supernet(spec)
         net.load_state_dict(load_file(str(directory / "supernet.safetensors")))
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise ModelError(f"cannot load supernet checkpoint {directory}", str(e).splitlines()[0],
-                         "delete the folder to retrain, or pass --force") from None
+    except Exception as e:  # a corrupt file can raise almost anything (SafetensorError, TypeError, …)
+        raise ModelError(f"cannot load supernet checkpoint {directory}", f"{type(e).__name__}: {e}",
+                         "delete that folder to retrain") from None
     return net.eval(), meta

@@ -37,6 +37,9 @@ class CpuOrt(Target):
     recipe = "ort-qdq-u8s8"  # static QDQ, uint8 activations, int8 per-channel weights
 
     def __init__(self, threads: int = 2, warmup_runs: int = 30, runs: int = 300, timeout_s: float = 120.0) -> None:
+        if not 1 <= threads <= 256 or runs < 1 or warmup_runs < 0 or timeout_s <= 0:
+            raise TargetError("bad cpu-ort options", f"threads={threads} (1..256), runs={runs} (≥ 1), "
+                              f"warmup_runs={warmup_runs} (≥ 0), timeout_s={timeout_s} (> 0)", "fix the values")
         self.threads, self.warmup_runs, self.runs, self.timeout_s = threads, warmup_runs, runs, timeout_s
         self._worker = Worker("edgec.targets.ort_worker")
 
@@ -65,11 +68,15 @@ class CpuOrt(Target):
                                        providers=["CPUExecutionProvider"])
         except WorkerCrashed as e:
             raise TargetError(f"{name} crashed ONNX Runtime on cpu-ort", str(e),
-                              "check the model with 'edgec profile'") from None
+                              "the model is valid ONNX but the runtime dies on it; try another opset or report it "
+                              "to ONNX Runtime") from None
         except WorkerTimeout as e:
-            raise TargetError(f"{name} timed out on cpu-ort", str(e), "check the model with 'edgec profile'") from None
+            raise TargetError(f"{name} timed out on cpu-ort", str(e),
+                              "check the model's size and input shape") from None
         except WorkerFailed as e:
-            raise TargetError(f"{name} failed on cpu-ort", str(e), "check the model with 'edgec profile'") from None
+            raise TargetError(f"{name} failed on cpu-ort", str(e),
+                              "check that its inputs, ops and opset are ones ONNX Runtime's CPU provider supports"
+                              ) from None
         return LatencyStats.from_samples(
             np.asarray(result["samples_ms"]), warmup_runs=self.warmup_runs, threads=self.threads, batch=batch,
             kind=self.latency_kind, runtime=f"onnxruntime {result['ort_version']}", device=cpu_model(),

@@ -52,7 +52,7 @@ def main() -> None:
         try:
             reply = {"ok": functions[request["fn"]](**request["kwargs"])}
         except Exception as e:  # reported to the parent, which raises TargetError
-            reply = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            reply = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"}  # one line, bounded
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
 

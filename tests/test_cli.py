@@ -61,3 +61,31 @@ def test_profile_an_onnx_file(tmp_path):
     assert proc.returncode == 0, proc.stderr
     row = json.loads(proc.stdout)[0]
     assert row["latency"]["kind"] == "measured" and row["latency"]["runs"] == 20 and row["size_bytes"] > 0
+
+
+@pytest.mark.parametrize("flag, value", [("--batch", "0"), ("--threads", "100000"), ("--runs", "0")])
+def test_profile_refuses_absurd_numbers(tmp_path, flag, value):
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(torch.nn.Conv2d(1, 4, 3).eval(), (torch.zeros(1, 1, 8, 8),), str(path),
+                      input_names=["input"], dynamo=False)
+    assert_one_line_error(edgec("profile", str(path), flag, value), f"bad value for {flag}")
+
+
+def test_a_failed_fresh_run_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "new"
+    proc = edgec("compile", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "nowhere"), "--out", str(out))
+    assert_one_line_error(proc, "apt-get install")
+    assert not out.exists()
+
+
+def test_force_removes_a_symlinked_output_without_following_it(tmp_path):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "data.txt").write_text("keep")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "artifacts").symlink_to(precious)
+    proc = edgec("compile", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "nowhere"), "--out", str(out),
+                 "--force")
+    assert_one_line_error(proc, "apt-get install")
+    assert (precious / "data.txt").read_text() == "keep" and not (out / "artifacts").exists()

@@ -23,7 +23,12 @@ def test_compile_table_is_accepted(tmp_path):
     ({"budget_evals": 0}, "bad value for budget_evals"),
     ({"resume": True, "force": True}, "pass only one"),
     ({"dataset": "cifar"}, "known datasets"),
-    ({"latency_budget_ms": -1.0}, "must be positive"),
+    ({"latency_budget_ms": -1.0}, "positive finite"),
+    ({"latency_budget_ms": float("nan")}, "positive finite"),
+    ({"size_budget_kb": float("inf")}, "positive finite"),
+    ({"seed": -1}, "seeds are integers"),
+    ({"seed": 2**32}, "seeds are integers"),
+    ({"data_dir": "/x"}, "applies only to --dataset fashion-mnist"),
     ({"calibration_images": 10}, "at least 256"),
 ])
 def test_bad_values_are_refused(values, match):
@@ -37,3 +42,10 @@ def test_bad_toml_is_one_line(tmp_path):
     with pytest.raises(ConfigError) as e:
         CompileConfig.from_sources(f, {})
     assert "\n" not in e.value.line() and "not valid TOML" in e.value.line()
+
+
+def test_the_shipped_example_config_loads():
+    from pathlib import Path
+
+    cfg = CompileConfig.from_sources(Path(__file__).parents[1] / "examples" / "digits.toml", {})
+    assert cfg.dataset == "digits" and cfg.budget_evals == 40 and cfg.calibration_images == 512

@@ -88,3 +88,21 @@ def test_impossible_budget_says_so_and_exits_non_zero(run, tmp_path):
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "no candidate meets" in proc.stderr and "Traceback" not in proc.stderr
     assert (tmp_path / "o" / "report.json").is_file()
+
+
+def test_resume_skips_damaged_records_and_refuses_damaged_state(run, tmp_path):
+    import shutil
+
+    out, _ = run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    with open(copy / "study" / "evaluations.jsonl", "a") as f:
+        f.write('{"foo": 1}\n{"candidate_id": "x", "candidate": 5}\n')
+    proc = compile_("--budget-evals", "6", "--out", str(copy), "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "2 damaged line(s)" in proc.stderr
+    (copy / "study" / "config.json").write_text("[1]")
+    proc = compile_("--budget-evals", "6", "--out", str(copy), "--resume")
+    assert proc.returncode == 2 and "is damaged" in proc.stderr and "Traceback" not in proc.stderr
+    proc = compile_("--budget-evals", "6", "--out", str(copy), "--resume", "--seed", "1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
