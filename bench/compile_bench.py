@@ -31,7 +31,7 @@ def main() -> int:
     ap.add_argument("--dataset", default="digits")
     ap.add_argument("--run", help="a finished run directory to benchmark instead of compiling anew")
     ap.add_argument("--out", help="run directory for a new compile (default runs/bench-<dataset>)")
-    ap.add_argument("--budget-evals", type=int, default=40)
+    ap.add_argument("--budget-evals", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=7, help="interleaved measurement rounds")
     ap.add_argument("--runs", type=int, default=300, help="timed runs per round")
@@ -50,6 +50,8 @@ def main() -> int:
     from edgec.targets import get_target
 
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # logs: keep the table's columns whole
     if args.run:
         out = Path(args.run)
     else:

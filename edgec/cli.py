@@ -26,7 +26,7 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="digits (default) | fashion-mnist")
     p.add_argument("--data-dir", help="folder of the Fashion-MNIST IDX files")
     p.add_argument("--target", help="target to search and build for (default cpu-ort)")
-    p.add_argument("--budget-evals", type=int, help="candidates to compile and measure (default 40)")
+    p.add_argument("--budget-evals", type=int, help="candidates to compile and measure (default 100)")
     p.add_argument("--max-accuracy-drop", type=float,
                    help="percentage points of validation accuracy below the reference (default 1.0)")
     p.add_argument("--latency-budget-ms", type=float, help="p50 latency budget at batch 1, ms")

@@ -25,7 +25,7 @@ class CompileConfig:
     dataset: str = "digits"                # digits | fashion-mnist
     data_dir: str | None = None            # Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)
     target: str = "cpu-ort"                # where candidates are measured and artifacts built for
-    budget_evals: int = 40                 # candidates the search compiles and measures (the reference is extra)
+    budget_evals: int = 100                # candidates the search compiles and measures (the reference is extra)
     max_accuracy_drop: float = 1.0         # percentage points of validation accuracy below the reference
     latency_budget_ms: float | None = None  # p50 at batch 1 on `target`; None = no budget
     size_budget_kb: float | None = None    # ONNX file size in KiB (1024 bytes); None = no budget

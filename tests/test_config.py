@@ -48,4 +48,4 @@ def test_the_shipped_example_config_loads():
     from pathlib import Path
 
     cfg = CompileConfig.from_sources(Path(__file__).parents[1] / "examples" / "digits.toml", {})
-    assert cfg.dataset == "digits" and cfg.budget_evals == 40 and cfg.calibration_images == 512
+    assert cfg.dataset == "digits" and cfg.budget_evals == 100 and cfg.calibration_images == 512
