@@ -103,6 +103,11 @@ def pareto_plot_png(reference: Evaluation, evals: list[Evaluation], front_ids: l
     ax.set_xlabel(f"p50 latency on {target_name}, batch 1 (µs, {reference.latency.kind})")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_xscale("log")
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title("Candidates (marker area ∝ ONNX size)")
