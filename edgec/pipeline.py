@@ -39,6 +39,7 @@ DEFAULT_TRAINING = {
 RESUME_KEYS = ("model", "dataset", "data_dir", "target", "seed", "strategy", "population_size", "threads",
                "train_epochs", "calibration_images", "dataset_fingerprint")
 PARITY_IMAGES = 64
+REMEASURE_ROUNDS = 3  # interleaved latency rounds over the finalists before choosing
 
 
 @dataclass
@@ -160,8 +161,9 @@ def select_chosen(evals: list[Evaluation], front_ids: list[str], reference: Eval
                  and (cfg.size_budget_kb is None or sizes.get(e.candidate_id, e.size_bytes) <= cfg.size_budget_kb * 1024)]
     chosen = min(qualified, key=lambda e: (e.latency.p50_ms, e.size_bytes)) if qualified else None
     rule = {"rule": "lowest p50 on the Pareto front with val_accuracy ≥ reference − max_accuracy_drop "
-                    "and within the latency/size budgets (the test split is never used to choose; "
-                    "the size budget applies to the published file)",
+                    "and within the latency/size budgets; the finalists' latency is re-measured side by side "
+                    f"({REMEASURE_ROUNDS} interleaved rounds, median) before choosing; the test split is never "
+                    "used to choose; the size budget applies to the published file",
             "min_val_accuracy": min_acc, "max_accuracy_drop_pp": cfg.max_accuracy_drop,
             "latency_budget_ms": cfg.latency_budget_ms, "size_budget_kb": cfg.size_budget_kb,
             "within_accuracy": len(accurate), "qualified": len(qualified)}
@@ -281,6 +283,35 @@ def _search(cfg, spec, store, evaluator, progress):
     return reference, list(evals.values()), failed
 
 
+def _front_ids(evals: list[Evaluation]) -> list[str]:
+    idx = pareto_front([e.objectives() for e in evals], maximize=[True, False, False])
+    return list(dict.fromkeys(evals[i].candidate_id for i in idx))
+
+
+def remeasure(evals: list[Evaluation], target: Target, evaluator: Evaluator, rounds: int,
+              on_round: Callable[[int], None] | None = None) -> list[Evaluation]:
+    """Measure ``evals``' models again in ``rounds`` interleaved rounds; each gets the stats of its
+    median-p50 round, with every round's p50 in ``latency.extra["round_p50_ms"]``."""
+    stats: dict[str, list] = {e.candidate_id: [] for e in evals}
+    for e in evals:
+        if not evaluator.model_path(e.candidate).is_file():  # a resumed run whose work files were removed
+            evaluator.compile(e.candidate)                     # (compilation is deterministic)
+    for r in range(rounds):
+        for e in evals:
+            stats[e.candidate_id].append(target.measure_latency(evaluator.model_path(e.candidate),
+                                                                evaluator.ds.input_shape, batch=1))
+        if on_round:
+            on_round(r + 1)
+    result = []
+    for e in evals:
+        runs = sorted(stats[e.candidate_id], key=lambda s: s.p50_ms)
+        median = runs[len(runs) // 2]
+        extra = {**median.extra, "round_p50_ms": [s.p50_ms for s in stats[e.candidate_id]],
+                 "search_p50_ms": e.latency.p50_ms, "rounds": rounds}
+        result.append(replace(e, latency=replace(median, extra=extra)))
+    return result
+
+
 def _publish(cfg, out: Path, ds: Dataset, supernet_info: dict, target: Target, evaluator: Evaluator,
              reference: Evaluation, evals: list[Evaluation], failed: dict, progress: Progress) -> RunResult:
     from edgec.compile.accuracy import onnx_top1
@@ -288,9 +319,19 @@ def _publish(cfg, out: Path, ds: Dataset, supernet_info: dict, target: Target, e
     from edgec.report import write_reports
 
     everything = [reference] + evals
-    front_idx = pareto_front([e.objectives() for e in everything], maximize=[True, False, False])
-    front_ids = list(dict.fromkeys(everything[i].candidate_id for i in front_idx))
-    to_publish = [reference] + [e for e in evals if e.candidate_id in front_ids]
+    front_ids = _front_ids(everything)
+    # The search measured each candidate once, minutes apart; what is published and chosen is
+    # re-measured side by side (interleaved rounds), so noise hits every finalist alike.
+    finalists = [reference] + [e for e in evals if e.candidate_id in front_ids]
+    progress.stage(f"re-measuring {len(finalists)} finalists side by side ({REMEASURE_ROUNDS} rounds)",
+                   REMEASURE_ROUNDS)
+    finalists = remeasure(finalists, target, evaluator, REMEASURE_ROUNDS,
+                          on_round=lambda r: progress.advance(r, REMEASURE_ROUNDS))
+    reference = finalists[0]
+    front_ids = _front_ids(finalists)
+    everything = finalists + [e for e in evals if e.candidate_id not in {f.candidate_id for f in finalists}]
+    evals = everything[1:]
+    to_publish = [reference] + [e for e in finalists[1:] if e.candidate_id in front_ids]
     progress.stage(f"publishing {len(to_publish)} artifacts", len(to_publish))
     input_spec = {"name": "input", "shape": ["batch", *ds.input_shape], "dtype": "float32",
                   "preprocessing": ds.provenance["preprocessing"], "output": {"name": "logits",
@@ -298,8 +339,6 @@ def _publish(cfg, out: Path, ds: Dataset, supernet_info: dict, target: Target, e
     published = []  # (evaluation, role, path, test accuracy)
     for i, ev in enumerate(to_publish, 1):
         model = evaluator.model_path(ev.candidate)
-        if not model.is_file():  # a resumed run whose work files were removed: recompile (deterministic)
-            evaluator.compile(ev.candidate)
         test_acc = onnx_top1(model, ds.test_x, ds.test_y, threads=cfg.threads)
         role = "reference" if ev is reference else "pareto"
         metadata = {"edgec_version": edgec.__version__, "candidate_id": ev.candidate_id, "role": role,

@@ -106,3 +106,14 @@ def test_resume_skips_damaged_records_and_refuses_damaged_state(run, tmp_path):
     assert proc.returncode == 2 and "is damaged" in proc.stderr and "Traceback" not in proc.stderr
     proc = compile_("--budget-evals", "6", "--out", str(copy), "--resume", "--seed", "1")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_finalists_are_remeasured_side_by_side(run):
+    out, _ = run
+    report = json.loads((out / "report.json").read_text())
+    published = {a["id"] for a in report["artifacts"]}
+    by_id = {e["candidate_id"]: e for e in report["evaluations"]}
+    for cid in published:
+        extra = by_id[cid]["latency"]["extra"]
+        assert len(extra["round_p50_ms"]) == extra["rounds"] == 3
+        assert by_id[cid]["latency"]["p50_ms"] == sorted(extra["round_p50_ms"])[1]
