@@ -188,6 +188,11 @@ def run_compile(cfg: CompileConfig, progress: Progress | None = None) -> RunResu
             store = EvaluationStore(run.study / "evaluations.jsonl", validate=_check_record)
             if store.skipped:
                 progress.log(f"{store.skipped} damaged line(s) in {store.path} ignored; those candidates are re-evaluated")
+            stored = len(store.records) - (1 if store.get(make_candidate(spec, spec.largest(), QuantPolicy()).id) else 0)
+            if cfg.resume and cfg.budget_evals < stored:
+                raise ConfigError(f"--budget-evals {cfg.budget_evals} is below the {stored} evaluations already stored",
+                                  "--resume continues a search, it cannot shrink it",
+                                  f"pass --budget-evals {stored} or more")
             evaluator = Evaluator(supernet, ds, target, run.study / "models", cfg)
             reference, evals, failed = _search(cfg, spec, store, evaluator, progress)
             return _publish(cfg, run.path, ds, supernet_info, target, evaluator, reference, evals, failed, progress)

@@ -117,3 +117,9 @@ def test_finalists_are_remeasured_side_by_side(run):
         extra = by_id[cid]["latency"]["extra"]
         assert len(extra["round_p50_ms"]) == extra["rounds"] == 3
         assert by_id[cid]["latency"]["p50_ms"] == sorted(extra["round_p50_ms"])[1]
+
+
+def test_resume_cannot_shrink_the_budget(run):
+    out, _ = run
+    proc = compile_("--budget-evals", "1", "--out", str(out), "--resume")
+    assert proc.returncode == 2 and "already stored" in proc.stderr and "Traceback" not in proc.stderr
