@@ -103,7 +103,6 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from edgec.errors import ConfigError, ModelError
@@ -183,7 +182,6 @@ def _static_input_shape(path: Path, batch: int) -> tuple[int, ...]:
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from edgec.targets import get_target, target_names

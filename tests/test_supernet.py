@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgec.search.supernet import Supernet, extract_subnet
+from edgec.search.supernet import extract_subnet
 from edgec.search.train import TrainSettings, load_checkpoint, recalibrate_bn, save_checkpoint, train_supernet
 
 
