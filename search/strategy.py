@@ -8,8 +8,8 @@ candidate and tells its objective values back.
 
 Resume: the study lives in memory and is rebuilt from the stored evaluations;
 replaying the same seed and the same told values asks the same candidates in the
-same order, so an interrupted search continues where it stopped and reaches the
-same Pareto front as an uninterrupted one.
+same order, so an interrupted search continues where it stopped and evaluates the
+same candidates as an uninterrupted one would have.
 """
 
 from __future__ import annotations
