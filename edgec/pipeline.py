@@ -94,12 +94,15 @@ def get_supernet(ds: Dataset, cfg: CompileConfig, progress: Progress):
     except OSError as e:
         raise ConfigError(f"cannot write the supernet cache {folder}", e.strerror or str(e),
                           "set EDGEC_CACHE_DIR to a writable folder") from None
-    progress.stage(f"training supernet on {ds.name} ({settings.epochs} epochs)", None)
+    partial = folder / "partial"  # per-epoch training state: a killed training resumes, not restarts
+    resuming = (partial / "state.json").is_file()
+    progress.stage(f"{'resuming' if resuming else 'training'} supernet on {ds.name} ({settings.epochs} epochs)", None)
     t0 = time.perf_counter()
-    net = train_supernet(spec, ds.train_x, ds.train_y, settings,
+    net = train_supernet(spec, ds.train_x, ds.train_y, settings, state_dir=partial,
                          on_step=lambda step, total, loss: progress.advance(step, total, f"loss {loss:.3f}"))
     train_s = time.perf_counter() - t0
-    save_checkpoint(net, settings, folder, extra={"train_s": train_s, "dataset": ds.name})
+    save_checkpoint(net, settings, folder, extra={"train_s": train_s, "dataset": ds.name, "resumed": resuming})
+    shutil.rmtree(partial, ignore_errors=True)
     return net, {**info, "cached": False, "train_s": train_s}
 
 

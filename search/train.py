@@ -61,12 +61,16 @@ def cache_key(spec: SupernetSpec, settings: TrainSettings, train_x: np.ndarray, 
 
 
 def train_supernet(spec: SupernetSpec, train_x: np.ndarray, train_y: np.ndarray, settings: TrainSettings,
-                   on_step: Callable[[int, int, float], None] | None = None) -> Supernet:
+                   on_step: Callable[[int, int, float], None] | None = None,
+                   state_dir: Path | None = None) -> Supernet:
     """Train a supernet from scratch with the sandwich rule and in-place distillation.
 
     ``train_x``: (N, C, H, W) float32 in [0, 1]; ``train_y``: (N,) int64 class ids.
     ``on_step(step, total_steps, loss)`` reports progress. Deterministic for a given seed
-    on one machine (torch CPU kernels).
+    on one machine (torch CPU kernels). With ``state_dir``, the full training state
+    (weights, optimizer, RNGs) is written there after every epoch and a later call with
+    the same arguments resumes from the last finished epoch, reaching the same weights as
+    an uninterrupted run.
     """
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
@@ -75,11 +79,13 @@ def train_supernet(spec: SupernetSpec, train_x: np.ndarray, train_y: np.ndarray,
     x_all, y_all = torch.from_numpy(train_x), torch.from_numpy(train_y)
     steps_per_epoch = max(1, len(train_x) // settings.batch_size)
     total = settings.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, settings.lr, total_steps=total, pct_start=0.1)
+    start_epoch = _load_train_state(state_dir, net, opt, rng) if state_dir else 0
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, settings.lr, total_steps=total, pct_start=0.1,
+                                                last_epoch=start_epoch * steps_per_epoch - 1)
     largest, smallest = spec.largest(), spec.smallest()
-    step = 0
+    step = start_epoch * steps_per_epoch
     net.train()
-    for _ in range(settings.epochs):
+    for epoch in range(start_epoch, settings.epochs):
         order = rng.permutation(len(train_x))
         for i in range(steps_per_epoch):
             idx = torch.from_numpy(order[i * settings.batch_size:(i + 1) * settings.batch_size])
@@ -100,7 +106,49 @@ def train_supernet(spec: SupernetSpec, train_x: np.ndarray, train_y: np.ndarray,
             step += 1
             if on_step:
                 on_step(step, total, loss.item())
+        if state_dir and epoch + 1 < settings.epochs:
+            _save_train_state(state_dir, epoch + 1, net, opt, rng)
     return net.eval()
+
+
+def _save_train_state(state_dir: Path, epochs_done: int, net: Supernet, opt: torch.optim.Optimizer,
+                      rng: np.random.Generator) -> None:
+    """Weights, AdamW moments and torch RNG as safetensors; the rest as JSON; written atomically."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.contiguous() for k, v in net.state_dict().items()}
+    opt_state = opt.state_dict()
+    for idx, per_param in opt_state["state"].items():
+        for name, value in per_param.items():
+            tensors[f"opt.{idx}.{name}"] = value.contiguous()
+    tensors["torch_rng"] = torch.get_rng_state()
+    meta = {"epochs_done": epochs_done, "param_groups": opt_state["param_groups"],
+            "numpy_rng": rng.bit_generator.state}
+    tmp = Path(tempfile.mkdtemp(dir=state_dir, prefix=".tmp-"))
+    save_file(tensors, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(meta))
+    os.replace(tmp / "state.safetensors", state_dir / "state.safetensors")  # tensors first, then the JSON
+    os.replace(tmp / "state.json", state_dir / "state.json")                # that says they are complete
+    tmp.rmdir()
+
+
+def _load_train_state(state_dir: Path, net: Supernet, opt: torch.optim.Optimizer,
+                      rng: np.random.Generator) -> int:
+    """Restore what :func:`_save_train_state` wrote; returns the epochs already done (0 if none/unusable)."""
+    try:
+        meta = json.loads((state_dir / "state.json").read_text())
+        tensors = load_file(str(state_dir / "state.safetensors"))
+        net.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        per_param: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("opt."):
+                _, idx, name = key.split(".", 2)
+                per_param.setdefault(int(idx), {})[name] = value
+        opt.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})
+        torch.set_rng_state(tensors["torch_rng"])
+        rng.bit_generator.state = meta["numpy_rng"]
+        return int(meta["epochs_done"])
+    except Exception:  # nothing saved yet, or a state torn by a kill before its JSON: start over
+        return 0
 
 
 def _augment(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -65,3 +67,24 @@ def test_corrupt_checkpoint_is_a_model_error(tmp_path):
     (tmp_path / "supernet.json").write_text("{not json")
     with pytest.raises(ModelError, match="cannot load supernet checkpoint"):
         load_checkpoint(tmp_path)
+
+
+def test_interrupted_training_resumes_to_the_same_weights(spec8, tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.random((128, 1, 8, 8), dtype=np.float32)
+    y = rng.integers(0, 10, 128)
+    settings = TrainSettings(epochs=3, batch_size=64)
+    reference = train_supernet(spec8, x, y, settings)
+
+    def die_in_epoch_3(step, total, loss):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_supernet(spec8, x, y, settings, on_step=die_in_epoch_3, state_dir=tmp_path)
+    assert json.loads((tmp_path / "state.json").read_text())["epochs_done"] == 2
+    steps = []
+    resumed = train_supernet(spec8, x, y, settings, on_step=lambda s, t, loss: steps.append(s), state_dir=tmp_path)
+    assert steps == [5, 6]  # only the third epoch ran again
+    for (k, a), b in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), k
