@@ -29,7 +29,7 @@ from edgec.search.strategy import NSGA2Search, RandomSearch, make_candidate
 from edgec.targets import Target, get_target
 
 # Supernet training per dataset (seed comes from the config). Measured on 2 cores:
-# digits ≈ 155 s (25 epochs); fashion-mnist ≈ 54 min (6 epochs, partly shared machine).
+# digits ≈ 155 s (25 epochs); fashion-mnist ≈ 41 min (6 epochs, quiet machine).
 DEFAULT_TRAINING = {
     "digits": {"epochs": 25, "batch_size": 32},
     "fashion-mnist": {"epochs": 6, "batch_size": 128},
