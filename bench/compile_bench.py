@@ -40,18 +40,16 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from edgec.cli import _RichProgress
+    from edgec.cli import _RichProgress, _stdout_console
     from edgec.compile.accuracy import onnx_top1
     from edgec.config import CompileConfig
     from edgec.data import load_dataset
-    from edgec.pipeline import Evaluator, get_supernet, run_compile
+    from edgec.pipeline import Evaluator, Progress, get_supernet, run_compile
     from edgec.search.space import Candidate, QuantPolicy
     from edgec.search.strategy import make_candidate
     from edgec.targets import get_target
 
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=200)  # logs: keep the table's columns whole
+    console = _stdout_console()  # off a terminal: wide enough that the table's columns stay whole
     if args.run:
         out = Path(args.run)
     else:
@@ -65,7 +63,7 @@ def main() -> int:
     ds = load_dataset(cfg.dataset, cfg.data_dir)
     reference = Candidate.from_dict(report["reference"]["candidate"])
     chosen = Candidate.from_dict(report["chosen"]["candidate"]) if report["chosen"] else None
-    supernet, _ = get_supernet(ds, cfg, _Quiet())
+    supernet, _ = get_supernet(ds, cfg, Progress())
     spec = supernet.spec
     int8_ref = make_candidate(spec, reference.subnet, QuantPolicy.uniform(spec.quantizable_layers(), "int8"))
     target = get_target(cfg.target, threads=cfg.threads, runs=args.runs)
@@ -112,12 +110,6 @@ def main() -> int:
                   f"run directory {out}")
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     return 0 if chosen else 1
-
-
-class _Quiet:
-    def stage(self, *a, **k): ...
-    def advance(self, *a, **k): ...
-    def log(self, *a, **k): ...
 
 
 if __name__ == "__main__":

@@ -117,7 +117,6 @@ class Evaluator:
 
     def compile(self, candidate: Candidate) -> tuple[Path, float]:
         """Write the candidate's ONNX model (QDQ per its policy); returns (path, parity max |diff|)."""
-        import torch
 
         from edgec.compile.export import check_parity, export_onnx
         from edgec.compile.quantize import quantize_qdq
@@ -127,7 +126,6 @@ class Evaluator:
         ds = self.ds
         folder = self.models_dir / candidate.id
         folder.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(0)
         static = recalibrate_bn(extract_subnet(self.supernet, candidate.subnet), ds.train_x)
         fp32 = export_onnx(static.fused(), ds.input_shape, folder / "fp32.onnx")
         parity = check_parity(static, fp32, ds.val_x[:PARITY_IMAGES])

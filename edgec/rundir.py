@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from edgec.errors import OutputDirError
 
@@ -131,6 +131,3 @@ class EvaluationStore:
             f.flush()
             os.fsync(f.fileno())
         self.records[record["candidate_id"]] = record
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return iter(self.records.values())
