@@ -7,21 +7,46 @@ from pathlib import Path
 import numpy as np
 
 
-def onnx_top1(model_path: Path, x: np.ndarray, y: np.ndarray, batch_size: int = 500, threads: int = 2) -> float:
-    """Top-1 accuracy in [0, 1] of ``model_path`` on ``x`` (N, C, H, W) float32 with labels ``y`` (N,) int64.
+def onnx_logits(model_path: Path, x: np.ndarray, batch_size: int = 500, threads: int = 2,
+                io: dict | None = None) -> np.ndarray:
+    """Float logits (N, classes) of ``model_path`` on ``x`` (N, C, H, W) float32 under ORT CPU.
 
-    Runs the graph's first input/output in batches of ``batch_size`` (the batch dimension must be dynamic).
+    A model with a fixed batch dimension runs in chunks of that size. ``io`` (the
+    :class:`~edgec.compile.qnn.QuantizedIO` dict of a quantized-I/O model) quantizes the
+    inputs and dequantizes the outputs as an app would; ORT's CPU kernels then emulate the
+    quantized arithmetic of the same QDQ graph.
     """
     import onnxruntime as ort
 
+    from edgec.compile.qnn import QuantizedIO
+
+    qio = QuantizedIO(**io) if io is not None else None
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # don't steal cores from timing
     sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    correct = 0
+    inp = sess.get_inputs()[0]
+    if isinstance(inp.shape[0], int) and inp.shape[0] > 0:
+        batch_size = inp.shape[0]
+    outs = []
     for i in range(0, len(x), batch_size):
-        logits = sess.run(None, {name: x[i:i + batch_size]})[0]
-        correct += int(np.sum(np.argmax(logits, axis=1) == y[i:i + batch_size]))
-    return correct / max(1, len(x))
+        chunk = x[i:i + batch_size]
+        n = len(chunk)
+        if n < batch_size and isinstance(inp.shape[0], int):  # pad the last chunk of a fixed-batch model
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
+        if qio is not None:
+            chunk = qio.quantize_input(chunk)
+        out = sess.run(None, {inp.name: chunk})[0][:n]
+        outs.append(qio.dequantize_output(out) if qio is not None else out)
+    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+
+
+def onnx_top1(model_path: Path, x: np.ndarray, y: np.ndarray, batch_size: int = 500, threads: int = 2,
+              io: dict | None = None) -> float:
+    """Top-1 accuracy in [0, 1] of ``model_path`` on ``x`` (N, C, H, W) float32 with labels ``y`` (N,) int64
+    (see :func:`onnx_logits` for fixed-batch and quantized-I/O models)."""
+    if len(x) == 0:
+        return 0.0
+    logits = onnx_logits(model_path, x, batch_size, threads, io)
+    return float(np.mean(np.argmax(logits, axis=1) == y))

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 from edgec.compile.export import set_metadata
 
@@ -35,19 +36,24 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def publish_model(model_path: Path, dest_dir: Path, metadata: dict) -> Path:
+def publish_model(model_path: Path, dest_dir: Path, metadata: dict,
+                  add_files: Callable[[Path], None] | None = None) -> Path:
     """Copy ``model_path`` to ``dest_dir/model.onnx`` with ``metadata`` added, atomically.
 
-    An existing ``dest_dir`` is replaced only once the new one is complete.
-    Returns the published model's path.
+    ``add_files(folder)`` may write more files (e.g. an EPContext binary) next to
+    ``folder/model.onnx`` before the folder is published. An existing ``dest_dir`` is
+    replaced only once the new one is complete. Returns the published model's path.
     """
     dest_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest_dir.parent, prefix=f".tmp-{dest_dir.name}-"))
     try:
         shutil.copyfile(model_path, tmp / "model.onnx")
         set_metadata(tmp / "model.onnx", metadata)
+        if add_files is not None:
+            add_files(tmp)
         make_readable(tmp)
-        make_readable(tmp / "model.onnx")
+        for f in tmp.iterdir():
+            make_readable(f)
         if dest_dir.exists():
             old = dest_dir.with_name(f".old-{dest_dir.name}-{os.getpid()}")
             os.replace(dest_dir, old)

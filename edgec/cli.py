@@ -25,7 +25,8 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="built-in model: fbnet-supernet (default)")
     p.add_argument("--dataset", help="digits (default) | fashion-mnist")
     p.add_argument("--data-dir", help="folder of the Fashion-MNIST IDX files")
-    p.add_argument("--target", help="target to search and build for (default cpu-ort)")
+    p.add_argument("--target", action="append",
+                   help="target to build for (repeatable; the first is searched on, default cpu-ort)")
     p.add_argument("--budget-evals", type=int, help="candidates to compile and measure (default 100)")
     p.add_argument("--max-accuracy-drop", type=float,
                    help="percentage points of validation accuracy below the reference (default 1.0)")
@@ -252,17 +253,22 @@ class _RichProgress:
 def _print_summary(result, console) -> None:
     from rich.table import Table
 
-    ref = result.reference
+    targets = list(dict.fromkeys(a.target for a in result.artifacts))
     table = Table(title="edgec compile — published artifacts")
-    for col in ("id", "role", "val acc %", "test acc %", "p50 µs", "vs ref", "size KiB", "INT8 layers"):
-        table.add_column(col, justify="right" if col not in ("id", "role") else "left")
-    for a in result.artifacts:
-        table.add_row(a.id, a.role + (" ★" if a.chosen else ""), f"{a.val_accuracy * 100:.2f}",
-                      f"{a.test_accuracy * 100:.2f}", f"{a.p50_ms * 1e3:.1f}",
-                      f"{ref.latency.p50_ms / a.p50_ms:.2f}×", f"{a.size_bytes / 1024:.1f}",
-                      f"{sum(p == 'int8' for p in a.policy.values())}/{len(a.policy)}")
+    cols = (["target"] if len(targets) > 1 else []) + ["id", "role", "val acc %", "test acc %", "p50 µs", "kind",
+                                                       "vs ref", "size KiB", "INT8 layers"]
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("target", "id", "role", "kind") else "right")
+    for name in targets:
+        arts = [a for a in result.artifacts if a.target == name]
+        ref = next(a for a in arts if a.role == "reference")  # ratios only within one target
+        for a in arts:
+            table.add_row(*([name] if len(targets) > 1 else []), a.id, a.role + (" ★" if a.chosen else ""),
+                          f"{a.val_accuracy * 100:.2f}", f"{a.test_accuracy * 100:.2f}", f"{a.p50_ms * 1e3:.1f}",
+                          a.latency_kind, f"{ref.p50_ms / a.p50_ms:.2f}×", f"{a.size_bytes / 1024:.1f}",
+                          f"{sum(p == 'int8' for p in a.policy.values())}/{len(a.policy)}")
     console.print(table)
-    console.print(f"{len(result.evaluations) + 1} candidates evaluated; latency kind: {ref.latency.kind}. "
+    console.print(f"{len(result.evaluations) + 1} candidates evaluated on {targets[0]}. "
                   f"Outputs: {result.out}/report.html, report.json, manifest.json, candidates.csv")
 
 

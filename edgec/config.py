@@ -24,7 +24,8 @@ class CompileConfig:
     model: str = "fbnet-supernet"          # built-in supernet, trained on `dataset` (cached)
     dataset: str = "digits"                # digits | fashion-mnist
     data_dir: str | None = None            # Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)
-    target: str = "cpu-ort"                # where candidates are measured and artifacts built for
+    target: str = "cpu-ort"                # primary target: the search measures candidates here
+    also_targets: tuple[str, ...] = ()     # further targets the published candidates are built and profiled for
     budget_evals: int = 100                # candidates the search compiles and measures (the reference is extra)
     max_accuracy_drop: float = 1.0         # percentage points of validation accuracy below the reference
     latency_budget_ms: float | None = None  # p50 at batch 1 on `target`; None = no budget
@@ -70,6 +71,8 @@ class CompileConfig:
             bad("threads", "threads must be between 1 and 256", "e.g. --threads 2")
         if self.train_epochs is not None and self.train_epochs < 1:
             bad("train_epochs", "training needs at least one epoch", "e.g. --train-epochs 15")
+        if self.target in self.also_targets or len(set(self.also_targets)) != len(self.also_targets):
+            bad("also_targets", f"a target is named twice (primary {self.target!r})", "name each target once")
         if self.calibration_images < 256:
             bad("calibration_images", "static quantization calibrates on at least 256 images",
                 "use calibration_images = 256 or more")
@@ -84,6 +87,13 @@ class CompileConfig:
         if toml_path is not None:
             values.update(read_toml(Path(toml_path)))
         values.update({k: v for k, v in overrides.items() if v is not None})
+        target = values.get("target")
+        if isinstance(target, (list, tuple)):  # target = ["cpu-ort", "npu-qnn-htp"]: the first is primary
+            if not target:
+                raise ConfigError("bad value for target: []", "at least one target is needed", 'e.g. target = "cpu-ort"')
+            values["target"] = target[0]
+            if len(target) > 1:  # flags name every target; they replace the file's also_targets
+                values["also_targets"] = tuple(target[1:])
         return from_dict(cls, values)
 
 
@@ -121,7 +131,10 @@ def _coerce(key: str, type_text: str, value: Any) -> Any:
     optional = "None" in wants
     if value is None and optional:
         return None
-    if wants.startswith("bool"):
+    if wants.startswith("tuple"):
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        value = tuple(value) if ok else value
+    elif wants.startswith("bool"):
         ok = isinstance(value, bool)
     elif wants.startswith("int"):
         ok = isinstance(value, int) and not isinstance(value, bool)

@@ -107,19 +107,29 @@ def get_supernet(ds: Dataset, cfg: CompileConfig, progress: Progress):
 
 
 class Evaluator:
-    """Compiles one candidate (extract → BN recalibration → ONNX → parity → QDQ) and measures it."""
+    """Compiles one candidate for one target (extract → BN recalibration → ONNX → parity → the
+    target's quantization recipe) and measures it there.
+
+    Files: ``models_dir/<id>/fp32.onnx`` (shared by all targets) and ``<target>.onnx`` (+
+    ``<target>.io.json`` when the recipe quantizes the model's I/O).
+    """
 
     def __init__(self, supernet, ds: Dataset, target: Target, models_dir: Path, cfg: CompileConfig) -> None:
         self.supernet, self.ds, self.target, self.models_dir, self.cfg = supernet, ds, target, models_dir, cfg
 
     def model_path(self, candidate: Candidate) -> Path:
-        return self.models_dir / candidate.id / "model.onnx"
+        return self.models_dir / candidate.id / f"{self.target.name}.onnx"
+
+    def io_params(self, candidate: Candidate) -> dict | None:
+        """The quantized-I/O parameters of the candidate's model for this target, if its I/O is quantized."""
+        path = self.model_path(candidate).with_suffix(".io.json")
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def compile(self, candidate: Candidate) -> tuple[Path, float]:
-        """Write the candidate's ONNX model (QDQ per its policy); returns (path, parity max |diff|)."""
+        """Write the candidate's model for the target; returns (path, parity max |diff| of the FP32 export)."""
 
         from edgec.compile.export import check_parity, export_onnx
-        from edgec.compile.quantize import quantize_qdq
+        from edgec.compile.recipes import build
         from edgec.search.supernet import extract_subnet
         from edgec.search.train import recalibrate_bn
 
@@ -129,17 +139,29 @@ class Evaluator:
         static = recalibrate_bn(extract_subnet(self.supernet, candidate.subnet), ds.train_x)
         fp32 = export_onnx(static.fused(), ds.input_shape, folder / "fp32.onnx")
         parity = check_parity(static, fp32, ds.val_x[:PARITY_IMAGES])
-        tmp = folder / "model.tmp.onnx"
-        quantize_qdq(fp32, tmp, candidate.policy.int8_layers(), ds.train_x[:self.cfg.calibration_images])
-        os.replace(tmp, folder / "model.onnx")
-        return folder / "model.onnx", parity
+        path = self.model_path(candidate)
+        tmp = path.with_suffix(".tmp.onnx")
+        io = build(self.target.recipe, fp32, tmp, candidate.policy.int8_layers(),
+                   ds.train_x[:self.cfg.calibration_images])
+        io_path = path.with_suffix(".io.json")
+        if io is not None:
+            io_path.write_text(json.dumps(io))
+        else:
+            io_path.unlink(missing_ok=True)
+        os.replace(tmp, path)
+        return path, parity
 
-    def evaluate(self, candidate: Candidate, role: str = "search") -> Evaluation:
+    def accuracy(self, candidate: Candidate, x, y) -> float:
+        """Top-1 of the compiled model under ONNX Runtime's CPU kernels (for NPU recipes: a CPU
+        emulation of the same QDQ graph; the NPU's own outputs are checked on a sample at publish)."""
         from edgec.compile.accuracy import onnx_top1
 
+        return onnx_top1(self.model_path(candidate), x, y, threads=self.cfg.threads, io=self.io_params(candidate))
+
+    def evaluate(self, candidate: Candidate, role: str = "search") -> Evaluation:
         t0 = time.perf_counter()
         path, parity = self.compile(candidate)
-        val_acc = onnx_top1(path, self.ds.val_x, self.ds.val_y, threads=self.cfg.threads)
+        val_acc = self.accuracy(candidate, self.ds.val_x, self.ds.val_y)
         compile_s = time.perf_counter() - t0
         latency = self.target.measure_latency(path, self.ds.input_shape, batch=1)
         return Evaluation(candidate, self.target.name, val_acc, latency, path.stat().st_size, parity, compile_s,
@@ -176,8 +198,9 @@ def run_compile(cfg: CompileConfig, progress: Progress | None = None) -> RunResu
     import torch
 
     progress = progress or Progress()
-    target = get_target(cfg.target, threads=cfg.threads)
-    target.require_available()
+    targets = [get_target(name, threads=cfg.threads) for name in (cfg.target, *cfg.also_targets)]
+    for t in targets:
+        t.require_available()
     with RunDir(Path(cfg.out), resume=cfg.resume, force=cfg.force) as run:
         try:
             ds = load_dataset(cfg.dataset, cfg.data_dir)
@@ -193,11 +216,12 @@ def run_compile(cfg: CompileConfig, progress: Progress | None = None) -> RunResu
                 raise ConfigError(f"--budget-evals {cfg.budget_evals} is below the {stored} evaluations already stored",
                                   "--resume continues a search, it cannot shrink it",
                                   f"pass --budget-evals {stored} or more")
-            evaluator = Evaluator(supernet, ds, target, run.study / "models", cfg)
-            reference, evals, failed = _search(cfg, spec, store, evaluator, progress)
-            return _publish(cfg, run.path, ds, supernet_info, target, evaluator, reference, evals, failed, progress)
+            evaluators = [Evaluator(supernet, ds, t, run.study / "models", cfg) for t in targets]
+            reference, evals, failed = _search(cfg, spec, store, evaluators[0], progress)
+            return _publish(cfg, run.path, ds, supernet_info, evaluators, reference, evals, failed, progress)
         finally:
-            target.close()
+            for t in targets:
+                t.close()
 
 
 def _check_record(rec: dict) -> None:
@@ -317,12 +341,14 @@ def remeasure(evals: list[Evaluation], target: Target, evaluator: Evaluator, rou
     return result
 
 
-def _publish(cfg, out: Path, ds: Dataset, supernet_info: dict, target: Target, evaluator: Evaluator,
+def _publish(cfg, out: Path, ds: Dataset, supernet_info: dict, evaluators: list[Evaluator],
              reference: Evaluation, evals: list[Evaluation], failed: dict, progress: Progress) -> RunResult:
-    from edgec.compile.accuracy import onnx_top1
-    from edgec.compile.package import publish_model, sha256_file
+    """Re-measure the finalists, choose, then build, measure and publish the Pareto front and the
+    reference for every target (the first is the one searched and chosen on)."""
     from edgec.report import write_reports
 
+    evaluator = evaluators[0]
+    target = evaluator.target
     everything = [reference] + evals
     front_ids = _front_ids(everything)
     # The search measured each candidate once, minutes apart; what is published and chosen is
@@ -337,36 +363,24 @@ def _publish(cfg, out: Path, ds: Dataset, supernet_info: dict, target: Target, e
     everything = finalists + [e for e in evals if e.candidate_id not in {f.candidate_id for f in finalists}]
     evals = everything[1:]
     to_publish = [reference] + [e for e in finalists[1:] if e.candidate_id in front_ids]
-    progress.stage(f"publishing {len(to_publish)} artifacts", len(to_publish))
-    input_spec = {"name": "input", "shape": ["batch", *ds.input_shape], "dtype": "float32",
-                  "preprocessing": ds.provenance["preprocessing"], "output": {"name": "logits",
-                  "shape": ["batch", ds.num_classes], "dtype": "float32"}}
-    published = []  # (evaluation, role, path, test accuracy)
-    for i, ev in enumerate(to_publish, 1):
-        model = evaluator.model_path(ev.candidate)
-        test_acc = onnx_top1(model, ds.test_x, ds.test_y, threads=cfg.threads)
-        role = "reference" if ev is reference else "pareto"
-        metadata = {"edgec_version": edgec.__version__, "candidate_id": ev.candidate_id, "role": role,
-                    "config": ev.candidate.subnet.to_dict(), "policy": ev.candidate.policy.to_dict(),
-                    "dataset": ds.name, "target": target.name,
-                    "metrics": {"val_accuracy": ev.val_accuracy, "test_accuracy": test_acc,
-                                "p50_ms": ev.latency.p50_ms, "latency_kind": ev.latency.kind}}
-        path = publish_model(model, out / "artifacts" / target.name / ev.candidate_id, metadata)
-        published.append((ev, role, path, test_acc))
-        progress.advance(i, len(to_publish), ev.candidate_id)
-    keep = {ev.candidate_id for ev, _, _, _ in published}
-    for stale in (out / "artifacts" / target.name).iterdir():  # left by an earlier publish of a resumed run
-        if stale.is_dir() and not stale.name.startswith(".") and stale.name not in keep:
-            shutil.rmtree(stale)
+    published = _publish_target(cfg, out, ds, evaluator, to_publish, reference.candidate_id, progress)
     chosen, selection = select_chosen(everything, front_ids, reference, cfg,
-                                      {ev.candidate_id: path.stat().st_size for ev, _, path, _ in published})
-    artifacts = [Artifact(ev.candidate_id, str(path.relative_to(out)), sha256_file(path), target.name, role,
-                          chosen is not None and ev.candidate_id == chosen.candidate_id, test_acc, ev.val_accuracy,
-                          ev.latency.p50_ms, ev.latency.p90_ms, ev.latency.kind, path.stat().st_size,
-                          ev.candidate.subnet.to_dict(), ev.candidate.policy.to_dict(), input_spec)
-                 for ev, role, path, test_acc in published]
-    report = write_reports(out, cfg, ds, supernet_info, target, reference, evals, failed, front_ids, chosen,
-                           selection, artifacts)
+                                      {ev.candidate_id: art.size_bytes for ev, art in published})
+    per_target = {target.name: published}
+    for extra in evaluators[1:]:
+        progress.stage(f"building {len(to_publish)} candidates for {extra.target.name}", len(to_publish))
+        built = []
+        for i, ev in enumerate(to_publish, 1):
+            built.append(extra.evaluate(ev.candidate, ev.role))
+            progress.advance(i, len(to_publish), ev.candidate_id)
+        per_target[extra.target.name] = _publish_target(cfg, out, ds, extra, built, reference.candidate_id,
+                                                        progress)
+    chosen_id = chosen.candidate_id if chosen else None
+    artifacts = [replace(art, chosen=art.id == chosen_id) for pubs in per_target.values() for _, art in pubs]
+    devices = _device_reports(out, evaluators, per_target, {reference.candidate_id, chosen_id} - {None}, progress)
+    target_evals = {name: [ev for ev, _ in pubs] for name, pubs in per_target.items()}
+    report = write_reports(out, cfg, ds, supernet_info, [e.target for e in evaluators], reference, evals, failed,
+                           front_ids, chosen, selection, artifacts, target_evals, devices)
     result = RunResult(out, reference, evals, front_ids, chosen, artifacts, report)
     if chosen is None:
         raise NoQualifyingCandidate(
@@ -376,3 +390,66 @@ def _publish(cfg, out: Path, ds: Dataset, supernet_info: dict, target: Target, e
             f"smallest {min(e.size_bytes for e in everything) / 1024:.1f} KiB; the report is in {out}",
             "relax --max-accuracy-drop / --latency-budget-ms / --size-budget-kb or raise --budget-evals")
     return result
+
+
+def _publish_target(cfg, out: Path, ds: Dataset, evaluator: Evaluator, evals: list[Evaluation], reference_id: str,
+                    progress: Progress) -> list[tuple[Evaluation, Artifact]]:
+    """Publish ``evals``' models for the evaluator's target under ``artifacts/<target>/<id>/``
+    (with the target's extra files) and return them with their manifest entries."""
+    from edgec.compile.package import publish_model, sha256_file
+
+    target = evaluator.target
+    progress.stage(f"publishing {len(evals)} artifacts for {target.name}", len(evals))
+    published = []
+    folder = out / "artifacts" / target.name
+    for i, ev in enumerate(evals, 1):
+        if not evaluator.model_path(ev.candidate).is_file():  # a resumed run whose work files were removed
+            evaluator.compile(ev.candidate)
+        model = evaluator.model_path(ev.candidate)
+        io = evaluator.io_params(ev.candidate)
+        test_acc = evaluator.accuracy(ev.candidate, ds.test_x, ds.test_y)
+        role = "reference" if ev.candidate_id == reference_id else "pareto"
+        metadata = {"edgec_version": edgec.__version__, "candidate_id": ev.candidate_id, "role": role,
+                    "config": ev.candidate.subnet.to_dict(), "policy": ev.candidate.policy.to_dict(),
+                    "dataset": ds.name, "target": target.name, "recipe": target.recipe,
+                    "metrics": {"val_accuracy": ev.val_accuracy, "test_accuracy": test_acc,
+                                "p50_ms": ev.latency.p50_ms, "latency_kind": ev.latency.kind}}
+        files: dict = {}
+        path = publish_model(model, folder / ev.candidate_id, metadata,
+                             add_files=lambda d: files.update(target.package(d / "model.onnx", d)))
+        batch = 1 if target.static_batch else "batch"
+        input_spec = {"name": "input", "shape": [batch, *ds.input_shape], "dtype": io["input_dtype"] if io else "float32",
+                      "preprocessing": ds.provenance["preprocessing"],
+                      "output": {"name": "logits", "shape": [batch, ds.num_classes],
+                                 "dtype": io["output_dtype"] if io else "float32"}}
+        if io:
+            input_spec["quantized_io"] = {**io, "how": "q = clip(round(x / scale) + zero_point); "
+                                                      "x = (q - zero_point) * scale"}
+        extra_files = sorted(f.name for f in path.parent.iterdir() if f.name != "model.onnx")
+        art = Artifact(ev.candidate_id, str(path.relative_to(out)), sha256_file(path), target.name, role, False,
+                       test_acc, ev.val_accuracy, ev.latency.p50_ms, ev.latency.p90_ms, ev.latency.kind,
+                       path.stat().st_size, ev.candidate.subnet.to_dict(), ev.candidate.policy.to_dict(), input_spec,
+                       recipe=target.recipe, files=extra_files)
+        published.append((ev, art))
+        progress.advance(i, len(evals), ev.candidate_id)
+    keep = {ev.candidate_id for ev, _ in published}
+    for stale in folder.iterdir():  # left by an earlier publish of a resumed run
+        if stale.is_dir() and not stale.name.startswith(".") and stale.name not in keep:
+            shutil.rmtree(stale)
+    return published
+
+
+def _device_reports(out: Path, evaluators: list[Evaluator], per_target: dict, ids: set[str], progress: Progress) -> dict:
+    """{target: {candidate id: device report}} for ``ids`` (reference and chosen) on every target,
+    from each target's :meth:`~edgec.targets.base.Target.profile_model` on the published file."""
+    reports: dict = {}
+    for evaluator in evaluators:
+        name = evaluator.target.name
+        todo = [(ev, art) for ev, art in per_target[name] if ev.candidate_id in ids]
+        progress.stage(f"profiling {len(todo)} artifacts on {name}", len(todo))
+        for i, (ev, art) in enumerate(todo, 1):
+            path = out / art.path
+            reports.setdefault(name, {})[ev.candidate_id] = evaluator.target.profile_model(
+                path, evaluator.ds.input_shape, batch=1)
+            progress.advance(i, len(todo), ev.candidate_id)
+    return reports

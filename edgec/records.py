@@ -67,7 +67,9 @@ class Artifact:
     size_bytes: int
     config: dict
     policy: dict
-    input: dict = field(default_factory=dict)   # name, shape, dtype, preprocessing
+    input: dict = field(default_factory=dict)   # name, shape, dtype, preprocessing (+ quantized_io)
+    recipe: str = ""                            # the target's quantization recipe
+    files: list = field(default_factory=list)   # further files next to the model (e.g. an EPContext binary)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

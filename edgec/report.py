@@ -23,11 +23,17 @@ SCHEMA_VERSION = 1
 MANIFEST_SCHEMA_VERSION = 1
 
 
-def write_reports(out: Path, cfg, ds, supernet_info: dict, target, reference: Evaluation, evals: list[Evaluation],
-                  failed: dict, front_ids: list[str], chosen: Evaluation | None, selection: dict,
-                  artifacts: list[Artifact]) -> dict:
-    """Write the four run outputs into ``out``; returns the report dict."""
-    test_acc = {a.id: a.test_accuracy for a in artifacts}
+def write_reports(out: Path, cfg, ds, supernet_info: dict, targets: list, reference: Evaluation,
+                  evals: list[Evaluation], failed: dict, front_ids: list[str], chosen: Evaluation | None,
+                  selection: dict, artifacts: list[Artifact], target_evals: dict[str, list[Evaluation]],
+                  devices: dict[str, dict]) -> dict:
+    """Write the four run outputs into ``out``; returns the report dict.
+
+    ``targets``: the Target objects, the first searched on; ``target_evals``: {target: the published
+    candidates' evaluations there}; ``devices``: {target: {candidate id: device report}}.
+    """
+    target = targets[0]
+    test_acc = {a.id: a.test_accuracy for a in artifacts if a.target == target.name}
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
     def row(ev: Evaluation) -> dict:
@@ -39,7 +45,7 @@ def write_reports(out: Path, cfg, ds, supernet_info: dict, target, reference: Ev
         "config": cfg.to_dict(),
         "dataset": {"name": ds.name, "fingerprint": ds.fingerprint(), **ds.provenance},
         "supernet": supernet_info,
-        "targets": {target.name: target.describe()},
+        "targets": {t.name: t.describe() for t in targets},
         "objectives": {"val_accuracy": "maximize", "p50_ms": f"minimize ({target.latency_kind}, batch 1)",
                        "size_bytes": "minimize (ONNX file)"},
         "reference": {**row(reference), "description": "largest subnet, all layers FP32"},
@@ -48,7 +54,11 @@ def write_reports(out: Path, cfg, ds, supernet_info: dict, target, reference: Ev
         "pareto_front": front_ids,
         "selection": selection,
         "chosen": row(chosen) if chosen else None,
-        "latency_by_target": {target.name: {e.candidate_id: e.latency.to_dict() for e in [reference] + evals}},
+        "latency_by_target": {target.name: {e.candidate_id: e.latency.to_dict() for e in [reference] + evals},
+                              **{name: {e.candidate_id: e.latency.to_dict() for e in evs}
+                                 for name, evs in target_evals.items() if name != target.name}},
+        "devices": _compare_devices(artifacts, target_evals, devices),
+        "device_reports": devices,
         "artifacts": [a.to_dict() for a in artifacts],
     }
     write_atomic(out / "report.json", json.dumps(report, indent=2))
@@ -59,6 +69,27 @@ def write_reports(out: Path, cfg, ds, supernet_info: dict, target, reference: Ev
     write_atomic(out / "candidates.csv", _csv([reference] + evals, front_ids, test_acc))
     write_atomic(out / "report.html", _html(report, reference, evals, front_ids, chosen, artifacts, target))
     return report
+
+
+def _compare_devices(artifacts: list[Artifact], target_evals: dict, devices: dict) -> list[dict]:
+    """One row per (target, published candidate): accuracy, latency and its kind, size, NPU coverage,
+    and the latency ratio to that target's reference (ratios within one target only)."""
+    rows = []
+    for name, evs in target_evals.items():
+        arts = {a.id: a for a in artifacts if a.target == name}
+        ref = next((a for a in arts.values() if a.role == "reference"), None)
+        for ev in evs:
+            a = arts.get(ev.candidate_id)
+            if a is None:
+                continue
+            cov = devices.get(name, {}).get(a.id, {}).get("npu_coverage")
+            rows.append({"target": name, "candidate_id": a.id, "role": a.role, "chosen": a.chosen,
+                         "val_accuracy": a.val_accuracy, "test_accuracy": a.test_accuracy, "p50_ms": a.p50_ms,
+                         "latency_kind": a.latency_kind, "size_bytes": a.size_bytes,
+                         "speedup_vs_reference": ref.p50_ms / a.p50_ms if ref and a.p50_ms > 0 else None,
+                         "cycles_p50": ev.latency.extra.get("cycles_p50"),
+                         "npu_node_share": cov["npu_node_share"] if cov else None})
+    return rows
 
 
 def _csv(evals: list[Evaluation], front_ids: list[str], test_acc: dict) -> str:
@@ -118,12 +149,75 @@ def pareto_plot_png(reference: Evaluation, evals: list[Evaluation], front_ids: l
     return buf.getvalue()
 
 
+def device_chart_png(name: str, rows: list[dict]) -> bytes:
+    """Bar chart of p50 per published candidate on one device (its own latency kind); PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2), dpi=100)
+    labels = [f"{r['candidate_id']} ({'reference' if r['role'] == 'reference' else 'chosen' if r['chosen'] else 'front'})"
+              for r in rows]
+    colors = ["#d62728" if r["chosen"] else "#555555" if r["role"] == "reference" else "#1f77b4" for r in rows]
+    ax.barh(labels, [r["p50_ms"] * 1e3 for r in rows], color=colors)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"p50 on {name}, batch 1 (µs, {rows[0]['latency_kind']})")
+    ax.tick_params(axis="y", labelsize=7)
+    ax.grid(axis="x", alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _devices_html(report: dict) -> str:
+    """Per device: the chart, the side-by-side rows and the reference's/chosen's device reports."""
+    e = html.escape
+    parts = ["<h2>Devices</h2><p>Latency kinds are never mixed: ratios are within one device only. "
+             "<i>simulated</i> = the HTP simulator's cycle counts, shown in ms at the target's assumed clock.</p>"]
+    for name, info in report["targets"].items():
+        rows = [r for r in report["devices"] if r["target"] == name]
+        if not rows:
+            continue
+        png = base64.b64encode(device_chart_png(name, rows)).decode()
+        def fmt(value, spec: str, suffix: str = "") -> str:
+            return "" if value is None else f"{value:{spec}}{suffix}"
+
+        table = "".join(
+            f"<tr{' class=chosen' if r['chosen'] else ''}><td>{e(r['candidate_id'])}</td><td>{e(r['role'])}"
+            f"{' ★' if r['chosen'] else ''}</td><td>{r['test_accuracy'] * 100:.2f}</td><td>{r['p50_ms'] * 1e3:.1f}</td>"
+            f"<td>{e(r['latency_kind'])}</td><td>{fmt(r['cycles_p50'], '.3g')}</td>"
+            f"<td>{fmt(r['speedup_vs_reference'], '.2f', '×')}</td><td>{r['size_bytes'] / 1024:.1f}</td>"
+            f"<td>{fmt(None if r['npu_node_share'] is None else r['npu_node_share'] * 100, '.0f', '%')}</td></tr>"
+            for r in rows)
+        details = []
+        for cid, rep in report.get("device_reports", {}).get(name, {}).items():
+            ops = ", ".join(f"{e(o['node'])} ({o['share'] * 100:.0f}%)" for o in rep["top_ops"][:5])
+            cov = rep.get("npu_coverage")
+            cov_text = "" if not cov else (
+                f"; NPU coverage {cov['npu_node_share'] * 100:.0f}% of nodes, {cov['npu_mac_share'] * 100:.0f}% of MACs"
+                + (f", on CPU: {e(', '.join(f['node'] + ' (' + f['op'] + ')' for f in cov['fallback'][:5]))}"
+                   if cov["fallback"] else ""))
+            details.append(f"<li><b>{e(cid)}</b>: session {rep['session_ms'] or 0:.1f} ms, first inference "
+                           f"{rep['first_inference_ms'] or 0:.2f} ms, peak RSS "
+                           f"{(rep['peak_rss_bytes'] or 0) / 2**20:.0f} MiB{cov_text}; top ops: {ops}</li>")
+        parts.append(
+            f"<h3>{e(name)}</h3><p>{e(info.get('runtime', ''))}, {e(info.get('device', ''))}, recipe "
+            f"{e(info.get('recipe', ''))}, latency kind <b>{e(info.get('latency_kind', ''))}</b></p>"
+            f"<img alt='{e(name)} latency' src='data:image/png;base64,{png}'>"
+            f"<table><tr><th>id</th><th>role</th><th>test acc %</th><th>p50 µs</th><th>kind</th><th>cycles p50</th>"
+            f"<th>vs reference</th><th>size KiB</th><th>NPU nodes</th></tr>{table}</table><ul>{''.join(details)}</ul>")
+    return "".join(parts)
+
+
 def _html(report: dict, reference: Evaluation, evals: list[Evaluation], front_ids: list[str],
           chosen: Evaluation | None, artifacts: list[Artifact], target) -> str:
     png = base64.b64encode(pareto_plot_png(reference, evals, front_ids, chosen, target.name)).decode()
     e = html.escape
     rows = "".join(
-        f"<tr{' class=chosen' if a.chosen else ''}><td>{e(a.id)}</td><td>{e(a.role)}{' ★ chosen' if a.chosen else ''}"
+        f"<tr{' class=chosen' if a.chosen else ''}><td>{e(a.target)}</td><td>{e(a.id)}</td><td>{e(a.role)}{' ★ chosen' if a.chosen else ''}"
         f"</td><td>{a.val_accuracy * 100:.2f}</td><td>{a.test_accuracy * 100:.2f}</td><td>{a.p50_ms * 1e3:.1f}</td>"
         f"<td>{a.p90_ms * 1e3:.1f}</td><td>{e(a.latency_kind)}</td><td>{a.size_bytes / 1024:.1f}</td>"
         f"<td>{sum(1 for p in a.policy.values() if p == 'int8')}/{len(a.policy)}</td>"
@@ -147,8 +241,9 @@ tr.chosen{{background:#fff3cd}}code{{font-size:12px}}</style></head><body>
 {report['targets'][target.name]['threads']} threads).</p>
 <img alt="Pareto front" src="data:image/png;base64,{png}">
 <h2>Published artifacts</h2>
-<table><tr><th>id</th><th>role</th><th>val acc %</th><th>test acc %</th><th>p50 µs</th><th>p90 µs</th><th>kind</th>
+<table><tr><th>target</th><th>id</th><th>role</th><th>val acc %</th><th>test acc %</th><th>p50 µs</th><th>p90 µs</th><th>kind</th>
 <th>size KiB</th><th>INT8 layers</th><th>architecture</th><th>path</th></tr>{rows}</table>
+{_devices_html(report)}
 <h2>Data</h2><p>{e(ds['source'])}; {e(ds['preprocessing'])}; test: {e(ds['test_split'])};
 validation: {e(ds['val_split'])}.</p>
 <p>{len(evals) + 1} candidates evaluated ({len(report['failed'])} failed). Full data: report.json, candidates.csv.

@@ -76,6 +76,30 @@ class Target(abc.ABC):
     def measure_latency(self, model_path: Path, input_shape: tuple[int, ...], *, batch: int = 1) -> LatencyStats:
         """Latency of ``model_path`` on random inputs of shape ``(batch, *input_shape)`` float32."""
 
+    static_batch: bool = False  # True where the recipe fixes the batch (the model then has one batch size)
+
+    def profile_model(self, model_path: Path, input_shape: tuple[int, ...], *, batch: int = 1) -> dict[str, Any]:
+        """A device report for one model: ``latency`` (:class:`LatencyStats` dict), ``throughput_per_s``
+        (samples/s at ``batch``, from p50), ``session_ms``, ``first_inference_ms``, ``peak_rss_bytes``
+        (of the measuring process, runtime baseline included; None if unknown), ``size_bytes``,
+        ``top_ops`` (list of {node, op, share, …} by time or cycles) and ``npu_coverage`` (None on CPUs).
+        Targets override this to add what their runtime can tell."""
+        stats = self.measure_latency(model_path, input_shape, batch=batch)
+        return self._report(model_path, stats, batch, top_ops=[], coverage=None)
+
+    def _report(self, model_path: Path, stats: LatencyStats, batch: int, top_ops: list, coverage: dict | None
+                ) -> dict[str, Any]:
+        return {"target": self.name, "latency": stats.to_dict(), "latency_kind": stats.kind,
+                "throughput_per_s": batch * 1e3 / stats.p50_ms if stats.p50_ms > 0 else None,
+                "session_ms": stats.extra.get("session_ms"), "first_inference_ms": stats.extra.get("first_inference_ms"),
+                "peak_rss_bytes": stats.extra.get("peak_rss_bytes"), "size_bytes": Path(model_path).stat().st_size,
+                "top_ops": top_ops, "npu_coverage": coverage}
+
+    def package(self, model_path: Path, folder: Path) -> dict[str, Any]:
+        """Write target-specific files next to a model being published (e.g. a precompiled context
+        binary) into ``folder``; returns what was written. Default: nothing."""
+        return {}
+
     def close(self) -> None:
         """Release workers or sessions; the target stays usable (it reopens on demand)."""
 

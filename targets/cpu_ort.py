@@ -17,7 +17,7 @@ import numpy as np
 
 from edgec.errors import TargetError
 from edgec.targets.base import LatencyStats, Target, register
-from edgec.targets.worker import Worker, WorkerCrashed, WorkerFailed, WorkerTimeout
+from edgec.targets.worker import Worker, call_for_target
 
 
 def cpu_model() -> str:
@@ -60,27 +60,27 @@ class CpuOrt(Target):
 
     def measure_latency(self, model_path: Path, input_shape: tuple[int, ...], *, batch: int = 1) -> LatencyStats:
         """Raises :class:`TargetError` when the model fails, crashes or hangs the worker."""
-        name = Path(model_path).name
-        try:
-            result = self._worker.call("measure_ort", self.timeout_s, model_path=str(model_path),
-                                       input_shape=list(input_shape), batch=batch, threads=self.threads,
-                                       warmup_runs=self.warmup_runs, runs=self.runs,
-                                       providers=["CPUExecutionProvider"])
-        except WorkerCrashed as e:
-            raise TargetError(f"{name} crashed ONNX Runtime on cpu-ort", str(e),
-                              "the model is valid ONNX but the runtime dies on it; try another opset or report it "
-                              "to ONNX Runtime") from None
-        except WorkerTimeout as e:
-            raise TargetError(f"{name} timed out on cpu-ort", str(e),
-                              "check the model's size and input shape") from None
-        except WorkerFailed as e:
-            raise TargetError(f"{name} failed on cpu-ort", str(e),
-                              "check that its inputs, ops and opset are ones ONNX Runtime's CPU provider supports"
-                              ) from None
+        result = call_for_target(self._worker, self.name, Path(model_path).name, "measure_ort", self.timeout_s,
+                                 model_path=str(model_path), input_shape=list(input_shape), batch=batch,
+                                 threads=self.threads, warmup_runs=self.warmup_runs, runs=self.runs,
+                                 providers=["CPUExecutionProvider"])
         return LatencyStats.from_samples(
             np.asarray(result["samples_ms"]), warmup_runs=self.warmup_runs, threads=self.threads, batch=batch,
             kind=self.latency_kind, runtime=f"onnxruntime {result['ort_version']}", device=cpu_model(),
-            extra={"session_ms": result["session_ms"], "first_inference_ms": result["first_inference_ms"]})
+            extra={"session_ms": result["session_ms"], "first_inference_ms": result["first_inference_ms"],
+                   "peak_rss_bytes": result.get("peak_rss_bytes")})
+
+    def profile_model(self, model_path: Path, input_shape: tuple[int, ...], *, batch: int = 1) -> dict[str, Any]:
+        """Latency plus the top operators by mean kernel time (ONNX Runtime's profiler, its own pass)."""
+        self.close()  # a fresh worker: its peak RSS is this model's (plus the runtime's baseline)
+        stats = self.measure_latency(model_path, input_shape, batch=batch)
+        prof = call_for_target(self._worker, self.name, Path(model_path).name, "profile_ort", self.timeout_s,
+                               model_path=str(model_path), input_shape=list(input_shape), batch=batch,
+                               threads=self.threads, runs=min(self.runs, 100), providers=["CPUExecutionProvider"])
+        total = sum(n["mean_us"] for n in prof["nodes"]) or 1.0
+        top = sorted(prof["nodes"], key=lambda n: -n["mean_us"])[:10]
+        top_ops = [{**n, "share": n["mean_us"] / total} for n in top]
+        return self._report(model_path, stats, batch, top_ops=top_ops, coverage=None)
 
     def close(self) -> None:
         self._worker.close()

@@ -38,23 +38,83 @@ def measure_ort(model_path: str, input_shape: tuple[int, ...], batch: int, threa
         sess.run(None, {name: x})
         samples[i] = (time.perf_counter_ns() - t0) / 1e6
     return {"samples_ms": samples.tolist(), "session_ms": session_ms, "first_inference_ms": first_ms,
-            "ort_version": ort.__version__}
+            "ort_version": ort.__version__, "peak_rss_bytes": peak_rss_bytes()}
 
 
-def main() -> None:
-    """Serve JSON-line requests on stdin: ``{"fn": "measure_ort", "kwargs": {...}}`` → one JSON line."""
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (VmHWM), bytes; 0 where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def profile_ort(model_path: str, input_shape: tuple[int, ...], batch: int, threads: int, runs: int,
+                providers: list[str]) -> dict:
+    """Per-node kernel times from ONNX Runtime's profiler over ``runs`` runs (after one warm-up):
+    ``{"nodes": [{node, op, provider, mean_us}], "peak_rss_bytes"}``."""
     import json
+    import os
+    import tempfile
+
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="edgec-ort-prof-") as tmp:
+        so.enable_profiling = True
+        so.profile_file_prefix = os.path.join(tmp, "ort")
+        sess = ort.InferenceSession(model_path, so, providers=providers)
+        name = sess.get_inputs()[0].name
+        x = np.random.default_rng(0).random((batch, *input_shape), dtype=np.float32)
+        for _ in range(runs + 1):
+            sess.run(None, {name: x})
+        with open(sess.end_profiling()) as f:
+            events = json.load(f)
+    total: dict[str, list] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            args = e.get("args", {})
+            node = e["name"].removesuffix("_kernel_time")
+            entry = total.setdefault(node, [args.get("op_name", ""), args.get("provider", ""), 0.0])
+            entry[2] += float(e.get("dur", 0))
+    nodes = [{"node": n, "op": op, "provider": prov, "mean_us": dur / (runs + 1)}
+             for n, (op, prov, dur) in total.items()]
+    return {"nodes": nodes, "peak_rss_bytes": peak_rss_bytes()}
+
+
+def serve(functions: dict) -> None:
+    """Serve JSON-line requests on stdin: ``{"fn": NAME, "kwargs": {...}}`` → one JSON line
+    ``{"ok": result}`` or ``{"error": "one line"}``, until stdin closes.
+
+    Replies go to a private copy of the original stdout; file descriptor 1 is pointed at stderr,
+    so whatever native libraries print (the QNN backend does) cannot corrupt the protocol."""
+    import json
+    import os
     import sys
 
-    functions = {"measure_ort": measure_ort}
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     for line in sys.stdin:
         request = json.loads(line)
         try:
             reply = {"ok": functions[request["fn"]](**request["kwargs"])}
         except Exception as e:  # reported to the parent, which raises TargetError
             reply = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"}  # one line, bounded
-        sys.stdout.write(json.dumps(reply) + "\n")
-        sys.stdout.flush()
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+
+
+def main() -> None:
+    serve({"measure_ort": measure_ort, "profile_ort": profile_ort})
 
 
 if __name__ == "__main__":

@@ -67,3 +67,21 @@ class Worker:
             self._proc.kill()
             self._proc.wait()
             self._proc = None
+
+
+def call_for_target(worker: Worker, target: str, model_name: str, fn: str, timeout_s: float, **kwargs) -> dict:
+    """``worker.call`` with its failures turned into one-line :class:`TargetError` s naming the model."""
+    from edgec.errors import TargetError
+
+    try:
+        return worker.call(fn, timeout_s, **kwargs)
+    except WorkerCrashed as e:
+        raise TargetError(f"{model_name} crashed the runtime of {target}", str(e),
+                          "the model is valid ONNX but the runtime dies on it; try another opset or report it "
+                          "to the runtime's maintainers") from None
+    except WorkerTimeout as e:
+        raise TargetError(f"{model_name} timed out on {target}", str(e),
+                          "check the model's size and input shape") from None
+    except WorkerFailed as e:
+        raise TargetError(f"{model_name} failed on {target}", str(e),
+                          f"check that its inputs, ops and opset are ones {target} supports") from None
