@@ -17,7 +17,7 @@ $(VENV)/.edgec-installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch 2.13.0 is the CPU build on these machines; any other version pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,targets]'
 	sh scripts/install-datasets.sh
 	touch $@
 

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 # Idle OpenMP threads of torch in this process would otherwise spin-wait for a while
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--threads", type=int, default=2, help="runtime threads (default 2)")
     p.add_argument("--runs", type=int, default=300, help="timed runs (default 300)")
+    p.add_argument("--calib-data", help=".npz of ≥ 256 inputs (array 'x') to quantize a float model for a "
+                   "target that needs it (npu-qnn-htp); without it such targets calibrate on random inputs")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p = sub.add_parser("targets", help="list the known targets and whether they are available here")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -121,29 +124,90 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if path.stat().st_size == 0:
         raise ModelError(f"model {path} is empty", "a 0-byte file is no ONNX model", "pass a valid .onnx file")
     shape = _static_input_shape(path, args.batch)
+    calib = _load_calib(args.calib_data, shape) if args.calib_data else None
     rows = []
-    for name in args.target or ["cpu-ort"]:
-        target = get_target(name, threads=args.threads, runs=args.runs)
-        target.require_available()
-        try:
-            stats = target.measure_latency(path, shape[1:], batch=args.batch)
-        finally:
-            target.close()
-        rows.append({"target": name, **target.describe(), "latency": stats.to_dict(),
-                     "size_bytes": path.stat().st_size})
+    with tempfile.TemporaryDirectory(prefix="edgec-profile-") as tmp:
+        for name in args.target or ["cpu-ort"]:
+            target = get_target(name, threads=args.threads, runs=args.runs)
+            target.require_available()
+            model, note = _model_for(target, path, calib, Path(tmp))
+            try:
+                report = target.profile_model(model, shape[1:], batch=args.batch)
+            finally:
+                target.close()
+            rows.append({**report, "describe": target.describe(), "model": str(path), "built_with": note})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
+    console = _stdout_console()
     table = Table(title=f"{path.name}, batch {args.batch}")
-    for col in ("target", "kind", "p50 ms", "p90 ms", "p99 ms", "min ms", "runs", "threads", "size KiB", "runtime"):
-        table.add_column(col)
+    for col in ("target", "kind", "p50 ms", "p90 ms", "p99 ms", "throughput/s", "session ms", "first ms",
+                "peak RSS MiB", "size KiB", "NPU nodes"):
+        table.add_column(col, justify="left" if col in ("target", "kind") else "right")
     for r in rows:
-        s = r["latency"]
+        s, cov = r["latency"], r["npu_coverage"]
         table.add_row(r["target"], s["kind"], f"{s['p50_ms']:.4f}", f"{s['p90_ms']:.4f}", f"{s['p99_ms']:.4f}",
-                      f"{s['min_ms']:.4f}", str(s["runs"]), str(s["threads"]), f"{r['size_bytes'] / 1024:.1f}",
-                      r["runtime"])
-    _stdout_console().print(table)
+                      f"{r['throughput_per_s']:.0f}", f"{r['session_ms']:.1f}", f"{r['first_inference_ms']:.2f}",
+                      f"{(r['peak_rss_bytes'] or 0) / 2**20:.0f}", f"{r['size_bytes'] / 1024:.1f}",
+                      "" if cov is None else f"{cov['npu_node_share'] * 100:.0f}% ({cov['nodes'] - cov['npu_nodes']} on CPU)")
+    console.print(table)
+    for r in rows:
+        unit = "cycles" if r["top_ops"] and "cycles" in r["top_ops"][0] else "time"
+        ops = ", ".join(f"{o['node']} {o['share'] * 100:.0f}%" for o in r["top_ops"][:5])
+        console.print(f"{r['target']}: {r['describe']['runtime']}; top ops by {unit}: {ops or 'n/a'}"
+                      + (f"; model built with {r['built_with']}" if r["built_with"] else ""))
+        if r["latency"]["kind"] == "simulated":
+            x = r["latency"]["extra"]
+            console.print(f"  simulated: {x['cycles_p50']:.4g} cycles p50 (spread {x['cycles_spread_pct']:.0f}% over "
+                          f"{len(x['cycles_runs'])} runs), ms = cycles / assumed {x['assumed_clock_mhz']:.0f} MHz clock")
     return 0
+
+
+def _load_calib(path_text: str, shape: tuple[int, ...]):
+    """Calibration images from an .npz (first array, or the one named 'x'/'input'), shaped (N, *shape[1:])."""
+    import numpy as np
+
+    from edgec.errors import DataError
+
+    path = Path(path_text)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            key = next((k for k in ("x", "input") if k in data.files), data.files[0] if data.files else None)
+            if key is None:
+                raise ValueError("it holds no arrays")
+            x = np.asarray(data[key], dtype=np.float32)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read calibration data {path}", str(e).splitlines()[0] if str(e) else
+                        type(e).__name__, "pass an .npz with an array 'x' of model inputs") from None
+    if x.shape[1:] != tuple(shape[1:]) or len(x) < 256 or not np.isfinite(x).all():
+        raise DataError(f"bad calibration data in {path}", f"array {key!r} has shape {x.shape}; need (N ≥ 256, "
+                        f"{', '.join(map(str, shape[1:]))}) finite float32", "pass matching model inputs")
+    return x
+
+
+def _model_for(target, path: Path, calib, tmp: Path) -> tuple[Path, str]:
+    """The model to profile on ``target``: as given, or — for a target whose recipe fixes the batch and
+    quantizes everything (the HTP) — built from a float model with that recipe."""
+    import numpy as np
+    import onnx
+
+    if not target.static_batch:
+        return path, ""
+    model = onnx.load(str(path), load_external_data=False)
+    if any(n.op_type in ("QuantizeLinear", "EPContext") for n in model.graph.node):
+        return path, ""
+    from edgec.compile.export import layer_nodes
+    from edgec.compile.recipes import build
+
+    if calib is None:
+        shape = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim][1:]
+        calib = np.random.default_rng(0).random((256, *shape), dtype=np.float32)
+        note = f"recipe {target.recipe}, calibrated on random inputs (cost only; pass --calib-data for accuracy)"
+    else:
+        note = f"recipe {target.recipe}, calibrated on {len(calib)} inputs from --calib-data"
+    out = tmp / f"{target.name}.onnx"
+    build(target.recipe, path, out, tuple(layer_nodes(model)), calib)
+    return out, note
 
 
 def _stdout_console():
@@ -191,7 +255,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
     for name in target_names():
         t = get_target(name)
         ok, why = t.availability()
-        info = t.describe() if ok else {}
+        info = t.describe()
         rows.append({"name": name, "available": ok, "why_not": why, "recipe": t.recipe,
                      "latency_kind": t.latency_kind, **info})
     if args.json:
@@ -199,7 +263,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
         return 0
     table = Table(title="edgec targets")
     for col in ("name", "available", "runtime", "device", "recipe", "latency kind"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(r["name"], "yes" if r["available"] else f"no: {r['why_not']}", r.get("runtime", ""),
                       r.get("device", ""), r["recipe"], r["latency_kind"])

@@ -152,10 +152,16 @@ class Evaluator:
         return path, parity
 
     def accuracy(self, candidate: Candidate, x, y) -> float:
-        """Top-1 of the compiled model under ONNX Runtime's CPU kernels (for NPU recipes: a CPU
-        emulation of the same QDQ graph; the NPU's own outputs are checked on a sample at publish)."""
+        """Top-1 of the compiled model on the target's runtime where it can run whole splits
+        (``Target.predict``), else under ONNX Runtime's CPU kernels (for the HTP: a CPU emulation of
+        the same QDQ graph; its own outputs are checked on a sample at publish)."""
+        import numpy as np
+
         from edgec.compile.accuracy import onnx_top1
 
+        logits = self.target.predict(self.model_path(candidate), x)
+        if logits is not None:
+            return float(np.mean(np.argmax(logits, axis=1) == y)) if len(x) else 0.0
         return onnx_top1(self.model_path(candidate), x, y, threads=self.cfg.threads, io=self.io_params(candidate))
 
     def evaluate(self, candidate: Candidate, role: str = "search") -> Evaluation:

@@ -77,6 +77,14 @@ class Target(abc.ABC):
         """Latency of ``model_path`` on random inputs of shape ``(batch, *input_shape)`` float32."""
 
     static_batch: bool = False  # True where the recipe fixes the batch (the model then has one batch size)
+    # Where accuracy of this target's models is computed: its own runtime when predict() works,
+    # else ONNX Runtime's CPU kernels on the same graph (an emulation, labelled so in reports).
+    accuracy_backend: str = "onnxruntime-cpu"
+
+    def predict(self, model_path: Path, x: np.ndarray) -> np.ndarray | None:
+        """The model's first output on ``x`` (N, ...) float32 computed by this target's runtime, or
+        ``None`` when the target cannot run whole splits cheaply (accuracy then uses ORT's CPU kernels)."""
+        return None
 
     def profile_model(self, model_path: Path, input_shape: tuple[int, ...], *, batch: int = 1) -> dict[str, Any]:
         """A device report for one model: ``latency`` (:class:`LatencyStats` dict), ``throughput_per_s``

@@ -56,7 +56,8 @@ class CpuOrt(Target):
         import onnxruntime as ort
 
         return {"runtime": f"onnxruntime {ort.__version__}", "device": cpu_model(), "provider": "CPUExecutionProvider",
-                "threads": self.threads, "recipe": self.recipe, "latency_kind": self.latency_kind}
+                "threads": self.threads, "recipe": self.recipe, "latency_kind": self.latency_kind,
+                "accuracy_backend": self.accuracy_backend}
 
     def measure_latency(self, model_path: Path, input_shape: tuple[int, ...], *, batch: int = 1) -> LatencyStats:
         """Raises :class:`TargetError` when the model fails, crashes or hangs the worker."""

@@ -83,6 +83,7 @@ def macs_by_node(model: onnx.ModelProto) -> dict[str, int]:
 class NpuQnnHtp(Target):
     recipe = "qnn-qdq-u8u8-a16"  # see edgec.compile.qnn
     static_batch = True
+    accuracy_backend = "onnxruntime-cpu emulation of the QDQ graph (HTP outputs checked on a sample)"
 
     def __init__(self, threads: int = 2, warmup_runs: int = 1, runs: int = 5, timeout_s: float = 600.0,
                  clock_mhz: float = DEFAULT_CLOCK_MHZ, require_full_npu: bool = True,
@@ -118,7 +119,7 @@ class NpuQnnHtp(Target):
         return {"runtime": f"onnxruntime {ort.__version__} + onnxruntime-qnn {version('onnxruntime-qnn')}",
                 "device": device, "provider": "QNNExecutionProvider (HTP backend)", "recipe": self.recipe,
                 "latency_kind": self.latency_kind, "assumed_clock_mhz": self.clock_mhz,
-                "full_npu_required": self.require_full_npu}
+                "full_npu_required": self.require_full_npu, "accuracy_backend": self.accuracy_backend}
 
     def check_model(self, model_path: Path) -> None:
         """Raise :class:`ModelError` naming what the HTP cannot run in ``model_path``."""
