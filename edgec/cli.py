@@ -22,8 +22,15 @@ from edgec.errors import EdgecError
 
 
 def _compile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("onnx_model", nargs="?", metavar="MODEL.onnx",
+                   help="compile this ONNX model instead of searching the built-in supernet: per-layer "
+                        "quantization policy search per target, fidelity to the FP32 model as quality")
     p.add_argument("--config", help="TOML file with compile settings (flags override it)")
-    p.add_argument("--model", help="built-in model: fbnet-supernet (default)")
+    p.add_argument("--model", help="built-in model: fbnet-supernet (default), or a path to an .onnx file")
+    p.add_argument("--calib-data", help="with MODEL.onnx: .npz of ≥ 256 calibration inputs (array 'x')")
+    p.add_argument("--eval-data", help="with MODEL.onnx: .npz of inputs to measure fidelity on "
+                                       "(default: the calibration inputs)")
+    p.add_argument("--input-shape", help="with MODEL.onnx: full input shape for dynamic dims, e.g. 1,3,224,224")
     p.add_argument("--dataset", help="digits (default) | fashion-mnist")
     p.add_argument("--data-dir", help="folder of the Fashion-MNIST IDX files")
     p.add_argument("--target", action="append",
@@ -91,14 +98,22 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     from edgec.config import CompileConfig
     from edgec.errors import NoQualifyingCandidate
+    from edgec.onnx_input import run_onnx_compile
     from edgec.pipeline import run_compile
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "onnx_model")}
+    if args.onnx_model:
+        if args.model:
+            from edgec.errors import ConfigError
+
+            raise ConfigError("both MODEL.onnx and --model given", "edgec compiles one model per run",
+                              "pass only one of them")
+        overrides["model"] = args.onnx_model
     cfg = CompileConfig.from_sources(args.config, overrides)
     console = Console(stderr=True)
     with _RichProgress(console) as progress:
         try:
-            result = run_compile(cfg, progress)
+            result = (run_onnx_compile if cfg.is_onnx_input else run_compile)(cfg, progress)
         except NoQualifyingCandidate:
             progress.close()
             raise
@@ -319,7 +334,9 @@ def _print_summary(result, console) -> None:
 
     targets = list(dict.fromkeys(a.target for a in result.artifacts))
     table = Table(title="edgec compile — published artifacts")
-    cols = (["target"] if len(targets) > 1 else []) + ["id", "role", "val acc %", "test acc %", "p50 µs", "kind",
+    onnx_input = "source_model" in result.report
+    quality = ["fidelity %", "eval fidelity %"] if onnx_input else ["val acc %", "test acc %"]
+    cols = (["target"] if len(targets) > 1 else []) + ["id", "role", *quality, "p50 µs", "kind",
                                                        "vs ref", "size KiB", "INT8 layers"]
     for col in cols:
         table.add_column(col, justify="left" if col in ("target", "id", "role", "kind") else "right")
@@ -332,6 +349,8 @@ def _print_summary(result, console) -> None:
                           a.latency_kind, f"{ref.p50_ms / a.p50_ms:.2f}×", f"{a.size_bytes / 1024:.1f}",
                           f"{sum(p == 'int8' for p in a.policy.values())}/{len(a.policy)}")
     console.print(table)
+    if onnx_input:
+        console.print(f"Quality is {result.report['quality']} on {result.report['dataset']['name']}.")
     console.print(f"{len(result.evaluations) + 1} candidates evaluated on {targets[0]}. "
                   f"Outputs: {result.out}/report.html, report.json, manifest.json, candidates.csv")
 

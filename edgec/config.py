@@ -21,7 +21,7 @@ DATASETS = ("digits", "fashion-mnist")
 
 @dataclass(frozen=True)
 class CompileConfig:
-    model: str = "fbnet-supernet"          # built-in supernet, trained on `dataset` (cached)
+    model: str = "fbnet-supernet"          # built-in supernet trained on `dataset`, or a path to an .onnx model
     dataset: str = "digits"                # digits | fashion-mnist
     data_dir: str | None = None            # Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)
     target: str = "cpu-ort"                # primary target: the search measures candidates here
@@ -39,13 +39,26 @@ class CompileConfig:
     threads: int = 2                       # ONNX Runtime intra-op threads and torch threads
     train_epochs: int | None = None        # supernet epochs; None = the dataset's default
     calibration_images: int = 512          # training images for static quantization (≥ 256)
+    calib_data: str | None = None          # .onnx model input: .npz of ≥ 256 calibration inputs (required)
+    eval_data: str | None = None           # .onnx model input: .npz of inputs to measure fidelity on
+    input_shape: tuple[int, ...] | None = None  # .onnx model input: full input shape where dims are dynamic
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str, fix: str) -> None:
             raise ConfigError(f"bad value for {name}: {getattr(self, name)!r}", why, fix)
 
-        if self.model not in MODELS:
-            bad("model", f"known models: {', '.join(MODELS)}", "use --model fbnet-supernet")
+        if self.model not in MODELS and not self.model.endswith(".onnx"):
+            bad("model", f"known models: {', '.join(MODELS)}, or a path to an .onnx file",
+                "use --model fbnet-supernet or pass MODEL.onnx")
+        if self.is_onnx_input and not self.calib_data:
+            bad("calib_data", "an ONNX model is quantized with calibration inputs",
+                "pass --calib-data calib.npz (≥ 256 inputs, array 'x')")
+        if not self.is_onnx_input and (self.calib_data or self.eval_data or self.input_shape):
+            bad("calib_data" if self.calib_data else "eval_data" if self.eval_data else "input_shape",
+                "calibration/evaluation data and input shapes apply to ONNX models given as input",
+                "drop it, or pass MODEL.onnx")
+        if self.input_shape is not None and (not self.input_shape or any(d < 1 for d in self.input_shape)):
+            bad("input_shape", "sizes must be positive integers", "e.g. --input-shape 1,3,224,224")
         if self.dataset not in DATASETS:
             bad("dataset", f"known datasets: {', '.join(DATASETS)}", "use --dataset digits or fashion-mnist")
         if self.budget_evals < 1:
@@ -76,6 +89,11 @@ class CompileConfig:
         if self.calibration_images < 256:
             bad("calibration_images", "static quantization calibrates on at least 256 images",
                 "use calibration_images = 256 or more")
+
+    @property
+    def is_onnx_input(self) -> bool:
+        """True when ``model`` is a user's ONNX file (policy search only, fidelity as quality)."""
+        return self.model.endswith(".onnx")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,7 +149,15 @@ def _coerce(key: str, type_text: str, value: Any) -> Any:
     optional = "None" in wants
     if value is None and optional:
         return None
-    if wants.startswith("tuple"):
+    if wants.startswith("tuple[int"):
+        if isinstance(value, str):  # "1,3,224,224" from a flag
+            try:
+                value = tuple(int(v) for v in value.replace("x", ",").split(",") if v.strip())
+            except ValueError:
+                pass
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        value = tuple(value) if ok else value
+    elif wants.startswith("tuple"):
         ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
         value = tuple(value) if ok else value
     elif wants.startswith("bool"):

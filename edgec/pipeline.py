@@ -36,7 +36,7 @@ DEFAULT_TRAINING = {
 }
 # Settings that change what a resumed run would compute; the rest (budgets, drop) may change on --resume.
 RESUME_KEYS = ("model", "dataset", "data_dir", "target", "seed", "strategy", "population_size", "threads",
-               "train_epochs", "calibration_images", "dataset_fingerprint")
+               "train_epochs", "calibration_images", "input_shape", "dataset_fingerprint")
 PARITY_IMAGES = 64
 REMEASURE_ROUNDS = 3  # interleaved latency rounds over the finalists before choosing
 
@@ -106,16 +106,17 @@ def get_supernet(ds: Dataset, cfg: CompileConfig, progress: Progress):
     return net, {**info, "cached": False, "train_s": train_s}
 
 
-class Evaluator:
-    """Compiles one candidate for one target (extract → BN recalibration → ONNX → parity → the
-    target's quantization recipe) and measures it there.
+class TargetBuilder:
+    """What every evaluator shares: where a candidate's model for the target lives, building it from
+    an FP32 ONNX file with the target's recipe, and the manifest's input spec.
 
-    Files: ``models_dir/<id>/fp32.onnx`` (shared by all targets) and ``<target>.onnx`` (+
-    ``<target>.io.json`` when the recipe quantizes the model's I/O).
+    Files: ``models_dir/<id>/<target>.onnx`` (+ ``<target>.io.json`` when the recipe quantizes the
+    model's I/O).
     """
 
-    def __init__(self, supernet, ds: Dataset, target: Target, models_dir: Path, cfg: CompileConfig) -> None:
-        self.supernet, self.ds, self.target, self.models_dir, self.cfg = supernet, ds, target, models_dir, cfg
+    target: Target
+    models_dir: Path
+    cfg: CompileConfig
 
     def model_path(self, candidate: Candidate) -> Path:
         return self.models_dir / candidate.id / f"{self.target.name}.onnx"
@@ -125,11 +126,43 @@ class Evaluator:
         path = self.model_path(candidate).with_suffix(".io.json")
         return json.loads(path.read_text()) if path.is_file() else None
 
+    def _build(self, candidate: Candidate, fp32: Path, calib_x) -> Path:
+        from edgec.compile.recipes import build
+
+        path = self.model_path(candidate)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.onnx")
+        io = build(self.target.recipe, fp32, tmp, candidate.policy.int8_layers(), calib_x[:self.cfg.calibration_images])
+        io_path = path.with_suffix(".io.json")
+        if io is not None:
+            io_path.write_text(json.dumps(io))
+        else:
+            io_path.unlink(missing_ok=True)
+        os.replace(tmp, path)
+        return path
+
+    def _input_spec(self, io: dict | None, name: str, shape: tuple, preprocessing: str, output: dict) -> dict:
+        batch = 1 if self.target.static_batch else "batch"
+        spec = {"name": name, "shape": [batch, *shape], "dtype": io["input_dtype"] if io else "float32",
+                "preprocessing": preprocessing,
+                "output": {**output, "dtype": io["output_dtype"] if io else "float32"}}
+        if io:
+            spec["quantized_io"] = {**io, "how": "q = clip(round(x / scale) + zero_point); x = (q - zero_point) * scale"}
+        return spec
+
+
+class Evaluator(TargetBuilder):
+    """Compiles one candidate for one target (extract → BN recalibration → ONNX → parity → the
+    target's quantization recipe) and measures it there. ``fp32.onnx`` is shared by all targets."""
+
+    def __init__(self, supernet, ds: Dataset, target: Target, models_dir: Path, cfg: CompileConfig) -> None:
+        self.supernet, self.ds, self.target, self.models_dir, self.cfg = supernet, ds, target, models_dir, cfg
+        self.input_shape = ds.input_shape
+
     def compile(self, candidate: Candidate) -> tuple[Path, float]:
         """Write the candidate's model for the target; returns (path, parity max |diff| of the FP32 export)."""
 
         from edgec.compile.export import check_parity, export_onnx
-        from edgec.compile.recipes import build
         from edgec.search.supernet import extract_subnet
         from edgec.search.train import recalibrate_bn
 
@@ -139,17 +172,7 @@ class Evaluator:
         static = recalibrate_bn(extract_subnet(self.supernet, candidate.subnet), ds.train_x)
         fp32 = export_onnx(static.fused(), ds.input_shape, folder / "fp32.onnx")
         parity = check_parity(static, fp32, ds.val_x[:PARITY_IMAGES])
-        path = self.model_path(candidate)
-        tmp = path.with_suffix(".tmp.onnx")
-        io = build(self.target.recipe, fp32, tmp, candidate.policy.int8_layers(),
-                   ds.train_x[:self.cfg.calibration_images])
-        io_path = path.with_suffix(".io.json")
-        if io is not None:
-            io_path.write_text(json.dumps(io))
-        else:
-            io_path.unlink(missing_ok=True)
-        os.replace(tmp, path)
-        return path, parity
+        return self._build(candidate, fp32, ds.train_x), parity
 
     def accuracy(self, candidate: Candidate, x, y) -> float:
         """Top-1 of the compiled model on the target's runtime where it can run whole splits
@@ -163,6 +186,20 @@ class Evaluator:
         if logits is not None:
             return float(np.mean(np.argmax(logits, axis=1) == y)) if len(x) else 0.0
         return onnx_top1(self.model_path(candidate), x, y, threads=self.cfg.threads, io=self.io_params(candidate))
+
+    @property
+    def data_name(self) -> str:
+        return self.ds.name
+
+    def test_quality(self, candidate: Candidate) -> tuple[float, dict]:
+        """(test accuracy, {}) of the compiled model: reported for published models, never used to choose."""
+        return self.accuracy(candidate, self.ds.test_x, self.ds.test_y), {}
+
+    def input_spec(self, io: dict | None) -> dict:
+        """The manifest's input/output description of this target's model (quantized I/O included)."""
+        batch = 1 if self.target.static_batch else "batch"
+        return self._input_spec(io, "input", self.ds.input_shape, self.ds.provenance["preprocessing"],
+                                {"name": "logits", "shape": [batch, self.ds.num_classes]})
 
     def evaluate(self, candidate: Candidate, role: str = "search") -> Evaluation:
         t0 = time.perf_counter()
@@ -210,7 +247,7 @@ def run_compile(cfg: CompileConfig, progress: Progress | None = None) -> RunResu
     with RunDir(Path(cfg.out), resume=cfg.resume, force=cfg.force) as run:
         try:
             ds = load_dataset(cfg.dataset, cfg.data_dir)
-            _check_resume(run, cfg, ds)
+            check_resume(run, cfg, ds.fingerprint())
             torch.set_num_threads(cfg.threads)
             supernet, supernet_info = get_supernet(ds, cfg, progress)
             spec: SupernetSpec = supernet.spec
@@ -224,7 +261,9 @@ def run_compile(cfg: CompileConfig, progress: Progress | None = None) -> RunResu
                                   f"pass --budget-evals {stored} or more")
             evaluators = [Evaluator(supernet, ds, t, run.study / "models", cfg) for t in targets]
             reference, evals, failed = _search(cfg, spec, store, evaluators[0], progress)
-            return _publish(cfg, run.path, ds, supernet_info, evaluators, reference, evals, failed, progress)
+            context = {"dataset_info": {"name": ds.name, "fingerprint": ds.fingerprint(), **ds.provenance},
+                       "model_info": {"supernet": supernet_info}}
+            return _publish(cfg, run.path, evaluators, reference, evals, failed, progress, context)
         finally:
             for t in targets:
                 t.close()
@@ -242,11 +281,13 @@ def _check_record(rec: dict) -> None:
         Evaluation.from_dict(rec)
 
 
-def _check_resume(run: RunDir, cfg: CompileConfig, ds: Dataset) -> None:
+def check_resume(run: RunDir, cfg: CompileConfig, fingerprint: str) -> None:
+    """Refuse ``--resume`` when settings that change the computation or the data (``fingerprint``)
+    differ from the stored run; then store the current ones."""
     from edgec.compile.package import write_atomic
 
     path = run.study / "config.json"
-    state = {**cfg.to_dict(), "dataset_fingerprint": ds.fingerprint()}
+    state = json.loads(json.dumps({**cfg.to_dict(), "dataset_fingerprint": fingerprint}))  # tuples → lists
     if cfg.resume:
         try:
             stored = json.loads(path.read_text())
@@ -263,7 +304,7 @@ def _check_resume(run: RunDir, cfg: CompileConfig, ds: Dataset) -> None:
     write_atomic(path, json.dumps(state, indent=2))
 
 
-def _evaluate_cached(candidate: Candidate, role: str, store: EvaluationStore, evaluator: Evaluator,
+def _evaluate_cached(candidate: Candidate, role: str, store: EvaluationStore, evaluator,
                      progress: Progress) -> Evaluation | str:
     """The stored evaluation of ``candidate``, or a new one (stored at once); a str is a failure reason."""
     rec = store.get(candidate.id)
@@ -293,29 +334,39 @@ def _search(cfg, spec, store, evaluator, progress):
         strategy = NSGA2Search(spec, cfg.seed, cfg.population_size, initial=initial)
     else:
         strategy = RandomSearch(spec, cfg.seed)
+    evals, failed = search_loop(strategy, cfg.budget_evals, lambda c: c, reference, store, evaluator, progress,
+                                f"searching ({cfg.strategy}, {cfg.budget_evals} evaluations on {cfg.target})")
+    return reference, evals, failed
+
+
+def search_loop(strategy, budget: int, to_candidate: Callable, reference: Evaluation, store: EvaluationStore,
+                evaluator, progress: Progress, label: str) -> tuple[list[Evaluation], dict[str, str]]:
+    """Ask ``strategy`` for proposals until ``budget`` distinct candidates were evaluated (stored ones
+    are replayed, not recomputed), telling it each result; ``to_candidate(proposal)`` gives the
+    :class:`Candidate` to evaluate. Returns (evaluations, {candidate id: failure})."""
     evals: dict[str, Evaluation] = {}
     failed: dict[str, str] = {}
     seen: set[str] = set()
     asks = 0
-    progress.stage(f"searching ({cfg.strategy}, {cfg.budget_evals} evaluations on {cfg.target})", cfg.budget_evals)
-    while len(seen) < cfg.budget_evals and asks < 50 * cfg.budget_evals:
+    progress.stage(label, budget)
+    while len(seen) < budget and asks < 50 * budget:
         asks += 1
-        candidate = strategy.ask()
+        proposal = strategy.ask()
+        candidate = to_candidate(proposal)
         if candidate.id == reference.candidate_id:
-            strategy.tell(candidate, reference.objectives())
+            strategy.tell(proposal, reference.objectives())
             continue
         result = _evaluate_cached(candidate, "search", store, evaluator, progress)
         if candidate.id not in seen:
             seen.add(candidate.id)
-            progress.advance(len(seen), cfg.budget_evals,
-                             f"{len(evals) + isinstance(result, Evaluation)} ok, {len(failed)} failed")
+            progress.advance(len(seen), budget, f"{len(evals) + isinstance(result, Evaluation)} ok, {len(failed)} failed")
         if isinstance(result, str):
             failed[candidate.id] = result
-            strategy.tell(candidate, None)
+            strategy.tell(proposal, None)
         else:
             evals[candidate.id] = result
-            strategy.tell(candidate, result.objectives())
-    return reference, list(evals.values()), failed
+            strategy.tell(proposal, result.objectives())
+    return list(evals.values()), failed
 
 
 def _front_ids(evals: list[Evaluation]) -> list[str]:
@@ -334,7 +385,7 @@ def remeasure(evals: list[Evaluation], target: Target, evaluator: Evaluator, rou
     for r in range(rounds):
         for e in evals:
             stats[e.candidate_id].append(target.measure_latency(evaluator.model_path(e.candidate),
-                                                                evaluator.ds.input_shape, batch=1))
+                                                                evaluator.input_shape, batch=1))
         if on_round:
             on_round(r + 1)
     result = []
@@ -347,10 +398,15 @@ def remeasure(evals: list[Evaluation], target: Target, evaluator: Evaluator, rou
     return result
 
 
-def _publish(cfg, out: Path, ds: Dataset, supernet_info: dict, evaluators: list[Evaluator],
-             reference: Evaluation, evals: list[Evaluation], failed: dict, progress: Progress) -> RunResult:
+def _publish(cfg, out: Path, evaluators: list, reference: Evaluation, evals: list[Evaluation], failed: dict,
+             progress: Progress, context: dict) -> RunResult:
     """Re-measure the finalists, choose, then build, measure and publish the Pareto front and the
-    reference for every target (the first is the one searched and chosen on)."""
+    reference for every target (the first is the one searched and chosen on).
+
+    ``evaluators``: one per target, each an :class:`Evaluator` (built-in supernet) or a
+    :class:`edgec.onnx_input.PolicyEvaluator` (ONNX model input); ``context``: the keyword
+    arguments of :func:`edgec.report.write_reports` that describe data and model.
+    """
     from edgec.report import write_reports
 
     evaluator = evaluators[0]
@@ -369,7 +425,7 @@ def _publish(cfg, out: Path, ds: Dataset, supernet_info: dict, evaluators: list[
     everything = finalists + [e for e in evals if e.candidate_id not in {f.candidate_id for f in finalists}]
     evals = everything[1:]
     to_publish = [reference] + [e for e in finalists[1:] if e.candidate_id in front_ids]
-    published = _publish_target(cfg, out, ds, evaluator, to_publish, reference.candidate_id, progress)
+    published = _publish_target(out, evaluator, to_publish, reference.candidate_id, progress)
     chosen, selection = select_chosen(everything, front_ids, reference, cfg,
                                       {ev.candidate_id: art.size_bytes for ev, art in published})
     per_target = {target.name: published}
@@ -379,14 +435,14 @@ def _publish(cfg, out: Path, ds: Dataset, supernet_info: dict, evaluators: list[
         for i, ev in enumerate(to_publish, 1):
             built.append(extra.evaluate(ev.candidate, ev.role))
             progress.advance(i, len(to_publish), ev.candidate_id)
-        per_target[extra.target.name] = _publish_target(cfg, out, ds, extra, built, reference.candidate_id,
-                                                        progress)
+        per_target[extra.target.name] = _publish_target(out, extra, built, reference.candidate_id, progress)
     chosen_id = chosen.candidate_id if chosen else None
     artifacts = [replace(art, chosen=art.id == chosen_id) for pubs in per_target.values() for _, art in pubs]
     devices = _device_reports(out, evaluators, per_target, {reference.candidate_id, chosen_id} - {None}, progress)
     target_evals = {name: [ev for ev, _ in pubs] for name, pubs in per_target.items()}
-    report = write_reports(out, cfg, ds, supernet_info, [e.target for e in evaluators], reference, evals, failed,
-                           front_ids, chosen, selection, artifacts, target_evals, devices)
+    report = write_reports(out, cfg, targets=[e.target for e in evaluators], reference=reference, evals=evals,
+                           failed=failed, front_ids=front_ids, chosen=chosen, selection=selection,
+                           artifacts=artifacts, target_evals=target_evals, devices=devices, **context)
     result = RunResult(out, reference, evals, front_ids, chosen, artifacts, report)
     if chosen is None:
         raise NoQualifyingCandidate(
@@ -398,7 +454,7 @@ def _publish(cfg, out: Path, ds: Dataset, supernet_info: dict, evaluators: list[
     return result
 
 
-def _publish_target(cfg, out: Path, ds: Dataset, evaluator: Evaluator, evals: list[Evaluation], reference_id: str,
+def _publish_target(out: Path, evaluator, evals: list[Evaluation], reference_id: str,
                     progress: Progress) -> list[tuple[Evaluation, Artifact]]:
     """Publish ``evals``' models for the evaluator's target under ``artifacts/<target>/<id>/``
     (with the target's extra files) and return them with their manifest entries."""
@@ -413,29 +469,22 @@ def _publish_target(cfg, out: Path, ds: Dataset, evaluator: Evaluator, evals: li
             evaluator.compile(ev.candidate)
         model = evaluator.model_path(ev.candidate)
         io = evaluator.io_params(ev.candidate)
-        test_acc = evaluator.accuracy(ev.candidate, ds.test_x, ds.test_y)
+        test_acc, quality = evaluator.test_quality(ev.candidate)
         role = "reference" if ev.candidate_id == reference_id else "pareto"
         metadata = {"edgec_version": edgec.__version__, "candidate_id": ev.candidate_id, "role": role,
                     "config": ev.candidate.subnet.to_dict(), "policy": ev.candidate.policy.to_dict(),
-                    "dataset": ds.name, "target": target.name, "recipe": target.recipe,
-                    "metrics": {"val_accuracy": ev.val_accuracy, "test_accuracy": test_acc,
+                    "dataset": evaluator.data_name, "target": target.name, "recipe": target.recipe,
+                    "metrics": {"val_accuracy": ev.val_accuracy, "test_accuracy": test_acc, **quality,
                                 "p50_ms": ev.latency.p50_ms, "latency_kind": ev.latency.kind}}
         files: dict = {}
         path = publish_model(model, folder / ev.candidate_id, metadata,
                              add_files=lambda d: files.update(target.package(d / "model.onnx", d)))
-        batch = 1 if target.static_batch else "batch"
-        input_spec = {"name": "input", "shape": [batch, *ds.input_shape], "dtype": io["input_dtype"] if io else "float32",
-                      "preprocessing": ds.provenance["preprocessing"],
-                      "output": {"name": "logits", "shape": [batch, ds.num_classes],
-                                 "dtype": io["output_dtype"] if io else "float32"}}
-        if io:
-            input_spec["quantized_io"] = {**io, "how": "q = clip(round(x / scale) + zero_point); "
-                                                      "x = (q - zero_point) * scale"}
+        input_spec = evaluator.input_spec(io)
         extra_files = sorted(f.name for f in path.parent.iterdir() if f.name != "model.onnx")
         art = Artifact(ev.candidate_id, str(path.relative_to(out)), sha256_file(path), target.name, role, False,
                        test_acc, ev.val_accuracy, ev.latency.p50_ms, ev.latency.p90_ms, ev.latency.kind,
                        path.stat().st_size, ev.candidate.subnet.to_dict(), ev.candidate.policy.to_dict(), input_spec,
-                       recipe=target.recipe, files=extra_files)
+                       recipe=target.recipe, files=extra_files, quality=quality)
         published.append((ev, art))
         progress.advance(i, len(evals), ev.candidate_id)
     keep = {ev.candidate_id for ev, _ in published}
@@ -456,6 +505,6 @@ def _device_reports(out: Path, evaluators: list[Evaluator], per_target: dict, id
         for i, (ev, art) in enumerate(todo, 1):
             path = out / art.path
             reports.setdefault(name, {})[ev.candidate_id] = evaluator.target.profile_model(
-                path, evaluator.ds.input_shape, batch=1)
+                path, evaluator.input_shape, batch=1)
             progress.advance(i, len(todo), ev.candidate_id)
     return reports

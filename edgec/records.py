@@ -27,6 +27,7 @@ class Evaluation:
     compile_s: float          # wall time to extract, export, quantize and evaluate
     edgec_version: str
     role: str = "search"      # "reference" for the largest FP32 subnet
+    quality: dict = field(default_factory=dict)  # ONNX-model input: fidelity to the FP32 model (see compile.source)
 
     @property
     def candidate_id(self) -> str:
@@ -40,13 +41,13 @@ class Evaluation:
         return {"candidate_id": self.candidate_id, "candidate": self.candidate.to_dict(), "target": self.target,
                 "role": self.role, "val_accuracy": self.val_accuracy, "latency": self.latency.to_dict(),
                 "size_bytes": self.size_bytes, "parity_max_abs": self.parity_max_abs, "compile_s": self.compile_s,
-                "edgec_version": self.edgec_version}
+                "edgec_version": self.edgec_version, **({"quality": self.quality} if self.quality else {})}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Evaluation":
         return cls(Candidate.from_dict(d["candidate"]), d["target"], float(d["val_accuracy"]),
                    LatencyStats.from_dict(d["latency"]), int(d["size_bytes"]), float(d["parity_max_abs"]),
-                   float(d["compile_s"]), d["edgec_version"], d.get("role", "search"))
+                   float(d["compile_s"]), d["edgec_version"], d.get("role", "search"), dict(d.get("quality", {})))
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class Artifact:
     input: dict = field(default_factory=dict)   # name, shape, dtype, preprocessing (+ quantized_io)
     recipe: str = ""                            # the target's quantization recipe
     files: list = field(default_factory=list)   # further files next to the model (e.g. an EPContext binary)
+    quality: dict = field(default_factory=dict)  # ONNX-model input: fidelity on the evaluation data
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

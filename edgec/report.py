@@ -23,14 +23,18 @@ SCHEMA_VERSION = 1
 MANIFEST_SCHEMA_VERSION = 1
 
 
-def write_reports(out: Path, cfg, ds, supernet_info: dict, targets: list, reference: Evaluation,
+def write_reports(out: Path, cfg, dataset_info: dict, model_info: dict, targets: list, reference: Evaluation,
                   evals: list[Evaluation], failed: dict, front_ids: list[str], chosen: Evaluation | None,
                   selection: dict, artifacts: list[Artifact], target_evals: dict[str, list[Evaluation]],
-                  devices: dict[str, dict]) -> dict:
+                  devices: dict[str, dict], quality: str = "validation accuracy",
+                  reference_description: str = "largest subnet, all layers FP32") -> dict:
     """Write the four run outputs into ``out``; returns the report dict.
 
+    ``dataset_info``: name, fingerprint, source, preprocessing, test_split, val_split;
+    ``model_info``: what was searched (``{"supernet": …}`` or ``{"source_model": …}``);
     ``targets``: the Target objects, the first searched on; ``target_evals``: {target: the published
-    candidates' evaluations there}; ``devices``: {target: {candidate id: device report}}.
+    candidates' evaluations there}; ``devices``: {target: {candidate id: device report}};
+    ``quality``: what ``val_accuracy`` holds (validation accuracy, or fidelity to the FP32 model).
     """
     target = targets[0]
     test_acc = {a.id: a.test_accuracy for a in artifacts if a.target == target.name}
@@ -43,12 +47,13 @@ def write_reports(out: Path, cfg, ds, supernet_info: dict, targets: list, refere
         "schema_version": SCHEMA_VERSION, "edgec_version": edgec.__version__, "created_at": created,
         "host": {"python": platform.python_version(), "machine": platform.machine()},
         "config": cfg.to_dict(),
-        "dataset": {"name": ds.name, "fingerprint": ds.fingerprint(), **ds.provenance},
-        "supernet": supernet_info,
+        "dataset": dataset_info,
+        **model_info,
+        "quality": quality,
         "targets": {t.name: t.describe() for t in targets},
-        "objectives": {"val_accuracy": "maximize", "p50_ms": f"minimize ({target.latency_kind}, batch 1)",
+        "objectives": {"val_accuracy": f"maximize ({quality})", "p50_ms": f"minimize ({target.latency_kind}, batch 1)",
                        "size_bytes": "minimize (ONNX file)"},
-        "reference": {**row(reference), "description": "largest subnet, all layers FP32"},
+        "reference": {**row(reference), "description": reference_description},
         "evaluations": [row(e) for e in [reference] + evals],
         "failed": [{"candidate_id": k, "error": v} for k, v in failed.items()],
         "pareto_front": front_ids,
@@ -64,10 +69,11 @@ def write_reports(out: Path, cfg, ds, supernet_info: dict, targets: list, refere
     write_atomic(out / "report.json", json.dumps(report, indent=2))
     write_atomic(out / "manifest.json", json.dumps({
         "schema_version": MANIFEST_SCHEMA_VERSION, "edgec_version": edgec.__version__, "created_at": created,
-        "dataset": ds.name, "chosen": chosen.candidate_id if chosen else None,
+        "dataset": dataset_info["name"], "quality": quality, "chosen": chosen.candidate_id if chosen else None,
         "artifacts": [a.to_dict() for a in artifacts]}, indent=2))
     write_atomic(out / "candidates.csv", _csv([reference] + evals, front_ids, test_acc))
-    write_atomic(out / "report.html", _html(report, reference, evals, front_ids, chosen, artifacts, target))
+    write_atomic(out / "report.html", _html(report, reference, evals, front_ids, chosen, artifacts, target,
+                                            quality, reference_description))
     return report
 
 
@@ -110,7 +116,8 @@ def _csv(evals: list[Evaluation], front_ids: list[str], test_acc: dict) -> str:
 
 
 def pareto_plot_png(reference: Evaluation, evals: list[Evaluation], front_ids: list[str],
-                    chosen: Evaluation | None, target_name: str) -> bytes:
+                    chosen: Evaluation | None, target_name: str, quality: str = "validation accuracy",
+                    reference_label: str = "reference (largest FP32)") -> bytes:
     """Validation accuracy vs p50 latency; marker area ∝ ONNX size; PNG bytes."""
     import matplotlib
 
@@ -127,12 +134,12 @@ def pareto_plot_png(reference: Evaluation, evals: list[Evaluation], front_ids: l
                        s=[20 + 300 * e.size_bytes / max_size for e in group], c=color, alpha=0.7, label=label,
                        edgecolors="k", linewidths=0.3)
     ax.scatter([reference.latency.p50_ms * 1e3], [reference.val_accuracy * 100], marker="s", s=80, c="none",
-               edgecolors="k", label="reference (largest FP32)")
+               edgecolors="k", label=reference_label)
     if chosen:
         ax.scatter([chosen.latency.p50_ms * 1e3], [chosen.val_accuracy * 100], marker="*", s=250, c="#d62728",
                    label="chosen", zorder=5)
     ax.set_xlabel(f"p50 latency on {target_name}, batch 1 (µs, {reference.latency.kind})")
-    ax.set_ylabel("validation accuracy (%)")
+    ax.set_ylabel(f"{quality} (%)")
     ax.set_xscale("log")
     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
@@ -213,8 +220,10 @@ def _devices_html(report: dict) -> str:
 
 
 def _html(report: dict, reference: Evaluation, evals: list[Evaluation], front_ids: list[str],
-          chosen: Evaluation | None, artifacts: list[Artifact], target) -> str:
-    png = base64.b64encode(pareto_plot_png(reference, evals, front_ids, chosen, target.name)).decode()
+          chosen: Evaluation | None, artifacts: list[Artifact], target, quality: str,
+          reference_description: str) -> str:
+    png = base64.b64encode(pareto_plot_png(reference, evals, front_ids, chosen, target.name, quality,
+                                           f"reference ({reference_description})")).decode()
     e = html.escape
     rows = "".join(
         f"<tr{' class=chosen' if a.chosen else ''}><td>{e(a.target)}</td><td>{e(a.id)}</td><td>{e(a.role)}{' ★ chosen' if a.chosen else ''}"
@@ -235,12 +244,13 @@ table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;pad
 tr.chosen{{background:#fff3cd}}code{{font-size:12px}}</style></head><body>
 <h1>edgec compile — {e(ds['name'])} on {e(target.name)}</h1>
 <p>{chosen_line}</p>
-<p>Selection: {e(sel['rule'])}; minimum validation accuracy {sel['min_val_accuracy'] * 100:.2f}%,
+<p>Selection: {e(sel['rule'])}; minimum {e(quality)} {sel['min_val_accuracy'] * 100:.2f}%,
 {sel['qualified']} candidate(s) qualified. Latency kind: <b>{e(reference.latency.kind)}</b>
 ({e(report['targets'][target.name]['runtime'])}, {e(report['targets'][target.name]['device'])},
-{report['targets'][target.name]['threads']} threads).</p>
+{report['targets'][target.name].get('threads', '?')} threads).</p>
 <img alt="Pareto front" src="data:image/png;base64,{png}">
 <h2>Published artifacts</h2>
+<p>Accuracy columns: {e(quality)}.</p>
 <table><tr><th>target</th><th>id</th><th>role</th><th>val acc %</th><th>test acc %</th><th>p50 µs</th><th>p90 µs</th><th>kind</th>
 <th>size KiB</th><th>INT8 layers</th><th>architecture</th><th>path</th></tr>{rows}</table>
 {_devices_html(report)}

@@ -60,7 +60,35 @@ class RandomSearch(SearchStrategy):
         pass
 
 
-class NSGA2Search(SearchStrategy):
+class _OptunaNSGA2:
+    """Optuna's NSGA-II study with ask/tell bookkeeping; subclasses turn trials into proposals."""
+
+    directions = ("maximize", "minimize", "minimize")
+
+    def __init__(self, seed: int, population_size: int) -> None:
+        import optuna
+
+        if population_size < 2:
+            raise ConfigError(f"population_size must be ≥ 2, got {population_size}")
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        sampler = optuna.samplers.NSGAIISampler(population_size=population_size, seed=seed)
+        self.study = optuna.create_study(directions=list(self.directions), sampler=sampler)
+        self._open: dict = {}  # proposal key → asked trials not yet told
+
+    def _asked(self, key, trial) -> None:
+        self._open.setdefault(key, []).append(trial)
+
+    def _tell(self, key, values: Sequence[float] | None) -> None:
+        import optuna
+
+        trial = self._open[key].pop(0)
+        if values is None:
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            self.study.tell(trial, list(values))
+
+
+class NSGA2Search(_OptunaNSGA2, SearchStrategy):
     """NSGA-II over the joint space via Optuna's ask/tell API.
 
     ``population_size``: candidates per generation (the first is random plus the
@@ -70,15 +98,8 @@ class NSGA2Search(SearchStrategy):
 
     def __init__(self, spec: SupernetSpec, seed: int = 0, population_size: int = 16,
                  initial: Sequence[Candidate] = ()) -> None:
-        import optuna
-
-        if population_size < 2:
-            raise ConfigError(f"population_size must be ≥ 2, got {population_size}")
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        super().__init__(seed, population_size)
         self.spec = spec
-        sampler = optuna.samplers.NSGAIISampler(population_size=population_size, seed=seed)
-        self.study = optuna.create_study(directions=list(self.directions), sampler=sampler)
-        self._open: dict[str, list] = {}  # candidate id → asked trials not yet told
         for c in initial:
             self.study.enqueue_trial(self._params(c))
 
@@ -103,17 +124,36 @@ class NSGA2Search(SearchStrategy):
         policy = QuantPolicy(tuple((layer, trial.suggest_categorical(f"q:{layer}", PRECISIONS))
                                    for layer in self.spec.quantizable_layers()))
         candidate = make_candidate(self.spec, SubnetConfig(tuple(blocks), widths), policy)
-        self._open.setdefault(candidate.id, []).append(trial)
+        self._asked(candidate.id, trial)
         return candidate
 
     def tell(self, candidate: Candidate, values: Sequence[float] | None) -> None:
-        import optuna
+        self._tell(candidate.id, values)
 
-        trial = self._open[candidate.id].pop(0)
-        if values is None:
-            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        else:
-            self.study.tell(trial, list(values))
+
+class PolicySearch(_OptunaNSGA2):
+    """NSGA-II over a fixed model's per-layer precision only (INT8 / FP32 per layer; SimQ-NAS §3
+    without the architecture part), for ONNX models given as input. Ask/tell like
+    :class:`NSGA2Search`; objectives (fidelity ↑, latency ↓, size ↓). ``initial`` policies are
+    asked first, in order.
+    """
+
+    def __init__(self, layers: Sequence[str], seed: int = 0, population_size: int = 16,
+                 initial: Sequence[QuantPolicy] = ()) -> None:
+        super().__init__(seed, population_size)
+        self.layers = tuple(layers)
+        for policy in initial:
+            self.study.enqueue_trial({f"q{i}": policy.precision(n) for i, n in enumerate(self.layers)})
+
+    def ask(self) -> QuantPolicy:
+        trial = self.study.ask()
+        policy = QuantPolicy(tuple((n, trial.suggest_categorical(f"q{i}", PRECISIONS))
+                                   for i, n in enumerate(self.layers)))
+        self._asked(policy, trial)
+        return policy
+
+    def tell(self, policy: QuantPolicy, values: Sequence[float] | None) -> None:
+        self._tell(policy, values)
 
 
 STRATEGIES = {"nsga2": NSGA2Search, "random": RandomSearch}
