@@ -1,18 +1,21 @@
-"""Benchmark of the main job: reference vs fully-INT8 reference vs chosen candidate.
+"""Benchmark of the main job: reference vs fully-INT8 reference vs chosen candidate, per target.
 
 Runs ``edgec compile`` (or reads a finished run with ``--run DIR``), then in this one
-process measures, side by side and interleaved over several rounds so machine noise
-hits all three alike:
+process builds with each target's recipe and measures, side by side and interleaved
+over several rounds so machine noise hits all three alike:
 
-- the reference (largest subnet, FP32),
-- the same subnet fully INT8 (static QDQ on every conv/linear),
+- the reference (largest subnet, every layer "FP32": float on CPUs, 16-bit activations on the HTP),
+- the same subnet fully INT8 (every conv/linear quantized; 8-bit activations on the HTP),
 - the chosen candidate,
 
-and prints test accuracy, p50 latency (median over rounds of each round's p50,
-batch 1, cpu-ort) and ONNX size, with ratios. Not a test: numbers depend on the machine.
+and prints test accuracy (and the candidate's own FP32 model's), p50 latency (median
+over rounds of each round's p50, batch 1, with its kind: ``measured`` or the HTP
+simulator's ``simulated`` cycles), ONNX size and NPU coverage, with ratios within
+each target. Not a test: numbers depend on the machine.
 
     python bench/compile_bench.py --dataset digits
     python bench/compile_bench.py --dataset fashion-mnist --budget-evals 60
+    python bench/compile_bench.py --run runs/demo --target cpu-ort --target cpu-openvino --target npu-qnn-htp
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ def main() -> int:
     ap.add_argument("--budget-evals", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rounds", type=int, default=7, help="interleaved measurement rounds")
-    ap.add_argument("--runs", type=int, default=300, help="timed runs per round")
+    ap.add_argument("--runs", type=int, default=300, help="timed runs per round (the HTP simulator: 5)")
+    ap.add_argument("--target", action="append", help="target to bench on (repeatable; default: the run's)")
     args = ap.parse_args()
 
     from rich.console import Console
@@ -66,44 +70,60 @@ def main() -> int:
     supernet, _ = get_supernet(ds, cfg, Progress())
     spec = supernet.spec
     int8_ref = make_candidate(spec, reference.subnet, QuantPolicy.uniform(spec.quantizable_layers(), "int8"))
-    target = get_target(cfg.target, threads=cfg.threads, runs=args.runs)
-    evaluator = Evaluator(supernet, ds, target, out / "study" / "models", cfg)
-
-    rows = [("reference (largest, FP32)", reference), ("reference, fully INT8", int8_ref)]
-    if chosen:
-        rows.append(("chosen", chosen))
-    paths = {}
-    for label, cand in rows:
-        path = evaluator.model_path(cand)
-        if not path.is_file():
-            evaluator.compile(cand)
-        paths[label] = path
-    p50s = {label: [] for label, _ in rows}
-    try:
-        for _ in range(args.rounds):
-            for label, _ in rows:
-                p50s[label].append(target.measure_latency(paths[label], ds.input_shape).p50_ms)
-    finally:
-        target.close()
     import numpy as np
 
+    rows = [("reference", reference), ("reference, fully INT8", int8_ref)]
+    if chosen:
+        rows.append(("chosen", chosen))
+    fp32_eval = Evaluator(supernet, ds, get_target("cpu-ort"), out / "study" / "models", cfg)
+    fp32_acc = {}
+    for label, cand in rows:  # each candidate's own FP32 model: what quantization is judged against
+        fp32 = out / "study" / "models" / cand.id / "fp32.onnx"
+        if not fp32.is_file():
+            fp32_eval.compile(cand)
+        fp32_acc[label] = onnx_top1(fp32, ds.test_x, ds.test_y)
     result = {}
-    for label, cand in rows:
-        result[label] = {"candidate_id": cand.id, "test_accuracy": onnx_top1(paths[label], ds.test_x, ds.test_y),
-                         "p50_ms": float(np.median(p50s[label])), "p50_ms_rounds": p50s[label],
-                         "size_bytes": paths[label].stat().st_size,
-                         "int8_layers": len(cand.policy.int8_layers()), "layers": len(cand.policy.layers)}
-    ref, ref8 = result[rows[0][0]], result[rows[1][0]]
-    table = Table(title=f"edgec bench — {cfg.dataset}, {cfg.target}, batch 1, {cfg.threads} threads, "
-                        f"median of {args.rounds} interleaved rounds × {args.runs} runs (measured)")
-    for col in ("model", "id", "test acc %", "Δ vs ref (pp)", "p50 µs", "× vs ref", "× vs INT8 ref", "size KiB",
-                "INT8 layers"):
-        table.add_column(col, justify="left" if col in ("model", "id") else "right")
-    for label, r in result.items():
-        table.add_row(label, r["candidate_id"], f"{r['test_accuracy'] * 100:.2f}",
-                      f"{(r['test_accuracy'] - ref['test_accuracy']) * 100:+.2f}", f"{r['p50_ms'] * 1e3:.1f}",
-                      f"{ref['p50_ms'] / r['p50_ms']:.2f}", f"{ref8['p50_ms'] / r['p50_ms']:.2f}",
-                      f"{r['size_bytes'] / 1024:.1f}", f"{r['int8_layers']}/{r['layers']}")
+    for name in args.target or [cfg.target]:
+        target = get_target(name, threads=cfg.threads, runs=5 if name == "npu-qnn-htp" else args.runs)
+        target.require_available()
+        evaluator = Evaluator(supernet, ds, target, out / "study" / "models", cfg)
+        paths = {}
+        for label, cand in rows:
+            if not evaluator.model_path(cand).is_file():
+                evaluator.compile(cand)
+            paths[label] = evaluator.model_path(cand)
+        stats = {label: [] for label, _ in rows}
+        try:
+            for _ in range(args.rounds):
+                for label, _ in rows:
+                    stats[label].append(target.measure_latency(paths[label], ds.input_shape))
+            coverage = {label: target.profile_model(paths[label], ds.input_shape)["npu_coverage"] for label, _ in rows}
+        finally:
+            target.close()
+        for label, cand in rows:
+            p50s = [st.p50_ms for st in stats[label]]
+            result[f"{name}: {label}"] = {
+                "target": name, "model": label, "candidate_id": cand.id, "kind": stats[label][0].kind,
+                "test_accuracy": evaluator.accuracy(cand, ds.test_x, ds.test_y), "fp32_test_accuracy": fp32_acc[label],
+                "p50_ms": float(np.median(p50s)), "p50_ms_rounds": p50s,
+                "cycles_p50": float(np.median([st.extra["cycles_p50"] for st in stats[label]]))
+                if "cycles_p50" in stats[label][0].extra else None,
+                "size_bytes": paths[label].stat().st_size, "npu_coverage": coverage[label],
+                "int8_layers": len(cand.policy.int8_layers()), "layers": len(cand.policy.layers)}
+    table = Table(title=f"edgec bench — {cfg.dataset}, batch 1, {cfg.threads} threads, median of {args.rounds} "
+                        f"interleaved rounds (cpu: × {args.runs} runs; HTP simulator: × 5 runs)")
+    for col in ("target", "model", "id", "test acc %", "Δ vs ref (pp)", "Δ vs own FP32 (pp)", "p50 µs", "kind",
+                "× vs ref", "× vs INT8 ref", "size KiB", "NPU nodes", "INT8 layers"):
+        table.add_column(col, justify="left" if col in ("target", "model", "id", "kind") else "right")
+    for key, r in result.items():
+        ref, ref8 = result[f"{r['target']}: reference"], result[f"{r['target']}: reference, fully INT8"]
+        cov = r["npu_coverage"]
+        table.add_row(r["target"], r["model"], r["candidate_id"], f"{r['test_accuracy'] * 100:.2f}",
+                      f"{(r['test_accuracy'] - ref['fp32_test_accuracy']) * 100:+.2f}",
+                      f"{(r['test_accuracy'] - r['fp32_test_accuracy']) * 100:+.2f}", f"{r['p50_ms'] * 1e3:.1f}",
+                      r["kind"], f"{ref['p50_ms'] / r['p50_ms']:.2f}", f"{ref8['p50_ms'] / r['p50_ms']:.2f}",
+                      f"{r['size_bytes'] / 1024:.1f}", "" if cov is None else f"{cov['npu_node_share'] * 100:.0f}%",
+                      f"{r['int8_layers']}/{r['layers']}")
     console.print(table)
     console.print(f"search: {len(report['evaluations'])} evaluations, Pareto front {len(report['pareto_front'])}, "
                   f"chosen by validation accuracy ≥ {report['selection']['min_val_accuracy'] * 100:.2f}%; "

@@ -23,12 +23,13 @@ import numpy as np
 import edgec
 from edgec.config import CompileConfig
 from edgec.pipeline import (Progress, RunResult, TargetBuilder, _evaluate_cached, _publish, check_resume,
+                            open_targets,
                             search_loop)
 from edgec.records import Evaluation
 from edgec.rundir import EvaluationStore, RunDir
 from edgec.search.space import Candidate, QuantPolicy, SubnetConfig
 from edgec.search.strategy import PolicySearch
-from edgec.targets import Target, get_target
+from edgec.targets import Target
 
 SOURCE = SubnetConfig((), ())  # ONNX input: the architecture is the user's model, unchanged
 
@@ -94,9 +95,7 @@ def run_onnx_compile(cfg: CompileConfig, progress: Progress | None = None) -> Ru
     from edgec.compile.source import load_inputs, prepare_source
 
     progress = progress or Progress()
-    targets = [get_target(name, threads=cfg.threads) for name in (cfg.target, *cfg.also_targets)]
-    for t in targets:
-        t.require_available()
+    targets = open_targets(cfg)
     with RunDir(Path(cfg.out), resume=cfg.resume, force=cfg.force) as run:
         try:
             progress.stage(f"reading {cfg.model}", None)

@@ -235,15 +235,21 @@ def select_chosen(evals: list[Evaluation], front_ids: list[str], reference: Eval
     return chosen, rule
 
 
+def open_targets(cfg: CompileConfig) -> list[Target]:
+    """The primary target then ``also_targets``, each checked available (one-line TargetError if not)."""
+    targets = [get_target(name, threads=cfg.threads) for name in (cfg.target, *cfg.also_targets)]
+    for t in targets:
+        t.require_available()
+    return targets
+
+
 def run_compile(cfg: CompileConfig, progress: Progress | None = None) -> RunResult:
     """Run the whole job into ``cfg.out``. Raises :class:`EdgecError` subclasses for user errors and
     :class:`NoQualifyingCandidate` (after writing the report) when no candidate meets the budgets."""
     import torch
 
     progress = progress or Progress()
-    targets = [get_target(name, threads=cfg.threads) for name in (cfg.target, *cfg.also_targets)]
-    for t in targets:
-        t.require_available()
+    targets = open_targets(cfg)
     with RunDir(Path(cfg.out), resume=cfg.resume, force=cfg.force) as run:
         try:
             ds = load_dataset(cfg.dataset, cfg.data_dir)
