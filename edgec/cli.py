@@ -35,6 +35,8 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="folder of the Fashion-MNIST IDX files")
     p.add_argument("--target", action="append",
                    help="target to build for (repeatable; the first is searched on, default cpu-ort)")
+    p.add_argument("--objective", help="search latency objective: primary (default: the first target's p50) | "
+                                       "max-latency (max over targets of p50 relative to that target's reference)")
     p.add_argument("--budget-evals", type=int, help="candidates to compile and measure (default 100)")
     p.add_argument("--max-accuracy-drop", type=float,
                    help="percentage points of validation accuracy below the reference (default 1.0)")
@@ -71,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=300, help="timed runs (default 300)")
     p.add_argument("--calib-data", help=".npz of ≥ 256 inputs (array 'x') to quantize a float model for a "
                    "target that needs it (npu-qnn-htp); without it such targets calibrate on random inputs")
+    p.add_argument("--htp-fp16", action="store_true",
+                   help="npu-qnn-htp: run a float model in fp16 on the HTP instead of quantizing it")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p = sub.add_parser("targets", help="list the known targets and whether they are available here")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -138,14 +142,18 @@ def cmd_profile(args: argparse.Namespace) -> int:
                          "edgec profile needs an ONNX file", "pass the path of a .onnx file")
     if path.stat().st_size == 0:
         raise ModelError(f"model {path} is empty", "a 0-byte file is no ONNX model", "pass a valid .onnx file")
+    from edgec.compile.source import load_untrusted
+
+    load_untrusted(path)  # external data confined to the model's folder, checker passes
     shape = _static_input_shape(path, args.batch)
     calib = _load_calib(args.calib_data, shape) if args.calib_data else None
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgec-profile-") as tmp:
         for name in args.target or ["cpu-ort"]:
-            target = get_target(name, threads=args.threads, runs=args.runs)
+            options = {"htp_options": {"enable_htp_fp16_precision": "1"}} if args.htp_fp16 and name == "npu-qnn-htp" else {}
+            target = get_target(name, threads=args.threads, runs=args.runs, **options)
             target.require_available()
-            model, note = _model_for(target, path, calib, Path(tmp))
+            model, note = _model_for(target, path, calib, Path(tmp), fp16=bool(options))
             try:
                 report = target.profile_model(model, shape[1:], batch=args.batch)
             finally:
@@ -200,9 +208,10 @@ def _load_calib(path_text: str, shape: tuple[int, ...]):
     return x
 
 
-def _model_for(target, path: Path, calib, tmp: Path) -> tuple[Path, str]:
+def _model_for(target, path: Path, calib, tmp: Path, fp16: bool = False) -> tuple[Path, str]:
     """The model to profile on ``target``: as given, or — for a target whose recipe fixes the batch and
-    quantizes everything (the HTP) — built from a float model with that recipe."""
+    quantizes everything (the HTP) — built from a float model with that recipe, or (``fp16``) the float
+    model with its batch fixed, run in fp16 on the HTP (``enable_htp_fp16_precision``)."""
     import numpy as np
     import onnx
 
@@ -211,6 +220,12 @@ def _model_for(target, path: Path, calib, tmp: Path) -> tuple[Path, str]:
     model = onnx.load(str(path), load_external_data=False)
     if any(n.op_type in ("QuantizeLinear", "EPContext") for n in model.graph.node):
         return path, ""
+    if fp16:
+        from edgec.compile.qnn import fix_batch
+
+        out = tmp / f"{target.name}-fp16.onnx"
+        onnx.save(fix_batch(onnx.load(str(path))), str(out))
+        return out, "the float model with batch 1, run in fp16 on the HTP (enable_htp_fp16_precision = 1)"
     from edgec.compile.export import layer_nodes
     from edgec.compile.recipes import build
 

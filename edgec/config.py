@@ -26,6 +26,7 @@ class CompileConfig:
     data_dir: str | None = None            # Fashion-MNIST IDX folder (default /usr/share/datasets/fashion-mnist)
     target: str = "cpu-ort"                # primary target: the search measures candidates here
     also_targets: tuple[str, ...] = ()     # further targets the published candidates are built and profiled for
+    objective: str = "primary"             # search latency: the primary target's p50 | max-latency over all targets
     budget_evals: int = 100                # candidates the search compiles and measures (the reference is extra)
     max_accuracy_drop: float = 1.0         # percentage points of validation accuracy below the reference
     latency_budget_ms: float | None = None  # p50 at batch 1 on `target`; None = no budget
@@ -86,6 +87,10 @@ class CompileConfig:
             bad("train_epochs", "training needs at least one epoch", "e.g. --train-epochs 15")
         if self.target in self.also_targets or len(set(self.also_targets)) != len(self.also_targets):
             bad("also_targets", f"a target is named twice (primary {self.target!r})", "name each target once")
+        if self.objective not in ("primary", "max-latency"):
+            bad("objective", "known objectives: primary, max-latency", "use --objective primary")
+        if self.objective == "max-latency" and not self.also_targets:
+            bad("objective", "max-latency compares several targets", "pass two or more --target")
         if self.calibration_images < 256:
             bad("calibration_images", "static quantization calibrates on at least 256 images",
                 "use calibration_images = 256 or more")

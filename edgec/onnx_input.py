@@ -22,7 +22,7 @@ import numpy as np
 
 import edgec
 from edgec.config import CompileConfig
-from edgec.pipeline import (Progress, RunResult, TargetBuilder, _evaluate_cached, _publish, check_resume,
+from edgec.pipeline import (MaxLatencyEvaluator, Progress, RunResult, TargetBuilder, _evaluate_cached, _publish, check_resume,
                             open_targets,
                             search_loop)
 from edgec.records import Evaluation
@@ -47,14 +47,6 @@ class PolicyEvaluator(TargetBuilder):
         """Write the source model built with the candidate's policy for the target; (path, 0.0)."""
         return self._build(candidate, self.source.path, self.calib_x), 0.0
 
-    def outputs(self, candidate: Candidate, x: np.ndarray) -> np.ndarray:
-        from edgec.compile.accuracy import onnx_logits
-
-        out = self.target.predict(self.model_path(candidate), x)
-        if out is None:
-            out = onnx_logits(self.model_path(candidate), x, threads=self.cfg.threads, io=self.io_params(candidate))
-        return out
-
     def quality(self, candidate: Candidate) -> dict:
         from edgec.compile.source import fidelity
 
@@ -62,8 +54,15 @@ class PolicyEvaluator(TargetBuilder):
         return {**result, "on": self.data_name, "computed_with": self.target.accuracy_backend}
 
     def test_quality(self, candidate: Candidate) -> tuple[float, dict]:
+        from edgec.pipeline import DEVICE_CHECK_SAMPLES
+
         q = self.quality(candidate)
-        return q["score"], {"fidelity": q}
+        quality = {"fidelity": q}
+        check = self.device_check(candidate, self.eval_x[:DEVICE_CHECK_SAMPLES],
+                                  self.outputs(candidate, self.eval_x[:DEVICE_CHECK_SAMPLES]))
+        if check:
+            quality["device_check"] = check
+        return q["score"], quality
 
     def input_spec(self, io: dict | None) -> dict:
         return self._input_spec(io, self.source.input_name, self.input_shape, "as the source model expects",
@@ -110,7 +109,8 @@ def run_onnx_compile(cfg: CompileConfig, progress: Progress | None = None) -> Ru
             evaluators = [PolicyEvaluator(source, t, run.study / "models", calib_x, eval_x, reference_out, cfg,
                                           data_name) for t in targets]
             store = EvaluationStore(run.study / "evaluations.jsonl")
-            reference, evals, failed = _policy_search(cfg, source.layers, store, evaluators[0], progress)
+            searcher = MaxLatencyEvaluator(evaluators) if cfg.objective == "max-latency" else evaluators[0]
+            reference, evals, failed = _policy_search(cfg, source.layers, store, searcher, progress)
             metric = reference.quality.get("fidelity", {}).get("metric", "fidelity")
             context = {
                 "dataset_info": {"name": data_name, "fingerprint": _fingerprint(data_paths),
@@ -130,11 +130,13 @@ def run_onnx_compile(cfg: CompileConfig, progress: Progress | None = None) -> Ru
                 t.close()
 
 
-def _policy_search(cfg: CompileConfig, layers: tuple[str, ...], store: EvaluationStore, evaluator: PolicyEvaluator,
+def _policy_search(cfg: CompileConfig, layers: tuple[str, ...], store: EvaluationStore, evaluator,
                    progress: Progress):
     reference = _evaluate_cached(Candidate(SOURCE, QuantPolicy.uniform(layers, "fp32")), "reference", store,
                                  evaluator, progress)
     assert isinstance(reference, Evaluation)
+    if isinstance(evaluator, MaxLatencyEvaluator):
+        evaluator.use_reference(reference)
     strategy = PolicySearch(layers, cfg.seed, cfg.population_size, initial=[QuantPolicy.uniform(layers, "int8")])
     budget = min(cfg.budget_evals, 2 ** len(layers) - 1)  # never more than the distinct non-FP32 policies
     evals, failed = search_loop(strategy, budget, lambda policy: Candidate(SOURCE, policy), reference, store,

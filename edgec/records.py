@@ -28,26 +28,36 @@ class Evaluation:
     edgec_version: str
     role: str = "search"      # "reference" for the largest FP32 subnet
     quality: dict = field(default_factory=dict)  # ONNX-model input: fidelity to the FP32 model (see compile.source)
+    # --objective max-latency: p50 on every target (LatencyStats dicts) and the search's latency objective,
+    # max over targets of p50 / the reference's p50 there (dimensionless: kinds are never mixed)
+    latency_by_target: dict = field(default_factory=dict)
+    latency_objective: float | None = None
 
     @property
     def candidate_id(self) -> str:
         return self.candidate.id
 
     def objectives(self) -> tuple[float, float, float]:
-        """(validation accuracy ↑, p50 ms ↓, size bytes ↓) — the search's objectives."""
-        return (self.val_accuracy, self.latency.p50_ms, float(self.size_bytes))
+        """(validation accuracy ↑, latency ↓, size bytes ↓) — the search's objectives. Latency is the
+        primary target's p50 ms, or under ``--objective max-latency`` :attr:`latency_objective`."""
+        latency = self.latency.p50_ms if self.latency_objective is None else self.latency_objective
+        return (self.val_accuracy, latency, float(self.size_bytes))
 
     def to_dict(self) -> dict[str, Any]:
         return {"candidate_id": self.candidate_id, "candidate": self.candidate.to_dict(), "target": self.target,
                 "role": self.role, "val_accuracy": self.val_accuracy, "latency": self.latency.to_dict(),
                 "size_bytes": self.size_bytes, "parity_max_abs": self.parity_max_abs, "compile_s": self.compile_s,
-                "edgec_version": self.edgec_version, **({"quality": self.quality} if self.quality else {})}
+                "edgec_version": self.edgec_version, **({"quality": self.quality} if self.quality else {}),
+                **({"latency_by_target": self.latency_by_target, "latency_objective": self.latency_objective}
+                   if self.latency_objective is not None else {})}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Evaluation":
         return cls(Candidate.from_dict(d["candidate"]), d["target"], float(d["val_accuracy"]),
                    LatencyStats.from_dict(d["latency"]), int(d["size_bytes"]), float(d["parity_max_abs"]),
-                   float(d["compile_s"]), d["edgec_version"], d.get("role", "search"), dict(d.get("quality", {})))
+                   float(d["compile_s"]), d["edgec_version"], d.get("role", "search"), dict(d.get("quality", {})),
+                   dict(d.get("latency_by_target", {})),
+                   None if d.get("latency_objective") is None else float(d["latency_objective"]))
 
 
 @dataclass(frozen=True)

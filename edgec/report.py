@@ -219,6 +219,17 @@ def _devices_html(report: dict) -> str:
     return "".join(parts)
 
 
+def _fidelity_text(quality: dict) -> str:
+    """'top-1 agreement 99.8 %, cos 0.9990; on device: 16/16 agree' from an artifact's quality dict."""
+    f, check = quality.get("fidelity"), quality.get("device_check")
+    parts = []
+    if f:
+        parts.append(f"{f['metric'].replace('_', ' ')} {f['score'] * 100:.1f}%, max |Δ| {f['max_abs_error']:.3g}")
+    if check:
+        parts.append(f"device vs emulation: {check['top1_agreement'] * 100:.0f}% top-1 on {check['samples']} samples")
+    return html.escape("; ".join(parts))
+
+
 def _html(report: dict, reference: Evaluation, evals: list[Evaluation], front_ids: list[str],
           chosen: Evaluation | None, artifacts: list[Artifact], target, quality: str,
           reference_description: str) -> str:
@@ -230,6 +241,7 @@ def _html(report: dict, reference: Evaluation, evals: list[Evaluation], front_id
         f"</td><td>{a.val_accuracy * 100:.2f}</td><td>{a.test_accuracy * 100:.2f}</td><td>{a.p50_ms * 1e3:.1f}</td>"
         f"<td>{a.p90_ms * 1e3:.1f}</td><td>{e(a.latency_kind)}</td><td>{a.size_bytes / 1024:.1f}</td>"
         f"<td>{sum(1 for p in a.policy.values() if p == 'int8')}/{len(a.policy)}</td>"
+        f"<td>{_fidelity_text(a.quality)}</td>"
         f"<td><code>{e(' '.join(a.config['blocks']))}</code> widths {e(str(a.config['widths']))}</td>"
         f"<td><code>{e(a.path)}</code></td></tr>" for a in artifacts)
     sel = report["selection"]
@@ -252,7 +264,7 @@ tr.chosen{{background:#fff3cd}}code{{font-size:12px}}</style></head><body>
 <h2>Published artifacts</h2>
 <p>Accuracy columns: {e(quality)}.</p>
 <table><tr><th>target</th><th>id</th><th>role</th><th>val acc %</th><th>test acc %</th><th>p50 µs</th><th>p90 µs</th><th>kind</th>
-<th>size KiB</th><th>INT8 layers</th><th>architecture</th><th>path</th></tr>{rows}</table>
+<th>size KiB</th><th>INT8 layers</th><th>fidelity vs FP32</th><th>architecture</th><th>path</th></tr>{rows}</table>
 {_devices_html(report)}
 <h2>Data</h2><p>{e(ds['source'])}; {e(ds['preprocessing'])}; test: {e(ds['test_split'])};
 validation: {e(ds['val_split'])}.</p>

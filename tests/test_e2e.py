@@ -123,3 +123,48 @@ def test_resume_cannot_shrink_the_budget(run):
     out, _ = run
     proc = compile_("--budget-evals", "1", "--out", str(out), "--resume")
     assert proc.returncode == 2 and "already stored" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _available(name):
+    from edgec.targets import get_target
+
+    return get_target(name).availability()[0]
+
+
+@pytest.mark.skipif(not (_available("npu-qnn-htp") and _available("cpu-openvino")),
+                    reason="needs the npu-qnn-htp and cpu-openvino targets")
+def test_compile_for_three_targets_with_the_max_latency_objective(tmp_path):
+    out = tmp_path / "devices"
+    proc = compile_("--budget-evals", "3", "--out", str(out), "--target", "cpu-ort", "--target", "npu-qnn-htp",
+                    "--target", "cpu-openvino", "--objective", "max-latency", "--max-accuracy-drop", "100")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(report["targets"]) == {"cpu-ort", "npu-qnn-htp", "cpu-openvino"}
+    # the search measured every candidate on every target; its objective is the worst ratio to the reference
+    for e in report["evaluations"]:
+        ratios = [e["latency_by_target"][t]["p50_ms"] / report["reference"]["latency_by_target"][t]["p50_ms"]
+                  for t in report["targets"]]
+        assert e["latency_objective"] == pytest.approx(max(ratios))
+    assert report["reference"]["latency_objective"] == pytest.approx(1.0)
+    by_target = {}
+    for a in manifest["artifacts"]:
+        by_target.setdefault(a["target"], []).append(a)
+        assert (out / a["path"]).is_file()
+    assert set(by_target) == set(report["targets"])
+    assert {a["id"] for a in by_target["cpu-ort"]} == {a["id"] for a in by_target["npu-qnn-htp"]}
+    for a in by_target["npu-qnn-htp"]:
+        assert a["latency_kind"] == "simulated" and a["recipe"] == "qnn-qdq-u8u8-a16"
+        assert a["input"]["shape"] == [1, 1, 8, 8] and a["input"]["quantized_io"]["input_dtype"] == "uint8"
+        assert "model_ctx.onnx" in a["files"] and any(f.endswith(".bin") for f in a["files"])
+        assert all((out / a["path"]).parent.joinpath(f).is_file() for f in a["files"])
+    assert all(a["latency_kind"] == "measured" for t in ("cpu-ort", "cpu-openvino") for a in by_target[t])
+    chosen = manifest["chosen"]
+    assert sum(a["chosen"] for a in manifest["artifacts"]) == 3  # the chosen candidate, once per target
+    npu_report = report["device_reports"]["npu-qnn-htp"][chosen]
+    assert npu_report["npu_coverage"]["npu_node_share"] == 1.0 and npu_report["top_ops"]
+    assert report["device_reports"]["cpu-openvino"][chosen]["top_ops"]
+    rows = [r for r in report["devices"] if r["role"] == "reference"]
+    assert len(rows) == 3 and all(r["speedup_vs_reference"] == pytest.approx(1.0) for r in rows)
+    html = (out / "report.html").read_text()
+    assert html.count("<h3>") == 3 and "simulated" in html
