@@ -25,7 +25,14 @@ def onnx_logits(model_path: Path, x: np.ndarray, batch_size: int = 500, threads:
     so.intra_op_num_threads = threads
     so.log_severity_level = 3
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # don't steal cores from timing
-    sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    from edgec.errors import ModelError
+
+    try:
+        sess = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own types for unknown ops, bad graphs, …
+        raise ModelError(f"ONNX Runtime cannot load {Path(model_path).name}",
+                         " ".join(str(e).split())[:240] or type(e).__name__,
+                         "use standard ONNX ops (or ONNX Runtime's contrib ops) and check the export") from None
     inp = sess.get_inputs()[0]
     if isinstance(inp.shape[0], int) and inp.shape[0] > 0:
         batch_size = inp.shape[0]
@@ -37,7 +44,11 @@ def onnx_logits(model_path: Path, x: np.ndarray, batch_size: int = 500, threads:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
         if qio is not None:
             chunk = qio.quantize_input(chunk)
-        out = sess.run(None, {inp.name: chunk})[0][:n]
+        try:
+            out = sess.run(None, {inp.name: chunk})[0][:n]
+        except Exception as e:
+            raise ModelError(f"ONNX Runtime failed running {Path(model_path).name}",
+                             " ".join(str(e).split())[:240] or type(e).__name__, "check the model and its inputs") from None
         outs.append(qio.dequantize_output(out) if qio is not None else out)
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 

@@ -27,10 +27,12 @@ MIN_CALIBRATION_IMAGES = 256
 
 
 class _Batches:
-    """ONNX Runtime CalibrationDataReader over ``x`` (N, C, H, W) float32 in batches."""
+    """ONNX Runtime CalibrationDataReader over ``x`` (N, ...) float32 in batches, fed to the model's
+    input ``name``; a model with a fixed batch size gets batches of exactly that size."""
 
-    def __init__(self, x: np.ndarray, batch_size: int = 64) -> None:
-        self._it = iter([{INPUT_NAME: x[i:i + batch_size]} for i in range(0, len(x), batch_size)])
+    def __init__(self, x: np.ndarray, name: str = INPUT_NAME, batch_size: int = 64, fixed: bool = False) -> None:
+        stop = len(x) - len(x) % batch_size if fixed else len(x)
+        self._it = iter([{name: x[i:i + batch_size]} for i in range(0, stop, batch_size)])
 
     def get_next(self):
         return next(self._it, None)
@@ -51,7 +53,11 @@ def quantize_qdq(fp32_path: Path, out_path: Path, int8_layers: tuple[str, ...], 
                         "pass more training data")
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    layers = layer_nodes(onnx.load(str(fp32_path)))
+    model = onnx.load(str(fp32_path))
+    layers = layer_nodes(model)
+    inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    dim0 = inputs[0].type.tensor_type.shape.dim[0]
+    fixed_batch = dim0.dim_value if dim0.HasField("dim_value") and dim0.dim_value > 0 else None
     unknown = sorted(set(int8_layers) - set(layers))
     if unknown:
         raise ExportError(f"policy names layers the model lacks: {', '.join(unknown[:3])}",
@@ -60,7 +66,8 @@ def quantize_qdq(fp32_path: Path, out_path: Path, int8_layers: tuple[str, ...], 
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)
     try:
         with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
-            quantize_static(str(fp32_path), str(out_path), _Batches(calib_x), quant_format=QuantFormat.QDQ,
+            reader = _Batches(calib_x, inputs[0].name, fixed_batch or 64, fixed=fixed_batch is not None)
+            quantize_static(str(fp32_path), str(out_path), reader, quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
                             calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude)
     except Exception as e:  # ORT raises assorted types

@@ -118,6 +118,9 @@ def prepare_source(path: Path, out_path: Path, input_shape: tuple[int, ...] | No
     shape: list[int | None] = []
     for k, d in enumerate(dims):
         fixed = d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+        if k and fixed is not None and input_shape is not None and int(input_shape[k]) != fixed:
+            raise ModelError(f"--input-shape gives {int(input_shape[k])} for dimension {k} of {value.name!r}",
+                             f"the model fixes it to {fixed}", "pass the model's own sizes for fixed dimensions")
         if k == 0:
             shape.append(None)  # the batch: fed as the data comes
         elif fixed is not None:
@@ -140,22 +143,32 @@ def prepare_source(path: Path, out_path: Path, input_shape: tuple[int, ...] | No
                        len(out.type.tensor_type.shape.dim), layers)
 
 
-def load_inputs(path: Path, source: SourceModel, what: str, minimum: int) -> np.ndarray:
-    """Model inputs from an ``.npz`` (array named like the input, or ``x``, or its only array),
-    checked against the model's input shape; (N, ...) float32."""
+def read_inputs(path: Path, input_name: str, input_shape: tuple, what: str, minimum: int) -> np.ndarray:
+    """Model inputs from an ``.npz`` (the array named ``input_name``, or ``x``, or its only array) or an
+    ``.npy``, checked against ``input_shape`` (batch first, its size ignored); (N, ...) float32.
+    Never unpickles. Raises :class:`DataError` in one line."""
+    fix = f"pass an .npz with an array '{input_name}' or 'x' of model inputs (or an .npy)"
     try:
-        with np.load(path, allow_pickle=False) as data:
-            names = data.files
-            key = next((k for k in (source.input_name, "x", "input") if k in names),
-                       names[0] if len(names) == 1 else None)
-            if key is None:
-                raise ValueError(f"no array named {source.input_name!r} or 'x' among {names[:5]}")
-            x = np.asarray(data[key])
-    except (OSError, ValueError, EOFError) as e:
-        raise DataError(f"cannot read {what} {path}", " ".join(str(e).split())[:200] or type(e).__name__,
-                        f"pass an .npz with an array '{source.input_name}' or 'x' of model inputs") from None
-    want = source.input_shape[1:]
-    if x.ndim != len(source.input_shape) or tuple(x.shape[1:]) != want:
+        loaded = np.load(path, allow_pickle=False)
+        if isinstance(loaded, np.ndarray):
+            key, x = "", loaded
+        else:
+            with loaded as data:
+                names = data.files
+                key = next((k for k in (input_name, "x", "input") if k in names),
+                           names[0] if len(names) == 1 else None)
+                if key is None:
+                    raise ValueError(f"no array named {input_name!r} or 'x' among {names[:5] or 'no arrays'}")
+                x = np.asarray(data[key])
+    except ValueError as e:
+        why = ("not an .npy/.npz of numbers (pickled object data is never loaded)" if "pickle" in str(e)
+               else " ".join(str(e).split())[:200])
+        raise DataError(f"cannot read {what} {path}", why, fix) from None
+    except (OSError, EOFError) as e:
+        raise DataError(f"cannot read {what} {path}", " ".join(str(e).split())[:200] or "empty or truncated file",
+                        fix) from None
+    want = tuple(input_shape[1:])
+    if x.ndim != len(input_shape) or tuple(x.shape[1:]) != want:
         raise DataError(f"{what} {path} has shape {x.shape}", f"the model takes (N, {', '.join(map(str, want))})",
                         "pass inputs shaped like the model's input")
     if len(x) < minimum:
@@ -163,6 +176,11 @@ def load_inputs(path: Path, source: SourceModel, what: str, minimum: int) -> np.
     if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
         raise DataError(f"{what} {path} holds non-finite or non-numeric values", "", "pass finite numbers")
     return x.astype(np.float32)
+
+
+def load_inputs(path: Path, source: SourceModel, what: str, minimum: int) -> np.ndarray:
+    """:func:`read_inputs` for a prepared source model."""
+    return read_inputs(path, source.input_name, source.input_shape, what, minimum)
 
 
 def fidelity(reference: np.ndarray, output: np.ndarray) -> dict:

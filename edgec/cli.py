@@ -37,6 +37,8 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
                    help="target to build for (repeatable; the first is searched on, default cpu-ort)")
     p.add_argument("--objective", help="search latency objective: primary (default: the first target's p50) | "
                                        "max-latency (max over targets of p50 relative to that target's reference)")
+    p.add_argument("--npu-cpu-fallback", action="store_true", default=None,
+                   help="npu-qnn-htp: let nodes the HTP cannot take run on the CPU (default: such models fail)")
     p.add_argument("--budget-evals", type=int, help="candidates to compile and measure (default 100)")
     p.add_argument("--max-accuracy-drop", type=float,
                    help="percentage points of validation accuracy below the reference (default 1.0)")
@@ -73,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=300, help="timed runs (default 300)")
     p.add_argument("--calib-data", help=".npz of ≥ 256 inputs (array 'x') to quantize a float model for a "
                    "target that needs it (npu-qnn-htp); without it such targets calibrate on random inputs")
+    p.add_argument("--npu-cpu-fallback", action="store_true",
+                   help="npu-qnn-htp: let nodes the HTP cannot take run on the CPU and report them "
+                        "(default: such a model fails)")
     p.add_argument("--htp-fp16", action="store_true",
                    help="npu-qnn-htp: run a float model in fp16 on the HTP instead of quantizing it")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -136,6 +141,16 @@ def cmd_profile(args: argparse.Namespace) -> int:
         if not low <= value <= high:
             raise ConfigError(f"bad value for --{name}: {value}", f"it must be between {low} and {high}",
                               f"e.g. --{name} {low if name != 'threads' else 2}")
+    names = args.target or ["cpu-ort"]
+    if len(set(names)) != len(names):
+        raise ConfigError("a --target is named twice", f"got {', '.join(names)}", "name each target once")
+    if args.htp_fp16 and ("npu-qnn-htp" not in names or args.calib_data):
+        raise ConfigError("--htp-fp16 runs a float model in fp16 on npu-qnn-htp",
+                          "it needs --target npu-qnn-htp and no --calib-data (nothing is quantized)",
+                          "add --target npu-qnn-htp and drop --calib-data, or drop --htp-fp16")
+    if args.npu_cpu_fallback and "npu-qnn-htp" not in names:
+        raise ConfigError("--npu-cpu-fallback applies to npu-qnn-htp", f"targets: {', '.join(names)}",
+                          "add --target npu-qnn-htp or drop --npu-cpu-fallback")
     path = Path(args.model)
     if not path.is_file():
         raise ModelError(f"model {path} not found" if not path.exists() else f"{path} is not a file",
@@ -145,15 +160,20 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from edgec.compile.source import load_untrusted
 
     load_untrusted(path)  # external data confined to the model's folder, checker passes
-    shape = _static_input_shape(path, args.batch)
-    calib = _load_calib(args.calib_data, shape) if args.calib_data else None
+    input_name, shape = _static_input_shape(path, args.batch)
+    calib = _load_calib(args.calib_data, input_name, shape) if args.calib_data else None
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgec-profile-") as tmp:
-        for name in args.target or ["cpu-ort"]:
-            options = {"htp_options": {"enable_htp_fp16_precision": "1"}} if args.htp_fp16 and name == "npu-qnn-htp" else {}
+        for name in names:
+            options = {}
+            if name == "npu-qnn-htp":
+                options["require_full_npu"] = not args.npu_cpu_fallback
+                if args.htp_fp16:  # the QNN EP requires a SoC id with fp16; 57 is one the simulator accepts
+                    options["htp_options"] = {"enable_htp_fp16_precision": "1", "soc_model": "57"}
             target = get_target(name, threads=args.threads, runs=args.runs, **options)
             target.require_available()
-            model, note = _model_for(target, path, calib, Path(tmp), fp16=bool(options))
+            target.check_source(path, shown_as=path.name)
+            model, note = _model_for(target, path, calib, Path(tmp), fp16=bool(options.get("htp_options")))
             try:
                 report = target.profile_model(model, shape[1:], batch=args.batch)
             finally:
@@ -178,7 +198,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         unit = "cycles" if r["top_ops"] and "cycles" in r["top_ops"][0] else "time"
         ops = ", ".join(f"{o['node']} {o['share'] * 100:.0f}%" for o in r["top_ops"][:5])
         console.print(f"{r['target']}: {r['describe']['runtime']}; top ops by {unit}: {ops or 'n/a'}"
-                      + (f"; model built with {r['built_with']}" if r["built_with"] else ""))
+                      + (f"; profiled: {r['built_with']}" if r["built_with"] else ""))
         if r["latency"]["kind"] == "simulated":
             x = r["latency"]["extra"]
             console.print(f"  simulated: {x['cycles_p50']:.4g} cycles p50 (spread {x['cycles_spread_pct']:.0f}% over "
@@ -186,26 +206,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_calib(path_text: str, shape: tuple[int, ...]):
-    """Calibration images from an .npz (first array, or the one named 'x'/'input'), shaped (N, *shape[1:])."""
-    import numpy as np
+def _load_calib(path_text: str, input_name: str, shape: tuple[int, ...]):
+    """Calibration inputs for ``edgec profile`` (see :func:`edgec.compile.source.read_inputs`)."""
+    from edgec.compile.source import read_inputs
 
-    from edgec.errors import DataError
-
-    path = Path(path_text)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            key = next((k for k in ("x", "input") if k in data.files), data.files[0] if data.files else None)
-            if key is None:
-                raise ValueError("it holds no arrays")
-            x = np.asarray(data[key], dtype=np.float32)
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read calibration data {path}", str(e).splitlines()[0] if str(e) else
-                        type(e).__name__, "pass an .npz with an array 'x' of model inputs") from None
-    if x.shape[1:] != tuple(shape[1:]) or len(x) < 256 or not np.isfinite(x).all():
-        raise DataError(f"bad calibration data in {path}", f"array {key!r} has shape {x.shape}; need (N ≥ 256, "
-                        f"{', '.join(map(str, shape[1:]))}) finite float32", "pass matching model inputs")
-    return x
+    return read_inputs(Path(path_text), input_name, shape, "calibration data", 256)
 
 
 def _model_for(target, path: Path, calib, tmp: Path, fp16: bool = False) -> tuple[Path, str]:
@@ -217,24 +222,29 @@ def _model_for(target, path: Path, calib, tmp: Path, fp16: bool = False) -> tupl
 
     if not target.static_batch:
         return path, ""
-    model = onnx.load(str(path), load_external_data=False)
-    if any(n.op_type in ("QuantizeLinear", "EPContext") for n in model.graph.node):
-        return path, ""
-    if fp16:
-        from edgec.compile.qnn import fix_batch
+    from edgec.compile.qnn import fix_batch
 
-        out = tmp / f"{target.name}-fp16.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    dim0 = model.graph.input[0].type.tensor_type.shape.dim[0]
+    static = dim0.HasField("dim_value") and dim0.dim_value > 0
+    if any(n.op_type == "EPContext" for n in model.graph.node) or (
+            static and any(n.op_type == "QuantizeLinear" for n in model.graph.node)):
+        return path, ""  # built for the device already
+    if fp16 or any(n.op_type == "QuantizeLinear" for n in model.graph.node):
+        out = tmp / f"{target.name}-batch1.onnx"
         onnx.save(fix_batch(onnx.load(str(path))), str(out))
-        return out, "the float model with batch 1, run in fp16 on the HTP (enable_htp_fp16_precision = 1)"
+        return out, ("the float model with batch 1, run in fp16 on the HTP (enable_htp_fp16_precision = 1, "
+                     "QNN soc_model 57)" if fp16 else "the given QDQ model with its batch fixed to 1 "
+                     "(it was quantized for another runtime; edgec's HTP recipe quantizes float models)")
     from edgec.compile.export import layer_nodes
     from edgec.compile.recipes import build
 
     if calib is None:
         shape = [d.dim_value or 1 for d in model.graph.input[0].type.tensor_type.shape.dim][1:]
         calib = np.random.default_rng(0).random((256, *shape), dtype=np.float32)
-        note = f"recipe {target.recipe}, calibrated on random inputs (cost only; pass --calib-data for accuracy)"
+        note = f"built with recipe {target.recipe}, calibrated on random inputs (cost only; pass --calib-data for accuracy)"
     else:
-        note = f"recipe {target.recipe}, calibrated on {len(calib)} inputs from --calib-data"
+        note = f"built with recipe {target.recipe}, calibrated on {len(calib)} inputs from --calib-data"
     out = tmp / f"{target.name}.onnx"
     build(target.recipe, path, out, tuple(layer_nodes(model)), calib)
     return out, note
@@ -248,8 +258,9 @@ def _stdout_console():
     return console if console.is_terminal else Console(width=200)
 
 
-def _static_input_shape(path: Path, batch: int) -> tuple[int, ...]:
-    """The first input's shape with the batch dimension set; other dynamic dims are an error."""
+def _static_input_shape(path: Path, batch: int) -> tuple[str, tuple[int, ...]]:
+    """(name, shape) of the model's one input with the batch dimension set; other dynamic dims, and
+    models with several inputs, are an error."""
     import onnx
 
     from edgec.errors import ModelError
@@ -261,8 +272,9 @@ def _static_input_shape(path: Path, batch: int) -> tuple[int, ...]:
                          type(e).__name__, "pass a valid .onnx file") from None
     initializers = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
-    if not inputs:
-        raise ModelError(f"{path} has no graph input", "", "pass a model with one image input")
+    if len(inputs) != 1:
+        raise ModelError(f"{path} has {len(inputs)} graph inputs", "edgec profile feeds single-input models",
+                         "pass a model with one input tensor")
     dims = inputs[0].type.tensor_type.shape.dim
     shape = []
     for k, d in enumerate(dims):
@@ -273,7 +285,7 @@ def _static_input_shape(path: Path, batch: int) -> tuple[int, ...]:
         else:
             raise ModelError(f"input {inputs[0].name!r} of {path} has a dynamic dimension {k} ({d.dim_param!r})",
                              "edgec profile needs static shapes besides the batch", "export with a fixed shape")
-    return tuple(shape)
+    return inputs[0].name, tuple(shape)
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
@@ -350,7 +362,7 @@ def _print_summary(result, console) -> None:
     targets = list(dict.fromkeys(a.target for a in result.artifacts))
     table = Table(title="edgec compile — published artifacts")
     onnx_input = "source_model" in result.report
-    quality = ["fidelity %", "eval fidelity %"] if onnx_input else ["val acc %", "test acc %"]
+    quality = ["fidelity %"] if onnx_input else ["val acc %", "test acc %"]
     cols = (["target"] if len(targets) > 1 else []) + ["id", "role", *quality, "p50 µs", "kind",
                                                        "vs ref", "size KiB", "INT8 layers"]
     for col in cols:
@@ -359,8 +371,9 @@ def _print_summary(result, console) -> None:
         arts = [a for a in result.artifacts if a.target == name]
         ref = next(a for a in arts if a.role == "reference")  # ratios only within one target
         for a in arts:
+            accuracy = [f"{a.val_accuracy * 100:.2f}"] + ([] if onnx_input else [f"{a.test_accuracy * 100:.2f}"])
             table.add_row(*([name] if len(targets) > 1 else []), a.id, a.role + (" ★" if a.chosen else ""),
-                          f"{a.val_accuracy * 100:.2f}", f"{a.test_accuracy * 100:.2f}", f"{a.p50_ms * 1e3:.1f}",
+                          *accuracy, f"{a.p50_ms * 1e3:.1f}",
                           a.latency_kind, f"{ref.p50_ms / a.p50_ms:.2f}×", f"{a.size_bytes / 1024:.1f}",
                           f"{sum(p == 'int8' for p in a.policy.values())}/{len(a.policy)}")
     console.print(table)

@@ -27,6 +27,7 @@ class CompileConfig:
     target: str = "cpu-ort"                # primary target: the search measures candidates here
     also_targets: tuple[str, ...] = ()     # further targets the published candidates are built and profiled for
     objective: str = "primary"             # search latency: the primary target's p50 | max-latency over all targets
+    npu_cpu_fallback: bool = False         # npu-qnn-htp: let nodes the HTP cannot take run on the CPU (default: refuse)
     budget_evals: int = 100                # candidates the search compiles and measures (the reference is extra)
     max_accuracy_drop: float = 1.0         # percentage points of validation accuracy below the reference
     latency_budget_ms: float | None = None  # p50 at batch 1 on `target`; None = no budget
@@ -54,6 +55,10 @@ class CompileConfig:
         if self.is_onnx_input and not self.calib_data:
             bad("calib_data", "an ONNX model is quantized with calibration inputs",
                 "pass --calib-data calib.npz (≥ 256 inputs, array 'x')")
+        if self.is_onnx_input and (self.dataset != "digits" or self.data_dir or self.train_epochs):
+            bad("dataset" if self.dataset != "digits" else "data_dir" if self.data_dir else "train_epochs",
+                "datasets and supernet training apply to the built-in supernet, not to an ONNX model",
+                "drop it; an ONNX model is calibrated and evaluated on --calib-data / --eval-data")
         if not self.is_onnx_input and (self.calib_data or self.eval_data or self.input_shape):
             bad("calib_data" if self.calib_data else "eval_data" if self.eval_data else "input_shape",
                 "calibration/evaluation data and input shapes apply to ONNX models given as input",
@@ -175,5 +180,7 @@ def _coerce(key: str, type_text: str, value: Any) -> Any:
     else:  # str
         ok = isinstance(value, str)
     if not ok:
-        raise ConfigError(f"bad type for {key}: {value!r}", f"expected {wants}", f"set {key} to a {wants.split()[0]}")
+        kind = ("a list of integers, e.g. 1,3,224,224" if wants.startswith("tuple[int") else
+                "a list of names" if wants.startswith("tuple") else f"a {wants.split()[0]}")
+        raise ConfigError(f"bad type for {key}: {value!r}", f"expected {kind}", f"set {key} to {kind}")
     return value

@@ -97,8 +97,9 @@ def run_onnx_compile(cfg: CompileConfig, progress: Progress | None = None) -> Ru
     targets = open_targets(cfg)
     with RunDir(Path(cfg.out), resume=cfg.resume, force=cfg.force) as run:
         try:
-            progress.stage(f"reading {cfg.model}", None)
             source = prepare_source(Path(cfg.model), run.study / "source.onnx", cfg.input_shape)
+            for t in targets:  # what a target cannot run is refused before any work, naming the user's file
+                t.check_source(source.path, shown_as=Path(cfg.model).name)
             calib_x = load_inputs(Path(cfg.calib_data), source, "calibration data", 256)
             eval_x = (load_inputs(Path(cfg.eval_data), source, "evaluation data", 1) if cfg.eval_data
                       else calib_x)

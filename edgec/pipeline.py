@@ -314,7 +314,10 @@ class MaxLatencyEvaluator:
 
 def open_targets(cfg: CompileConfig) -> list[Target]:
     """The primary target then ``also_targets``, each checked available (one-line TargetError if not)."""
-    targets = [get_target(name, threads=cfg.threads) for name in (cfg.target, *cfg.also_targets)]
+    def options(name: str) -> dict:
+        return {"require_full_npu": not cfg.npu_cpu_fallback} if name == "npu-qnn-htp" else {}
+
+    targets = [get_target(name, threads=cfg.threads, **options(name)) for name in (cfg.target, *cfg.also_targets)]
     for t in targets:
         t.require_available()
     return targets
@@ -443,15 +446,15 @@ def search_loop(strategy, budget: int, to_candidate: Callable, reference: Evalua
             strategy.tell(proposal, reference.objectives())
             continue
         result = _evaluate_cached(candidate, "search", store, evaluator, progress)
-        if candidate.id not in seen:
-            seen.add(candidate.id)
-            progress.advance(len(seen), budget, f"{len(evals) + isinstance(result, Evaluation)} ok, {len(failed)} failed")
         if isinstance(result, str):
             failed[candidate.id] = result
             strategy.tell(proposal, None)
         else:
             evals[candidate.id] = result
             strategy.tell(proposal, result.objectives())
+        if candidate.id not in seen:
+            seen.add(candidate.id)
+            progress.advance(len(seen), budget, f"{len(evals)} ok, {len(failed)} failed")
     return list(evals.values()), failed
 
 
@@ -502,7 +505,7 @@ def _publish(cfg, out: Path, evaluators: list, reference: Evaluation, evals: lis
     # The search measured each candidate once, minutes apart; what is published and chosen is
     # re-measured side by side (interleaved rounds), so noise hits every finalist alike.
     finalists = [reference] + [e for e in evals if e.candidate_id in front_ids]
-    progress.stage(f"re-measuring {len(finalists)} finalists side by side ({REMEASURE_ROUNDS} rounds)",
+    progress.stage(f"re-measuring {len(finalists)} finalist(s) side by side ({REMEASURE_ROUNDS} rounds)",
                    REMEASURE_ROUNDS)
     finalists = remeasure(finalists, target, evaluator, REMEASURE_ROUNDS,
                           on_round=lambda r: progress.advance(r, REMEASURE_ROUNDS))

@@ -167,9 +167,13 @@ def device_chart_png(name: str, rows: list[dict]) -> bytes:
     labels = [f"{r['candidate_id']} ({'reference' if r['role'] == 'reference' else 'chosen' if r['chosen'] else 'front'})"
               for r in rows]
     colors = ["#d62728" if r["chosen"] else "#555555" if r["role"] == "reference" else "#1f77b4" for r in rows]
-    ax.barh(labels, [r["p50_ms"] * 1e3 for r in rows], color=colors)
+    if all(r.get("cycles_p50") for r in rows):  # the simulator's own unit, not a converted time
+        ax.barh(labels, [r["cycles_p50"] / 1e6 for r in rows], color=colors)
+        ax.set_xlabel(f"median accelerator cycles on {name}, batch 1 (millions, {rows[0]['latency_kind']})")
+    else:
+        ax.barh(labels, [r["p50_ms"] * 1e3 for r in rows], color=colors)
+        ax.set_xlabel(f"p50 on {name}, batch 1 (µs, {rows[0]['latency_kind']})")
     ax.invert_yaxis()
-    ax.set_xlabel(f"p50 on {name}, batch 1 (µs, {rows[0]['latency_kind']})")
     ax.tick_params(axis="y", labelsize=7)
     ax.grid(axis="x", alpha=0.3)
     buf = io.BytesIO()

@@ -103,6 +103,10 @@ class Target(abc.ABC):
                 "peak_rss_bytes": stats.extra.get("peak_rss_bytes"), "size_bytes": Path(model_path).stat().st_size,
                 "top_ops": top_ops, "npu_coverage": coverage}
 
+    def check_source(self, model_path: Path, shown_as: str | None = None) -> None:
+        """Refuse, before any work, a user's float model this target cannot run (a one-line
+        :class:`~edgec.errors.ModelError` naming the nodes). Default: accept."""
+
     def package(self, model_path: Path, folder: Path) -> dict[str, Any]:
         """Write target-specific files next to a model being published (e.g. a precompiled context
         binary) into ``folder``; returns what was written. Default: nothing."""
@@ -115,7 +119,7 @@ class Target(abc.ABC):
         ok, why = self.availability()
         if not ok:
             raise TargetError(f"target {self.name!r} is not available here", why,
-                              "run 'edgec targets' to see which targets are")
+                              "run 'edgec targets' to see which targets are available")
 
 
 _REGISTRY: dict[str, Callable[..., Target]] = {}

@@ -40,13 +40,16 @@ UNSUPPORTED_OPS = ("DynamicQuantizeLinear", "Loop", "If", "Scan")
 DEFAULT_CLOCK_MHZ = 1000.0
 
 
-def htp_unsupported(model: onnx.ModelProto) -> list[str]:
-    """Reasons the HTP cannot take ``model``: ``"input 'x' dim 0 is dynamic"``, ``"node 'n' (If)"``…"""
+def htp_unsupported(model: onnx.ModelProto, batch_fixable: bool = False) -> list[str]:
+    """Reasons the HTP cannot take ``model``: ``"input 'x' dim 0 is dynamic"``, ``"node 'n' (If)"``…
+    With ``batch_fixable`` (a float model edgec's recipe will build) a dynamic batch is fine."""
     problems = []
     for value in list(model.graph.input):
         if value.name in {i.name for i in model.graph.initializer}:
             continue
         for d, dim in enumerate(value.type.tensor_type.shape.dim):
+            if d == 0 and batch_fixable:
+                continue
             if not dim.HasField("dim_value") or dim.dim_value <= 0:
                 problems.append(f"input {value.name!r} dim {d} is dynamic ({dim.dim_param or '?'})")
     for node in model.graph.node:
@@ -121,14 +124,19 @@ class NpuQnnHtp(Target):
                 "latency_kind": self.latency_kind, "assumed_clock_mhz": self.clock_mhz,
                 "full_npu_required": self.require_full_npu, "accuracy_backend": self.accuracy_backend}
 
-    def check_model(self, model_path: Path) -> None:
+    def check_source(self, model_path: Path, shown_as: str | None = None) -> None:
+        """Before building: raise :class:`ModelError` naming what in the user's float model the HTP
+        cannot run (control flow, dynamic quantization, dynamic dimensions besides the batch)."""
+        self.check_model(model_path, batch_fixable=True, shown_as=shown_as)
+
+    def check_model(self, model_path: Path, batch_fixable: bool = False, shown_as: str | None = None) -> None:
         """Raise :class:`ModelError` naming what the HTP cannot run in ``model_path``."""
-        problems = htp_unsupported(onnx.load(str(model_path), load_external_data=False))
+        problems = htp_unsupported(onnx.load(str(model_path), load_external_data=False), batch_fixable)
         if problems:
             more = f" (+{len(problems) - 4} more)" if len(problems) > 4 else ""
-            raise ModelError(f"{Path(model_path).name} cannot run on npu-qnn-htp",
+            raise ModelError(f"{shown_as or Path(model_path).name} cannot run on npu-qnn-htp",
                              "; ".join(problems[:4]) + more,
-                             "fix the batch size (edgec's QNN recipe does), use static quantization and no "
+                             "export it with static shapes (edgec fixes the batch), static quantization and no "
                              "control flow")
 
     def profile_model(self, model_path: Path, input_shape: tuple[int, ...], *, batch: int = 1) -> dict[str, Any]:

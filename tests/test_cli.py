@@ -28,6 +28,12 @@ def assert_one_line_error(proc, fragment):
     (["compile", "--budget-evals", "lots"], "invalid int value"),
     (["compile", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent"], "apt-get install"),
     (["profile", "/nonexistent.onnx"], "not found"),
+    (["profile", "/nonexistent.onnx", "--target", "cpu-ort", "--target", "cpu-ort"], "named twice"),
+    (["profile", "/nonexistent.onnx", "--htp-fp16"], "needs --target npu-qnn-htp"),
+    (["profile", "/nonexistent.onnx", "--npu-cpu-fallback"], "applies to npu-qnn-htp"),
+    (["compile", "m.onnx", "--calib-data", "c.npz", "--dataset", "fashion-mnist"], "not to an ONNX model"),
+    (["compile", "m.onnx", "--calib-data", "c.npz", "--input-shape", "1,a"], "a list of integers"),
+    (["compile", "--objective", "max-latency"], "two or more --target"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_input_is_one_line_exit_2(args, fragment):

@@ -42,6 +42,9 @@ def test_htp_simulator_matches_cpu_on_the_qdq_model(small_fp32, images8, tmp_pat
     from edgec.compile.accuracy import onnx_logits
     from edgec.compile.qnn import quantize_qnn
 
+    from edgec.compile.export import set_metadata
+
+    set_metadata(small_fp32, {"edgec_version": "x", "policy": {"a": "int8"}})  # published models carry metadata
     layers = tuple(layer_nodes(onnx.load(str(small_fp32))))
     path = tmp_path / "htp.onnx"
     io = quantize_qnn(small_fp32, path, layers, images8)
@@ -120,6 +123,12 @@ def test_float_io_model_falls_back_and_is_reported(small_fp32, images8, tmp_path
     cov = report["npu_coverage"]
     assert cov["npu_node_share"] < 1.0
     assert {f["op"] for f in cov["fallback"]} == {"QuantizeLinear", "DequantizeLinear"}
+    # With CPU fallback disabled (the default), the QNN EP takes the boundary Q/DQ nodes itself.
+    strict = get_target("npu-qnn-htp", runs=1)
+    try:
+        assert strict.profile_model(path, (1, 8, 8))["npu_coverage"]["npu_node_share"] == 1.0
+    finally:
+        strict.close()
 
 
 def _graph_with(node, inputs, outputs, name="m"):

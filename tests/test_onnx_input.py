@@ -123,3 +123,69 @@ def test_onnx_input_without_calibration_data_is_a_one_line_error(user_model, cap
     assert main(["compile", str(user_model)]) == 2
     err = capsys.readouterr().err
     assert "--calib-data" in err and err.count("\n") == 1
+
+
+def test_npy_inputs_and_contradicting_input_shape(user_model, tmp_path, images8):
+    src = prepare_source(user_model, tmp_path / "src.onnx")
+    np.save(tmp_path / "calib.npy", images8)
+    assert load_inputs(tmp_path / "calib.npy", src, "calibration data", 256).shape == (300, 1, 8, 8)
+    (tmp_path / "text.npz").write_text("not numpy")
+    with pytest.raises(DataError, match="cannot read calibration data"):
+        load_inputs(tmp_path / "text.npz", src, "calibration data", 1)
+    with pytest.raises(ModelError, match="the model fixes it to 1"):
+        prepare_source(user_model, tmp_path / "src2.onnx", input_shape=(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("batch", ["batch", 1])
+def test_cpu_recipe_follows_the_models_input_name_and_fixed_batch(batch, tmp_path, images8):
+    from edgec.compile.quantize import quantize_qdq, weight_precisions
+
+    x = helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [batch, 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3])
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(64, 3)).astype(np.float32), "w")
+    model = helper.make_model(helper.make_graph([helper.make_node("MatMul", ["pixels", "w"], ["y"], name="fc")],
+                                                "g", [x], [y], [w]), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    quantize_qdq(tmp_path / "m.onnx", tmp_path / "q.onnx", ("fc",), images8.reshape(300, 64))
+    assert weight_precisions(onnx.load(str(tmp_path / "q.onnx"))) == {"fc": "int8"}
+
+
+def test_a_model_onnx_runtime_cannot_run_is_one_line(tmp_path, images8, capsys):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])
+    w = numpy_helper.from_array(np.ones((64, 3), np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("FooOp", ["h"], ["y"], domain="com.bogus")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w]),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.bogus", 1)])
+    onnx.save(model, str(tmp_path / "custom.onnx"))
+    np.savez(tmp_path / "c.npz", x=images8.reshape(300, 64))
+    out = tmp_path / "run"
+    assert main(["compile", str(tmp_path / "custom.onnx"), "--calib-data", str(tmp_path / "c.npz"),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "ONNX Runtime cannot load" in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_htp_refuses_control_flow_in_a_users_model_up_front_naming_it(tmp_path, images8, capsys):
+    from edgec.targets import get_target
+
+    if not get_target("npu-qnn-htp").availability()[0]:
+        pytest.skip("npu-qnn-htp unavailable")
+    f = helper.make_tensor_value_info
+    branch = helper.make_graph([helper.make_node("Identity", ["h"], ["b"])], "b", [], [f("b", TensorProto.FLOAT, [1, 3])])
+    w = numpy_helper.from_array(np.ones((64, 3), np.float32), "w")
+    c = numpy_helper.from_array(np.array(True), "c")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("If", ["c"], ["y"], name="my_if", then_branch=branch, else_branch=branch)]
+    model = helper.make_model(helper.make_graph(nodes, "g", [f("x", TensorProto.FLOAT, ["n", 64])],
+                                                [f("y", TensorProto.FLOAT, [1, 3])], [w, c]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(model, str(tmp_path / "if.onnx"))
+    np.savez(tmp_path / "c.npz", x=images8.reshape(300, 64))
+    out = tmp_path / "run"
+    assert main(["compile", str(tmp_path / "if.onnx"), "--calib-data", str(tmp_path / "c.npz"), "--out", str(out),
+                 "--target", "cpu-ort", "--target", "npu-qnn-htp"]) == 2
+    err = capsys.readouterr().err
+    assert "if.onnx cannot run on npu-qnn-htp: node 'my_if' (If)" in err and err.count("\n") == 1
+    assert not out.exists()
