@@ -49,18 +49,69 @@ def _tensors(graph: onnx.GraphProto):
                 yield from _tensors(g)
 
 
+MAX_TENSOR_BYTES = 4 << 30   # one initializer or one input sample larger than this is refused (memory bomb)
+
+
 def _check_external_data(model: onnx.ModelProto, base: Path) -> None:
+    """External data must be a regular, singly linked file inside ``base`` (no absolute path, no
+    ``..``, no symlink or hardlink to elsewhere — the bypasses onnx fixed in 1.16 and 1.21), and its
+    declared offset/length must lie within that file and match the tensor's declared size."""
     root = base.resolve()
     for tensor in _tensors(model.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        location = {e.key: e.value for e in tensor.external_data}.get("location", "")
-        resolved = (base / location).resolve()
-        if (not location or os.path.isabs(location) or ".." in Path(location).parts
-                or not resolved.is_relative_to(root) or not resolved.is_file()):
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        path = base / location
+        resolved = path.resolve()
+        if (not location or os.path.isabs(location) or ".." in Path(location).parts or path.is_symlink()
+                or not resolved.is_relative_to(root) or not resolved.is_file() or resolved.stat().st_nlink > 1):
             raise ModelError(f"tensor {tensor.name!r} points at external data {location!r}",
-                             "external data must be a file inside the model's folder",
+                             "external data must be a regular file inside the model's folder (no links)",
                              "re-save the model with its data next to it (onnx.save(..., save_as_external_data=True))")
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", -1))
+        except ValueError:
+            offset, length = -1, -1
+        size = resolved.stat().st_size
+        need = _declared_bytes(tensor)
+        if offset < 0 or offset > size or (length >= 0 and (offset + length > size or need is not None
+                                                             and length != need)):
+            raise ModelError(f"tensor {tensor.name!r} has bad external data bounds",
+                             f"offset {info.get('offset', 0)}, length {info.get('length', '-')} in a "
+                             f"{size}-byte file for a {need}-byte tensor", "re-save the model")
+
+
+def _declared_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes the tensor's dims and dtype declare (None for strings/unknown types)."""
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except Exception:
+        return None
+    if tensor.data_type == onnx.TensorProto.STRING:
+        return None
+    n = 1
+    for d in tensor.dims:
+        n *= int(d)
+    return n * itemsize
+
+
+def _check_sizes(model: onnx.ModelProto) -> None:
+    """Refuse tensors and inputs whose declared sizes are absurd (memory bombs)."""
+    for tensor in _tensors(model.graph):
+        need = _declared_bytes(tensor)
+        if need is not None and (need > MAX_TENSOR_BYTES or any(d < 0 for d in tensor.dims)):
+            raise ModelError(f"tensor {tensor.name!r} declares {list(tensor.dims)}",
+                             f"{need} bytes, over edgec's limit of {MAX_TENSOR_BYTES >> 30} GiB per tensor",
+                             "check the export")
+    for value in model.graph.input:
+        dims = [d.dim_value for d in value.type.tensor_type.shape.dim[1:] if d.HasField("dim_value")]
+        n = 1
+        for d in dims:
+            n *= max(d, 1)
+        if n * 4 > MAX_TENSOR_BYTES:
+            raise ModelError(f"input {value.name!r} declares a sample of {n} elements",
+                             f"over edgec's limit of {MAX_TENSOR_BYTES >> 30} GiB per sample", "check the export")
 
 
 def load_untrusted(path: Path) -> onnx.ModelProto:
@@ -73,6 +124,7 @@ def load_untrusted(path: Path) -> onnx.ModelProto:
     except Exception as e:  # protobuf raises assorted types on garbage
         raise ModelError(f"{path} is not a readable ONNX model", type(e).__name__, "pass a valid .onnx file") from None
     _check_external_data(model, path.parent)
+    _check_sizes(model)
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
         onnx.checker.check_model(model)

@@ -181,6 +181,8 @@ def _coerce(key: str, type_text: str, value: Any) -> Any:
         ok = isinstance(value, str)
     if not ok:
         kind = ("a list of integers, e.g. 1,3,224,224" if wants.startswith("tuple[int") else
-                "a list of names" if wants.startswith("tuple") else f"a {wants.split()[0]}")
+                "a list of names" if wants.startswith("tuple") else "true or false" if wants.startswith("bool")
+                else "an integer" if wants.startswith("int") else "a number" if wants.startswith("float")
+                else "a string")
         raise ConfigError(f"bad type for {key}: {value!r}", f"expected {kind}", f"set {key} to {kind}")
     return value

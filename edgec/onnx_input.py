@@ -22,6 +22,7 @@ import numpy as np
 
 import edgec
 from edgec.config import CompileConfig
+from edgec.errors import ModelError
 from edgec.pipeline import (MaxLatencyEvaluator, Progress, RunResult, TargetBuilder, _evaluate_cached, _publish, check_resume,
                             open_targets,
                             search_loop)
@@ -105,7 +106,10 @@ def run_onnx_compile(cfg: CompileConfig, progress: Progress | None = None) -> Ru
                       else calib_x)
             data_paths = [Path(cfg.model), Path(cfg.calib_data)] + ([Path(cfg.eval_data)] if cfg.eval_data else [])
             check_resume(run, cfg, _fingerprint(data_paths))
-            reference_out = onnx_logits(source.path, eval_x, threads=cfg.threads)
+            try:
+                reference_out = onnx_logits(source.path, eval_x, threads=cfg.threads)
+            except ModelError as e:  # name the user's file, not edgec's working copy
+                raise ModelError(e.what.replace(source.path.name, Path(cfg.model).name), e.why, e.fix) from None
             data_name = f"{Path(cfg.eval_data).name if cfg.eval_data else Path(cfg.calib_data).name + ' (in-sample)'}"
             evaluators = [PolicyEvaluator(source, t, run.study / "models", calib_x, eval_x, reference_out, cfg,
                                           data_name) for t in targets]
