@@ -5,8 +5,10 @@ Steps, as ONNX Runtime's QNN documentation prescribes
 
 1. fix the batch dimension (HTP compiles static shapes only);
 2. ``qnn_preprocess_model`` (fuses patterns HTP wants as one op);
-3. ``get_qnn_qdq_config`` + ``quantize``: uint8 activations and weights, MinMax
-   calibration on ≥ 256 training images. The per-layer policy picks the
+3. ``get_qnn_qdq_config`` + ``quantize``: uint8 activations, int8 symmetric
+   per-channel weights, MinMax calibration on ≥ 256 training images. (Per-tensor
+   uint8 weights, the function's default, cost 6.3 points on the largest fashion-mnist
+   subnet: 85.6 % vs 91.9 % FP32 on 2,000 test images; per-channel: 91.85 %.) The per-layer policy picks the
    *activation* precision: a layer the :class:`~edgec.search.space.QuantPolicy`
    marks ``int8`` gets uint8 activations, one it marks ``fp32`` gets uint16
    activations (HTP has no FP32 path worth measuring, so "keep this layer
@@ -39,7 +41,7 @@ from edgec.compile.export import layer_nodes
 from edgec.compile.quantize import MIN_CALIBRATION_IMAGES
 from edgec.errors import DataError, ExportError
 
-RECIPE = "qnn-qdq-u8u8-a16"  # uint8 weights; uint8 activations, uint16 where the policy keeps a layer precise
+RECIPE = "qnn-qdq-u8s8-a16"  # int8 per-channel weights; uint8 activations, uint16 where the policy keeps a layer precise
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,7 @@ def quantize_qnn(fp32_path: Path, out_path: Path, int8_layers: tuple[str, ...], 
     """Write the HTP QDQ model of ``fp32_path`` (batch fixed to 1) to ``out_path``.
 
     ``int8_layers``: layers with uint8 output activations; every other conv/linear layer
-    (those a policy keeps "FP32") gets uint16 activations. Weights are uint8 throughout.
+    (those a policy keeps "FP32") gets uint16 activations. Weights are int8 per channel throughout.
     ``calib_x``: (N ≥ 256, C, H, W) float32. Returns the I/O quantization parameters when
     ``quantized_io`` (the model then takes and returns uint8/uint16), else ``None``.
     Raises :class:`DataError` (too few images) or :class:`ExportError`.
@@ -128,7 +130,8 @@ def quantize_qnn(fp32_path: Path, out_path: Path, int8_layers: tuple[str, ...], 
             with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
                 src = pre if qnn_preprocess_model(str(fixed), str(pre)) else fixed
                 config = get_qnn_qdq_config(str(src), _PerImage(input_name, calib_x),
-                                            activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8,
+                                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                            per_channel=True, weight_symmetric=True,
                                             init_overrides=overrides or None)
                 quantize(str(src), str(Path(tmp) / "qdq.onnx"), config)
         except Exception as e:  # ORT raises assorted types

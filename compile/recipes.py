@@ -6,8 +6,8 @@ policy (INT8 / FP32 per conv or linear layer, SimQ-NAS §3) means per recipe:
 
 - ``ort-qdq-u8s8`` (ONNX Runtime CPU): INT8 layers get QDQ (uint8 activations, int8
   per-channel weights), FP32 layers stay float (:mod:`edgec.compile.quantize`);
-- ``qnn-qdq-u8u8-a16`` (Qualcomm HTP): every layer is quantized; INT8 layers get uint8
-  activations, FP32 layers uint16 activations; batch fixed to 1; quantized I/O
+- ``qnn-qdq-u8s8-a16`` (Qualcomm HTP): every layer is quantized (int8 per-channel weights);
+  INT8 layers get uint8 activations, FP32 layers uint16 activations; batch fixed to 1; quantized I/O
   (:mod:`edgec.compile.qnn`);
 - ``nncf-ptq-int8`` (OpenVINO): NNCF post-training quantization with the FP32 layers as
   the ignored scope (:mod:`edgec.compile.nncf_ptq`).
@@ -21,7 +21,7 @@ import numpy as np
 
 from edgec.errors import ConfigError
 
-RECIPES = ("ort-qdq-u8s8", "qnn-qdq-u8u8-a16", "nncf-ptq-int8")
+RECIPES = ("ort-qdq-u8s8", "qnn-qdq-u8s8-a16", "nncf-ptq-int8")
 
 
 def build(recipe: str, fp32_path: Path, out_path: Path, int8_layers: tuple[str, ...],
@@ -39,7 +39,7 @@ def build(recipe: str, fp32_path: Path, out_path: Path, int8_layers: tuple[str, 
 
         quantize_qdq(fp32_path, out_path, int8_layers, calib_x)
         return None
-    if recipe == "qnn-qdq-u8u8-a16":
+    if recipe == "qnn-qdq-u8s8-a16":
         from edgec.compile.qnn import quantize_qnn
 
         io = quantize_qnn(fp32_path, out_path, int8_layers, calib_x)

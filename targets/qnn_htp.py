@@ -84,7 +84,7 @@ def macs_by_node(model: onnx.ModelProto) -> dict[str, int]:
 
 @register("npu-qnn-htp")
 class NpuQnnHtp(Target):
-    recipe = "qnn-qdq-u8u8-a16"  # see edgec.compile.qnn
+    recipe = "qnn-qdq-u8s8-a16"  # see edgec.compile.qnn
     static_batch = True
     accuracy_backend = "onnxruntime-cpu emulation of the QDQ graph (HTP outputs checked on a sample)"
 

@@ -203,5 +203,5 @@ def test_targets_json_lists_every_target_with_its_recipe_and_kind():
     for r in rows.values():
         assert {"available", "why_not", "recipe", "latency_kind", "runtime", "device"} <= set(r)
         assert r["available"] or r["why_not"]
-    assert rows["npu-qnn-htp"]["recipe"] == "qnn-qdq-u8u8-a16"
+    assert rows["npu-qnn-htp"]["recipe"] == "qnn-qdq-u8s8-a16"
     assert rows["cpu-ort"]["latency_kind"] == "measured"
