@@ -2,7 +2,10 @@
 
 The loop "ask a candidate → compile it → measure it on the target → tell the
 result" lives here, so the search (``edgec.search``) knows no runtime and the
-targets (``edgec.targets``) know no search.
+targets (``edgec.targets``) know no search. The first ``--target`` is searched and
+chosen on; after the search the Pareto front and the reference are built with every
+target's recipe, measured there and published per target (:func:`_publish`).
+:mod:`edgec.onnx_input` reuses the same search loop and publishing for a user's ONNX model.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Run outputs: report.json (schema-versioned), candidates.csv, manifest.json, report.html.
 
 Every file is written through a temporary file and a rename (:func:`write_atomic`).
-Latency numbers carry their kind (``measured`` here for cpu-ort) and are never mixed.
+Latency numbers carry their kind (``measured`` on the CPUs, ``simulated`` for the HTP simulator) and are
+never mixed: per-device rows compare candidates within one target only.
 """
 
 from __future__ import annotations
