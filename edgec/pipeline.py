@@ -353,6 +353,8 @@ def run_compile(cfg: CompileConfig, progress: Progress | None = None) -> RunResu
             reference, evals, failed = _search(cfg, spec, store, searcher, progress)
             context = {"dataset_info": {"name": ds.name, "fingerprint": ds.fingerprint(), **ds.provenance},
                        "model_info": {"supernet": supernet_info}}
+            if targets[0].recipe.startswith("qnn-"):  # the HTP has no FP32 path: "FP32" layers get 16-bit activations
+                context["reference_description"] = "largest subnet, all layers at 16-bit activations"
             return _publish(cfg, run.path, evaluators, reference, evals, failed, progress, context)
         finally:
             for t in targets:
