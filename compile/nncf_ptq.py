@@ -10,18 +10,13 @@ with its int8 kernels.
 
 from __future__ import annotations
 
-import io
-import logging
 import shutil
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from edgec.compile.export import layer_nodes
-from edgec.compile.quantize import MIN_CALIBRATION_IMAGES
-from edgec.errors import DataError, ExportError
+from edgec.compile.quantize import load_for_policy, quantizer_errors
 
 
 def quantize_nncf(fp32_path: Path, out_path: Path, int8_layers: tuple[str, ...], calib_x: np.ndarray) -> Path:
@@ -33,27 +28,14 @@ def quantize_nncf(fp32_path: Path, out_path: Path, int8_layers: tuple[str, ...],
     if not int8_layers:
         shutil.copyfile(fp32_path, out_path)
         return out_path
-    if len(calib_x) < MIN_CALIBRATION_IMAGES:
-        raise DataError("too few calibration images", f"got {len(calib_x)}, need ≥ {MIN_CALIBRATION_IMAGES}",
-                        "pass more training data")
-    model = onnx.load(str(fp32_path))
-    layers = layer_nodes(model)
-    unknown = sorted(set(int8_layers) - set(layers))
-    if unknown:
-        raise ExportError(f"policy names layers the model lacks: {', '.join(unknown[:3])}",
-                          f"model layers are {', '.join(sorted(layers)[:5])}…", "fix the policy")
+    model, layers, data_input = load_for_policy(fp32_path, int8_layers, calib_x)
     ignored = sorted(set(layers) - set(int8_layers))
-    name = model.graph.input[0].name
-    logging.getLogger("nncf").setLevel(logging.ERROR)
-    try:
-        with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
-            import nncf
+    name = data_input.name
+    with quantizer_errors("NNCF quantization"):
+        import nncf
 
-            dataset = nncf.Dataset([calib_x[i:i + 1] for i in range(len(calib_x))], lambda x: {name: x})
-            quantized = nncf.quantize(model, dataset, subset_size=len(calib_x),
-                                      ignored_scope=nncf.IgnoredScope(names=ignored) if ignored else None)
-    except Exception as e:  # NNCF raises assorted types
-        raise ExportError("NNCF quantization failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                          "report this with the candidate config") from None
+        dataset = nncf.Dataset([calib_x[i:i + 1] for i in range(len(calib_x))], lambda x: {name: x})
+        quantized = nncf.quantize(model, dataset, subset_size=len(calib_x),
+                                  ignored_scope=nncf.IgnoredScope(names=ignored) if ignored else None)
     onnx.save(quantized, str(out_path))
     return out_path

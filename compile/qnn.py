@@ -25,11 +25,8 @@ Steps, as ONNX Runtime's QNN documentation prescribes
 
 from __future__ import annotations
 
-import io
-import logging
 import shutil
 import tempfile
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,9 +34,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from edgec.compile.export import layer_nodes
-from edgec.compile.quantize import MIN_CALIBRATION_IMAGES
-from edgec.errors import DataError, ExportError
+from edgec.compile.quantize import load_for_policy, quantizer_errors
+from edgec.errors import ExportError
 
 RECIPE = "qnn-qdq-u8s8-a16"  # int8 per-channel weights; uint8 activations, uint16 where the policy keeps a layer precise
 
@@ -106,38 +102,22 @@ def quantize_qnn(fp32_path: Path, out_path: Path, int8_layers: tuple[str, ...], 
     ``quantized_io`` (the model then takes and returns uint8/uint16), else ``None``.
     Raises :class:`DataError` (too few images) or :class:`ExportError`.
     """
-    if len(calib_x) < MIN_CALIBRATION_IMAGES:
-        raise DataError("too few calibration images", f"got {len(calib_x)}, need ≥ {MIN_CALIBRATION_IMAGES}",
-                        "pass more training data")
     from onnxruntime.quantization import QuantType, quantize
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
 
-    model = onnx.load(str(fp32_path))
-    layers = layer_nodes(model)
-    unknown = sorted(set(int8_layers) - set(layers))
-    if unknown:
-        raise ExportError(f"policy names layers the model lacks: {', '.join(unknown[:3])}",
-                          f"model layers are {', '.join(sorted(layers)[:5])}…", "fix the policy")
+    model, layers, data_input = load_for_policy(fp32_path, int8_layers, calib_x)
     overrides = {node.output[0]: [{"quant_type": QuantType.QUInt16}]
                  for name, node in layers.items() if name not in set(int8_layers)}
-    input_name = model.graph.input[0].name
-    logging.getLogger("onnxruntime").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="edgec-qnn-") as tmp:
         fixed, pre = Path(tmp) / "fixed.onnx", Path(tmp) / "pre.onnx"
         del model.metadata_props[:]  # qnn_preprocess_model fails on models that carry metadata (ORT 1.32)
         onnx.save(fix_batch(model), str(fixed))
-        try:
-            with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
-                src = pre if qnn_preprocess_model(str(fixed), str(pre)) else fixed
-                config = get_qnn_qdq_config(str(src), _PerImage(input_name, calib_x),
-                                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                            per_channel=True, weight_symmetric=True,
-                                            init_overrides=overrides or None)
-                quantize(str(src), str(Path(tmp) / "qdq.onnx"), config)
-        except Exception as e:  # ORT raises assorted types
-            raise ExportError("QNN quantization failed",
-                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                              "report this with the model") from None
+        with quantizer_errors("QNN quantization", "report this with the model"):
+            src = pre if qnn_preprocess_model(str(fixed), str(pre)) else fixed
+            config = get_qnn_qdq_config(str(src), _PerImage(data_input.name, calib_x),
+                                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                        per_channel=True, weight_symmetric=True, init_overrides=overrides or None)
+            quantize(str(src), str(Path(tmp) / "qdq.onnx"), config)
         if not quantized_io:
             shutil.copyfile(Path(tmp) / "qdq.onnx", out_path)
             return None

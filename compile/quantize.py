@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import logging
 import shutil
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,37 @@ class _Batches:
         return next(self._it, None)
 
 
+def load_for_policy(fp32_path: Path, int8_layers: tuple[str, ...], calib_x: np.ndarray
+                    ) -> tuple[onnx.ModelProto, dict[str, onnx.NodeProto], onnx.ValueInfoProto]:
+    """What every policy-driven recipe checks first: ≥ 256 calibration samples and a policy that names
+    only layers the model has. Returns (model, {layer: node}, the graph's data input).
+    Raises :class:`DataError` / :class:`ExportError`."""
+    if len(calib_x) < MIN_CALIBRATION_IMAGES:
+        raise DataError("too few calibration images", f"got {len(calib_x)}, need ≥ {MIN_CALIBRATION_IMAGES}",
+                        "pass more training data")
+    model = onnx.load(str(fp32_path))
+    layers = layer_nodes(model)
+    unknown = sorted(set(int8_layers) - set(layers))
+    if unknown:
+        raise ExportError(f"policy names layers the model lacks: {', '.join(unknown[:3])}",
+                          f"model layers are {', '.join(sorted(layers)[:5])}…", "fix the policy")
+    inits = {t.name for t in model.graph.initializer}
+    return model, layers, next(i for i in model.graph.input if i.name not in inits)
+
+
+@contextmanager
+def quantizer_errors(what: str, fix: str = "report this with the candidate config"):
+    """Silence a quantization library's prints and turn whatever it raises into one :class:`ExportError`."""
+    for name in ("onnxruntime", "nncf"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+            yield
+    except Exception as e:  # the libraries raise assorted types
+        raise ExportError(f"{what} failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                          fix) from None
+
+
 def quantize_qdq(fp32_path: Path, out_path: Path, int8_layers: tuple[str, ...], calib_x: np.ndarray) -> Path:
     """Write the QDQ model of ``fp32_path`` to ``out_path`` with only ``int8_layers`` quantized.
 
@@ -48,31 +79,17 @@ def quantize_qdq(fp32_path: Path, out_path: Path, int8_layers: tuple[str, ...], 
     if not int8_layers:
         shutil.copyfile(fp32_path, out_path)
         return out_path
-    if len(calib_x) < MIN_CALIBRATION_IMAGES:
-        raise DataError("too few calibration images", f"got {len(calib_x)}, need ≥ {MIN_CALIBRATION_IMAGES}",
-                        "pass more training data")
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    model = onnx.load(str(fp32_path))
-    layers = layer_nodes(model)
-    inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-    dim0 = inputs[0].type.tensor_type.shape.dim[0]
+    _, layers, data_input = load_for_policy(fp32_path, int8_layers, calib_x)
+    dim0 = data_input.type.tensor_type.shape.dim[0]
     fixed_batch = dim0.dim_value if dim0.HasField("dim_value") and dim0.dim_value > 0 else None
-    unknown = sorted(set(int8_layers) - set(layers))
-    if unknown:
-        raise ExportError(f"policy names layers the model lacks: {', '.join(unknown[:3])}",
-                          f"model layers are {', '.join(sorted(layers)[:5])}…", "fix the policy")
     exclude = sorted(set(layers) - set(int8_layers))
-    logging.getLogger("onnxruntime").setLevel(logging.ERROR)
-    try:
-        with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
-            reader = _Batches(calib_x, inputs[0].name, fixed_batch or 64, fixed=fixed_batch is not None)
-            quantize_static(str(fp32_path), str(out_path), reader, quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                            calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude)
-    except Exception as e:  # ORT raises assorted types
-        raise ExportError("quantization failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                          "report this with the candidate config") from None
+    with quantizer_errors("quantization"):
+        reader = _Batches(calib_x, data_input.name, fixed_batch or 64, fixed=fixed_batch is not None)
+        quantize_static(str(fp32_path), str(out_path), reader, quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude)
     return out_path
 
 

@@ -77,6 +77,13 @@ class Target(abc.ABC):
         """Latency of ``model_path`` on random inputs of shape ``(batch, *input_shape)`` float32."""
 
     static_batch: bool = False  # True where the recipe fixes the batch (the model then has one batch size)
+
+    def _set_run_options(self, threads: int, warmup_runs: int, runs: int, timeout_s: float) -> None:
+        """Check and keep the measurement options every target takes; :class:`TargetError` if out of range."""
+        if not 1 <= threads <= 256 or runs < 1 or warmup_runs < 0 or timeout_s <= 0:
+            raise TargetError(f"bad {self.name} options", f"threads={threads} (1..256), runs={runs} (≥ 1), "
+                              f"warmup_runs={warmup_runs} (≥ 0), timeout_s={timeout_s} (> 0)", "fix the values")
+        self.threads, self.warmup_runs, self.runs, self.timeout_s = threads, warmup_runs, runs, timeout_s
     # Where accuracy of this target's models is computed: its own runtime when predict() works,
     # else ONNX Runtime's CPU kernels on the same graph (an emulation, labelled so in reports).
     accuracy_backend: str = "onnxruntime-cpu"

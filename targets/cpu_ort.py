@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from edgec.errors import TargetError
 from edgec.targets.base import LatencyStats, Target, register
 from edgec.targets.worker import Worker, call_for_target
 
@@ -37,10 +36,7 @@ class CpuOrt(Target):
     recipe = "ort-qdq-u8s8"  # static QDQ, uint8 activations, int8 per-channel weights
 
     def __init__(self, threads: int = 2, warmup_runs: int = 30, runs: int = 300, timeout_s: float = 120.0) -> None:
-        if not 1 <= threads <= 256 or runs < 1 or warmup_runs < 0 or timeout_s <= 0:
-            raise TargetError("bad cpu-ort options", f"threads={threads} (1..256), runs={runs} (≥ 1), "
-                              f"warmup_runs={warmup_runs} (≥ 0), timeout_s={timeout_s} (> 0)", "fix the values")
-        self.threads, self.warmup_runs, self.runs, self.timeout_s = threads, warmup_runs, runs, timeout_s
+        self._set_run_options(threads, warmup_runs, runs, timeout_s)
         self._worker = Worker("edgec.targets.ort_worker")
 
     def availability(self) -> tuple[bool, str]:

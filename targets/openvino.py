@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from edgec.errors import TargetError
 from edgec.targets.base import LatencyStats, Target, register
 from edgec.targets.cpu_ort import cpu_model
 from edgec.targets.worker import Worker, call_for_target
@@ -30,10 +29,7 @@ class _OpenVino(Target):
     accuracy_backend = "openvino"
 
     def __init__(self, threads: int = 2, warmup_runs: int = 30, runs: int = 300, timeout_s: float = 120.0) -> None:
-        if not 1 <= threads <= 256 or runs < 1 or warmup_runs < 0 or timeout_s <= 0:
-            raise TargetError(f"bad {self.name} options", f"threads={threads} (1..256), runs={runs} (≥ 1), "
-                              f"warmup_runs={warmup_runs} (≥ 0), timeout_s={timeout_s} (> 0)", "fix the values")
-        self.threads, self.warmup_runs, self.runs, self.timeout_s = threads, warmup_runs, runs, timeout_s
+        self._set_run_options(threads, warmup_runs, runs, timeout_s)
         self._worker = Worker("edgec.targets.ov_worker")
 
     def availability(self) -> tuple[bool, str]:

@@ -91,11 +91,10 @@ class NpuQnnHtp(Target):
     def __init__(self, threads: int = 2, warmup_runs: int = 1, runs: int = 5, timeout_s: float = 600.0,
                  clock_mhz: float = DEFAULT_CLOCK_MHZ, require_full_npu: bool = True,
                  htp_options: dict | None = None) -> None:
-        if runs < 1 or warmup_runs < 0 or timeout_s <= 0 or not clock_mhz > 0:
-            raise TargetError("bad npu-qnn-htp options", f"runs={runs} (≥ 1), warmup_runs={warmup_runs} (≥ 0), "
-                              f"timeout_s={timeout_s} (> 0), clock_mhz={clock_mhz} (> 0)", "fix the values")
-        self.threads = threads  # recorded only: the simulator runs on the host as it likes
-        self.warmup_runs, self.runs, self.timeout_s, self.clock_mhz = warmup_runs, runs, timeout_s, clock_mhz
+        self._set_run_options(threads, warmup_runs, runs, timeout_s)  # threads: recorded only (the simulator's own)
+        if not clock_mhz > 0:
+            raise TargetError("bad npu-qnn-htp options", f"clock_mhz={clock_mhz} (> 0)", "fix the value")
+        self.clock_mhz = clock_mhz
         self.require_full_npu = require_full_npu
         self.htp_options = dict(htp_options or {})
         self.simulated = platform.machine().lower() in ("x86_64", "amd64")
