@@ -48,19 +48,22 @@ class PolicyEvaluator(TargetBuilder):
         """Write the source model built with the candidate's policy for the target; (path, 0.0)."""
         return self._build(candidate, self.source.path, self.calib_x), 0.0
 
-    def quality(self, candidate: Candidate) -> dict:
+    def quality(self, candidate: Candidate, outputs: np.ndarray | None = None) -> dict:
+        """Fidelity of the built model to the FP32 model on the evaluation inputs (``outputs``: the
+        built model's outputs there, when already computed)."""
         from edgec.compile.source import fidelity
 
-        result = fidelity(self.reference_out, self.outputs(candidate, self.eval_x))
-        return {**result, "on": self.data_name, "computed_with": self.target.accuracy_backend}
+        out = self.outputs(candidate, self.eval_x) if outputs is None else outputs
+        return {**fidelity(self.reference_out, out), "on": self.data_name,
+                "computed_with": self.target.accuracy_backend}
 
     def test_quality(self, candidate: Candidate) -> tuple[float, dict]:
         from edgec.pipeline import DEVICE_CHECK_SAMPLES
 
-        q = self.quality(candidate)
+        out = self.outputs(candidate, self.eval_x)
+        q = self.quality(candidate, out)
         quality = {"fidelity": q}
-        check = self.device_check(candidate, self.eval_x[:DEVICE_CHECK_SAMPLES],
-                                  self.outputs(candidate, self.eval_x[:DEVICE_CHECK_SAMPLES]))
+        check = self.device_check(candidate, self.eval_x[:DEVICE_CHECK_SAMPLES], out)
         if check:
             quality["device_check"] = check
         return q["score"], quality

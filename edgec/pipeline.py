@@ -192,9 +192,13 @@ class Evaluator(TargetBuilder):
     """Compiles one candidate for one target (extract → BN recalibration → ONNX → parity → the
     target's quantization recipe) and measures it there. ``fp32.onnx`` is shared by all targets."""
 
-    def __init__(self, supernet, ds: Dataset, target: Target, models_dir: Path, cfg: CompileConfig) -> None:
+    def __init__(self, supernet, ds: Dataset, target: Target, models_dir: Path, cfg: CompileConfig,
+                 fp32_logits: dict | None = None) -> None:
+        """``fp32_logits``: a dict the evaluators of one run share, so each candidate's FP32 test logits
+        (what every target's artifact is compared with) are computed once."""
         self.supernet, self.ds, self.target, self.models_dir, self.cfg = supernet, ds, target, models_dir, cfg
         self.input_shape = ds.input_shape
+        self._fp32_logits = {} if fp32_logits is None else fp32_logits
 
     def compile(self, candidate: Candidate) -> tuple[Path, float]:
         """Write the candidate's model for the target; returns (path, parity max |diff| of the FP32 export)."""
@@ -236,7 +240,9 @@ class Evaluator(TargetBuilder):
         fp32 = self.models_dir / candidate.id / "fp32.onnx"
         if not fp32.is_file():
             self.compile(candidate)
-        quality = {"fidelity": {**fidelity(onnx_logits(fp32, ds.test_x, threads=self.cfg.threads), logits),
+        if candidate.id not in self._fp32_logits:
+            self._fp32_logits[candidate.id] = onnx_logits(fp32, ds.test_x, threads=self.cfg.threads)
+        quality = {"fidelity": {**fidelity(self._fp32_logits[candidate.id], logits),
                                 "against": "the candidate's FP32 model (onnxruntime-cpu)", "on": "test split",
                                 "computed_with": self.target.accuracy_backend}}
         check = self.device_check(candidate, ds.test_x[:DEVICE_CHECK_SAMPLES], logits)
@@ -348,7 +354,8 @@ def run_compile(cfg: CompileConfig, progress: Progress | None = None) -> RunResu
                 raise ConfigError(f"--budget-evals {cfg.budget_evals} is below the {stored} evaluations already stored",
                                   "--resume continues a search, it cannot shrink it",
                                   f"pass --budget-evals {stored} or more")
-            evaluators = [Evaluator(supernet, ds, t, run.study / "models", cfg) for t in targets]
+            fp32_logits: dict = {}
+            evaluators = [Evaluator(supernet, ds, t, run.study / "models", cfg, fp32_logits) for t in targets]
             searcher = MaxLatencyEvaluator(evaluators) if cfg.objective == "max-latency" else evaluators[0]
             reference, evals, failed = _search(cfg, spec, store, searcher, progress)
             context = {"dataset_info": {"name": ds.name, "fingerprint": ds.fingerprint(), **ds.provenance},

@@ -11,9 +11,9 @@ import time
 import numpy as np
 
 
-def measure_ort(model_path: str, input_shape: tuple[int, ...], batch: int, threads: int, warmup_runs: int,
-                runs: int, providers: list[str], seed: int = 0) -> dict:
-    """Time ``runs`` single-batch inferences after ``warmup_runs``; returns samples in ms and versions."""
+def _session_options(threads: int):
+    """The cpu-ort configuration, shared by timing and profiling: all graph optimizations, ``threads``
+    intra-op threads, one inter-op thread, sequential execution, warnings off."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -22,6 +22,15 @@ def measure_ort(model_path: str, input_shape: tuple[int, ...], batch: int, threa
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.log_severity_level = 3
+    return so
+
+
+def measure_ort(model_path: str, input_shape: tuple[int, ...], batch: int, threads: int, warmup_runs: int,
+                runs: int, providers: list[str], seed: int = 0) -> dict:
+    """Time ``runs`` single-batch inferences after ``warmup_runs``; returns samples in ms and versions."""
+    import onnxruntime as ort
+
+    so = _session_options(threads)
     t0 = time.perf_counter()
     sess = ort.InferenceSession(model_path, so, providers=providers)
     session_ms = (time.perf_counter() - t0) * 1e3
@@ -63,11 +72,7 @@ def profile_ort(model_path: str, input_shape: tuple[int, ...], batch: int, threa
 
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    so = _session_options(threads)
     with tempfile.TemporaryDirectory(prefix="edgec-ort-prof-") as tmp:
         so.enable_profiling = True
         so.profile_file_prefix = os.path.join(tmp, "ort")
