@@ -134,7 +134,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from edgec.errors import ConfigError, ModelError
-    from edgec.targets import get_target
+    from edgec.targets import open_target
 
     for name, low, high in (("batch", 1, 4096), ("threads", 1, 256), ("runs", 1, 100_000)):
         value = getattr(args, name)
@@ -165,15 +165,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgec-profile-") as tmp:
         for name in names:
-            options = {}
-            if name == "npu-qnn-htp":
-                options["require_full_npu"] = not args.npu_cpu_fallback
-                if args.htp_fp16:  # the QNN EP requires a SoC id with fp16; 57 is one the simulator accepts
-                    options["htp_options"] = {"enable_htp_fp16_precision": "1", "soc_model": "57"}
-            target = get_target(name, threads=args.threads, runs=args.runs, **options)
+            target = open_target(name, args.threads, args.runs, args.npu_cpu_fallback, args.htp_fp16)
             target.require_available()
             target.check_source(path, shown_as=path.name)
-            model, note = _model_for(target, path, calib, Path(tmp), fp16=bool(options.get("htp_options")))
+            model, note = _model_for(target, path, calib, Path(tmp), fp16=args.htp_fp16 and name == "npu-qnn-htp")
             try:
                 report = target.profile_model(model, shape[1:], batch=args.batch)
             finally:

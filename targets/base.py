@@ -110,6 +110,11 @@ class Target(abc.ABC):
                 "peak_rss_bytes": stats.extra.get("peak_rss_bytes"), "size_bytes": Path(model_path).stat().st_size,
                 "top_ops": top_ops, "npu_coverage": coverage}
 
+    def run(self, model_path: Path, inputs: np.ndarray, work_dir: Path) -> np.ndarray | None:
+        """Outputs of the model on the device itself for a few ``inputs`` (N, ...) in the model's input
+        dtype, where :meth:`predict` is ``None`` (the accuracy was emulated); ``None`` elsewhere."""
+        return None
+
     def check_source(self, model_path: Path, shown_as: str | None = None) -> None:
         """Refuse, before any work, a user's float model this target cannot run (a one-line
         :class:`~edgec.errors.ModelError` naming the nodes). Default: accept."""

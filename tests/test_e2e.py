@@ -157,8 +157,11 @@ def test_compile_for_three_targets_with_the_max_latency_objective(tmp_path):
         assert a["latency_kind"] == "simulated" and a["recipe"] == "qnn-qdq-u8s8-a16"
         assert a["input"]["shape"] == [1, 1, 8, 8] and a["input"]["quantized_io"]["input_dtype"] == "uint8"
         assert "model_ctx.onnx" in a["files"] and any(f.endswith(".bin") for f in a["files"])
+        assert a["quality"]["device_check"]["samples"] == 16  # the simulator's own outputs were checked
         assert all((out / a["path"]).parent.joinpath(f).is_file() for f in a["files"])
     assert all(a["latency_kind"] == "measured" for t in ("cpu-ort", "cpu-openvino") for a in by_target[t])
+    assert not any("device_check" in a["quality"] for t in ("cpu-ort", "cpu-openvino") for a in by_target[t])
+    assert all(a["quality"]["fidelity"]["metric"] == "top1_agreement" for a in manifest["artifacts"])
     chosen = manifest["chosen"]
     assert sum(a["chosen"] for a in manifest["artifacts"]) == 3  # the chosen candidate, once per target
     npu_report = report["device_reports"]["npu-qnn-htp"][chosen]
