@@ -151,13 +151,15 @@ class NpuQnnHtp(Target):
         """The EPContext model ``model_ctx.onnx`` + its ``.bin`` (checked to load and match)."""
         return {"epcontext": self.export_context(model_path, folder / "model_ctx.onnx")}
 
-    def profile(self, model_path: Path) -> dict:
-        """Raw profile: cycles per run, per-node cycles, placement, session/first-inference ms."""
+    def profile(self, model_path: Path, placement: bool = True) -> dict:
+        """Raw profile: cycles per run, per-node cycles, session/first-inference ms and (``placement``)
+        which provider ran each node."""
         self.require_available()
         self.check_model(model_path)
         return call_for_target(self._worker, self.name, Path(model_path).name, "profile_qnn", self.timeout_s,
                                model_path=str(model_path), runs=self.runs, warmup_runs=self.warmup_runs,
-                               provider_options=self.htp_options, require_full_npu=self.require_full_npu)
+                               provider_options=self.htp_options, require_full_npu=self.require_full_npu,
+                               placement=placement)
 
     def stats_from_profile(self, prof: dict, batch: int = 1) -> LatencyStats:
         cycles = np.asarray(prof["cycles"], dtype=np.float64)
@@ -186,7 +188,7 @@ class NpuQnnHtp(Target):
 
     def measure_latency(self, model_path: Path, input_shape: tuple[int, ...], *, batch: int = 1) -> LatencyStats:
         """Cost of ``model_path`` as compiled (its own static input shape; ``input_shape`` is not used)."""
-        return self.stats_from_profile(self.profile(model_path), batch)
+        return self.stats_from_profile(self.profile(model_path, placement=False), batch)
 
     def placement(self, model_path: Path, prof: dict) -> dict:
         """NPU coverage from a :meth:`profile`: shares of nodes and of MACs on the NPU, fallen-back nodes."""

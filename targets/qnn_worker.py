@@ -82,12 +82,13 @@ def parse_qnn_csv(path: str) -> tuple[list[int], dict[str, int]]:
 
 
 def profile_qnn(model_path: str, runs: int, warmup_runs: int, provider_options: dict,
-                require_full_npu: bool) -> dict:
+                require_full_npu: bool, placement: bool = True) -> dict:
     """Run ``model_path`` on the HTP ``warmup_runs + runs`` times with detailed profiling.
 
     Returns accelerator cycles per timed run, per-node cycles of the last run, wall ms per
-    timed run, session-creation and first-inference ms, the node placement from ONNX
-    Runtime's profiler ({node, op, provider}), peak RSS bytes and versions.
+    timed run, session-creation and first-inference ms, peak RSS bytes, versions and — with
+    ``placement`` (ONNX Runtime's profiler on too; the search's cost measurement skips it) —
+    the node placement ({node: {op, provider}}).
     """
     import onnxruntime as ort
 
@@ -96,7 +97,8 @@ def profile_qnn(model_path: str, runs: int, warmup_runs: int, provider_options: 
         options = {**provider_options, "profiling_level": "detailed", "profiling_file_path": csv_path}
         config = {"session.disable_cpu_ep_fallback": "1"} if require_full_npu else {}
         t0 = time.perf_counter()
-        sess = _session(model_path, options, config, ort_profile_prefix=os.path.join(tmp, "ort"))
+        sess = _session(model_path, options, config,
+                        ort_profile_prefix=os.path.join(tmp, "ort") if placement else None)
         session_ms = (time.perf_counter() - t0) * 1e3
         feeds = _random_input(sess)
         t0 = time.perf_counter()
@@ -109,17 +111,17 @@ def profile_qnn(model_path: str, runs: int, warmup_runs: int, provider_options: 
             t0 = time.perf_counter()
             sess.run(None, feeds)
             wall.append((time.perf_counter() - t0) * 1e3)
-        events = json.loads(Path(sess.end_profiling()).read_text())
+        events = json.loads(Path(sess.end_profiling()).read_text()) if placement else []
         del sess  # flushes the QNN CSV
         cycles, node_cycles = parse_qnn_csv(csv_path)
-    placement = {}
+    nodes = {}
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
             args = e.get("args", {})
-            placement[e["name"].removesuffix("_kernel_time")] = {"op": args.get("op_name", ""),
-                                                                 "provider": args.get("provider", "")}
+            nodes[e["name"].removesuffix("_kernel_time")] = {"op": args.get("op_name", ""),
+                                                             "provider": args.get("provider", "")}
     return {"cycles": cycles[-runs:], "node_cycles": node_cycles, "wall_ms": wall, "session_ms": session_ms,
-            "first_inference_ms": first_ms, "placement": placement, "peak_rss_bytes": peak_rss_bytes(),
+            "first_inference_ms": first_ms, "placement": nodes if placement else None, "peak_rss_bytes": peak_rss_bytes(),
             "ort_version": ort.__version__, "qnn_version": _qnn_version()}
 
 
