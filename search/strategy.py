@@ -63,7 +63,7 @@ class RandomSearch(SearchStrategy):
 class _OptunaNSGA2:
     """Optuna's NSGA-II study with ask/tell bookkeeping; subclasses turn trials into proposals."""
 
-    directions = ("maximize", "minimize", "minimize")
+    directions = SearchStrategy.directions
 
     def __init__(self, seed: int, population_size: int) -> None:
         import optuna
