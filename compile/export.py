@@ -31,19 +31,22 @@ PARITY_ATOL = 1e-3
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 
 
-def export_onnx(net: torch.nn.Module, input_shape: tuple[int, ...], path: Path) -> Path:
+def export_onnx(net: torch.nn.Module, input_shape: tuple[int, ...], path: Path,
+                output_names: tuple[str, ...] = (OUTPUT_NAME,)) -> Path:
     """Export ``net`` (eval mode, BN already folded) to ``path``.
 
     ``input_shape``: (C, H, W) of one image; the graph takes ``input (batch, C, H, W)
-    float32`` and returns ``logits (batch, num_classes) float32``. Raises :class:`ExportError`.
+    float32`` and returns ``logits (batch, num_classes) float32`` — or, for a net that
+    returns a tuple, one float32 output per name in ``output_names``, each with the batch
+    first. Raises :class:`ExportError`.
     """
     x = torch.zeros(1, *input_shape)
+    axes = {name: {0: "batch"} for name in (INPUT_NAME, *output_names)}
     try:
         with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
-            torch.onnx.export(net.eval(), (x,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-                              opset_version=OPSET, dynamo=False)
+            torch.onnx.export(net.eval(), (x,), str(path), input_names=[INPUT_NAME], output_names=list(output_names),
+                              dynamic_axes=axes, opset_version=OPSET, dynamo=False)
     except Exception as e:  # the exporter raises many unrelated types
         raise ExportError("ONNX export failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                           "report this with the candidate config") from None
@@ -87,17 +90,22 @@ def set_metadata(path: Path, metadata: dict) -> None:
 
 
 def check_parity(net: torch.nn.Module, onnx_path: Path, x: np.ndarray, atol: float = PARITY_ATOL) -> float:
-    """Max |logit difference| between ``net`` and the ONNX model on ``x`` (N, C, H, W) float32.
+    """Max |output difference| between ``net`` and the ONNX model on ``x`` (N, C, H, W) float32,
+    over every output for a net that returns a tuple.
 
     Raises :class:`ExportError` when it exceeds ``atol``.
     """
     import onnxruntime as ort
 
     with torch.no_grad():
-        expected = net.eval()(torch.from_numpy(x)).numpy()
+        expected = net.eval()(torch.from_numpy(x))
+    expected = [t.numpy() for t in (expected if isinstance(expected, (tuple, list)) else (expected,))]
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {INPUT_NAME: x})[0]
-    diff = float(np.max(np.abs(got - expected)))
+    got = sess.run(None, {INPUT_NAME: x})
+    if len(got) != len(expected):
+        raise ExportError(f"exported model {onnx_path.name} has {len(got)} outputs", f"PyTorch gives {len(expected)}",
+                          "report this with the model")
+    diff = max(float(np.max(np.abs(g - e))) for g, e in zip(got, expected))
     if not diff <= atol:
         raise ExportError(f"exported model {onnx_path.name} does not match PyTorch",
                           f"max |logit difference| {diff:.2e} > tolerance {atol:.0e}",

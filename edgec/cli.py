@@ -1,4 +1,4 @@
-"""``edgec`` command line: ``compile``, ``profile``, ``targets``.
+"""``edgec`` command line: ``compile``, ``prune``, ``profile``, ``targets``.
 
 User errors print one line (what, why, fix) on stderr and exit 2 — no traceback.
 A finished compile prints a short table and where its outputs are.
@@ -54,6 +54,42 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-epochs", type=int, help="supernet training epochs (default per dataset)")
 
 
+def _prune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="multitask",
+                   help="multitask (built-in, default) or your model as package.module:factory")
+    p.add_argument("--checkpoint", help="your model's weights: .safetensors, or a torch state dict "
+                                        "(read with weights_only=True)")
+    p.add_argument("--task", action="append", metavar="NAME=KIND:OUTPUT",
+                   help="your model's tasks (repeatable): KIND classification | dense, OUTPUT = output number")
+    p.add_argument("--train-data", help="your model: .npz with x and one array per task (BN recalibration, "
+                                        "fine-tuning)")
+    p.add_argument("--eval-data", help="your model: .npz with x and one array per task (the oracle and the report)")
+    p.add_argument("--dataset", default="digits", help="digits (default) | fashion-mnist")
+    p.add_argument("--data-dir", help="folder of the Fashion-MNIST IDX files")
+    p.add_argument("--flops-target", type=float,
+                   help="fraction of FLOPs to remove, e.g. 0.6 (passes repeat with a doubled loss budget until met)")
+    p.add_argument("--loss-budget", type=float, default=0.3,
+                   help="relative rise each task's validation loss may take over one pass (default 0.3)")
+    p.add_argument("--max-task-drop", action="append", metavar="TASK=VALUE",
+                   help="after fine-tuning, at most this drop on the validation split in the task's metric "
+                        "(accuracy points or PSNR dB), e.g. classification=1.0 reconstruction=0.5 (repeatable); "
+                        "missed → exit 3 with the report written")
+    p.add_argument("--watch", action="append", metavar="TASK",
+                   help="tasks the pruning oracle checks (repeatable; default all; the built-in model's are "
+                        "classification and reconstruction)")
+    p.add_argument("--importance", default="l1", help="channel importance within a group: l1 (default) | l2")
+    p.add_argument("--step", type=float, default=0.05, help="pruning-ratio step per trial (default 0.05)")
+    p.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs after pruning (default per dataset)")
+    p.add_argument("--recovery-epochs", type=int, default=1,
+                   help="with --flops-target: fine-tuning epochs between pruning passes (default 1; 0 = none)")
+    p.add_argument("--train-epochs", type=int, help="training epochs of the built-in model (default per dataset)")
+    p.add_argument("--threads", type=int, default=2, help="threads for training and the runtime (default 2)")
+    p.add_argument("--runs", type=int, default=300, help="timed runs per latency measurement (default 300)")
+    p.add_argument("--seed", type=int, default=0, help="fine-tuning seed (default 0)")
+    p.add_argument("--out", default="runs/prune", help="run directory (default runs/prune)")
+    p.add_argument("--force", action="store_true", help="replace edgec's outputs in --out")
+
+
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line and exit 2, like every other user error
         sys.stderr.write(f"edgec: error: {message} — see 'edgec {self.prog.split()[-1]} --help'\n"
@@ -67,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
     p = sub.add_parser("compile", help="search, compile, measure and publish models", allow_abbrev=False)
     _compile_args(p)
+    p = sub.add_parser("prune", help="PAGCP channel pruning of a multi-task CNN, fine-tuned, exported and measured",
+                       allow_abbrev=False)
+    _prune_args(p)
     p = sub.add_parser("profile", help="measure an ONNX model's latency on targets", allow_abbrev=False)
     p.add_argument("model", help="ONNX file")
     p.add_argument("--target", action="append", help="target name (repeatable; default cpu-ort)")
@@ -91,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "compile":
             return cmd_compile(args)
+        if args.command == "prune":
+            return cmd_prune(args)
         if args.command == "profile":
             return cmd_profile(args)
         return cmd_targets(args)
@@ -127,6 +168,53 @@ def cmd_compile(args: argparse.Namespace) -> int:
             progress.close()
             raise
     _print_summary(result, _stdout_console())
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgec.errors import ConfigError
+    from edgec.prune import PruneConfig, run_prune
+
+    drops = {}
+    for item in args.max_task_drop or []:
+        key, _, value = item.partition("=")
+        try:
+            drops[key.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"bad --max-task-drop {item!r}", "expected TASK=NUMBER",
+                              "e.g. --max-task-drop classification=1.0 --max-task-drop reconstruction=0.5") from None
+    cfg = PruneConfig(out=Path(args.out), dataset=args.dataset, data_dir=args.data_dir, model=args.model,
+                      checkpoint=args.checkpoint, tasks=tuple(args.task or ()), train_data=args.train_data,
+                      eval_data=args.eval_data,
+                      flops_target=args.flops_target, loss_budget=args.loss_budget, max_task_drop=drops,
+                      watch=tuple(args.watch or ()), importance=args.importance, step=args.step,
+                      finetune_epochs=args.finetune_epochs, recovery_epochs=args.recovery_epochs,
+                      train_epochs=args.train_epochs, threads=args.threads,
+                      runs=args.runs, seed=args.seed, force=args.force)
+    with _RichProgress(Console(stderr=True)) as progress:
+        result = run_prune(cfg, progress)
+    r = result.report
+    table = Table(title=f"edgec prune — {r['model']['name']} on {r['dataset']['name']} (PAGCP)")
+    tasks = r["tasks"]
+    unit = {"accuracy_pct": "acc %", "psnr_db": "PSNR dB"}
+    for col in ("model", "MMACs", "params k", *(f"{t['name']} {unit[t['metric']]}" for t in tasks),
+                "cpu-ort p50 µs", "kind"):
+        table.add_column(col, justify="left" if col in ("model", "kind") else "right")
+    lat, met = r["latency"], r["metrics"]
+    for label, key, macs, params in (("unpruned", "reference", r["macs_before"], r["params_before"]),
+                                     ("pruned + fine-tuned", "pruned", r["macs_after"], r["params_after"])):
+        split = met[key]["test"]
+        table.add_row(label, f"{macs / 1e6:.2f}", f"{params / 1e3:.1f}",
+                      *(f"{split[t['name']][t['metric']]:.2f}" for t in tasks),
+                      f"{lat[key]['p50_ms'] * 1e3:.1f}", lat[key]["kind"])
+    console = _stdout_console()
+    console.print(table)
+    console.print(f"Metrics on {r['dataset'].get('test_split', 'the test split')}. FLOPs removed: "
+                  f"{r['flops_reduction'] * 100:.1f}%; cpu-ort p50 {lat['speedup_p50']:.2f}× lower. "
+                  f"Outputs: {result.out}/report.html, report.json, manifest.json")
     return 0
 
 

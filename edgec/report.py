@@ -150,11 +150,7 @@ def pareto_plot_png(reference: Evaluation, evals: list[Evaluation], front_ids: l
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title("Candidates (marker area ∝ ONNX size)")
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return _png(fig)
 
 
 def device_chart_png(name: str, rows: list[dict]) -> bytes:
@@ -177,6 +173,13 @@ def device_chart_png(name: str, rows: list[dict]) -> bytes:
     ax.invert_yaxis()
     ax.tick_params(axis="y", labelsize=7)
     ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
+
+
+def _png(fig) -> bytes:
+    """A finished matplotlib figure as PNG bytes; the figure is closed."""
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
@@ -275,4 +278,70 @@ tr.chosen{{background:#fff3cd}}code{{font-size:12px}}</style></head><body>
 validation: {e(ds['val_split'])}.</p>
 <p>{len(evals) + 1} candidates evaluated ({len(report['failed'])} failed). Full data: report.json, candidates.csv.
 edgec {e(report['edgec_version'])}, {e(report['created_at'])}.</p></body></html>
+"""
+
+
+def channels_chart_png(before: dict[str, int], after: dict[str, int]) -> bytes:
+    """Bars of each layer's output channels before and after pruning; PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(before)
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(layers) + 1.2), dpi=100)
+    ys = range(len(layers))
+    ax.barh([y - 0.2 for y in ys], [before[n] for n in layers], height=0.4, color="#999999", label="before")
+    ax.barh([y + 0.2 for y in ys], [after[n] for n in layers], height=0.4, color="#1f77b4", label="kept")
+    ax.set_yticks(list(ys), layers, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("output channels")
+    ax.legend()
+    ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
+
+
+def write_prune_html(report: dict) -> str:
+    """``report.html`` of ``edgec prune``: kept channels per layer, FLOPs, per-task metrics, latency, steps."""
+    e = html.escape
+    png = base64.b64encode(channels_chart_png(report["channels"]["before"], report["channels"]["after"])).decode()
+    m, tasks = report["metrics"], report["tasks"]
+    unit = {"accuracy_pct": "acc %", "psnr_db": "PSNR dB"}
+    metric_head = "".join(f"<th>{split} {e(t['name'])} {unit[t['metric']]}</th>" for split in ("val", "test")
+                          for t in tasks)
+    metric_rows = "".join(
+        f"<tr><td>{e(label)}</td>" + "".join(f"<td>{m[key][split][t['name']][t['metric']]:.2f}</td>"
+                                              for split in ("val", "test") for t in tasks) + "</tr>"
+        for label, key in (("unpruned", "reference"), ("pruned, before fine-tuning", "pruned_before_finetune"),
+                           ("pruned, fine-tuned", "pruned")))
+    steps = "".join(
+        f"<tr><td>{s['pass_index']}</td><td>{e(s['layer'])}</td><td>{s['channels_before']} → {s['channels_after']}</td>"
+        f"<td>{s['ratio'] * 100:.0f}%</td><td>{s['threshold'] * 100:.1f}%</td><td>{e(s['stopped_by'])}</td>"
+        f"<td>{s['trials']}</td><td>{s['macs_after'] / 1e6:.2f}</td></tr>" for s in report["steps"])
+    lat = report["latency"]
+    ds = report["dataset"]
+    gate = report.get("max_task_drop")
+    gate_line = "" if not gate else (
+        f"<p>--max-task-drop {e(json.dumps(gate['limits']))} on the validation split: "
+        f"<b>{'met' if gate['met'] else 'NOT met'}</b>.</p>")
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>edgec prune — {e(ds['name'])}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}</style>
+</head><body><h1>edgec prune — {e(report['model']['name'])} on {e(ds['name'])} (PAGCP)</h1>
+<p>FLOPs (MACs) {report['macs_before'] / 1e6:.2f} M → {report['macs_after'] / 1e6:.2f} M:
+<b>{report['flops_reduction'] * 100:.1f}% removed</b>; parameters {report['params_before'] / 1e3:.1f} k →
+{report['params_after'] / 1e3:.1f} k. cpu-ort p50 (batch 1, {lat['pruned']['threads']} threads, <i>{e(lat['pruned']['kind'])}</i>,
+median of {len(lat['pruned']['p50_ms_rounds'])} alternating rounds): {lat['reference']['p50_ms'] * 1e3:.1f} µs →
+{lat['pruned']['p50_ms'] * 1e3:.1f} µs (<b>{lat['speedup_p50']:.2f}× lower</b>).</p>{gate_line}
+<h2>Per-task metrics</h2>
+<table><tr><th>model</th>{metric_head}</tr>{metric_rows}</table>
+<p>Fine-tuning: {report['finetune']['epochs']} epochs at lr {report['finetune']['lr']}.</p>
+<h2>Kept channels per conv layer</h2><img alt="kept channels" src="data:image/png;base64,{png}">
+<h2>Pruning steps</h2><p>Each group's ratio rose in steps while every watched task
+({e(', '.join(report['algorithm']['oracle']['watched_tasks']))}) kept its validation loss within
+(1 + threshold) of the reference; "stopped by" names the task whose loss crossed first.</p>
+<table><tr><th>pass</th><th>group (root layer)</th><th>channels</th><th>removed</th><th>threshold</th><th>stopped by</th>
+<th>trials</th><th>MMACs after</th></tr>{steps}</table>
+<h2>Data</h2><p>{e(ds['source'])}; {e(ds['preprocessing'])}; test: {e(ds['test_split'])};
+validation: {e(ds['val_split'])}.</p><p>edgec {e(report['edgec_version'])}.</p></body></html>
 """

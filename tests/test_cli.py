@@ -35,6 +35,16 @@ def assert_one_line_error(proc, fragment):
     (["compile", "m.onnx", "--calib-data", "c.npz", "--input-shape", "1,a"], "a list of integers"),
     (["compile", "--objective", "max-latency"], "two or more --target"),
     (["frobnicate"], "invalid choice"),
+    (["prune", "--flops-target", "1.5"], "flops_target"),
+    (["prune", "--model", "resnet"], "unknown model"),
+    (["prune", "--model", "os.path:join"], "needs --checkpoint"),
+    (["prune", "--checkpoint", "w.safetensors"], "applies to a user model"),
+    (["prune", "--max-task-drop", "accuracy"], "TASK=NUMBER"),
+    (["prune", "--max-task-drop", "bleu=1"], "unknown task 'bleu'"),
+    (["prune", "--watch", "depth"], "unknown task"),
+    (["prune", "--importance", "taylor"], "importance"),
+    (["prune", "--finetune-epochs", "-1"], "finetune-epochs"),
+    (["prune", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent"], "apt-get install"),
 ])
 def test_bad_input_is_one_line_exit_2(args, fragment):
     assert_one_line_error(edgec(*args), fragment)

@@ -1,0 +1,163 @@
+"""Benchmark of ``edgec prune`` at equal FLOPs: PAGCP vs classification-only PAGCP vs uniform L1 magnitude.
+
+On the built-in multi-task model (cached, trained on first use) this process:
+
+1. prunes it with PAGCP watching both tasks to ``--flops-target`` (with ``edgec prune``'s
+   settings, including the recovery fine-tuning between passes);
+2. prunes it with the same algorithm watching only the classification loss, same target
+   (the recovery fine-tuning still trains both tasks, as the final fine-tuning does);
+3. prunes it uniformly (every group the same ratio) by L1 filter magnitude with
+   Torch-Pruning's ``MagnitudePruner`` (``MagnitudeImportance(p=1)``, widths rounded to
+   multiples of 8 like PAGCP's), the ratio bisected until its MACs are closest to PAGCP's;
+4. fine-tunes each with the same epochs, seed and learning rate;
+5. exports all four models (unpruned + three pruned) to ONNX and measures them on
+   ``cpu-ort`` interleaved over ``--rounds`` rounds (median of each round's p50, batch 1);
+
+and prints one table: MACs, FLOPs removed, test accuracy and PSNR (with drops from the
+unpruned model, before and after fine-tuning), p50 and the ratio to the unpruned model.
+Not a test: numbers depend on the machine.
+
+    python bench/prune_bench.py --dataset digits
+    python bench/prune_bench.py --dataset fashion-mnist --flops-target 0.6 --json runs/prune-bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def uniform_l1(model, example, target_macs: float, ignored):
+    """Uniform-ratio L1 magnitude pruning (Torch-Pruning), the ratio bisected to the MACs closest to ``target_macs``;
+    returns (model, ratio)."""
+    import torch_pruning as tp
+
+    from edgec.search.pagcp import count_macs
+
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(14):
+        ratio = (lo + hi) / 2
+        m = copy.deepcopy(model)
+        pruner = tp.pruner.MagnitudePruner(m, example, importance=tp.importance.MagnitudeImportance(p=1),
+                                           pruning_ratio=ratio, global_pruning=False, ignored_layers=ignored(m),
+                                           round_to=8)
+        pruner.step()
+        macs = count_macs(m, example)[0]
+        if best is None or abs(macs - target_macs) < abs(best[2] - target_macs):
+            best = (m, ratio, macs)
+        lo, hi = (ratio, hi) if macs > target_macs else (lo, ratio)
+    return best[0], best[1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="digits")
+    ap.add_argument("--flops-target", type=float, default=0.6)
+    ap.add_argument("--loss-budget", type=float, default=0.3)
+    ap.add_argument("--finetune-epochs", type=int, help="default per dataset (as edgec prune)")
+    ap.add_argument("--recovery-epochs", type=int, default=1, help="fine-tuning between PAGCP passes (as edgec prune)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
+    ap.add_argument("--runs", type=int, default=300, help="timed runs per round")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="write the figures to this file")
+    args = ap.parse_args()
+
+    import torch
+    from rich.table import Table
+
+    from edgec.cli import _RichProgress, _stdout_console
+    from edgec.data import load_dataset
+    from edgec.prune import (DEFAULT_FINETUNE_EPOCHS, TaskData, TaskOracle, export_multitask, finetune,
+                             get_multitask_model, measure_side_by_side, task_metrics)
+    from edgec.search.pagcp import PagcpSettings, count_macs, pagcp
+    from edgec.targets import open_target
+
+    torch.set_num_threads(2)
+    console = _stdout_console()
+    ds = load_dataset(args.dataset)
+    data = TaskData.from_dataset(ds)
+    epochs = args.finetune_epochs if args.finetune_epochs is not None else DEFAULT_FINETUNE_EPOCHS[ds.name]
+    example = torch.zeros(1, *ds.input_shape)
+    ignored = lambda m: m.output_layers()  # noqa: E731
+    results: dict[str, dict] = {}
+    with _RichProgress(console) as progress:
+        model, info = get_multitask_model(ds, progress)
+        macs0 = count_macs(model, example)[0]
+        results["unpruned"] = {"model": model, "macs": macs0, "before_ft": task_metrics(model, data),
+                               "prune_s": 0.0}
+        settings = PagcpSettings(flops_target=args.flops_target, loss_budget=args.loss_budget, max_passes=10)
+        for name, watch in (("PAGCP (both tasks)", ()), ("PAGCP, classification loss only", ("classification",))):
+            progress.stage(f"{name}: pruning")
+            oracle = TaskOracle(data, watch)
+            start = time.perf_counter()
+            r = pagcp(model, example, oracle, ignored, settings,
+                      recover=lambda m: finetune(m, data, args.recovery_epochs, args.seed, progress))
+            results[name] = {"model": r.model, "macs": r.macs_after, "prune_s": time.perf_counter() - start,
+                             "oracle_calls": oracle.calls, "passes": r.passes}
+        target_macs = results["PAGCP (both tasks)"]["macs"]
+        start = time.perf_counter()
+        m, ratio = uniform_l1(model, example, target_macs, ignored)
+        results["uniform L1 magnitude"] = {"model": m, "macs": count_macs(m, example)[0], "ratio": ratio,
+                                           "prune_s": time.perf_counter() - start}
+        for name, r in results.items():
+            if name == "unpruned":
+                continue
+            r["before_ft"] = task_metrics(r["model"], data)
+            finetune(r["model"], data, epochs, args.seed, progress)
+        for r in results.values():
+            r["after_ft"] = task_metrics(r["model"], data)
+        progress.stage("exporting and measuring on cpu-ort")
+        target = open_target("cpu-ort", 2, args.runs)
+        with tempfile.TemporaryDirectory(prefix="edgec-prune-bench-") as tmp:
+            paths = {name: export_multitask(r["model"], data, Path(tmp) / f"m{i}.onnx")
+                     for i, (name, r) in enumerate(results.items())}
+            latency = measure_side_by_side(target, paths, ds.input_shape, rounds=args.rounds)
+        target.close()
+
+    base = results["unpruned"]
+    base_acc = base["after_ft"]["test"]["classification"]["accuracy_pct"]
+    base_psnr = base["after_ft"]["test"]["reconstruction"]["psnr_db"]
+    table = Table(title=f"edgec prune bench — multitask on {ds.name}, FLOPs target {args.flops_target:.0%}, "
+                        f"fine-tune {epochs} epochs, cpu-ort p50 median of {args.rounds} interleaved rounds")
+    for col in ("method", "MMACs", "FLOPs removed", "test acc %", "Δ acc pts", "(before FT)", "test PSNR dB",
+                "Δ PSNR dB", "(before FT)", "p50 µs", "speed-up", "prune s"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    rows = []
+    for name, r in results.items():
+        acc = r["after_ft"]["test"]["classification"]["accuracy_pct"]
+        psnr = r["after_ft"]["test"]["reconstruction"]["psnr_db"]
+        acc0 = r["before_ft"]["test"]["classification"]["accuracy_pct"]
+        psnr0 = r["before_ft"]["test"]["reconstruction"]["psnr_db"]
+        p50 = latency[name]["p50_ms"]
+        row = {"method": name, "macs": r["macs"], "flops_reduction": 1 - r["macs"] / macs0,
+               "test_accuracy_pct": acc, "accuracy_drop_pts": base_acc - acc,
+               "accuracy_drop_before_finetune_pts": base_acc - acc0, "test_psnr_db": psnr,
+               "psnr_drop_db": base_psnr - psnr, "psnr_drop_before_finetune_db": base_psnr - psnr0,
+               "p50_ms": p50, "p50_ms_rounds": latency[name]["p50_ms_rounds"], "latency_kind": latency[name]["kind"],
+               "speedup_p50": latency["unpruned"]["p50_ms"] / p50, "prune_s": r["prune_s"],
+               "channels": r["model"].channels,
+               **{k: r[k] for k in ("oracle_calls", "passes", "ratio") if k in r}}
+        rows.append(row)
+        table.add_row(name, f"{r['macs'] / 1e6:.2f}", f"{row['flops_reduction'] * 100:.1f}%", f"{acc:.2f}",
+                      f"{row['accuracy_drop_pts']:+.2f}", f"{row['accuracy_drop_before_finetune_pts']:+.2f}",
+                      f"{psnr:.2f}", f"{row['psnr_drop_db']:+.2f}", f"{row['psnr_drop_before_finetune_db']:+.2f}",
+                      f"{p50 * 1e3:.1f}", f"{row['speedup_p50']:.2f}×", f"{r['prune_s']:.0f}")
+    console.print(table)
+    console.print("Δ = unpruned minus pruned (positive = worse). Latency kind: measured "
+                  f"({latency['unpruned']['runtime']}, {latency['unpruned']['device']}, 2 threads, batch 1).")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"dataset": ds.name, "flops_target": args.flops_target,
+                                               "finetune_epochs": epochs, "model": info, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

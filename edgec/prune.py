@@ -1,0 +1,433 @@
+"""``edgec prune``: PAGCP channel pruning of a multi-task CNN, fine-tuning, export, measurement, publishing.
+
+The job (issue "PAGCP for multi-task CNNs"): load or train the built-in multi-task
+model (:mod:`edgec.search.multitask`, cached as safetensors) — or load the user's
+model from ``package.module:factory`` and a checkpoint (:mod:`edgec.user_model`) —
+prune it with :func:`edgec.search.pagcp.pagcp` under every task's validation loss,
+fine-tune the pruned model, export both to ONNX (parity-checked against PyTorch),
+measure both on ``cpu-ort`` side by side, and publish the pruned artifact with a report.
+
+Oracle: each trial model gets its batch-norm statistics re-estimated on training
+images before its validation losses are read ("adaptive BN", Li et al., "EagleEye",
+ECCV 2020, §3.2) — without it a freshly cut layer's stale statistics dominate the
+loss and the oracle stops far too early.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import edgec
+from edgec.data import Dataset, load_dataset
+from edgec.search.multitask import Task
+from edgec.errors import ConfigError, ModelError, NoQualifyingCandidate
+
+# Training of the built-in multi-task model, per dataset (part of the cache key).
+DEFAULT_MT_TRAINING = {
+    "digits": {"epochs": 30, "batch_size": 64, "lr": 3e-3, "seed": 0},
+    "fashion-mnist": {"epochs": 6, "batch_size": 128, "lr": 3e-3, "seed": 0},
+}
+DEFAULT_FINETUNE_EPOCHS = {"digits": 10, "fashion-mnist": 3}
+FINETUNE_LR = 1e-3
+ORACLE_VAL_IMAGES = 1000   # validation images the pruning oracle reads per trial
+BN_RECAL_IMAGES = 512      # training images each trial's BN statistics are re-estimated on
+
+
+def cache_root() -> Path:
+    from edgec.pipeline import cache_root as root
+
+    return root()
+
+
+def get_multitask_model(ds: Dataset, progress, epochs: int | None = None):
+    """The trained built-in multi-task model for ``ds``: cached, or trained now and cached.
+
+    Returns (model, info) where info says where it is cached and how it was trained.
+    """
+    import torch
+
+    from edgec.search.multitask import (BUILTIN_TASKS, MultiTaskNet, builtin_targets, cache_key, load_multitask,
+                                        save_multitask, train_multitask)
+
+    settings = dict(DEFAULT_MT_TRAINING[ds.name])
+    if epochs is not None:
+        settings["epochs"] = epochs
+    key = cache_key(settings, ds.train_x, ds.train_y)
+    folder = cache_root() / "multitask" / f"{ds.name}-{key}"
+    info = {"cache_dir": str(folder), "cache_key": key, "train": settings}
+    if (folder / "model.json").is_file():
+        try:
+            model, meta = load_multitask(folder)
+            progress.log(f"multi-task model: cached ({folder})")
+            return model, {**info, "cached": True, "train_s": meta.get("train_s")}
+        except ModelError as e:  # our own cache, damaged: train again
+            progress.log(f"multi-task model cache unusable ({e.why}); retraining")
+    torch.manual_seed(settings["seed"])
+    model = MultiTaskNet(ds.num_classes)
+    progress.stage(f"training the multi-task model on {ds.name} ({settings['epochs']} epochs)")
+    start = time.perf_counter()
+    train_multitask(model, ds.train_x, builtin_targets(ds.train_x, ds.train_y), BUILTIN_TASKS,
+                    settings["epochs"], lr=settings["lr"], batch_size=settings["batch_size"], seed=settings["seed"],
+                    on_step=lambda s, t, loss: progress.advance(s, t, f"loss {loss:.3f}"))
+    train_s = time.perf_counter() - start
+    save_multitask(model, folder, {"train": settings, "train_s": train_s, "dataset": ds.name})
+    return model, {**info, "cached": False, "train_s": train_s}
+
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What ``edgec prune`` does; validated on construction (:class:`ConfigError`)."""
+
+    out: Path
+    dataset: str = "digits"
+    data_dir: str | None = None
+    model: str = "multitask"                   # "multitask" or a user model "package.module:factory"
+    checkpoint: str | None = None              # user model: .safetensors, or a torch file (weights_only=True)
+    tasks: tuple[str, ...] = ()                # user model: "NAME=KIND:OUTPUT" per task
+    train_data: str | None = None              # user model: .npz with x and one array per task
+    eval_data: str | None = None               # user model: .npz with x and one array per task
+    flops_target: float | None = None          # fraction of FLOPs to remove, e.g. 0.6
+    loss_budget: float = 0.3                   # PAGCP global loss budget (relative rise per task per pass)
+    max_task_drop: dict = field(default_factory=dict)  # {task: points or dB} after fine-tuning
+    watch: tuple[str, ...] = ()                # tasks the oracle checks (default: all)
+    importance: str = "l1"
+    step: float = 0.05
+    finetune_epochs: int | None = None
+    recovery_epochs: int = 1                   # fine-tuning between PAGCP passes (with --flops-target)
+    train_epochs: int | None = None
+    threads: int = 2
+    runs: int = 300
+    seed: int = 0
+    force: bool = False
+
+    @property
+    def is_user_model(self) -> bool:
+        return self.model != "multitask"
+
+    def __post_init__(self) -> None:
+        from edgec.data import DATASETS
+
+        if self.is_user_model:
+            from edgec.user_model import check_factory_spec
+
+            check_factory_spec(self.model)
+            for flag, value in (("--checkpoint", self.checkpoint), ("--eval-data", self.eval_data),
+                                ("--task", self.tasks)):
+                if not value:
+                    raise ConfigError(f"a user model needs {flag}", "edgec prunes it under its own tasks and data",
+                                      "see 'edgec prune --help' (--checkpoint, --task, --eval-data, --train-data)")
+        else:
+            for flag, value in (("--checkpoint", self.checkpoint), ("--task", self.tasks),
+                                ("--train-data", self.train_data), ("--eval-data", self.eval_data)):
+                if value:
+                    raise ConfigError(f"{flag} applies to a user model", "the built-in multitask model brings "
+                                      "its own tasks and data", f"drop {flag} or pass --model package.module:factory")
+            if self.dataset not in DATASETS:
+                raise ConfigError(f"unknown dataset {self.dataset!r}", f"known datasets: {', '.join(DATASETS)}",
+                                  "pass --dataset digits or --dataset fashion-mnist")
+        self.pagcp_settings()  # validates flops_target, loss_budget, step, importance
+        for key, value in self.max_task_drop.items():
+            if not (isinstance(value, (int, float)) and 0 <= value < 1000):
+                raise ConfigError(f"bad --max-task-drop {key}={value!r}", "the drop must be a number ≥ 0",
+                                  "e.g. --max-task-drop classification=1.0 --max-task-drop reconstruction=0.5")
+        for name, value, low, high in (("finetune-epochs", self.finetune_epochs, 0, 1000),
+                                       ("train-epochs", self.train_epochs, 1, 1000),
+                                       ("recovery-epochs", self.recovery_epochs, 0, 100),
+                                       ("threads", self.threads, 1, 256), ("runs", self.runs, 10, 100_000)):
+            if value is not None and not low <= value <= high:
+                raise ConfigError(f"bad value for --{name}: {value}", f"it must be between {low} and {high}",
+                                  f"pass --{name} {max(low, 1)} or more")
+
+    def check_task_names(self, names: list[str]) -> None:
+        """--watch and --max-task-drop must name the model's tasks."""
+        for flag, given in (("--watch", self.watch), ("--max-task-drop", tuple(self.max_task_drop))):
+            unknown = [n for n in given if n not in names]
+            if unknown:
+                raise ConfigError(f"unknown task {unknown[0]!r} in {flag}", f"the model's tasks are {', '.join(names)}",
+                                  f"name one of them in {flag}")
+
+    def pagcp_settings(self):
+        from edgec.search.pagcp import PagcpSettings
+
+        return PagcpSettings(step=self.step, loss_budget=self.loss_budget, flops_target=self.flops_target,
+                             importance=self.importance, max_passes=10 if self.flops_target else 1)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        return d
+
+
+@dataclass
+class PruneResult:
+    out: Path
+    report: dict
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """The splits a multi-task model is pruned, fine-tuned and scored on.
+
+    ``*_x``: (N, C, H, W) float32; ``*_t``: {task name: (N,) int64 labels or (N, ...) float32
+    targets}. ``train_x`` is None when the user gave no training data (then no BN
+    recalibration and no fine-tuning). ``output_names``: the ONNX output names, in order.
+    """
+
+    name: str
+    tasks: tuple[Task, ...]
+    output_names: tuple[str, ...]
+    train_x: np.ndarray | None
+    train_t: dict | None
+    val_x: np.ndarray
+    val_t: dict
+    test_x: np.ndarray
+    test_t: dict
+    provenance: dict
+    batch_size: int = 128
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.val_x.shape[1:])
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> "TaskData":
+        from edgec.search.multitask import BUILTIN_TASKS, MultiTaskNet, builtin_targets
+
+        return cls(ds.name, BUILTIN_TASKS, MultiTaskNet.OUTPUT_NAMES, ds.train_x, builtin_targets(ds.train_x, ds.train_y),
+                   ds.val_x, builtin_targets(ds.val_x, ds.val_y), ds.test_x, builtin_targets(ds.test_x, ds.test_y),
+                   ds.provenance, DEFAULT_MT_TRAINING[ds.name]["batch_size"])
+
+
+class TaskOracle:
+    """PAGCP's performance oracle: {task: validation loss} of a model, after adaptive-BN recalibration
+    on training images when there are any."""
+
+    def __init__(self, data: TaskData, watch: tuple[str, ...]) -> None:
+        self.x = data.val_x[:ORACLE_VAL_IMAGES]
+        self.targets = {k: v[:ORACLE_VAL_IMAGES] for k, v in data.val_t.items()}
+        self.tasks = tuple(t for t in data.tasks if not watch or t.name in watch)
+        self.recal_x = None if data.train_x is None else data.train_x[:BN_RECAL_IMAGES]
+        self.calls = 0
+
+    def __call__(self, model) -> dict[str, float]:
+        from edgec.search.multitask import evaluate_tasks
+        from edgec.search.train import recalibrate_bn
+
+        self.calls += 1
+        if self.recal_x is not None:
+            recalibrate_bn(model, self.recal_x, max_images=BN_RECAL_IMAGES)
+        return {k: v["loss"] for k, v in evaluate_tasks(model, self.x, self.targets, self.tasks).items()}
+
+
+def finetune(model, data: TaskData, epochs: int, seed: int, progress) -> None:
+    """Fine-tune a pruned multi-task model on the training split (all tasks), in place."""
+    from edgec.search.multitask import train_multitask
+
+    if epochs and data.train_x is not None:
+        progress.stage(f"fine-tuning the pruned model ({epochs} epochs)")
+        train_multitask(model, data.train_x, data.train_t, data.tasks, epochs, lr=FINETUNE_LR,
+                        batch_size=data.batch_size, seed=seed,
+                        on_step=lambda s, t, loss: progress.advance(s, t, f"loss {loss:.3f}"))
+
+
+def task_metrics(model, data: TaskData) -> dict:
+    """{"val": {task: {loss, metric}}, "test": …} on the full validation and test splits."""
+    from edgec.search.multitask import evaluate_tasks
+
+    return {"val": evaluate_tasks(model, data.val_x, data.val_t, data.tasks),
+            "test": evaluate_tasks(model, data.test_x, data.test_t, data.tasks)}
+
+
+def _drops(tasks, before: dict, after: dict, split: str) -> dict:
+    """{task: drop in its metric (accuracy points or PSNR dB; positive = worse)} between two :func:`task_metrics`."""
+    return {t.name: before[split][t.name][t.metric] - after[split][t.name][t.metric] for t in tasks}
+
+
+def conv_widths(model) -> dict[str, int]:
+    """{module name: output channels} of every conv layer."""
+    import torch.nn as nn
+
+    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def model_id(widths: dict) -> str:
+    return hashlib.sha256(json.dumps(widths, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def run_prune(cfg: PruneConfig, progress) -> PruneResult:
+    """Run ``edgec prune``; see the module docstring. Raises :class:`EdgecError` subclasses."""
+    import torch
+
+    from edgec.rundir import RunDir
+    from edgec.search.pagcp import pagcp
+    from edgec.targets import open_target
+
+    torch.set_num_threads(cfg.threads)
+    target = open_target("cpu-ort", cfg.threads, cfg.runs)
+    target.require_available()
+    if cfg.is_user_model:
+        from edgec.user_model import load_user_job
+
+        model, data, ignored, model_info = load_user_job(cfg)
+    else:
+        data = TaskData.from_dataset(load_dataset(cfg.dataset, cfg.data_dir))
+        model, ignored, model_info = None, (lambda m: m.output_layers()), None
+    cfg.check_task_names([t.name for t in data.tasks])
+    with RunDir(cfg.out, force=cfg.force) as run:
+        if model is None:
+            model, model_info = get_multitask_model(load_dataset(cfg.dataset, cfg.data_dir), progress,
+                                                    cfg.train_epochs)
+        example = torch.zeros(1, *data.input_shape)
+        before = task_metrics(model, data)
+        oracle = TaskOracle(data, cfg.watch)
+        settings = cfg.pagcp_settings()
+        progress.stage("PAGCP: pruning layer by layer under each task's validation loss")
+        started = time.perf_counter()
+
+        def recover(m) -> None:
+            finetune(m, data, cfg.recovery_epochs, cfg.seed, progress)
+            progress.stage("PAGCP: next pass")
+
+        result = pagcp(model, example, oracle, ignored, settings,
+                       on_trial=lambda layer, ratio, losses: progress.advance(
+                           oracle.calls, None, f"{layer} −{ratio * 100:.0f}%"),
+                       recover=recover if cfg.recovery_epochs and data.train_x is not None else None)
+        prune_s = time.perf_counter() - started
+        pruned = result.model
+        after_prune = task_metrics(pruned, data)
+        epochs = cfg.finetune_epochs if cfg.finetune_epochs is not None else DEFAULT_FINETUNE_EPOCHS.get(data.name, 3)
+        epochs = epochs if data.train_x is not None else 0
+        finetune(pruned, data, epochs, cfg.seed, progress)
+        after = task_metrics(pruned, data)
+        progress.stage("exporting and measuring on cpu-ort")
+        models_dir = run.study / "models"
+        paths = {role: export_multitask(net, data, models_dir / f"{role}.onnx")
+                 for role, net in (("reference", model), ("pruned", pruned))}
+        latency = measure_side_by_side(target, paths, data.input_shape, rounds=3)
+        latency["speedup_p50"] = latency["reference"]["p50_ms"] / latency["pruned"]["p50_ms"]
+        target.close()
+        report = _report(cfg, data, model_info, result, settings, model, before, after_prune, after, latency,
+                         prune_s, oracle.calls, epochs, target)
+        _publish(run.path, report, paths, model, pruned, data, save_torch=not cfg.is_user_model)
+        gate = _gate(cfg, report)
+        report["max_task_drop"] = gate
+        from edgec.compile.package import write_atomic
+        from edgec.report import write_prune_html
+
+        write_atomic(run.path / "report.json", json.dumps(report, indent=2))
+        write_atomic(run.path / "report.html", write_prune_html(report))
+    if gate and not gate["met"]:  # raised outside the run directory's context: the report stays
+        raise NoQualifyingCandidate("the pruned model misses --max-task-drop",
+                                    "; ".join(f"{k} dropped {v:.2f} (allowed {cfg.max_task_drop[k]})"
+                                              for k, v in gate["val_drops"].items() if k in cfg.max_task_drop),
+                                    f"lower --flops-target or --loss-budget; the report is in {cfg.out}")
+    return PruneResult(cfg.out, report)
+
+
+def export_multitask(net, data: TaskData, path: Path) -> Path:
+    """ONNX export of a (pruned) multi-task model with one named output per model output; parity-checked."""
+    import copy
+
+    import torch
+
+    from edgec.compile.export import check_parity, export_onnx
+
+    net = copy.deepcopy(net).eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        export_onnx(net, data.input_shape, path, output_names=data.output_names)
+    check_parity(net, path, data.val_x[:64])
+    return path
+
+
+def measure_side_by_side(target, paths: dict[str, Path], input_shape, rounds: int) -> dict:
+    """Each model measured ``rounds`` times, alternating, on one target in one run; medians of the p50s."""
+    samples: dict[str, list] = {role: [] for role in paths}
+    for _ in range(rounds):
+        for role, path in paths.items():
+            samples[role].append(target.measure_latency(path, input_shape, batch=1))
+    out = {}
+    for role, stats in samples.items():
+        best = sorted(stats, key=lambda s: s.p50_ms)[len(stats) // 2]
+        out[role] = {**best.to_dict(), "p50_ms_rounds": [s.p50_ms for s in stats]}
+    return out
+
+
+def _report(cfg, data: TaskData, model_info, result, settings, reference, before, after_prune, after, latency,
+            prune_s, oracle_calls, epochs, target) -> dict:
+    return {
+        "schema_version": 1, "job": "prune", "edgec_version": edgec.__version__,
+        "config": cfg.to_dict(),
+        "dataset": {"name": data.name, **data.provenance},
+        "model": {"name": cfg.model, **model_info},
+        "tasks": [{"name": t.name, "kind": t.kind, "output": t.output, "metric": t.metric,
+                   "loss": "cross-entropy" if t.kind == "classification" else "MSE"} for t in data.tasks],
+        "algorithm": {"name": "PAGCP", "source": "Ye et al., TPAMI 2023, §3", "settings": settings.to_dict(),
+                      "oracle": {"watched_tasks": list(cfg.watch) or [t.name for t in data.tasks],
+                                 "val_images": min(ORACLE_VAL_IMAGES, len(data.val_x)),
+                                 "bn_recalibration_images": 0 if data.train_x is None else BN_RECAL_IMAGES,
+                                 "evaluations": oracle_calls},
+                      "passes": result.passes, "recoveries": result.recoveries,
+                      "recovery_epochs": cfg.recovery_epochs, "prune_s": prune_s,
+                      "reference_losses": result.reference_losses},
+        "steps": [s.to_dict() for s in result.steps],
+        "channels": {"before": conv_widths(reference), "after": conv_widths(result.model)},
+        "macs_before": result.macs_before, "macs_after": result.macs_after,
+        "params_before": result.params_before, "params_after": result.params_after,
+        "flops_reduction": result.flops_reduction,
+        "flops_target_met": None if cfg.flops_target is None else result.flops_reduction >= cfg.flops_target,
+        "finetune": {"epochs": epochs, "lr": FINETUNE_LR},
+        "metrics": {"reference": before, "pruned_before_finetune": after_prune, "pruned": after},
+        "drops": {"val": _drops(data.tasks, before, after, "val"), "test": _drops(data.tasks, before, after, "test")},
+        "latency": latency, "target": target.describe(),
+    }
+
+
+def _gate(cfg: PruneConfig, report: dict) -> dict | None:
+    if not cfg.max_task_drop:
+        return None
+    drops = report["drops"]["val"]
+    met = all(drops[k] <= v for k, v in cfg.max_task_drop.items())
+    return {"limits": dict(cfg.max_task_drop), "val_drops": drops, "met": met, "split": "val"}
+
+
+def _publish(out: Path, report: dict, paths: dict, reference, pruned, data: TaskData, save_torch: bool) -> None:
+    """Reference and pruned ONNX under artifacts/cpu-ort/<id>/ (+ safetensors to rebuild the built-in model in
+    PyTorch), and a manifest."""
+    import onnxruntime as ort
+
+    from edgec.compile.package import publish_model, sha256_file, write_atomic
+    from edgec.search.multitask import save_multitask
+
+    artifacts = []
+    for role, net in (("reference", reference), ("pruned", pruned)):
+        widths = conv_widths(net)
+        mid = model_id(widths)
+        dest = out / "artifacts" / "cpu-ort" / mid
+        meta = {"edgec_role": role, "edgec_conv_widths": widths, "edgec_outputs": list(data.output_names)}
+        add = (lambda folder, n=net: save_multitask(n, folder, {"dataset": data.name})) if save_torch else None
+        model_path = publish_model(paths[role], dest, meta, add_files=add)
+        sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        lat = report["latency"][role]
+        metrics = report["metrics"][role]["test"]
+        artifacts.append({"id": mid, "role": role, "chosen": role == "pruned", "target": "cpu-ort",
+                          "path": str(model_path.relative_to(out)), "sha256": sha256_file(model_path),
+                          "size_bytes": model_path.stat().st_size,
+                          "input": {"name": "input", "shape": ["batch", *data.input_shape], "dtype": "float32",
+                                    "preprocessing": data.provenance.get("preprocessing", "")},
+                          "outputs": [{"name": o.name, "shape": o.shape, "dtype": "float32"}
+                                      for o in sess.get_outputs()],
+                          "macs": report["macs_before" if role == "reference" else "macs_after"],
+                          "test_metrics": {t.name: {t.metric: metrics[t.name][t.metric]} for t in data.tasks},
+                          "latency": {"p50_ms": lat["p50_ms"], "kind": lat["kind"], "target": "cpu-ort",
+                                      "batch": 1, "threads": lat["threads"]}})
+    report["artifacts"] = artifacts
+    write_atomic(out / "manifest.json", json.dumps({"schema_version": 1, "job": "prune",
+                                                    "artifacts": artifacts}, indent=2))

@@ -1,0 +1,305 @@
+"""PAGCP pruning: physical channel removal through the dependency graph, the per-task oracle, the CLI."""
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn as nn
+
+from edgec.compile.export import check_parity, export_onnx
+from edgec.errors import ConfigError
+from edgec.prune import conv_widths
+from edgec.search.multitask import (BUILTIN_TASKS, MultiTaskNet, builtin_targets, evaluate_tasks, load_multitask,
+                                    save_multitask)
+from edgec.search.pagcp import PagcpSettings, count_macs, layer_thresholds, pagcp, prunable_groups, prune_group
+
+EXAMPLE = torch.zeros(1, 1, 8, 8)
+
+
+def _net() -> MultiTaskNet:
+    torch.manual_seed(0)
+    net = MultiTaskNet()
+    for m in net.modules():  # non-trivial BN statistics so folding and pruning are exercised
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+def test_groups_follow_the_couplings():
+    net = _net()
+    groups = prunable_groups(net, EXAMPLE, net.output_layers())
+    # 7 coupled groups; the residual partners and the depthwise conv are not groups of their own
+    assert len(groups) == 7
+    assert "encoder.mbconv.depthwise.0" in groups or "encoder.mbconv.expand.0" in groups
+    assert not {"classifier", "decoder.out"} & set(groups)
+
+
+def test_residual_group_pruned_consistently():
+    net = _net()
+    prune_group(net, "encoder.res.conv2.0", 10, EXAMPLE)
+    ch = net.channels
+    # down1's output, res.conv2's output and down2's input are one coupled group (the residual add)
+    assert ch["down1"] == 54
+    assert net.encoder.res.conv2[0].out_channels == 54
+    assert net.encoder.res.conv1[0].in_channels == 54
+    assert net.encoder.down2[0].in_channels == 54
+    assert net.encoder.res.conv2[1].num_features == 54
+    logits, recon = net(torch.rand(2, 1, 8, 8))
+    assert logits.shape == (2, 10) and recon.shape == (2, 1, 8, 8)
+
+
+def test_depthwise_group_pruned_consistently():
+    net = _net()
+    root = next(n for n in prunable_groups(net, EXAMPLE, net.output_layers()) if "mbconv.e" in n or "mbconv.d" in n)
+    prune_group(net, root, 50, EXAMPLE)
+    mb = net.encoder.mbconv
+    assert mb.expand[0].out_channels == mb.depthwise[0].in_channels == mb.depthwise[0].out_channels == 206
+    assert mb.depthwise[0].groups == 206 and mb.project[0].in_channels == 206
+    assert net(torch.rand(1, 1, 8, 8))[1].shape == (1, 1, 8, 8)
+
+
+def test_pruning_removes_the_smallest_l1_filters():
+    net = _net()
+    weak = [3, 7, 11, 19]
+    with torch.no_grad():  # make 4 channels of the dec2 group the weakest in every coupled layer
+        net.decoder.dec2[0].weight[weak] *= 1e-3
+        net.decoder.dec2[1].weight[weak] *= 1e-3
+        net.decoder.dec2[1].bias[weak] *= 1e-3
+        net.decoder.out.weight[:, weak] *= 1e-3
+    keep = [i for i in range(32) if i not in weak]
+    expected = net.decoder.dec2[0].weight.detach()[keep].clone()
+    prune_group(net, "decoder.dec2.0", 4, EXAMPLE)
+    assert torch.equal(net.decoder.dec2[0].weight.detach(), expected)
+    assert net.decoder.out.in_channels == 28
+
+
+def test_pruned_model_exports_to_valid_onnx(tmp_path, images8):
+    net = _net()
+    for layer, n in (("encoder.res.conv2.0", 12), ("decoder.dec1.0", 20), ("encoder.stem.0", 5)):
+        prune_group(net, layer, n, EXAMPLE)
+    path = export_onnx(net, (1, 8, 8), tmp_path / "pruned.onnx", output_names=MultiTaskNet.OUTPUT_NAMES)
+    onnx.checker.check_model(str(path))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in sess.get_outputs()] == ["logits", "reconstruction"]
+    logits, recon = sess.run(None, {"input": images8[:3]})
+    assert logits.shape == (3, 10) and recon.shape == (3, 1, 8, 8)
+    assert check_parity(net, path, images8[:16]) < 1e-4
+    assert count_macs(net, EXAMPLE)[0] < count_macs(_net(), EXAMPLE)[0]
+
+
+def test_checkpoint_roundtrip_of_a_pruned_model(tmp_path):
+    net = _net()
+    prune_group(net, "encoder.res.conv1.0", 7, EXAMPLE)
+    save_multitask(net, tmp_path / "ck", {})
+    back, meta = load_multitask(tmp_path / "ck")
+    assert back.channels == net.channels and meta["channels"]["res.conv1"] == 57
+    x = torch.rand(2, 1, 8, 8)
+    assert torch.equal(back(x)[0], net(x)[0])
+
+
+def test_thresholds_multiply_to_the_global_budget():
+    taus = layer_thresholds(7, 0.3, 0.8)
+    assert math.isclose(math.prod(1 + t for t in taus), 1.3, rel_tol=1e-9)
+    assert all(a > b for a, b in zip(taus, taus[1:]))  # tightening geometrically
+    assert math.isclose(taus[1] / taus[0], 0.8)
+
+
+class _OneConv(nn.Module):
+    """A single prunable conv (20 channels) feeding a fixed 1×1 output conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 20, 3, padding=1)
+        self.out = nn.Conv2d(20, 2, 1)
+
+    def forward(self, x):
+        return self.out(self.conv(x))
+
+
+def _constructed_oracle(model):
+    """Task 'dense' loss jumps once more than 30% of the channels are gone; 'cls' barely moves."""
+    removed = 1 - model.conv.out_channels / 20
+    return {"cls": 1.0 + 0.01 * removed, "dense": 1.0 + (5.0 if removed > 0.30 + 1e-9 else 0.1 * removed)}
+
+
+def test_oracle_stops_at_the_ratio_where_one_task_rises_first():
+    settings = PagcpSettings(step=0.05, loss_budget=0.2, round_to=1)
+    result = pagcp(_OneConv(), torch.zeros(1, 1, 4, 4), _constructed_oracle, lambda m: [m.out], settings)
+    (step,) = result.steps
+    assert step.channels_after == 14          # 30% removed: the last ratio every task passed
+    assert step.stopped_by == "dense"         # the task whose loss crossed its threshold
+    assert result.model.conv.out_channels == 14
+
+
+def test_oracle_watching_one_task_prunes_past_the_other():
+    cls_only = lambda m: {"cls": _constructed_oracle(m)["cls"]}  # noqa: E731
+    result = pagcp(_OneConv(), torch.zeros(1, 1, 4, 4), cls_only, lambda m: [m.out],
+                   PagcpSettings(step=0.05, loss_budget=0.2, max_ratio=0.9, round_to=1))
+    assert result.steps[0].channels_after == 2 and result.steps[0].stopped_by == "max_ratio"
+
+
+def test_flops_target_stops_pruning_once_met():
+    result = pagcp(_OneConv(), torch.zeros(1, 1, 4, 4), lambda m: {"cls": 1.0}, lambda m: [m.out],
+                   PagcpSettings(step=0.05, flops_target=0.2, max_passes=3, round_to=1))
+    assert result.flops_reduction >= 0.2
+    assert result.steps[-1].stopped_by == "flops_target"
+    assert result.flops_reduction < 0.3  # stopped at the first step past the target, not at max_ratio
+
+
+def test_kept_widths_are_multiples_of_round_to():
+    result = pagcp(_OneConv(), torch.zeros(1, 1, 4, 4), _constructed_oracle, lambda m: [m.out],
+                   PagcpSettings(step=0.05, loss_budget=0.2, round_to=8))
+    # 30% of 20 would keep 14; aligned to 8 the only widths are 16 and 8, and 8 (−60%) breaks 'dense'
+    assert result.model.conv.out_channels == 16 and result.steps[0].stopped_by == "dense"
+
+
+@pytest.mark.parametrize("field,value", [("flops_target", 1.5), ("step", 0.0), ("importance", "taylor"),
+                                         ("loss_budget", -1.0)])
+def test_bad_settings_are_config_errors(field, value):
+    with pytest.raises(ConfigError):
+        PagcpSettings(**{field: value})
+
+
+def test_task_metrics_are_accuracy_and_psnr(images8):
+    net = _net()
+    y = np.zeros(len(images8[:32]), dtype=np.int64)
+    m = evaluate_tasks(net, images8[:32], builtin_targets(images8[:32], y), BUILTIN_TASKS)
+    assert 0 <= m["classification"]["accuracy_pct"] <= 100
+    mse = m["reconstruction"]["loss"]
+    assert math.isclose(m["reconstruction"]["psnr_db"], 10 * math.log10(1 / mse), rel_tol=1e-9)
+
+
+@pytest.mark.slow
+def test_prune_cli_on_digits(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "edgec.cli", "prune", "--dataset", "digits", "--flops-target", "0.5",
+                           "--train-epochs", "4", "--finetune-epochs", "1", "--runs", "50", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    stdout = proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["flops_reduction"] >= 0.5 and report["flops_target_met"] is True
+    assert report["macs_after"] < report["macs_before"]
+    assert report["latency"]["pruned"]["kind"] == "measured"
+    manifest = json.loads((out / "manifest.json").read_text())
+    chosen = [a for a in manifest["artifacts"] if a["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["role"] == "pruned"
+    onnx.checker.check_model(str(out / chosen[0]["path"]))
+    back, _ = load_multitask((out / chosen[0]["path"]).parent)
+    assert conv_widths(back) == report["channels"]["after"]
+    assert "kept channels" in (out / "report.html").read_text()
+    assert "FLOPs removed" in stdout
+
+
+USER_MODULE = '''
+import torch
+import torch.nn as nn
+
+
+class TwoHead(nn.Module):
+    """A user's multi-task CNN: 16 conv channels shared, 4-class logits and a 2-channel dense map."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.cls = nn.Linear(16, 4)
+        self.dense = nn.Conv2d(16, 2, 1)
+
+    def forward(self, x):
+        f = self.body(x)
+        return self.cls(f.mean((2, 3))), self.dense(f)
+
+
+def build():
+    return TwoHead()
+'''
+
+
+def _user_project(tmp_path):
+    """A user module, its safetensors weights and .npz train/eval data in ``tmp_path``."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "usermodels.py").write_text(USER_MODULE)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import usermodels
+        torch.manual_seed(0)
+        save_file(usermodels.build().state_dict(), str(tmp_path / "w.safetensors"))
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("usermodels", None)
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 256), ("eval", 128)):
+        x = rng.random((n, 1, 8, 8), dtype=np.float32)
+        np.savez(tmp_path / f"{name}.npz", x=x, labels=rng.integers(0, 4, n), depth=np.concatenate([x, 1 - x], 1))
+    return ["--model", "usermodels:build", "--checkpoint", "w.safetensors", "--task", "labels=classification:0",
+            "--task", "depth=dense:1", "--eval-data", "eval.npz"]
+
+
+def _prune_cli(args, cwd):
+    return subprocess.run([sys.executable, "-m", "edgec.cli", "prune", *args], capture_output=True, text=True,
+                          timeout=600, cwd=cwd)
+
+
+@pytest.mark.slow
+def test_prune_cli_on_a_user_model(tmp_path):
+    args = _user_project(tmp_path)
+    proc = _prune_cli([*args, "--train-data", "train.npz", "--flops-target", "0.3", "--finetune-epochs", "1",
+                       "--runs", "30", "--out", "run"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["flops_reduction"] >= 0.3
+    assert [t["name"] for t in report["tasks"]] == ["labels", "depth"]
+    # the conv feeding the 1-channel dense output and the classifier keep their widths
+    assert report["channels"]["after"]["dense"] == 2
+    assert report["model"]["output_layers"] == ["dense"]  # found by the probe; body.3's group is prunable
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    pruned = next(a for a in manifest["artifacts"] if a["chosen"])
+    assert [o["name"] for o in pruned["outputs"]] == ["labels", "depth"]
+    sess = ort.InferenceSession(str(tmp_path / "run" / pruned["path"]), providers=["CPUExecutionProvider"])
+    logits, depth = sess.run(None, {"input": np.zeros((2, 1, 8, 8), np.float32)})
+    assert logits.shape == (2, 4) and depth.shape == (2, 2, 8, 8)
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda d: (d / "w.safetensors").write_bytes(b"garbage"), "cannot read checkpoint"),
+    (lambda d: np.savez(d / "eval.npz", x=np.zeros((4, 1, 8, 8), np.float32), labels=np.arange(4)), "lacks array 'depth'"),
+    (lambda d: np.savez(d / "eval.npz", x=np.zeros((4, 1, 8, 8), np.float32), labels=np.arange(4) + 10,
+                        depth=np.zeros((4, 2, 8, 8), np.float32)), "out of range"),
+    (lambda d: np.savez(d / "eval.npz", x=np.zeros((4, 1, 8, 8), np.float32), labels=np.arange(4),
+                        depth=np.zeros((4, 1, 4, 4), np.float32)), "does not match output 1"),
+    (lambda d: (d / "usermodels.py").write_text("raise RuntimeError('boom')"), "cannot import"),
+])
+def test_user_model_bad_inputs_are_one_line(tmp_path, change, fragment):
+    args = _user_project(tmp_path)
+    change(tmp_path)
+    proc = _prune_cli([*args, "--out", "run"], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_pickled_checkpoint_is_never_executed(tmp_path):
+    import pickle
+
+    args = _user_project(tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "w.pt").write_bytes(pickle.dumps({"state_dict": Evil()}))
+    args[args.index("w.safetensors")] = "w.pt"
+    proc = _prune_cli([*args, "--out", "run"], tmp_path)
+    assert proc.returncode == 2 and "cannot read checkpoint" in proc.stderr, proc.stderr
+    assert not marker.exists()
