@@ -44,6 +44,7 @@ class CompileConfig:
     calib_data: str | None = None          # .onnx model input: .npz of ≥ 256 calibration inputs (required)
     eval_data: str | None = None           # .onnx model input: .npz of inputs to measure fidelity on
     input_shape: tuple[int, ...] | None = None  # .onnx model input: full input shape where dims are dynamic
+    prune_flops_target: float | None = None  # after the search: PAGCP-prune the chosen subnet by this FLOPs share
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str, fix: str) -> None:
@@ -96,6 +97,12 @@ class CompileConfig:
             bad("objective", "known objectives: primary, max-latency", "use --objective primary")
         if self.objective == "max-latency" and not self.also_targets:
             bad("objective", "max-latency compares several targets", "pass two or more --target")
+        if self.prune_flops_target is not None and not 0 < self.prune_flops_target < 1:
+            bad("prune_flops_target", "it is the fraction of FLOPs to remove, between 0 and 1",
+                "e.g. --prune-flops-target 0.3")
+        if self.prune_flops_target is not None and self.is_onnx_input:
+            bad("prune_flops_target", "pruning applies to the built-in supernet's chosen subnet",
+                "drop it; prune a PyTorch model with 'edgec prune'")
         if self.calibration_images < 256:
             bad("calibration_images", "static quantization calibrates on at least 256 images",
                 "use calibration_images = 256 or more")

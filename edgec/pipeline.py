@@ -360,10 +360,46 @@ def run_compile(cfg: CompileConfig, progress: Progress | None = None) -> RunResu
                        "model_info": {"supernet": supernet_info}}
             if targets[0].recipe.startswith("qnn-"):  # the HTP has no FP32 path: "FP32" layers get 16-bit activations
                 context["reference_description"] = "largest subnet, all layers at 16-bit activations"
-            return _publish(cfg, run.path, evaluators, reference, evals, failed, progress, context)
+            result = _publish(cfg, run.path, evaluators, reference, evals, failed, progress, context)
+            if cfg.prune_flops_target:
+                result.report["pruning"] = prune_chosen(cfg, run.path, supernet, ds, result.chosen, progress)
+                from edgec.compile.package import write_atomic
+
+                write_atomic(run.path / "report.json", json.dumps(result.report, indent=2))
+            return result
         finally:
             for t in targets:
                 t.close()
+
+
+def prune_chosen(cfg: CompileConfig, out: Path, supernet, ds: Dataset, chosen: Evaluation, progress: Progress) -> dict:
+    """The PAGCP pass of ``edgec compile --prune-flops-target``: the chosen subnet, in FP32 with its own
+    batch norms, pruned under its validation loss (one classification task), fine-tuned, exported and
+    measured against itself on ``cpu-ort`` into ``OUT/pruned/`` (see :mod:`edgec.prune`). Its quantization
+    policy is not re-applied to the pruned model. Returns the summary stored under ``pruning`` in report.json."""
+    from edgec.prune import PruneConfig, TaskData, prune_job
+    from edgec.search.multitask import Task
+    from edgec.search.supernet import extract_subnet
+    from edgec.search.train import recalibrate_bn
+    from edgec.user_model import output_layers_by_probe
+
+    import torch
+
+    static = recalibrate_bn(extract_subnet(supernet, chosen.candidate.subnet), ds.train_x)
+    fixed = {n for n, m in static.named_modules()
+             if any(m is f for f in output_layers_by_probe(static, torch.zeros(1, *ds.input_shape)))}
+    data = TaskData(ds.name, (Task("classification", "classification", 0),), ("logits",), ds.train_x,
+                    {"classification": ds.train_y}, ds.val_x, {"classification": ds.val_y}, ds.test_x,
+                    {"classification": ds.test_y}, ds.provenance, DEFAULT_TRAINING[ds.name]["batch_size"])
+    pcfg = PruneConfig(out=out / "pruned", dataset=ds.name, model=f"subnet:{chosen.candidate_id}",
+                       flops_target=cfg.prune_flops_target, threads=cfg.threads, seed=cfg.seed, force=True)
+    info = {"candidate_id": chosen.candidate_id, "subnet": chosen.candidate.subnet.to_dict(),
+            "policy_applied": False, "output_layers": sorted(fixed)}
+    result = prune_job(pcfg, static, data, lambda m: [mod for n, mod in m.named_modules() if n in fixed], info,
+                       progress).report
+    return {"folder": "pruned", "candidate_id": chosen.candidate_id, "flops_reduction": result["flops_reduction"],
+            "speedup_p50_fp32": result["latency"]["speedup_p50"], "drops_test": result["drops"]["test"],
+            "note": "FP32 subnet pruned; the chosen quantization policy is not re-applied"}
 
 
 def _check_record(rec: dict) -> None:

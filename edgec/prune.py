@@ -109,7 +109,12 @@ class PruneConfig:
 
     @property
     def is_user_model(self) -> bool:
-        return self.model != "multitask"
+        return self.model != "multitask" and not self.is_subnet
+
+    @property
+    def is_subnet(self) -> bool:
+        """The chosen subnet of ``edgec compile --prune-flops-target`` (``subnet:<candidate id>``)."""
+        return self.model.startswith("subnet:")
 
     def __post_init__(self) -> None:
         from edgec.data import DATASETS
@@ -123,7 +128,7 @@ class PruneConfig:
                 if not value:
                     raise ConfigError(f"a user model needs {flag}", "edgec prunes it under its own tasks and data",
                                       "see 'edgec prune --help' (--checkpoint, --task, --eval-data, --train-data)")
-        else:
+        elif not self.is_subnet:
             for flag, value in (("--checkpoint", self.checkpoint), ("--task", self.tasks),
                                 ("--train-data", self.train_data), ("--eval-data", self.eval_data)):
                 if value:
@@ -263,6 +268,22 @@ def model_id(widths: dict) -> str:
 
 def run_prune(cfg: PruneConfig, progress) -> PruneResult:
     """Run ``edgec prune``; see the module docstring. Raises :class:`EdgecError` subclasses."""
+    if cfg.is_user_model:
+        from edgec.user_model import load_user_job
+
+        model, data, ignored, model_info = load_user_job(cfg)
+    else:
+        data = TaskData.from_dataset(load_dataset(cfg.dataset, cfg.data_dir))
+        model, ignored, model_info = None, (lambda m: m.output_layers()), None
+    return prune_job(cfg, model, data, ignored, model_info, progress)
+
+
+def prune_job(cfg: PruneConfig, model, data: TaskData, ignored, model_info: dict | None, progress) -> PruneResult:
+    """Prune ``model`` (None: the built-in multi-task model, trained or cached) on ``data`` into ``cfg.out``.
+
+    ``ignored(m)``: the layers of ``m`` whose output width must stay. Used by ``edgec prune`` and by
+    ``edgec compile --prune-flops-target`` (the chosen subnet, one classification task).
+    """
     import torch
 
     from edgec.rundir import RunDir
@@ -272,13 +293,6 @@ def run_prune(cfg: PruneConfig, progress) -> PruneResult:
     torch.set_num_threads(cfg.threads)
     target = open_target("cpu-ort", cfg.threads, cfg.runs)
     target.require_available()
-    if cfg.is_user_model:
-        from edgec.user_model import load_user_job
-
-        model, data, ignored, model_info = load_user_job(cfg)
-    else:
-        data = TaskData.from_dataset(load_dataset(cfg.dataset, cfg.data_dir))
-        model, ignored, model_info = None, (lambda m: m.output_layers()), None
     cfg.check_task_names([t.name for t in data.tasks])
     with RunDir(cfg.out, force=cfg.force) as run:
         if model is None:
@@ -315,7 +329,7 @@ def run_prune(cfg: PruneConfig, progress) -> PruneResult:
         target.close()
         report = _report(cfg, data, model_info, result, settings, model, before, after_prune, after, latency,
                          prune_s, oracle.calls, epochs, target)
-        _publish(run.path, report, paths, model, pruned, data, save_torch=not cfg.is_user_model)
+        _publish(run.path, report, paths, model, pruned, data, save_torch=cfg.model == "multitask")
         gate = _gate(cfg, report)
         report["max_task_drop"] = gate
         from edgec.compile.package import write_atomic

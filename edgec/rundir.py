@@ -2,7 +2,8 @@
 
 Layout (DESIGN.md): ``report.json``, ``report.html``, ``candidates.csv``,
 ``manifest.json``, ``artifacts/<target>/<candidate-id>/model.onnx`` and
-``study/`` (``config.json``, ``evaluations.jsonl``, compiled models under ``models/``).
+``study/`` (``config.json``, ``evaluations.jsonl``, compiled models under ``models/``), and
+``pruned/`` (``edgec compile --prune-flops-target``: a run directory of its own).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, Callable
 
 from edgec.errors import OutputDirError
 
-OUTPUTS = ("report.json", "report.html", "candidates.csv", "manifest.json", "artifacts", "study")
+OUTPUTS = ("report.json", "report.html", "candidates.csv", "manifest.json", "artifacts", "study", "pruned")
 LOCK = ".edgec.lock"
 
 

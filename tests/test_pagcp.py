@@ -303,3 +303,21 @@ def test_a_pickled_checkpoint_is_never_executed(tmp_path):
     proc = _prune_cli([*args, "--out", "run"], tmp_path)
     assert proc.returncode == 2 and "cannot read checkpoint" in proc.stderr, proc.stderr
     assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_compile_prunes_the_chosen_subnet(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "edgec.cli", "compile", "--dataset", "digits", "--budget-evals", "4",
+                           "--train-epochs", "2", "--max-accuracy-drop", "100", "--prune-flops-target", "0.3",
+                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "report.json").read_text())["pruning"]
+    pruned = json.loads((out / "pruned" / "report.json").read_text())
+    assert summary["candidate_id"] == pruned["model"]["candidate_id"]
+    assert pruned["flops_reduction"] >= 0.3 and summary["flops_reduction"] == pruned["flops_reduction"]
+    assert pruned["model"]["output_layers"] == [] or all("head" in n or "classifier" in n
+                                                         for n in pruned["model"]["output_layers"])
+    art = next(a for a in json.loads((out / "pruned" / "manifest.json").read_text())["artifacts"] if a["chosen"])
+    onnx.checker.check_model(str(out / "pruned" / art["path"]))
+    assert "Pruned the chosen subnet" in proc.stdout
