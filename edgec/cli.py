@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"edgec: error: {e.line()}\n")
         return e.exit_code
     except KeyboardInterrupt:
-        sys.stderr.write("edgec: interrupted — rerun the same command with --resume to continue\n")
+        sys.stderr.write("edgec: interrupted — rerun the same command with --resume to continue\n"
+                         if args.command == "compile" else "edgec: interrupted\n")
         return 130
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -137,10 +138,29 @@ class PruneConfig:
             if self.dataset not in DATASETS:
                 raise ConfigError(f"unknown dataset {self.dataset!r}", f"known datasets: {', '.join(DATASETS)}",
                                   "pass --dataset digits or --dataset fashion-mnist")
-        self.pagcp_settings()  # validates flops_target, loss_budget, step, importance
+        if self.is_user_model and (self.dataset != "digits" or self.data_dir or self.train_epochs):
+            flag = "--dataset" if self.dataset != "digits" else "--data-dir" if self.data_dir else "--train-epochs"
+            raise ConfigError(f"{flag} applies to the built-in multitask model", "a user model is pruned on "
+                              "--eval-data / --train-data with its own weights", f"drop {flag}")
+        if not (math.isfinite(self.loss_budget) and 0 < self.loss_budget <= 100):
+            raise ConfigError(f"bad value for --loss-budget: {self.loss_budget}", "it is a relative loss rise, "
+                              "> 0 and ≤ 100", "e.g. --loss-budget 0.3")
+        if not (math.isfinite(self.step) and 0.01 <= self.step <= 0.5):
+            raise ConfigError(f"bad value for --step: {self.step}", "the pruning-ratio step is between 0.01 and 0.5",
+                              "e.g. --step 0.05")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"bad value for --seed: {self.seed}", "seeds are integers in 0 .. 2**32 - 1",
+                              "e.g. --seed 0")
+        try:
+            self.pagcp_settings()  # validates flops_target, importance
+        except ConfigError as e:  # "bad pruning setting NAME=VALUE": name the flag instead
+            name, _, value = e.what.removeprefix("bad pruning setting ").partition("=")
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"bad value for {flag}: {value}", e.why, f"fix {flag}") from None
         for key, value in self.max_task_drop.items():
             if not (isinstance(value, (int, float)) and 0 <= value < 1000):
-                raise ConfigError(f"bad --max-task-drop {key}={value!r}", "the drop must be a number ≥ 0",
+                raise ConfigError(f"bad --max-task-drop {key}={value!r}", "the drop must be a number in 0 .. 1000 "
+                                  "(accuracy points or dB)",
                                   "e.g. --max-task-drop classification=1.0 --max-task-drop reconstruction=0.5")
         for name, value, low, high in (("finetune-epochs", self.finetune_epochs, 0, 1000),
                                        ("train-epochs", self.train_epochs, 1, 1000),
@@ -237,9 +257,13 @@ def finetune(model, data: TaskData, epochs: int, seed: int, progress) -> None:
 
     if epochs and data.train_x is not None:
         progress.stage(f"fine-tuning the pruned model ({epochs} epochs)")
-        train_multitask(model, data.train_x, data.train_t, data.tasks, epochs, lr=FINETUNE_LR,
-                        batch_size=data.batch_size, seed=seed,
-                        on_step=lambda s, t, loss: progress.advance(s, t, f"loss {loss:.3f}"))
+        try:
+            train_multitask(model, data.train_x, data.train_t, data.tasks, epochs, lr=FINETUNE_LR,
+                            batch_size=data.batch_size, seed=seed,
+                            on_step=lambda s, t, loss: progress.advance(s, t, f"loss {loss:.3f}"))
+        except (RuntimeError, ValueError, IndexError) as e:  # a user model that cannot train on its data
+            raise ModelError("fine-tuning the pruned model failed", f"{type(e).__name__}: "
+                             f"{(str(e).splitlines() or [''])[0][:200]}", "check the model and --train-data") from None
 
 
 def task_metrics(model, data: TaskData) -> dict:
@@ -294,7 +318,13 @@ def prune_job(cfg: PruneConfig, model, data: TaskData, ignored, model_info: dict
     target = open_target("cpu-ort", cfg.threads, cfg.runs)
     target.require_available()
     cfg.check_task_names([t.name for t in data.tasks])
-    with RunDir(cfg.out, force=cfg.force) as run:
+    if model is not None:
+        from edgec.search.pagcp import prunable_groups
+
+        if not prunable_groups(model, torch.zeros(1, *data.input_shape), ignored(model)):
+            raise ConfigError("nothing to prune", "the model has no conv layer whose output width may shrink "
+                              "(output layers keep theirs)", "pass a model with conv layers inside it")
+    with RunDir(cfg.out, force=cfg.force, resumable=False) as run:
         if model is None:
             model, model_info = get_multitask_model(load_dataset(cfg.dataset, cfg.data_dir), progress,
                                                     cfg.train_epochs)

@@ -24,8 +24,11 @@ LOCK = ".edgec.lock"
 class RunDir:
     """An opened, locked run directory. Use as a context manager."""
 
-    def __init__(self, path: Path, *, resume: bool = False, force: bool = False) -> None:
+    def __init__(self, path: Path, *, resume: bool = False, force: bool = False, resumable: bool = True) -> None:
+        """``resumable=False``: a job without ``--resume`` (``edgec prune``) — the refusal of a non-empty
+        folder does not offer it, and an interrupted fresh run (Ctrl-C) leaves nothing behind."""
         self.path = path
+        self.resumable = resumable
         self._lock_fd: int | None = None
         self._created = not path.exists()
         self._fresh = self._created or (path.is_dir() and not any(path.iterdir()))
@@ -49,7 +52,8 @@ class RunDir:
                                  "drop --resume to start a new run")
         if contents and not resume and not force:
             raise OutputDirError(f"output directory {p} is not empty", "edgec will not overwrite it",
-                                 "pass --resume to continue that run, --force to replace it, or another --out")
+                                 "pass --resume to continue that run, --force to replace it, or another --out"
+                                 if self.resumable else "pass --force to replace it, or another --out")
         try:
             p.mkdir(parents=True, exist_ok=True)
             self._lock_fd = os.open(p / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -84,7 +88,7 @@ class RunDir:
     def __exit__(self, exc_type, exc, tb) -> None:
         # A run that failed before storing any evaluation in a folder that was empty leaves nothing
         # behind, so the corrected command is not refused as "not empty". (Ctrl-C keeps it: --resume.)
-        if exc_type is not None and issubclass(exc_type, Exception) and self._fresh:
+        if exc_type is not None and (issubclass(exc_type, Exception) or not self.resumable) and self._fresh:
             evals = self.study / "evaluations.jsonl"
             if not evals.is_file() or evals.stat().st_size == 0:
                 self._remove_outputs()

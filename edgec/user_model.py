@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,8 +50,10 @@ def parse_tasks(specs: tuple[str, ...]):
                               "e.g. --task labels=classification:0 --task depth=dense:1")
         tasks.append(Task(m["name"], m["kind"], int(m["output"])))
     names = [t.name for t in tasks]
-    if len(set(names)) != len(names) or "x" in names:
-        raise ConfigError("task names must be unique and not 'x'", f"got {', '.join(names)}",
+    reserved = [n for n in names if n in ("x", "input") or re.fullmatch(r"output_\d+", n)]
+    if len(set(names)) != len(names) or reserved:
+        raise ConfigError("task names must be unique and not x, input or output_N",
+                          f"got {', '.join(names)} (x is the npz inputs; input and output_N name ONNX tensors)",
                           "give each --task its own name")
     return tuple(tasks)
 
@@ -64,7 +67,7 @@ def build_model(spec: str):
         sys.path.insert(0, str(Path.cwd()))
     try:
         module = importlib.import_module(module_name)
-    except Exception as e:  # the user's module can raise anything while importing
+    except (Exception, SystemExit) as e:  # the user's module can raise anything while importing
         raise ModelError(f"cannot import {module_name!r} for --model {spec}", f"{type(e).__name__}: {e}",
                          "run edgec where the package is importable (or pip install it)") from None
     factory = getattr(module, attr, None)
@@ -73,7 +76,7 @@ def build_model(spec: str):
                          "pass --model package.module:function")
     try:
         model = factory()
-    except Exception as e:
+    except (Exception, SystemExit) as e:
         raise ModelError(f"{spec}() failed", f"{type(e).__name__}: {e}", "check the factory") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"{spec}() returned {type(model).__name__}", "it must return a torch.nn.Module",
@@ -98,14 +101,23 @@ def load_weights(model, path_text: str) -> None:
 
             state = load_file(str(path))
         else:  # weights_only: tensors and plain containers only, no code runs
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
             if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
                 state = state["state_dict"]
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError("it holds no state dict of tensors")
     except Exception as e:
-        raise ModelError(f"cannot read checkpoint {path}", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
+        why = ("it is not a weights-only state dict (it would need unpickling arbitrary objects, which edgec "
+               "never does)" if isinstance(e, __import__("pickle").UnpicklingError) or "weights_only" in str(e)
+               else f"{type(e).__name__}: {_plain(str(e))}")
+        raise ModelError(f"cannot read checkpoint {path}", why,
                          "save it with safetensors (or torch.save(model.state_dict()))") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ModelError(f"checkpoint {path} holds NaN or Inf", f"in {bad[0]}" + (f" and {len(bad) - 1} more"
+                         if len(bad) > 1 else ""), "pass weights from a finished training")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -114,17 +126,27 @@ def load_weights(model, path_text: str) -> None:
                          "pass the checkpoint saved from this factory's model") from None
 
 
+def _plain(text: str) -> str:
+    """The first line of ``text`` without terminal escape codes, at most 200 characters."""
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)
+    return (text.splitlines() or [""])[0][:200]
+
+
 def read_task_npz(path_text: str, tasks, flag: str) -> tuple[np.ndarray, dict]:
     """(x (N, C, H, W) float32, {task: array}) from an .npz (never unpickled). Raises :class:`DataError`."""
     path = Path(path_text)
     if not path.is_file():
-        raise DataError(f"{flag} {path} not found", "it must be an .npz file", "pass the right path")
+        raise DataError(f"{flag} {path} not found" if not path.exists() else f"{flag} {path} is not a file",
+                        "it must be an .npz file", "pass the right path")
     try:
         with np.load(path, allow_pickle=False) as z:
+            if not hasattr(z, "files"):
+                raise ValueError("it is a single .npy array, not an .npz archive")
             arrays = {k: z[k] for k in z.files}
     except Exception as e:
-        raise DataError(f"cannot read {flag} {path}", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
-                        "save it with numpy.savez (no object arrays)") from None
+        why = ("it holds pickled (object) data, which edgec never loads" if "allow_pickle" in str(e)
+               else f"{type(e).__name__}: {_plain(str(e))}")
+        raise DataError(f"cannot read {flag} {path}", why, "save it with numpy.savez (no object arrays)") from None
     missing = [k for k in ["x", *(t.name for t in tasks)] if k not in arrays]
     if missing:
         raise DataError(f"{flag} {path} lacks array {missing[0]!r}", f"it has {', '.join(arrays) or 'none'}",
@@ -133,21 +155,23 @@ def read_task_npz(path_text: str, tasks, flag: str) -> tuple[np.ndarray, dict]:
     if x.ndim != 4 or len(x) == 0 or not np.issubdtype(x.dtype, np.floating):
         raise DataError(f"x in {flag} {path} is unusable", f"expected (N ≥ 1, C, H, W) floats, got {x.shape} {x.dtype}",
                         "store images as float32 (N, C, H, W)")
+    if not np.isfinite(x).all() or np.abs(x).max() > np.finfo(np.float32).max:
+        raise DataError(f"x in {flag} {path} contains NaN, Inf or values beyond float32", "", "clean the inputs")
     x = x.astype(np.float32)
-    if not np.isfinite(x).all():
-        raise DataError(f"x in {flag} {path} contains NaN or Inf", "", "clean the inputs")
     targets = {}
     for t in tasks:
         a = arrays[t.name]
-        if len(a) != len(x):
-            raise DataError(f"{t.name} in {flag} {path} has {len(a)} rows", f"x has {len(x)}", "align them")
+        if a.ndim == 0 or len(a) != len(x):
+            raise DataError(f"{t.name} in {flag} {path} has {a.shape[0] if a.ndim else 0} rows", f"x has {len(x)}",
+                            "store one row per sample of x")
         if t.kind == "classification":
             if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
                 raise DataError(f"{t.name} in {flag} {path} is no label vector", f"got {a.shape} {a.dtype}",
                                 "store (N,) integer class ids")
             targets[t.name] = a.astype(np.int64)
         else:
-            if not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all():
+            if (not np.issubdtype(a.dtype, np.floating) or not np.isfinite(a).all()
+                    or np.abs(a).max(initial=0) > np.finfo(np.float32).max):
                 raise DataError(f"{t.name} in {flag} {path} is unusable", "a dense target must be finite floats",
                                 "store float32 targets shaped like the output")
             targets[t.name] = a.astype(np.float32)
@@ -158,13 +182,17 @@ def check_against_model(model, x: np.ndarray, targets: dict, tasks, flag: str) -
     """Run the model on two samples and check each task's output against its targets; returns the output count."""
     import torch
 
+    n = min(len(x), 2)
     try:
         with torch.no_grad():
-            outs = model.eval()(torch.from_numpy(x[:2]))
+            outs = model.eval()(torch.from_numpy(x[:n]))
     except Exception as e:
-        raise ModelError("the model fails on the data's x", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
+        raise ModelError("the model fails on the data's x", f"{type(e).__name__}: {_plain(str(e))}",
                          f"check x's shape in {flag} ({tuple(x.shape[1:])} per sample)") from None
     outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    if not all(isinstance(o, torch.Tensor) and o.ndim >= 1 and o.shape[0] == n for o in outs):
+        raise ModelError("the model's outputs are unusable", "forward must return a tensor or a tuple of tensors, "
+                         "each with the batch as its first dimension", "return (batch, …) tensors from forward")
     for t in tasks:
         if t.output >= len(outs):
             raise ConfigError(f"--task {t.name} reads output {t.output}", f"the model returns {len(outs)} output(s)",
@@ -228,6 +256,10 @@ def load_user_job(cfg):
         if train_x.shape[1:] != eval_x.shape[1:]:
             raise DataError("--train-data and --eval-data differ in x's shape",
                             f"{train_x.shape[1:]} vs {eval_x.shape[1:]}", "pass splits of one dataset")
+        if len(train_x) < 16:
+            raise DataError(f"--train-data {cfg.train_data} has {len(train_x)} samples",
+                            "fine-tuning and BN recalibration need at least 16", "pass more training data")
+        check_against_model(model, train_x, train_t, tasks, "--train-data")
     names = {t.output: t.name for t in tasks}
     output_names = tuple(names.get(i, f"output_{i}") for i in range(n_out))
     data = TaskData("user data", tasks, output_names, train_x, train_t, eval_x, eval_t, eval_x, eval_t, {

@@ -277,11 +277,20 @@ def test_prune_cli_on_a_user_model(tmp_path):
     (lambda d: np.savez(d / "eval.npz", x=np.zeros((4, 1, 8, 8), np.float32), labels=np.arange(4),
                         depth=np.zeros((4, 1, 4, 4), np.float32)), "does not match output 1"),
     (lambda d: (d / "usermodels.py").write_text("raise RuntimeError('boom')"), "cannot import"),
+    (lambda d: (d / "usermodels.py").write_text("import sys\ndef build():\n    sys.exit(0)"), "build() failed"),
+    (lambda d: np.savez(d / "eval.npz", x=np.zeros((4, 1, 8, 8), np.float32), labels=np.int64(1),
+                        depth=np.zeros((4, 2, 8, 8), np.float32)), "has 0 rows"),
+    (lambda d: np.savez(d / "train.npz", x=np.zeros((32, 1, 8, 8), np.float32), labels=np.full(32, 9),
+                        depth=np.zeros((32, 2, 8, 8), np.float32)), "labels of labels in --train-data"),
+    (lambda d: np.savez(d / "eval.npz", x=np.array([None] * 4, dtype=object), labels=np.arange(4),
+                        depth=np.zeros((4, 2, 8, 8), np.float32)), "never loads"),
+    (lambda d: (d / "usermodels.py").write_text(USER_MODULE.replace("return self.cls(f.mean((2, 3))), self.dense(f)",
+                                                                    "return {'a': f}")), "outputs are unusable"),
 ])
 def test_user_model_bad_inputs_are_one_line(tmp_path, change, fragment):
     args = _user_project(tmp_path)
     change(tmp_path)
-    proc = _prune_cli([*args, "--out", "run"], tmp_path)
+    proc = _prune_cli([*args, "--train-data", "train.npz", "--out", "run"], tmp_path)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in proc.stderr, proc.stderr
