@@ -181,6 +181,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     from edgec.errors import ConfigError
     from edgec.prune import PruneConfig, run_prune
+    from edgec.report import speed_text
 
     drops = {}
     for item in args.max_task_drop or []:
@@ -217,7 +218,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     console = _stdout_console()
     console.print(table)
     console.print(f"Metrics on {r['dataset'].get('test_split', 'the test split')}. FLOPs removed: "
-                  f"{r['flops_reduction'] * 100:.1f}%; cpu-ort p50 {lat['speedup_p50']:.2f}× lower. "
+                  f"{r['flops_reduction'] * 100:.1f}%"
+                  + ("" if r["flops_target_met"] is not False else " (the --flops-target was not reached within the "
+                     "loss budget)") + f"; cpu-ort p50 {speed_text(lat['speedup_p50'])}. "
                   f"Outputs: {result.out}/report.html, report.json, manifest.json")
     return 0
 
@@ -470,10 +473,15 @@ def _print_summary(result, console) -> None:
                   f"Outputs: {result.out}/report.html, report.json, manifest.json, candidates.csv")
     pruning = result.report.get("pruning")
     if pruning:
+        from edgec.report import speed_text
+
         drop = pruning["drops_test"]["classification"]
         console.print(f"Pruned the chosen subnet {pruning['candidate_id']} (FP32, PAGCP): "
                       f"{pruning['flops_reduction'] * 100:.1f}% of FLOPs removed, test accuracy {drop:.2f} points "
-                      f"lost, cpu-ort p50 {pruning['speedup_p50_fp32']:.2f}× lower; outputs in {result.out}/pruned/")
+                      f"lost, cpu-ort p50 {speed_text(pruning['speedup_p50_fp32'])}"
+                      + ("" if pruning["within_max_accuracy_drop"] else " — beyond --max-accuracy-drop, so "
+                         "pruned/manifest.json keeps the unpruned subnet chosen")
+                      + f"; outputs in {result.out}/pruned/")
 
 
 if __name__ == "__main__":

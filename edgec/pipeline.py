@@ -392,13 +392,19 @@ def prune_chosen(cfg: CompileConfig, out: Path, supernet, ds: Dataset, chosen: E
                     {"classification": ds.train_y}, ds.val_x, {"classification": ds.val_y}, ds.test_x,
                     {"classification": ds.test_y}, ds.provenance, DEFAULT_TRAINING[ds.name]["batch_size"])
     pcfg = PruneConfig(out=out / "pruned", dataset=ds.name, model=f"subnet:{chosen.candidate_id}",
-                       flops_target=cfg.prune_flops_target, threads=cfg.threads, seed=cfg.seed, force=True)
+                       flops_target=cfg.prune_flops_target, threads=cfg.threads, seed=cfg.seed, force=True,
+                       max_task_drop={"classification": cfg.max_accuracy_drop})
     info = {"candidate_id": chosen.candidate_id, "subnet": chosen.candidate.subnet.to_dict(),
             "policy_applied": False, "output_layers": sorted(fixed)}
-    result = prune_job(pcfg, static, data, lambda m: [mod for n, mod in m.named_modules() if n in fixed], info,
-                       progress).report
+    try:
+        result = prune_job(pcfg, static, data, lambda m: [mod for n, mod in m.named_modules() if n in fixed],
+                           info, progress).report
+    except NoQualifyingCandidate:  # beyond --max-accuracy-drop: published, not chosen, and the compile stands
+        result = json.loads((out / "pruned" / "report.json").read_text())
     return {"folder": "pruned", "candidate_id": chosen.candidate_id, "flops_reduction": result["flops_reduction"],
+            "flops_target_met": result["flops_target_met"],
             "speedup_p50_fp32": result["latency"]["speedup_p50"], "drops_test": result["drops"]["test"],
+            "drops_val": result["drops"]["val"], "within_max_accuracy_drop": result["max_task_drop"]["met"],
             "note": "FP32 subnet pruned; the chosen quantization policy is not re-applied"}
 
 

@@ -187,6 +187,9 @@ class PruneConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["out"] = str(self.out)
+        if not self.model == "multitask":  # the data is the user's or the compile run's, not a --dataset
+            for key in ("dataset", "data_dir", "train_epochs"):
+                d.pop(key)
         return d
 
 
@@ -359,9 +362,10 @@ def prune_job(cfg: PruneConfig, model, data: TaskData, ignored, model_info: dict
         target.close()
         report = _report(cfg, data, model_info, result, settings, model, before, after_prune, after, latency,
                          prune_s, oracle.calls, epochs, target)
-        _publish(run.path, report, paths, model, pruned, data, save_torch=cfg.model == "multitask")
         gate = _gate(cfg, report)
         report["max_task_drop"] = gate
+        _publish(run.path, report, paths, model, pruned, data, save_torch=cfg.model == "multitask",
+                 chosen_role="reference" if gate and not gate["met"] else "pruned")
         from edgec.compile.package import write_atomic
         from edgec.report import write_prune_html
 
@@ -369,9 +373,10 @@ def prune_job(cfg: PruneConfig, model, data: TaskData, ignored, model_info: dict
         write_atomic(run.path / "report.html", write_prune_html(report))
     if gate and not gate["met"]:  # raised outside the run directory's context: the report stays
         raise NoQualifyingCandidate("the pruned model misses --max-task-drop",
-                                    "; ".join(f"{k} dropped {v:.2f} (allowed {cfg.max_task_drop[k]})"
-                                              for k, v in gate["val_drops"].items() if k in cfg.max_task_drop),
-                                    f"lower --flops-target or --loss-budget; the report is in {cfg.out}")
+                                    "; ".join(f"{k} dropped {gate['val_drops'][k]:.2f} on the validation split "
+                                              f"(allowed {cfg.max_task_drop[k]})" for k in gate["failed"]),
+                                    f"lower --flops-target or --loss-budget; the report is in {cfg.out} (the "
+                                    "manifest marks the unpruned model chosen)")
     return PruneResult(cfg.out, report)
 
 
@@ -430,7 +435,7 @@ def _report(cfg, data: TaskData, model_info, result, settings, reference, before
         "finetune": {"epochs": epochs, "lr": FINETUNE_LR},
         "metrics": {"reference": before, "pruned_before_finetune": after_prune, "pruned": after},
         "drops": {"val": _drops(data.tasks, before, after, "val"), "test": _drops(data.tasks, before, after, "test")},
-        "latency": latency, "target": target.describe(),
+        "latency": latency, "target": {**target.describe(), "recipe": "fp32"},
     }
 
 
@@ -439,10 +444,12 @@ def _gate(cfg: PruneConfig, report: dict) -> dict | None:
         return None
     drops = report["drops"]["val"]
     met = all(drops[k] <= v for k, v in cfg.max_task_drop.items())
-    return {"limits": dict(cfg.max_task_drop), "val_drops": drops, "met": met, "split": "val"}
+    return {"limits": dict(cfg.max_task_drop), "val_drops": drops, "met": met, "split": "val",
+            "failed": [k for k, v in cfg.max_task_drop.items() if drops[k] > v]}
 
 
-def _publish(out: Path, report: dict, paths: dict, reference, pruned, data: TaskData, save_torch: bool) -> None:
+def _publish(out: Path, report: dict, paths: dict, reference, pruned, data: TaskData, save_torch: bool,
+             chosen_role: str = "pruned") -> None:
     """Reference and pruned ONNX under artifacts/cpu-ort/<id>/ (+ safetensors to rebuild the built-in model in
     PyTorch), and a manifest."""
     import onnxruntime as ort
@@ -461,7 +468,8 @@ def _publish(out: Path, report: dict, paths: dict, reference, pruned, data: Task
         sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
         lat = report["latency"][role]
         metrics = report["metrics"][role]["test"]
-        artifacts.append({"id": mid, "role": role, "chosen": role == "pruned", "target": "cpu-ort",
+        artifacts.append({"id": mid, "role": role, "chosen": role == chosen_role, "target": "cpu-ort",
+                          "recipe": "fp32",
                           "path": str(model_path.relative_to(out)), "sha256": sha256_file(model_path),
                           "size_bytes": model_path.stat().st_size,
                           "input": {"name": "input", "shape": ["batch", *data.input_shape], "dtype": "float32",

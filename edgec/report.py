@@ -301,6 +301,15 @@ def channels_chart_png(before: dict[str, int], after: dict[str, int]) -> bytes:
     return _png(fig)
 
 
+def speed_text(ratio: float) -> str:
+    """'2.10× faster' / '1.09× slower' for a latency ratio old/new."""
+    return f"{ratio:.2f}× faster" if ratio >= 1 else f"{1 / ratio:.2f}× slower"
+
+
+def _count(macs: int) -> str:
+    return f"{macs / 1e6:.2f} M" if macs >= 1e6 else f"{macs / 1e3:.1f} k"
+
+
 def write_prune_html(report: dict) -> str:
     """``report.html`` of ``edgec prune``: kept channels per layer, FLOPs, per-task metrics, latency, steps."""
     e = html.escape
@@ -328,18 +337,20 @@ def write_prune_html(report: dict) -> str:
 <style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}</style>
 </head><body><h1>edgec prune — {e(report['model']['name'])} on {e(ds['name'])} (PAGCP)</h1>
-<p>FLOPs (MACs) {report['macs_before'] / 1e6:.2f} M → {report['macs_after'] / 1e6:.2f} M:
+<p>FLOPs (MACs) {_count(report['macs_before'])} → {_count(report['macs_after'])}:
 <b>{report['flops_reduction'] * 100:.1f}% removed</b>; parameters {report['params_before'] / 1e3:.1f} k →
-{report['params_after'] / 1e3:.1f} k. cpu-ort p50 (batch 1, {lat['pruned']['threads']} threads, <i>{e(lat['pruned']['kind'])}</i>,
+{report['params_after'] / 1e3:.1f} k{'' if report['flops_target_met'] is not False else
+' (the --flops-target was not reached within the loss budget)'}. cpu-ort p50 (batch 1, {lat['pruned']['threads']} threads, <i>{e(lat['pruned']['kind'])}</i>,
 median of {len(lat['pruned']['p50_ms_rounds'])} alternating rounds): {lat['reference']['p50_ms'] * 1e3:.1f} µs →
-{lat['pruned']['p50_ms'] * 1e3:.1f} µs (<b>{lat['speedup_p50']:.2f}× lower</b>).</p>{gate_line}
+{lat['pruned']['p50_ms'] * 1e3:.1f} µs (<b>{speed_text(lat['speedup_p50'])}</b>).</p>{gate_line}
 <h2>Per-task metrics</h2>
 <table><tr><th>model</th>{metric_head}</tr>{metric_rows}</table>
 <p>Fine-tuning: {report['finetune']['epochs']} epochs at lr {report['finetune']['lr']}.</p>
 <h2>Kept channels per conv layer</h2><img alt="kept channels" src="data:image/png;base64,{png}">
 <h2>Pruning steps</h2><p>Each group's ratio rose in steps while every watched task
 ({e(', '.join(report['algorithm']['oracle']['watched_tasks']))}) kept its validation loss within
-(1 + threshold) of the reference; "stopped by" names the task whose loss crossed first.</p>
+(1 + threshold) of the reference; "stopped by" names the task whose loss crossed first, or
+<i>max_ratio</i> (the group cannot shrink further) or <i>flops_target</i> (the target was reached).</p>
 <table><tr><th>pass</th><th>group (root layer)</th><th>channels</th><th>removed</th><th>threshold</th><th>stopped by</th>
 <th>trials</th><th>MMACs after</th></tr>{steps}</table>
 <h2>Data</h2><p>{e(ds['source'])}; {e(ds['preprocessing'])}; test: {e(ds['test_split'])};

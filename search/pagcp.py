@@ -32,7 +32,9 @@ pass over all groups ends short of it another pass starts (up to ``max_passes``)
 a short recovery fine-tuning if the pass removed channels and a ``recover`` callable is
 given (iterative pruning with retraining, Han et al., "Learning both Weights and
 Connections", NeurIPS 2015, §3.3); the loss budget doubles for the next pass when a pass
-removed less than ``min_pass_reduction`` of the original FLOPs. The paper's optional second step (keeping only the
+removed less than ``min_pass_reduction`` of the original FLOPs, up to ``max_budget_growth``
+times ``loss_budget`` — beyond that the target is reported as not reached rather than
+bought with an unbounded loss. The paper's optional second step (keeping only the
 layers with the best loss-per-FLOP ratio) is not implemented.
 
 The search knows no data: the caller hands in ``evaluate(model) → {task: loss}``.
@@ -66,6 +68,7 @@ class PagcpSettings:
     flops_target: float | None = None  # stop once this fraction of the FLOPs is removed
     max_passes: int = 4                # with flops_target: passes over all groups (see above)
     min_pass_reduction: float = 0.05   # a pass removing less than this share of the FLOPs doubles the loss budget
+    max_budget_growth: float = 16.0    # ... up to this multiple of loss_budget; then pruning stops short of the target
     importance: str = "l1"             # l1 | l2 filter norm of the coupled group
     round_to: int = 8                  # kept channels are a multiple of this (runtime-friendly widths, see above)
 
@@ -77,6 +80,7 @@ class PagcpSettings:
                   (self.flops_target is None or 0 < self.flops_target < 1, "flops_target", "between 0 and 1"),
                   (self.max_passes >= 1, "max_passes", "≥ 1"),
                   (0 <= self.min_pass_reduction < 1, "min_pass_reduction", "in [0, 1)"),
+                  (1 <= self.max_budget_growth <= 1e6, "max_budget_growth", "in [1, 1e6]"),
                   (self.importance in IMPORTANCES, "importance", f"one of {', '.join(IMPORTANCES)}"),
                   (isinstance(self.round_to, int) and 1 <= self.round_to <= 256, "round_to", "an integer in 1..256")]
         for ok, name, rule in checks:
@@ -249,6 +253,8 @@ def pagcp(model: nn.Module, example_input: torch.Tensor, evaluate: Callable[[nn.
         if target_macs is None or macs <= target_macs:
             break
         if macs_at_start - macs < settings.min_pass_reduction * macs0:
+            if budget * 2 > settings.loss_budget * settings.max_budget_growth:
+                break  # the loss budget may not grow further: the FLOPs target is out of reach
             budget *= 2  # (almost) nothing passed at this budget: allow more loss next pass
         if pruned_any and recover is not None:
             recover(current)

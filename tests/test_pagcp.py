@@ -330,3 +330,23 @@ def test_compile_prunes_the_chosen_subnet(tmp_path):
     art = next(a for a in json.loads((out / "pruned" / "manifest.json").read_text())["artifacts"] if a["chosen"])
     onnx.checker.check_model(str(out / "pruned" / art["path"]))
     assert "Pruned the chosen subnet" in proc.stdout
+
+
+@pytest.mark.slow
+def test_max_task_drop_gate_marks_what_an_app_may_pick(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "edgec.cli", "prune", "--dataset", "digits", "--flops-target", "0.5",
+                           "--train-epochs", "4", "--finetune-epochs", "0", "--recovery-epochs", "0", "--runs", "30",
+                           "--max-task-drop", "reconstruction=0", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    report = json.loads((out / "report.json").read_text())
+    gate = report["max_task_drop"]
+    chosen = [a["role"] for a in json.loads((out / "manifest.json").read_text())["artifacts"] if a["chosen"]]
+    drop = report["drops"]["val"]["reconstruction"]
+    assert gate["met"] == (drop <= 0)
+    if gate["met"]:
+        assert proc.returncode == 0 and chosen == ["pruned"]
+    else:  # exit 3, one line naming the failed task, and the unpruned model stays the one to pick
+        assert proc.returncode == 3 and chosen == ["reference"], proc.stderr
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("edgec: error:")]
+        assert len(errors) == 1 and "reconstruction dropped" in errors[0] and "Traceback" not in proc.stderr
