@@ -63,6 +63,8 @@ def main() -> int:
     ap.add_argument("--loss-budget", type=float, default=0.3)
     ap.add_argument("--finetune-epochs", type=int, help="default per dataset (as edgec prune)")
     ap.add_argument("--recovery-epochs", type=int, default=1, help="fine-tuning between PAGCP passes (as edgec prune)")
+    ap.add_argument("--max-budget-growth", type=float, default=16.0,
+                    help="how far PAGCP may double its loss budget (as edgec prune: 16)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
     ap.add_argument("--runs", type=int, default=300, help="timed runs per round")
     ap.add_argument("--seed", type=int, default=0)
@@ -92,13 +94,15 @@ def main() -> int:
         macs0 = count_macs(model, example)[0]
         results["unpruned"] = {"model": model, "macs": macs0, "before_ft": task_metrics(model, data),
                                "prune_s": 0.0}
-        settings = PagcpSettings(flops_target=args.flops_target, loss_budget=args.loss_budget, max_passes=10)
+        settings = PagcpSettings(flops_target=args.flops_target, loss_budget=args.loss_budget, max_passes=10,
+                                 max_budget_growth=args.max_budget_growth)
         for name, watch in (("PAGCP (both tasks)", ()), ("PAGCP, classification loss only", ("classification",))):
             progress.stage(f"{name}: pruning")
             oracle = TaskOracle(data, watch)
             start = time.perf_counter()
             r = pagcp(model, example, oracle, ignored, settings,
-                      recover=lambda m: finetune(m, data, args.recovery_epochs, args.seed, progress))
+                      recover=(lambda m: finetune(m, data, args.recovery_epochs, args.seed, progress))
+                      if args.recovery_epochs else None)
             results[name] = {"model": r.model, "macs": r.macs_after, "prune_s": time.perf_counter() - start,
                              "oracle_calls": oracle.calls, "passes": r.passes}
         target_macs = results["PAGCP (both tasks)"]["macs"]
@@ -125,7 +129,8 @@ def main() -> int:
     base_acc = base["after_ft"]["test"]["classification"]["accuracy_pct"]
     base_psnr = base["after_ft"]["test"]["reconstruction"]["psnr_db"]
     table = Table(title=f"edgec prune bench — multitask on {ds.name}, FLOPs target {args.flops_target:.0%}, "
-                        f"fine-tune {epochs} epochs, cpu-ort p50 median of {args.rounds} interleaved rounds")
+                        f"recovery {args.recovery_epochs} epoch(s) between passes, fine-tune {epochs} epochs, "
+                        f"cpu-ort p50 median of {args.rounds} interleaved rounds")
     for col in ("method", "MMACs", "FLOPs removed", "test acc %", "Δ acc pts", "(before FT)", "test PSNR dB",
                 "Δ PSNR dB", "(before FT)", "p50 µs", "speed-up", "prune s"):
         table.add_column(col, justify="left" if col == "method" else "right")
@@ -154,8 +159,8 @@ def main() -> int:
                   f"({latency['unpruned']['runtime']}, {latency['unpruned']['device']}, 2 threads, batch 1).")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"dataset": ds.name, "flops_target": args.flops_target,
-                                               "finetune_epochs": epochs, "model": info, "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"dataset": ds.name, "settings": vars(args), "finetune_epochs": epochs,
+                                               "model": info, "rows": rows}, indent=2))
     return 0
 
 
