@@ -63,8 +63,8 @@ def main() -> int:
     ap.add_argument("--loss-budget", type=float, default=0.3)
     ap.add_argument("--finetune-epochs", type=int, help="default per dataset (as edgec prune)")
     ap.add_argument("--recovery-epochs", type=int, default=1, help="fine-tuning between PAGCP passes (as edgec prune)")
-    ap.add_argument("--max-budget-growth", type=float, default=16.0,
-                    help="how far PAGCP may double its loss budget (as edgec prune: 16)")
+    ap.add_argument("--max-budget-growth", type=float, default=32.0,
+                    help="how far PAGCP may double its loss budget (as edgec prune: 32)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
     ap.add_argument("--runs", type=int, default=300, help="timed runs per round")
     ap.add_argument("--seed", type=int, default=0)

@@ -68,7 +68,7 @@ class PagcpSettings:
     flops_target: float | None = None  # stop once this fraction of the FLOPs is removed
     max_passes: int = 4                # with flops_target: passes over all groups (see above)
     min_pass_reduction: float = 0.05   # a pass removing less than this share of the FLOPs doubles the loss budget
-    max_budget_growth: float = 16.0    # ... up to this multiple of loss_budget; then pruning stops short of the target
+    max_budget_growth: float = 32.0    # ... up to this multiple of loss_budget; then pruning stops short of the target
     importance: str = "l1"             # l1 | l2 filter norm of the coupled group
     round_to: int = 8                  # kept channels are a multiple of this (runtime-friendly widths, see above)
 
