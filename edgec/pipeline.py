@@ -364,8 +364,12 @@ def run_compile(cfg: CompileConfig, progress: Progress | None = None) -> RunResu
             if cfg.prune_flops_target:
                 result.report["pruning"] = prune_chosen(cfg, run.path, supernet, ds, result.chosen, progress)
                 from edgec.compile.package import write_atomic
+                from edgec.report import pruning_html
 
                 write_atomic(run.path / "report.json", json.dumps(result.report, indent=2))
+                page = (run.path / "report.html").read_text()
+                write_atomic(run.path / "report.html",
+                             page.replace("</body>", pruning_html(result.report["pruning"]) + "</body>", 1))
             return result
         finally:
             for t in targets:

@@ -306,6 +306,16 @@ def speed_text(ratio: float) -> str:
     return f"{ratio:.2f}× faster" if ratio >= 1 else f"{1 / ratio:.2f}× slower"
 
 
+def pruning_html(pruning: dict) -> str:
+    """The section of compile's report.html on its PAGCP pass (``edgec compile --prune-flops-target``)."""
+    drop = pruning["drops_test"]["classification"]
+    return (f"<h2>Pruning (PAGCP)</h2><p>The chosen subnet {html.escape(pruning['candidate_id'])} in FP32: "
+            f"{pruning['flops_reduction'] * 100:.1f}% of its FLOPs removed, test accuracy {drop:.2f} points lost, "
+            f"cpu-ort p50 {speed_text(pruning['speedup_p50_fp32'])}"
+            + ("" if pruning["within_max_accuracy_drop"] else " — beyond --max-accuracy-drop, not chosen")
+            + f". {html.escape(pruning['note'])}. Details: <a href='pruned/report.html'>pruned/report.html</a>.</p>")
+
+
 def _count(macs: int) -> str:
     return f"{macs / 1e6:.2f} M" if macs >= 1e6 else f"{macs / 1e3:.1f} k"
 

@@ -330,6 +330,7 @@ def test_compile_prunes_the_chosen_subnet(tmp_path):
     art = next(a for a in json.loads((out / "pruned" / "manifest.json").read_text())["artifacts"] if a["chosen"])
     onnx.checker.check_model(str(out / "pruned" / art["path"]))
     assert "Pruned the chosen subnet" in proc.stdout
+    assert "pruned/report.html" in (out / "report.html").read_text()
 
 
 @pytest.mark.slow
