@@ -384,14 +384,13 @@ def prune_chosen(cfg: CompileConfig, out: Path, supernet, ds: Dataset, chosen: E
     from edgec.prune import PruneConfig, TaskData, prune_job
     from edgec.search.multitask import Task
     from edgec.search.supernet import extract_subnet
+    from edgec.search.pagcp import layers_named, output_layer_names
     from edgec.search.train import recalibrate_bn
-    from edgec.user_model import output_layers_by_probe
 
     import torch
 
     static = recalibrate_bn(extract_subnet(supernet, chosen.candidate.subnet), ds.train_x)
-    fixed = {n for n, m in static.named_modules()
-             if any(m is f for f in output_layers_by_probe(static, torch.zeros(1, *ds.input_shape)))}
+    fixed = output_layer_names(static, torch.zeros(1, *ds.input_shape))
     data = TaskData(ds.name, (Task("classification", "classification", 0),), ("logits",), ds.train_x,
                     {"classification": ds.train_y}, ds.val_x, {"classification": ds.val_y}, ds.test_x,
                     {"classification": ds.test_y}, ds.provenance, DEFAULT_TRAINING[ds.name]["batch_size"])
@@ -401,7 +400,7 @@ def prune_chosen(cfg: CompileConfig, out: Path, supernet, ds: Dataset, chosen: E
     info = {"candidate_id": chosen.candidate_id, "subnet": chosen.candidate.subnet.to_dict(),
             "policy_applied": False, "output_layers": sorted(fixed)}
     try:
-        result = prune_job(pcfg, static, data, lambda m: [mod for n, mod in m.named_modules() if n in fixed],
+        result = prune_job(pcfg, static, data, layers_named(fixed),
                            info, progress).report
     except NoQualifyingCandidate:  # beyond --max-accuracy-drop: published, not chosen, and the compile stands
         result = json.loads((out / "pruned" / "report.json").read_text())
@@ -523,24 +522,15 @@ def remeasure(evals: list[Evaluation], target: Target, evaluator: Evaluator, rou
               on_round: Callable[[int], None] | None = None) -> list[Evaluation]:
     """Measure ``evals``' models again in ``rounds`` interleaved rounds; each gets the stats of its
     median-p50 round, with every round's p50 in ``latency.extra["round_p50_ms"]``."""
-    stats: dict[str, list] = {e.candidate_id: [] for e in evals}
+    from edgec.targets.base import measure_interleaved
+
     for e in evals:
         if not evaluator.model_path(e.candidate).is_file():  # a resumed run whose work files were removed
             evaluator.compile(e.candidate)                     # (compilation is deterministic)
-    for r in range(rounds):
-        for e in evals:
-            stats[e.candidate_id].append(target.measure_latency(evaluator.model_path(e.candidate),
-                                                                evaluator.input_shape, batch=1))
-        if on_round:
-            on_round(r + 1)
-    result = []
-    for e in evals:
-        runs = sorted(stats[e.candidate_id], key=lambda s: s.p50_ms)
-        median = runs[len(runs) // 2]
-        extra = {**median.extra, "round_p50_ms": [s.p50_ms for s in stats[e.candidate_id]],
-                 "search_p50_ms": e.latency.p50_ms, "rounds": rounds}
-        result.append(replace(e, latency=replace(median, extra=extra)))
-    return result
+    stats = measure_interleaved(target, {e.candidate_id: evaluator.model_path(e.candidate) for e in evals},
+                                evaluator.input_shape, rounds, on_round)
+    return [replace(e, latency=replace(stats[e.candidate_id], extra={
+        **stats[e.candidate_id].extra, "search_p50_ms": e.latency.p50_ms, "rounds": rounds})) for e in evals]
 
 
 def _publish(cfg, out: Path, evaluators: list, reference: Evaluation, evals: list[Evaluation], failed: dict,

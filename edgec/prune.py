@@ -40,12 +40,6 @@ ORACLE_VAL_IMAGES = 1000   # validation images the pruning oracle reads per tria
 BN_RECAL_IMAGES = 512      # training images each trial's BN statistics are re-estimated on
 
 
-def cache_root() -> Path:
-    from edgec.pipeline import cache_root as root
-
-    return root()
-
-
 def get_multitask_model(ds: Dataset, progress, epochs: int | None = None):
     """The trained built-in multi-task model for ``ds``: cached, or trained now and cached.
 
@@ -53,6 +47,7 @@ def get_multitask_model(ds: Dataset, progress, epochs: int | None = None):
     """
     import torch
 
+    from edgec.pipeline import cache_root
     from edgec.search.multitask import (BUILTIN_TASKS, MultiTaskNet, builtin_targets, cache_key, load_multitask,
                                         save_multitask, train_multitask)
 
@@ -300,17 +295,24 @@ def run_prune(cfg: PruneConfig, progress) -> PruneResult:
 
         model, data, ignored, model_info = load_user_job(cfg)
     else:
-        data = TaskData.from_dataset(load_dataset(cfg.dataset, cfg.data_dir))
-        model, ignored, model_info = None, (lambda m: m.output_layers()), None
+        ds = load_dataset(cfg.dataset, cfg.data_dir)
+        data, ignored, model_info = TaskData.from_dataset(ds), (lambda m: m.output_layers()), None
+
+        def model():  # trained (or read from the cache) only once the run directory is ours
+            return get_multitask_model(ds, progress, cfg.train_epochs)
     return prune_job(cfg, model, data, ignored, model_info, progress)
 
 
 def prune_job(cfg: PruneConfig, model, data: TaskData, ignored, model_info: dict | None, progress) -> PruneResult:
-    """Prune ``model`` (None: the built-in multi-task model, trained or cached) on ``data`` into ``cfg.out``.
+    """Prune ``model`` on ``data`` into ``cfg.out``.
 
-    ``ignored(m)``: the layers of ``m`` whose output width must stay. Used by ``edgec prune`` and by
+    ``model``: an ``nn.Module``, or a zero-argument callable returning ``(module, model_info)`` that is
+    called inside the locked run directory (the built-in model: trained or cached). ``ignored(m)``: the
+    layers of ``m`` whose output width must stay. Used by ``edgec prune`` and by
     ``edgec compile --prune-flops-target`` (the chosen subnet, one classification task).
     """
+    import torch.nn as nn
+
     import torch
 
     from edgec.rundir import RunDir
@@ -321,16 +323,15 @@ def prune_job(cfg: PruneConfig, model, data: TaskData, ignored, model_info: dict
     target = open_target("cpu-ort", cfg.threads, cfg.runs)
     target.require_available()
     cfg.check_task_names([t.name for t in data.tasks])
-    if model is not None:
+    if isinstance(model, nn.Module):
         from edgec.search.pagcp import prunable_groups
 
         if not prunable_groups(model, torch.zeros(1, *data.input_shape), ignored(model)):
             raise ConfigError("nothing to prune", "the model has no conv layer whose output width may shrink "
                               "(output layers keep theirs)", "pass a model with conv layers inside it")
     with RunDir(cfg.out, force=cfg.force, resumable=False) as run:
-        if model is None:
-            model, model_info = get_multitask_model(load_dataset(cfg.dataset, cfg.data_dir), progress,
-                                                    cfg.train_epochs)
+        if not isinstance(model, nn.Module):
+            model, model_info = model()
         example = torch.zeros(1, *data.input_shape)
         before = task_metrics(model, data)
         oracle = TaskOracle(data, cfg.watch)
@@ -397,16 +398,12 @@ def export_multitask(net, data: TaskData, path: Path) -> Path:
 
 
 def measure_side_by_side(target, paths: dict[str, Path], input_shape, rounds: int) -> dict:
-    """Each model measured ``rounds`` times, alternating, on one target in one run; medians of the p50s."""
-    samples: dict[str, list] = {role: [] for role in paths}
-    for _ in range(rounds):
-        for role, path in paths.items():
-            samples[role].append(target.measure_latency(path, input_shape, batch=1))
-    out = {}
-    for role, stats in samples.items():
-        best = sorted(stats, key=lambda s: s.p50_ms)[len(stats) // 2]
-        out[role] = {**best.to_dict(), "p50_ms_rounds": [s.p50_ms for s in stats]}
-    return out
+    """{role: the median-p50 round's stats as a dict + ``p50_ms_rounds``}, rounds interleaved on one target
+    (:func:`edgec.targets.base.measure_interleaved`)."""
+    from edgec.targets.base import measure_interleaved
+
+    return {role: {**s.to_dict(), "p50_ms_rounds": s.extra["round_p50_ms"]}
+            for role, s in measure_interleaved(target, paths, input_shape, rounds).items()}
 
 
 def _report(cfg, data: TaskData, model_info, result, settings, reference, before, after_prune, after, latency,

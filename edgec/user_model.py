@@ -212,38 +212,12 @@ def check_against_model(model, x: np.ndarray, targets: dict, tasks, flag: str) -
     return len(outs)
 
 
-def output_layers_by_probe(model, example) -> list:
-    """The conv layers whose output width is a model output's width: pruning one channel of their group
-    would change an output's shape. Found by trying it on a copy."""
-    import copy
-
-    import torch
-
-    from edgec.search.pagcp import prunable_groups, prune_group
-
-    with torch.no_grad():
-        ref = model(example)
-    ref = [o.shape for o in (ref if isinstance(ref, (tuple, list)) else (ref,))]
-    modules = dict(model.named_modules())
-    fixed = []
-    for name, channels in prunable_groups(model, example, []).items():
-        if channels < 2:
-            fixed.append(modules[name])
-            continue
-        trial = prune_group(copy.deepcopy(model), name, 1, example)
-        with torch.no_grad():
-            out = trial(example)
-        shapes = [o.shape for o in (out if isinstance(out, (tuple, list)) else (out,))]
-        if shapes != ref:
-            fixed.append(modules[name])
-    return fixed
-
-
 def load_user_job(cfg):
     """(model, TaskData, ignored_layers(model) callable, info) for ``edgec prune --model pkg.mod:factory``."""
     import torch
 
     from edgec.prune import TaskData
+    from edgec.search.pagcp import layers_named, output_layer_names
 
     tasks = parse_tasks(cfg.tasks)
     model = build_model(cfg.model)
@@ -266,11 +240,6 @@ def load_user_job(cfg):
         "source": f"--eval-data {cfg.eval_data}" + (f", --train-data {cfg.train_data}" if cfg.train_data else ""),
         "preprocessing": "as given", "test_split": "the --eval-data split (no separate test split)",
         "val_split": "--eval-data (the oracle reads its first 1000 samples)"})
-    fixed = output_layers_by_probe(model, torch.zeros(1, *eval_x.shape[1:]))
-    fixed_names = {n for n, m in model.named_modules() if any(m is f for f in fixed)}
-
-    def ignored(m):
-        return [mod for n, mod in m.named_modules() if n in fixed_names]
-
-    info = {"factory": cfg.model, "checkpoint": str(cfg.checkpoint), "output_layers": sorted(fixed_names)}
-    return model, data, ignored, info
+    fixed = output_layer_names(model, torch.zeros(1, *eval_x.shape[1:]))
+    info = {"factory": cfg.model, "checkpoint": str(cfg.checkpoint), "output_layers": sorted(fixed)}
+    return model, data, layers_named(fixed), info

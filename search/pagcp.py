@@ -212,6 +212,24 @@ def _removable(channels: int, ratio: float, settings: PagcpSettings) -> int:
     return channels - keep
 
 
+def output_layer_names(model: nn.Module, example_input: torch.Tensor) -> set[str]:
+    """Names of the group roots whose output width is a model output's width: pruning one channel of their
+    group would change an output's shape (found by trying it on a copy), or they have one channel."""
+    def shapes(m: nn.Module) -> list:
+        with torch.no_grad():
+            out = m(example_input)
+        return [o.shape for o in (out if isinstance(out, (tuple, list)) else (out,))]
+
+    reference = shapes(model)
+    return {name for name, channels in prunable_groups(model, example_input, []).items()
+            if channels < 2 or shapes(prune_group(copy.deepcopy(model), name, 1, example_input)) != reference}
+
+
+def layers_named(names: set[str]) -> Callable[[nn.Module], list[nn.Module]]:
+    """An ``ignored_layers`` callable for :func:`pagcp`: the modules of a (pruned) model with these names."""
+    return lambda m: [module for name, module in m.named_modules() if name in names]
+
+
 def pagcp(model: nn.Module, example_input: torch.Tensor, evaluate: Callable[[nn.Module], dict[str, float]],
           ignored_layers: Callable[[nn.Module], list[nn.Module]], settings: PagcpSettings,
           on_trial: Callable[[str, float, dict[str, float]], None] | None = None,

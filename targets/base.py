@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import difflib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -135,6 +135,26 @@ class Target(abc.ABC):
 
 
 _REGISTRY: dict[str, Callable[..., Target]] = {}
+
+
+def measure_interleaved(target: Target, models: Mapping[Any, Path], input_shape: tuple[int, ...], rounds: int,
+                        on_round: Callable[[int], None] | None = None) -> dict[Any, LatencyStats]:
+    """Measure every model ``rounds`` times at batch 1, interleaved so machine noise hits all alike.
+
+    ``models``: {key: model path}. Each key gets the stats of its median-p50 round, with every
+    round's p50 (ms) in ``extra["round_p50_ms"]``. ``on_round(r)`` after each round.
+    """
+    samples: dict[Any, list[LatencyStats]] = {key: [] for key in models}
+    for r in range(rounds):
+        for key, path in models.items():
+            samples[key].append(target.measure_latency(path, input_shape, batch=1))
+        if on_round:
+            on_round(r + 1)
+    result = {}
+    for key, stats in samples.items():
+        median = sorted(stats, key=lambda s: s.p50_ms)[len(stats) // 2]
+        result[key] = replace(median, extra={**median.extra, "round_p50_ms": [s.p50_ms for s in stats]})
+    return result
 
 
 def register(name: str):
