@@ -161,11 +161,11 @@ class Task:
 BUILTIN_TASKS = (Task("classification", "classification", 0), Task("reconstruction", "dense", 1))
 
 
-def _task_loss(task: Task, out: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def _task_loss(task: Task, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-sample loss (B,): cross-entropy, or the sample's mean squared error."""
     if task.kind == "classification":
-        return F.cross_entropy(out, target, reduction=reduction)
-    err = F.mse_loss(out, target, reduction="none")
-    return err.mean() if reduction == "mean" else err.flatten(1).mean(1)
+        return F.cross_entropy(out, target, reduction="none")
+    return F.mse_loss(out, target, reduction="none").flatten(1).mean(1)
 
 
 @torch.no_grad()
@@ -178,21 +178,21 @@ def evaluate_tasks(model: nn.Module, x: np.ndarray, targets: dict[str, np.ndarra
     """
     model.eval()
     sums = {t.name: 0.0 for t in tasks}
-    correct = 0
+    correct = {t.name: 0 for t in tasks}
     for i in range(0, len(x), batch_size):
         xb = torch.from_numpy(x[i:i + batch_size])
         outs = model(xb)
         outs = outs if isinstance(outs, (tuple, list)) else (outs,)
         for t in tasks:
             tb = torch.from_numpy(targets[t.name][i:i + batch_size])
-            sums[t.name] += float(_task_loss(t, outs[t.output], tb, reduction="sum" if t.kind == "classification"
-                                             else "none").sum())
+            sums[t.name] += float(_task_loss(t, outs[t.output], tb).sum())
             if t.kind == "classification":
-                correct += int((outs[t.output].argmax(1) == tb).sum())
+                correct[t.name] += int((outs[t.output].argmax(1) == tb).sum())
     result = {}
     for t in tasks:
         loss = sums[t.name] / len(x)
-        metric = 100.0 * correct / len(x) if t.kind == "classification" else 10 * math.log10(1.0 / max(loss, 1e-12))
+        metric = (100.0 * correct[t.name] / len(x) if t.kind == "classification"
+                  else 10 * math.log10(1.0 / max(loss, 1e-12)))
         result[t.name] = {"loss": loss, t.metric: metric}
     return result
 
@@ -224,7 +224,7 @@ def train_multitask(model: nn.Module, x: np.ndarray, targets: dict[str, np.ndarr
             idx = order[i * batch_size:(i + 1) * batch_size]
             outs = model(x_all[idx])
             outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-            loss = sum(w[t.name] * _task_loss(t, outs[t.output], t_all[t.name][idx]) for t in tasks)
+            loss = sum(w[t.name] * _task_loss(t, outs[t.output], t_all[t.name][idx]).mean() for t in tasks)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -248,7 +248,7 @@ def pagcp(model: nn.Module, example_input: torch.Tensor, evaluate: Callable[[nn.
     reference = evaluate(current)
     result = PruneResult(current, macs0, macs0, params0, params0, reference_losses=dict(reference))
     target_macs = macs0 * (1 - settings.flops_target) if settings.flops_target else None
-    budget = settings.loss_budget
+    budget, macs = settings.loss_budget, macs0
     for pass_index in range(settings.max_passes if settings.flops_target else 1):
         contributions = group_macs(current, example_input, ignored_layers(current))
         if not contributions:
@@ -257,17 +257,16 @@ def pagcp(model: nn.Module, example_input: torch.Tensor, evaluate: Callable[[nn.
         order = sorted(contributions, key=lambda n: -contributions[n])
         thresholds = layer_thresholds(len(order), budget, settings.decay)
         result.passes = pass_index + 1
-        pruned_any, macs_at_start = False, count_macs(current, example_input)[0]
+        pruned_any, macs_at_start = False, macs
         for layer, tau in zip(order, thresholds):
-            step, pruned, reached = _prune_layer(current, layer, tau, example_input, evaluate, reference, settings,
-                                                 target_macs, pass_index, on_trial)
+            step, pruned, reached = _prune_layer(current, macs, layer, tau, example_input, evaluate, reference,
+                                                 settings, target_macs, pass_index, on_trial)
             step.budget = budget
             result.steps.append(step)
             if pruned is not None:  # commit: the pruned model is the new reference
-                current, reference, pruned_any = pruned, step.losses, True
+                current, reference, pruned_any, macs = pruned, step.losses, True, step.macs_after
             if reached:
                 break
-        macs, _ = count_macs(current, example_input)
         if target_macs is None or macs <= target_macs:
             break
         if macs_at_start - macs < settings.min_pass_reduction * macs0:
@@ -284,7 +283,7 @@ def pagcp(model: nn.Module, example_input: torch.Tensor, evaluate: Callable[[nn.
     return result
 
 
-def _prune_layer(current: nn.Module, layer: str, tau: float, example_input: torch.Tensor,
+def _prune_layer(current: nn.Module, current_macs: int, layer: str, tau: float, example_input: torch.Tensor,
                  evaluate: Callable[[nn.Module], dict[str, float]], reference: dict[str, float],
                  settings: PagcpSettings, target_macs: float | None, pass_index: int,
                  on_trial) -> tuple[LayerStep, nn.Module | None, bool]:
@@ -312,11 +311,11 @@ def _prune_layer(current: nn.Module, layer: str, tau: float, example_input: torc
             stopped_by = max(failed, key=lambda t: losses[t] / reference[t])
             break
         best_model, best_losses, best_n = trial, losses, n_remove
-        if target_macs is not None and count_macs(trial, example_input)[0] <= target_macs:
+        current_macs = count_macs(trial, example_input)[0]
+        if target_macs is not None and current_macs <= target_macs:
             stopped_by, reached = "flops_target", True
             break
         k += 1
-    committed = best_model if best_model is not None else current
     step = LayerStep(layer, pass_index, channels, channels - best_n, best_n / channels, tau, stopped_by,
-                     best_losses, count_macs(committed, example_input)[0], trials)
+                     best_losses, current_macs, trials)
     return step, best_model, reached

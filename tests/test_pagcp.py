@@ -351,3 +351,14 @@ def test_max_task_drop_gate_marks_what_an_app_may_pick(tmp_path):
         assert proc.returncode == 3 and chosen == ["reference"], proc.stderr
         errors = [line for line in proc.stderr.splitlines() if line.startswith("edgec: error:")]
         assert len(errors) == 1 and "reconstruction dropped" in errors[0] and "Traceback" not in proc.stderr
+
+
+def test_each_classification_task_has_its_own_accuracy(images8):
+    from edgec.search.multitask import Task
+
+    net = _net()
+    x = images8[:40]
+    predicted = net(torch.from_numpy(x))[0].argmax(1).numpy()
+    tasks = (Task("a", "classification", 0), Task("b", "classification", 0))
+    m = evaluate_tasks(net, x, {"a": predicted, "b": (predicted + 1) % 10}, tasks)
+    assert m["a"]["accuracy_pct"] == 100.0 and m["b"]["accuracy_pct"] == 0.0
