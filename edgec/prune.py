@@ -300,7 +300,15 @@ def run_prune(cfg: PruneConfig, progress) -> PruneResult:
 
         def model():  # trained (or read from the cache) only once the run directory is ours
             return get_multitask_model(ds, progress, cfg.train_epochs)
-    return prune_job(cfg, model, data, ignored, model_info, progress)
+    result = prune_job(cfg, model, data, ignored, model_info, progress)
+    gate = result.report["max_task_drop"]
+    if gate and not gate["met"]:
+        raise NoQualifyingCandidate("the pruned model misses --max-task-drop",
+                                    "; ".join(f"{k} dropped {gate['val_drops'][k]:.2f} on the validation split "
+                                              f"(allowed {cfg.max_task_drop[k]})" for k in gate["failed"]),
+                                    f"lower --flops-target or --loss-budget; the report is in {cfg.out} (the "
+                                    "manifest marks the unpruned model chosen)")
+    return result
 
 
 def prune_job(cfg: PruneConfig, model, data: TaskData, ignored, model_info: dict | None, progress) -> PruneResult:
@@ -309,7 +317,8 @@ def prune_job(cfg: PruneConfig, model, data: TaskData, ignored, model_info: dict
     ``model``: an ``nn.Module``, or a zero-argument callable returning ``(module, model_info)`` that is
     called inside the locked run directory (the built-in model: trained or cached). ``ignored(m)``: the
     layers of ``m`` whose output width must stay. Used by ``edgec prune`` and by
-    ``edgec compile --prune-flops-target`` (the chosen subnet, one classification task).
+    ``edgec compile --prune-flops-target`` (the chosen subnet, one classification task). A missed
+    ``max_task_drop`` is recorded (``report["max_task_drop"]``, the unpruned model marked chosen), not raised.
     """
     import torch.nn as nn
 
@@ -372,12 +381,6 @@ def prune_job(cfg: PruneConfig, model, data: TaskData, ignored, model_info: dict
 
         write_atomic(run.path / "report.json", json.dumps(report, indent=2))
         write_atomic(run.path / "report.html", write_prune_html(report))
-    if gate and not gate["met"]:  # raised outside the run directory's context: the report stays
-        raise NoQualifyingCandidate("the pruned model misses --max-task-drop",
-                                    "; ".join(f"{k} dropped {gate['val_drops'][k]:.2f} on the validation split "
-                                              f"(allowed {cfg.max_task_drop[k]})" for k in gate["failed"]),
-                                    f"lower --flops-target or --loss-budget; the report is in {cfg.out} (the "
-                                    "manifest marks the unpruned model chosen)")
     return PruneResult(cfg.out, report)
 
 
