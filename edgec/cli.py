@@ -204,7 +204,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     r = result.report
     table = Table(title=f"edgec prune — {r['model']['name']} on {r['dataset']['name']} (PAGCP)")
     tasks = r["tasks"]
-    unit = {"accuracy_pct": "acc %", "psnr_db": "PSNR dB"}
+    from edgec.search.multitask import METRIC_LABELS as unit
     for col in ("model", "MMACs", "params k", *(f"{t['name']} {unit[t['metric']]}" for t in tasks),
                 "cpu-ort p50 µs", "kind"):
         table.add_column(col, justify="left" if col in ("model", "kind") else "right")

@@ -325,7 +325,7 @@ def write_prune_html(report: dict) -> str:
     e = html.escape
     png = base64.b64encode(channels_chart_png(report["channels"]["before"], report["channels"]["after"])).decode()
     m, tasks = report["metrics"], report["tasks"]
-    unit = {"accuracy_pct": "acc %", "psnr_db": "PSNR dB"}
+    from edgec.search.multitask import METRIC_LABELS as unit
     metric_head = "".join(f"<th>{split} {e(t['name'])} {unit[t['metric']]}</th>" for split in ("val", "test")
                           for t in tasks)
     metric_rows = "".join(

@@ -158,6 +158,7 @@ class Task:
         return "accuracy_pct" if self.kind == "classification" else "psnr_db"
 
 
+METRIC_LABELS = {"accuracy_pct": "acc %", "psnr_db": "PSNR dB"}  # column labels of Task.metric
 BUILTIN_TASKS = (Task("classification", "classification", 0), Task("reconstruction", "dense", 1))
 
 
