@@ -16,6 +16,7 @@ from typing import Any, Mapping
 from edgec.errors import ConfigError
 
 MODELS = ("fbnet-supernet",)
+TRANSFORMERS = ("minilm", "smollm2")  # built-in pretrained transformers (edgec.compile.hf_source)
 DATASETS = ("digits", "fashion-mnist")
 
 
@@ -45,14 +46,39 @@ class CompileConfig:
     eval_data: str | None = None           # .onnx model input: .npz of inputs to measure fidelity on
     input_shape: tuple[int, ...] | None = None  # .onnx model input: full input shape where dims are dynamic
     prune_flops_target: float | None = None  # after the search: PAGCP-prune the chosen subnet by this FLOPs share
+    max_fidelity_drop: float = 0.02        # transformers (feature extraction): mean cosine to FP32 ≥ 1 - this
+    recovery_steps: int = 0                # transformers: distillation steps for each recovered sub-network (0 = none)
+    recovery_candidates: int = 2           # transformers: how many of the fastest pruned sub-networks to recover
+    sequence_length: int = 128             # transformers: tokens per input when measuring latency (batch 1)
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str, fix: str) -> None:
             raise ConfigError(f"bad value for {name}: {getattr(self, name)!r}", why, fix)
 
-        if self.model not in MODELS and not self.model.endswith(".onnx"):
-            bad("model", f"known models: {', '.join(MODELS)}, or a path to an .onnx file",
-                "use --model fbnet-supernet or pass MODEL.onnx")
+        if self.model not in MODELS and not self.model.endswith(".onnx") and not self.is_transformer:
+            bad("model", f"known models: {', '.join(MODELS + TRANSFORMERS)}, a Hugging Face directory, a .gguf "
+                "file, or a path to an .onnx file", "use --model fbnet-supernet, --model minilm or pass MODEL.onnx")
+        if self.is_transformer and (self.dataset != "digits" or self.data_dir or self.train_epochs
+                                    or self.prune_flops_target is not None or self.also_targets
+                                    or self.target != "cpu-ort"):
+            name = ("dataset" if self.dataset != "digits" else "data_dir" if self.data_dir else "train_epochs"
+                    if self.train_epochs else "prune_flops_target" if self.prune_flops_target is not None
+                    else "target")
+            bad(name, "a pretrained transformer is calibrated and evaluated on text (pydoc_data.topics), "
+                "searched and measured on cpu-ort", "drop it")
+        if not self.is_transformer and (self.recovery_steps or self.max_fidelity_drop != 0.02
+                                        or self.sequence_length != 128 or self.recovery_candidates != 2):
+            bad("recovery_steps" if self.recovery_steps else "recovery_candidates" if self.recovery_candidates != 2 else "max_fidelity_drop" if self.max_fidelity_drop != 0.02
+                else "sequence_length", "this setting applies to pretrained transformers (--model minilm)",
+                "drop it, or pass --model minilm")
+        if not 0 < self.max_fidelity_drop < 1:
+            bad("max_fidelity_drop", "it is a drop in mean cosine similarity, between 0 and 1", "e.g. 0.02")
+        if not 1 <= self.recovery_candidates <= 100:
+            bad("recovery_candidates", "between 1 and 100 sub-networks", "e.g. --recovery-candidates 2")
+        if not 0 <= self.recovery_steps <= 100_000:
+            bad("recovery_steps", "steps must be between 0 and 100000", "e.g. --recovery-steps 200")
+        if not 8 <= self.sequence_length <= 4096:
+            bad("sequence_length", "tokens must be between 8 and 4096", "e.g. --sequence-length 128")
         if self.is_onnx_input and not self.calib_data:
             bad("calib_data", "an ONNX model is quantized with calibration inputs",
                 "pass --calib-data calib.npz (≥ 256 inputs, array 'x')")
@@ -106,6 +132,13 @@ class CompileConfig:
         if self.calibration_images < 256:
             bad("calibration_images", "static quantization calibrates on at least 256 images",
                 "use calibration_images = 256 or more")
+
+    @property
+    def is_transformer(self) -> bool:
+        """True when ``model`` is a pretrained transformer: a built-in name, a Hugging Face directory or GGUF."""
+        from edgec.compile.hf_source import is_transformer_source
+
+        return is_transformer_source(self.model)
 
     @property
     def is_onnx_input(self) -> bool:

@@ -366,3 +366,71 @@ median of {len(lat['pruned']['p50_ms_rounds'])} alternating rounds): {lat['refer
 <h2>Data</h2><p>{e(ds['source'])}; {e(ds['preprocessing'])}; test: {e(ds['test_split'])};
 validation: {e(ds['val_split'])}.</p><p>edgec {e(report['edgec_version'])}.</p></body></html>
 """
+
+
+def transformer_plot_png(reference: dict, evals: list[dict], finalists: list[dict], floor: float) -> bytes:
+    """Search fidelity (mean cosine) vs p50 latency of every evaluated candidate, finalists and the
+    reference marked, the fidelity floor dashed; PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in evals if not r.get("error")]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    ax.scatter([r["latency"]["p50_ms"] for r in ok], [r["fidelity_search"]["cosine"] for r in ok], s=14,
+               color="#999999", label="evaluated (search split)")
+    ax.scatter([r["latency"]["p50_ms"] for r in finalists], [r["fidelity_search"]["cosine"] for r in finalists],
+               s=30, color="#1f77b4", label="finalists (Pareto front within the drop)")
+    ax.scatter([reference["latency"]["p50_ms"]], [1.0], marker="*", s=120, color="#d62728", label="FP32 reference")
+    ax.axhline(floor, ls="--", color="#d62728", lw=1)
+    ax.set_xlabel("cpu-ort p50 latency, ms (measured)")
+    ax.set_ylabel("mean cosine to FP32")
+    ax.set_ylim(max(0.0, min([floor - 0.05] + [r["fidelity_search"]["cosine"] for r in finalists])), 1.005)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def transformer_html(report: dict, evals: list[dict]) -> str:
+    """``report.html`` of ``edgec compile --model minilm``: the search plot, finalists, reference, chosen."""
+    e = html.escape
+    floor = 1 - report["max_fidelity_drop"]
+    finalists = report["finalists"]
+    png = base64.b64encode(transformer_plot_png(report["reference"], evals, [
+        next(r for r in evals if r["candidate_id"] == f["candidate_id"]) for f in finalists], floor)).decode()
+    ref = report["reference"]
+    rows = "".join(
+        f"<tr><td>{e(f['candidate_id'])}{' ★' if f['chosen'] else ''}</td><td>{e(f['summary'])}</td>"
+        f"<td>{f['fidelity_eval']['cosine']:.4f}</td><td>{f['fidelity_eval']['neighbour_agreement'] * 100:.1f}%</td>"
+        f"<td>{f['latency']['p50_ms']:.2f}</td><td>{speed_text(f['speedup_p50'])}</td>"
+        f"<td>{f['size_bytes'] / 2**20:.1f}</td></tr>" for f in finalists)
+    chosen = report["chosen"]
+    verdict = (f"Chosen: <b>{e(chosen['candidate_id'])}</b> ({e(chosen['summary'])}), cosine "
+               f"{chosen['fidelity_eval']['cosine']:.4f}, p50 {chosen['latency']['p50_ms']:.2f} ms, "
+               f"{speed_text(chosen['speedup_p50'])} than the FP32 reference." if chosen else
+               f"<b>No candidate kept the mean cosine ≥ {floor:.3f} on the evaluation split.</b>")
+    rec = report.get("recovery") or []
+    rec_line = " ".join(
+        f"Recovered {r['candidate_id']}: search-split cosine {r['fidelity_search_before']['cosine']:.4f} → "
+        + (f"{r['fidelity_search_after']['cosine']:.4f} ({r['steps']} distillation steps on {r['device']}, "
+           f"{r['seconds']:.0f} s)." if not r.get("error") else f"failed: {r['error']}.") for r in rec
+    ) or "No recovery (--recovery-steps 0)."
+    lat = report["latency_input"]
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>edgec compile — {e(report['model']['name'])}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}</style>
+</head><body><h1>edgec compile — {e(report['model']['name'])} (elastic layers/heads/FFN × per-layer precision)</h1>
+<p>{verdict}</p>
+<p>Latency: cpu-ort, batch 1, {lat['sequence_length']} tokens, {report['target']['threads']} threads,
+<i>{e(lat['kind'])}</i>; finalists and reference re-measured side by side (median of interleaved rounds).
+Reference p50 {ref['latency']['p50_ms']:.2f} ms, {ref['size_bytes'] / 2**20:.1f} MiB.</p>
+<img alt="fidelity vs latency" src="data:image/png;base64,{png}">
+<h2>Finalists (evaluation split)</h2>
+<table><tr><th>id</th><th>candidate</th><th>mean cosine</th><th>neighbour agreement</th><th>p50 ms</th>
+<th>vs FP32</th><th>MiB</th></tr>{rows}</table>
+<p>{report['evaluated']} candidates evaluated ({report['failed']} failed); see candidates.csv. {e(rec_line)}</p>
+<h2>Quality and data</h2><p>{e(report['quality'])}. Text: {e(report['text']['source'])},
+{e(report['text']['split_rule'])}; splits: {e(json.dumps(report['splits']))}.</p>
+<p>Model: {e(report['model']['source'])}. edgec {e(report['edgec_version'])}.</p></body></html>
+"""

@@ -74,7 +74,8 @@ class Target(abc.ABC):
 
     @abc.abstractmethod
     def measure_latency(self, model_path: Path, input_shape: tuple[int, ...], *, batch: int = 1) -> LatencyStats:
-        """Latency of ``model_path`` on random inputs of shape ``(batch, *input_shape)`` float32."""
+        """Latency of ``model_path`` on random inputs of shape ``(batch, *input_shape)`` float32 (a text model:
+        ``input_shape`` is ``(sequence_length,)`` and its integer inputs get token ids and masks)."""
 
     static_batch: bool = False  # True where the recipe fixes the batch (the model then has one batch size)
 

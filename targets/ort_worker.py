@@ -34,20 +34,46 @@ def measure_ort(model_path: str, input_shape: tuple[int, ...], batch: int, threa
     t0 = time.perf_counter()
     sess = ort.InferenceSession(model_path, so, providers=providers)
     session_ms = (time.perf_counter() - t0) * 1e3
-    name = sess.get_inputs()[0].name
-    x = np.random.default_rng(seed).random((batch, *input_shape), dtype=np.float32)
+    feed = make_feed(sess, input_shape, batch, seed)
     t0 = time.perf_counter()
-    sess.run(None, {name: x})
+    sess.run(None, feed)
     first_ms = (time.perf_counter() - t0) * 1e3
     for _ in range(warmup_runs):
-        sess.run(None, {name: x})
+        sess.run(None, feed)
     samples = np.empty(runs)
     for i in range(runs):
         t0 = time.perf_counter_ns()
-        sess.run(None, {name: x})
+        sess.run(None, feed)
         samples[i] = (time.perf_counter_ns() - t0) / 1e6
     return {"samples_ms": samples.tolist(), "session_ms": session_ms, "first_inference_ms": first_ms,
             "ort_version": ort.__version__, "peak_rss_bytes": peak_rss_bytes()}
+
+
+TOKEN_ID_HIGH = 1000  # random token ids below this: valid in any vocabulary edgec loads
+
+
+def make_feed(sess, input_shape, batch: int, seed: int = 0) -> dict:
+    """Inputs for one run. A float input gets uniform [0, 1) of shape ``(batch, *input_shape)``. A model
+    with integer inputs is a text model and ``input_shape`` is ``(sequence_length,)``: ``*mask`` inputs
+    get ones (every token real), ``token_type_ids`` zeros, ``position_ids`` 0..T-1, other integer
+    inputs (``input_ids``) random token ids."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for inp in sess.get_inputs():
+        if inp.type == "tensor(float)":
+            feed[inp.name] = rng.random((batch, *input_shape), dtype=np.float32)
+            continue
+        dtype = np.int32 if inp.type == "tensor(int32)" else np.int64
+        shape = (batch, *input_shape)
+        if "mask" in inp.name:
+            feed[inp.name] = np.ones(shape, dtype)
+        elif "token_type" in inp.name:
+            feed[inp.name] = np.zeros(shape, dtype)
+        elif "position" in inp.name:
+            feed[inp.name] = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
+        else:
+            feed[inp.name] = rng.integers(0, TOKEN_ID_HIGH, shape).astype(dtype)
+    return feed
 
 
 def peak_rss_bytes() -> int:
@@ -77,10 +103,9 @@ def profile_ort(model_path: str, input_shape: tuple[int, ...], batch: int, threa
         so.enable_profiling = True
         so.profile_file_prefix = os.path.join(tmp, "ort")
         sess = ort.InferenceSession(model_path, so, providers=providers)
-        name = sess.get_inputs()[0].name
-        x = np.random.default_rng(0).random((batch, *input_shape), dtype=np.float32)
+        feed = make_feed(sess, input_shape, batch)
         for _ in range(runs + 1):
-            sess.run(None, {name: x})
+            sess.run(None, feed)
         with open(sess.end_profiling()) as f:
             events = json.load(f)
     total: dict[str, list] = {}

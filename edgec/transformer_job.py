@@ -1,0 +1,406 @@
+"""``edgec compile --model minilm``: SimQ-NAS over a pretrained encoder's elastic dims × per-layer precision.
+
+The loop (each stage reported on the progress bar):
+
+1. resolve the model (:mod:`edgec.compile.hf_source`), read the text split (:mod:`edgec.text_data`);
+2. FP32 reference: the pretrained model exported through optimum, parity-checked, its sentence
+   embeddings on the search and evaluation sentences are what every candidate is compared with;
+3. elastic model: importance on 512 calibration sentences, heads/channels rewired into importance
+   order (every width is then a prefix);
+4. search: NSGA-II over (depth, heads and FFN width per layer, attention/FFN precision per layer),
+   ``--budget-evals`` candidates, each extracted (physically smaller), exported, quantized with its
+   policy, scored on the 256 held-out calibration sentences ("search" split: mean cosine) and
+   measured on cpu-ort (p50 at batch 1, ``--sequence-length`` tokens);
+5. recovery (``--recovery-steps N``): the ``--recovery-candidates`` fastest evaluated sub-networks
+   that remove structure and score within ``RECOVERY_REACH`` below the fidelity floor are extracted,
+   distilled from the FP32 model for N steps (on the GPU when torch sees one), exported, quantized
+   with the same policy and evaluated again, as new candidates (id ``<id>-r<N>``);
+6. finalists: the Pareto front's candidates within ``--max-fidelity-drop`` on the search split are
+   scored on the evaluation split and re-measured side by side with the reference (interleaved
+   rounds); the chosen one is the fastest within the drop on the evaluation split;
+7. publish: ``artifacts/cpu-ort/<id>/`` (model.onnx + tokenizer files) for the reference and the
+   chosen, ``manifest.json``, ``report.json``, ``report.html``, ``candidates.csv``.
+
+Evaluation records are stored as they complete (``study/evaluations.jsonl``); ``--resume``
+replays them into the search so it asks the same candidates again without re-evaluating them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+import edgec
+from edgec.config import CompileConfig
+from edgec.errors import ConfigError, NoQualifyingCandidate, OutputDirError
+from edgec.rundir import EvaluationStore, RunDir
+
+IMPORTANCE_SENTENCES = 512
+SEARCH_SENTENCES = 256       # held out from the calibration sentences: the search's fidelity split
+PARITY_SENTENCES = 16
+RECOVERY_BATCH = 32
+RECOVERY_REACH = 0.12        # distil only sub-networks at most this far below the floor (measured: 0.888 → 0.986)
+SEARCH_RUNS = 100            # timed runs per candidate during the search (finalists get REMEASURE_ROUNDS × runs)
+REMEASURE_ROUNDS = 3
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "sentence_bert_config.json", "modules.json", "1_Pooling")
+
+
+@dataclass
+class TransformerResult:
+    out: Path
+    report: dict
+    evaluations: list[dict]
+    chosen: dict | None
+
+
+def _tokens(tokenizer, sentences, max_length=128):
+    import torch
+
+    from edgec.compile.transformer import tokenize
+
+    return {k: torch.from_numpy(v) for k, v in tokenize(tokenizer, sentences, max_length).items()}
+
+
+def _state_settings(cfg: CompileConfig, model_info: dict, text_info: dict) -> dict:
+    return {"model": model_info["source"], "config_sha": model_info["config_sha"], "text": text_info["evaluation_sha256"],
+            "seed": cfg.seed, "sequence_length": cfg.sequence_length,
+            "threads": cfg.threads, "strategy": cfg.strategy, "population_size": cfg.population_size,
+            "edgec": edgec.__version__}
+
+
+def _check_state(run: RunDir, settings: dict, resume: bool) -> None:
+    from edgec.compile.package import write_atomic
+
+    path = run.study / "config.json"
+    if resume:
+        try:
+            stored = json.loads(path.read_text())["transformer"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise OutputDirError(f"{run.path} holds no transformer study to resume", "",
+                                 "drop --resume, or pass the --out of a 'edgec compile --model minilm' run") from None
+        changed = [k for k in settings if stored.get(k) != settings[k]]
+        if changed:
+            raise ConfigError(f"--resume with changed settings: {', '.join(changed)}",
+                              "a resumed search must compute what the first run computed",
+                              "use the first run's settings, or start a new --out")
+    write_atomic(path, json.dumps({"transformer": settings}, indent=2))
+
+
+def run_transformer_compile(cfg: CompileConfig, progress) -> TransformerResult:
+    """Run the job in the module docstring. Raises :class:`NoQualifyingCandidate` (exit 3) after
+    writing the report when no candidate keeps the fidelity within ``--max-fidelity-drop``."""
+    import hashlib
+
+    import torch
+
+    from edgec.compile.hf_source import resolve
+    from edgec.pipeline import cache_root
+    from edgec.text_data import load_text
+
+    torch.set_num_threads(cfg.threads)
+    progress.stage("loading the model and text", None)
+    hf = resolve(cfg.model, cache_root())
+    if hf.task != "feature-extraction":
+        raise ConfigError(f"--model {cfg.model}: {hf.task} search is not available in edgec compile yet",
+                          "only encoders (feature extraction, e.g. minilm) are searched today",
+                          "use --model minilm or a BERT-family encoder directory")
+    text = load_text()
+    model_info = {"name": hf.name, "source": hf.source, "path": str(hf.path), "task": hf.task,
+                  "config_sha": hashlib.sha256((hf.path / "config.json").read_bytes()).hexdigest()[:16]}
+    with RunDir(Path(cfg.out), resume=cfg.resume, force=cfg.force) as run:
+        _check_state(run, _state_settings(cfg, model_info, text.info), cfg.resume)
+        return _run(cfg, hf, text, model_info, run, progress)
+
+
+def _run(cfg, hf, text, model_info, run: RunDir, progress) -> TransformerResult:
+    from transformers import AutoModel, AutoTokenizer
+
+    from edgec.compile.transformer import check_parity, embed_torch, export_encoder
+    from edgec.search.elastic_transformer import (Arch, ElasticSpace, TransformerCandidate, TransformerSearch,
+                                                  collect_importance, rewire)
+    from edgec.targets import open_target
+
+    tokenizer = AutoTokenizer.from_pretrained(hf.path)
+    teacher = AutoModel.from_pretrained(hf.path, attn_implementation="eager").eval()
+    Arch(teacher)  # refuses unsupported layouts before any work
+    cal = text.calibration_sentences
+    search_sents, eval_sents = cal[-SEARCH_SENTENCES:], text.evaluation_sentences
+    train_sents = cal[:-SEARCH_SENTENCES]
+    ref_search = embed_torch(teacher, tokenizer, search_sents)
+    ref_eval = embed_torch(teacher, tokenizer, eval_sents)
+
+    models = run.study / "models"
+    target = open_target(cfg.target, threads=cfg.threads)
+    try:
+        # -- reference ---------------------------------------------------------------------------
+        progress.stage("exporting the FP32 reference (optimum)", None)
+        ref_dir = models / "reference"
+        ref_dir.mkdir(parents=True, exist_ok=True)
+        ref_path = ref_dir / "model.onnx"
+        if not ref_path.is_file():
+            export_encoder(teacher, ref_path)
+        parity = check_parity(ref_path, teacher, tokenizer, eval_sents[:PARITY_SENTENCES])
+        shape = (cfg.sequence_length,)
+
+        # -- elastic model -------------------------------------------------------------------------
+        student = AutoModel.from_pretrained(hf.path, attn_implementation="eager").eval()
+        space = ElasticSpace.for_model(student)
+        imp = collect_importance(student, (_tokens(tokenizer, train_sents[i:i + 64])
+                                           for i in range(0, IMPORTANCE_SENTENCES, 64)))
+        rewire(student, imp)
+
+        # -- search --------------------------------------------------------------------------------
+        full = space.full()
+        initial = [TransformerCandidate(full, (("int8", "int8"),) * full.layers),
+                   TransformerCandidate(full, (("fp32", "int8"),) * full.layers)]
+        strategy = TransformerSearch(space, seed=cfg.seed, population_size=cfg.population_size, initial=initial)
+        store = EvaluationStore(run.study / "evaluations.jsonl")
+        evaluator = _Evaluator(student, tokenizer, target, models, shape, search_sents, ref_search)
+        evaluator.recovery = _Recovery(teacher, tokenizer, train_sents, cfg.seed) if cfg.recovery_steps else None
+        evals = []
+        progress.stage(f"searching (nsga2, {cfg.budget_evals} evaluations on {cfg.target})", cfg.budget_evals)
+        for i in range(cfg.budget_evals):
+            cand = strategy.ask()
+            rec = store.get(cand.id)
+            if rec is None:
+                rec = evaluator.evaluate(cand)
+                store.add(rec)
+            evals.append(rec)
+            strategy.tell(cand, None if rec.get("error") else
+                          (rec["fidelity_search"]["cosine"], rec["latency"]["p50_ms"], rec["size_bytes"]))
+            best = max((r["fidelity_search"]["cosine"] for r in evals if not r.get("error")), default=0)
+            progress.advance(i + 1, cfg.budget_evals, f"best cosine {best:.4f}")
+
+        # -- recovery of the fastest sub-networks within reach ---------------------------------------
+        floor = 1.0 - cfg.max_fidelity_drop
+        ok = [r for r in evals if not r.get("error")]
+        uniq = list({r["candidate_id"]: r for r in ok}.values())
+        recovered = []
+        if cfg.recovery_steps:
+            pool = sorted((r for r in uniq if r["candidate"]["subnet"] != full.to_dict()
+                           and r["fidelity_search"]["cosine"] >= floor - RECOVERY_REACH),
+                          key=lambda r: r["latency"]["p50_ms"])[:cfg.recovery_candidates]
+            if pool:
+                progress.stage(f"recovery: distilling {len(pool)} sub-networks ({cfg.recovery_steps} steps each, "
+                               f"{evaluator.recovery.device})", len(pool) * cfg.recovery_steps)
+            for k, r in enumerate(pool):
+                cand = TransformerCandidate.from_dict(r["candidate"])
+                rec_id = f"{cand.id}-r{cfg.recovery_steps}"
+                rec = store.get(rec_id)
+                if rec is None:
+                    rec = evaluator.evaluate(cand, recovery_steps=cfg.recovery_steps, record_id=rec_id,
+                                             on_step=lambda s, n, loss, k=k: progress.advance(
+                                                 k * n + s, len(pool) * n, f"loss {loss:.4f}"))
+                    store.add(rec)
+                rec["before_recovery"] = {"candidate_id": r["candidate_id"], "fidelity_search": r["fidelity_search"]}
+                recovered.append(rec)
+            uniq += [r for r in recovered if not r.get("error")]
+
+        # -- finalists -----------------------------------------------------------------------------
+        from edgec.search.pareto import pareto_front
+
+        front = pareto_front([(r["fidelity_search"]["cosine"], r["latency"]["p50_ms"], r["size_bytes"])
+                              for r in uniq], (True, False, False)) if uniq else []
+        finalists = [uniq[i] for i in front if uniq[i]["fidelity_search"]["cosine"] >= floor]
+        progress.stage(f"finalists: evaluation split and {REMEASURE_ROUNDS} interleaved latency rounds "
+                       f"({len(finalists)} + reference)", None)
+        for r in finalists:
+            r["fidelity_eval"] = evaluator.fidelity(Path(r["path"]), eval_sents, ref_eval)
+        from edgec.targets.base import measure_interleaved
+
+        paths = {"reference": ref_path, **{r["candidate_id"]: Path(r["path"]) for r in finalists}}
+        stats = measure_interleaved(target, paths, shape, REMEASURE_ROUNDS)
+        reference = {"candidate_id": "reference", "role": "reference", "path": str(ref_path),
+                     "size_bytes": ref_path.stat().st_size, "latency": stats["reference"].to_dict(),
+                     "fidelity_eval": {"cosine": 1.0, "neighbour_agreement": 1.0,
+                                       "note": "the reference defines fidelity (parity max abs diff "
+                                               f"{parity:.1e} vs PyTorch)"},
+                     "parity_max_abs_diff": parity}
+        for r in finalists:
+            r["latency_final"] = stats[r["candidate_id"]].to_dict()
+        qualified = [r for r in finalists if r["fidelity_eval"]["cosine"] >= floor]
+        chosen = min(qualified, key=lambda r: r["latency_final"]["p50_ms"]) if qualified else None
+
+        report = _report(cfg, model_info, text.info, space, recovered, reference, evals, finalists, chosen, target)
+        _publish(run.path, hf, report, reference, chosen)
+        _write(run.path, report, evals + recovered)
+        if chosen is None:
+            raise NoQualifyingCandidate(
+                f"no candidate kept the mean cosine ≥ {floor:.3f} on the evaluation sentences",
+                f"{len(finalists)} finalists within the drop on the search split, {len(ok)} evaluated",
+                "raise --max-fidelity-drop, --budget-evals or --recovery-steps; the report is in " + str(run.path))
+        return TransformerResult(run.path, report, evals + recovered, chosen)
+    finally:
+        target.close()
+
+
+class _Recovery:
+    """Distils extracted sub-networks from the FP32 teacher (:func:`edgec.search.elastic_transformer.distill`)
+    on the GPU when torch sees one, else on the CPU; batches of :data:`RECOVERY_BATCH` calibration sentences."""
+
+    def __init__(self, teacher, tokenizer, sentences, seed: int) -> None:
+        import torch
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.teacher, self.tok, self.sentences, self.seed = teacher, tokenizer, sentences, seed
+
+    def run(self, sub, steps: int, on_step=None) -> dict:
+        from edgec.search.elastic_transformer import distill
+
+        rng = random.Random(self.seed)
+        teacher = self.teacher.to(self.device)
+        sub.to(self.device)
+
+        def batch():
+            return {k: v.to(self.device) for k, v in _tokens(self.tok, rng.sample(self.sentences, RECOVERY_BATCH)).items()}
+        try:
+            return distill(sub, teacher, batch, steps, seed=self.seed, on_step=on_step)
+        finally:
+            sub.to("cpu")
+            self.teacher.to("cpu")
+
+
+class _Evaluator:
+    """Builds and measures one candidate: extract → export → parity → quantize → fidelity → latency."""
+
+    def __init__(self, elastic_model, tokenizer, target, models: Path, shape, search_sents, ref_search) -> None:
+        self.model, self.tok, self.target, self.models, self.shape = elastic_model, tokenizer, target, models, shape
+        self.search_sents, self.ref_search = search_sents, ref_search
+
+    def fidelity(self, path: Path, sentences, ref) -> dict:
+        from edgec.compile.transformer import embed_onnx, fidelity
+
+        return fidelity(embed_onnx(path, self.tok, sentences, threads=self.target.threads), ref)
+
+    def evaluate(self, cand, recovery_steps: int = 0, record_id: str | None = None, on_step=None) -> dict:
+        """The candidate's record; with ``recovery_steps`` its extracted sub-network is first distilled
+        (:class:`_Recovery`) and the record is stored under ``record_id``."""
+        from edgec.compile.transformer import check_parity, export_encoder, quantize_policy
+        from edgec.errors import EdgecError
+        from edgec.search.elastic_transformer import Arch, extract
+
+        t0 = time.perf_counter()
+        rid = record_id or cand.id
+        folder = self.models / rid
+        folder.mkdir(parents=True, exist_ok=True)
+        rec = {"candidate_id": rid, "candidate": cand.to_dict(), "summary": cand.summary()}
+        try:
+            sub = extract(self.model, cand.subnet)
+            if recovery_steps:
+                rec["recovery"] = self.recovery.run(sub, recovery_steps, on_step)
+                rec["summary"] += f", recovered ({recovery_steps} steps)"
+            fp32 = export_encoder(sub, folder / "fp32.onnx")
+            rec["parity_max_abs_diff"] = check_parity(fp32, sub, self.tok, self.search_sents[:PARITY_SENTENCES])
+            path = folder / "model.onnx"
+            rec["quantization"] = quantize_policy(fp32, path, cand.policy(Arch(sub)))
+            fp32.unlink()
+            rec["params"] = sum(p.numel() for p in sub.parameters())
+            rec["size_bytes"] = path.stat().st_size
+            rec["path"] = str(path)
+            rec["fidelity_search"] = self.fidelity(path, self.search_sents, self.ref_search)
+            old = self.target.runs
+            self.target.runs = SEARCH_RUNS
+            try:
+                rec["latency"] = self.target.measure_latency(path, self.shape).to_dict()
+            finally:
+                self.target.runs = old
+        except EdgecError as e:
+            rec["error"] = e.line()
+        rec["seconds"] = time.perf_counter() - t0
+        return rec
+
+
+def _report(cfg, model_info, text_info, space, recovery, reference, evals, finalists, chosen, target) -> dict:
+    ref_p50 = reference["latency"]["p50_ms"]
+    rows = []
+    for r in finalists:
+        rows.append({"candidate_id": r["candidate_id"], "summary": r["summary"], "candidate": r["candidate"],
+                     "fidelity_search": r["fidelity_search"], "fidelity_eval": r["fidelity_eval"],
+                     "latency": r["latency_final"], "speedup_p50": ref_p50 / r["latency_final"]["p50_ms"],
+                     "size_bytes": r["size_bytes"], "params": r["params"], "chosen": r is chosen})
+    return {
+        "edgec_version": edgec.__version__, "job": "compile-transformer", "config": cfg.to_dict(),
+        "model": model_info, "text": text_info,
+        "splits": {"importance": f"first {IMPORTANCE_SENTENCES} calibration sentences",
+                   "recovery": "calibration sentences except the last 256",
+                   "search": f"last {SEARCH_SENTENCES} calibration sentences",
+                   "evaluation": f"all {text_info['evaluation_sentences']} evaluation sentences"},
+        "quality": "mean cosine similarity of mean-pooled, L2-normalized sentence embeddings to the FP32 "
+                   "PyTorch model's; neighbour agreement = same top-1 nearest other sentence",
+        "space": space.to_dict(), "target": target.describe(),
+        "recovery": [{"candidate_id": r["candidate_id"], "summary": r["summary"], "error": r.get("error"),
+                      "fidelity_search_before": r["before_recovery"]["fidelity_search"],
+                      "fidelity_search_after": r.get("fidelity_search"), **r.get("recovery", {})} for r in recovery],
+        "latency_input": {"batch": 1, "sequence_length": cfg.sequence_length, "kind": target.latency_kind},
+        "reference": reference, "finalists": rows, "evaluated": len(evals),
+        "failed": sum(1 for r in evals if r.get("error")),
+        "chosen": rows[[r["candidate_id"] for r in finalists].index(chosen["candidate_id"])] if chosen else None,
+        "max_fidelity_drop": cfg.max_fidelity_drop,
+    }
+
+
+def _publish(out: Path, hf, report: dict, reference: dict, chosen: dict | None) -> None:
+    from edgec.compile.package import publish_model, sha256_file, write_atomic
+
+    def add_tokenizer(folder: Path) -> None:
+        for name in TOKENIZER_FILES:
+            src = hf.path / name
+            if src.is_dir():
+                shutil.copytree(src, folder / name)
+            elif src.is_file():
+                shutil.copyfile(src, folder / name)
+
+    artifacts = []
+    for role, rec in (("reference", reference), ("chosen", chosen)):
+        if rec is None:
+            continue
+        cid = rec["candidate_id"]
+        dest = out / "artifacts" / "cpu-ort" / cid
+        path = publish_model(Path(rec["path"]), dest, {"edgec_role": role, "edgec_model": report["model"]["name"],
+                                                       "edgec_candidate": json.dumps(rec.get("candidate"))},
+                             add_files=add_tokenizer)
+        lat = rec.get("latency_final") or rec["latency"]
+        artifacts.append({
+            "id": cid, "role": role, "chosen": role == "chosen", "target": "cpu-ort",
+            "path": str(path.relative_to(out)), "sha256": sha256_file(path), "size_bytes": path.stat().st_size,
+            "task": "feature-extraction",
+            "inputs": [{"name": n, "shape": ["batch", "sequence"], "dtype": "int64"}
+                       for n in ("input_ids", "attention_mask", "token_type_ids")],
+            "output": {"name": "last_hidden_state", "shape": ["batch", "sequence", "hidden"], "dtype": "float32",
+                       "postprocessing": "mean over tokens where attention_mask is 1, then L2-normalize"},
+            "tokenizer": "tokenizer.json beside model.onnx",
+            "fidelity": rec["fidelity_eval"],
+            "latency": {"p50_ms": lat["p50_ms"], "kind": lat["kind"], "batch": 1,
+                        "sequence_length": report["latency_input"]["sequence_length"], "threads": lat["threads"]},
+            "candidate": rec.get("candidate")})
+    report["artifacts"] = artifacts
+    write_atomic(out / "manifest.json", json.dumps({"schema_version": 1, "job": "compile-transformer",
+                                                    "model": report["model"]["name"], "artifacts": artifacts},
+                                                   indent=2))
+
+
+def _write(out: Path, report: dict, evals: list[dict]) -> None:
+    from edgec.compile.package import write_atomic
+    from edgec.report import transformer_html
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["candidate_id", "summary", "layers", "cosine_search", "neighbour_agreement_search", "p50_ms",
+                "size_bytes", "error"])
+    for r in evals:
+        ok = not r.get("error")
+        w.writerow([r["candidate_id"], r.get("summary", ""), r["candidate"]["subnet"]["layers"],
+                    f"{r['fidelity_search']['cosine']:.5f}" if ok else "",
+                    f"{r['fidelity_search']['neighbour_agreement']:.4f}" if ok else "",
+                    f"{r['latency']['p50_ms']:.3f}" if ok else "", r.get("size_bytes", ""), r.get("error", "")])
+    write_atomic(out / "candidates.csv", buf.getvalue())
+    write_atomic(out / "report.json", json.dumps(report, indent=2))
+    write_atomic(out / "report.html", transformer_html(report, evals))
