@@ -125,6 +125,15 @@ def _smollm2(cache: Path) -> HFModel:
 
 
 BUILTIN = {"minilm": _minilm, "smollm2": _smollm2}
+BUILTIN_TASKS = {"minilm": "feature-extraction", "smollm2": "text-generation"}
+
+
+def task_of(model: str) -> str | None:
+    """The task of ``model`` when it is known without loading weights (built-in names, GGUF files are
+    causal LMs), else None."""
+    if model in BUILTIN_TASKS:
+        return BUILTIN_TASKS[model]
+    return "text-generation" if model.endswith(".gguf") else None
 
 
 def is_transformer_source(model: str) -> bool:

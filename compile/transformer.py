@@ -4,7 +4,7 @@
   in-memory (possibly sliced) model; the graph keeps module paths in node names, so Linear
   ``encoder.layer.0.intermediate.dense`` becomes MatMul ``/encoder/layer.0/intermediate/dense/MatMul``
   and a precision policy keyed by module name survives export.
-- Precision per Linear (:func:`quantize_policy`): ``int8`` → ONNX Runtime dynamic quantization
+- Precision per Linear and embedding table (:func:`quantize_policy`; a table takes ``int8`` only): ``int8`` → ONNX Runtime dynamic quantization
   (int8 weights per output channel — per tensor lost 3 points of cosine on MiniLM —, activations quantized at run time: ``MatMulInteger`` /
   ``DynamicQuantizeLinear``; on ``cpu-ort`` this measured faster than static QDQ for MiniLM);
   ``int4w`` → 4-bit weight-only ``MatMulNBits`` (ONNX Runtime's ``MatMulNBitsQuantizer``, symmetric,
@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -30,14 +31,17 @@ INT4_BLOCK_SIZE = 32
 
 
 def linear_matmuls(model) -> dict[str, str]:
-    """{Linear module name: MatMul node name} for an exported graph: the exporter names a Linear's
-    MatMul by its module path, ``/encoder/layer.0/intermediate/dense/MatMul`` for module
-    ``encoder.layer.0.intermediate.dense`` (ModuleList indices stay joined with a dot)."""
+    """{module name: node name} for the weight nodes of an exported graph: each Linear's MatMul and each
+    embedding table's Gather. The exporter names them by module path, ``/encoder/layer.0/intermediate/
+    dense/MatMul`` for module ``encoder.layer.0.intermediate.dense`` and ``/embeddings/word_embeddings/
+    Gather`` for ``embeddings.word_embeddings`` (ModuleList indices stay joined with a dot)."""
     init = {t.name for t in model.graph.initializer}
     out = {}
     for n in model.graph.node:
         if n.op_type == "MatMul" and n.name.endswith("/MatMul") and len(n.input) > 1 and n.input[1] in init:
             out[n.name.removesuffix("/MatMul").strip("/").replace("/", ".")] = n.name
+        elif n.op_type == "Gather" and n.name.endswith("/Gather") and n.input and n.input[0] in init:
+            out[n.name.removesuffix("/Gather").strip("/").replace("/", ".")] = n.name
     return out
 
 
@@ -62,7 +66,7 @@ def export_encoder(model, out_path: Path, opset: int = 18) -> Path:
 
 
 def quantize_policy(fp32_path: Path, out_path: Path, policy: dict[str, str]) -> dict:
-    """Apply ``policy`` ({Linear module name: "fp32" | "int8" | "int4w"}) to ``fp32_path`` and write
+    """Apply ``policy`` ({Linear or embedding module name: "fp32" | "int8" | "int4w"}) to ``fp32_path`` and write
     ``out_path``. Returns counts per precision and the names not found in the graph (those stay FP32)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -79,12 +83,16 @@ def quantize_policy(fp32_path: Path, out_path: Path, policy: dict[str, str]) -> 
             continue
         by[prec].append(present[module])
     work = Path(tempfile.mkdtemp(prefix=".quant-", dir=Path(out_path).parent))
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # ONNX Runtime's quantizer logs a pre-processing hint per call through the root logger
     try:
         current = Path(fp32_path)
         if by["int8"]:
             nxt = work / "int8.onnx"
             quantize_dynamic(current, nxt, weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=by["int8"],
-                             op_types_to_quantize=["MatMul"], extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+                             op_types_to_quantize=["MatMul", "Gather"],
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
             current = nxt
         if by["int4w"]:
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -97,6 +105,7 @@ def quantize_policy(fp32_path: Path, out_path: Path, policy: dict[str, str]) -> 
             current = nxt
         shutil.copyfile(current, out_path)
     finally:
+        root.setLevel(level)
         shutil.rmtree(work, ignore_errors=True)
     return {"int8": len(by["int8"]), "int4w": len(by["int4w"]),
             "fp32": sum(1 for p in policy.values() if p == "fp32") + len(missing), "not_in_graph": missing}

@@ -10,7 +10,9 @@ The loop (each stage reported on the progress bar):
 4. search: NSGA-II over (depth, heads and FFN width per layer, attention/FFN precision per layer),
    ``--budget-evals`` candidates, each extracted (physically smaller), exported, quantized with its
    policy, scored on the 256 held-out calibration sentences ("search" split: mean cosine) and
-   measured on cpu-ort (p50 at batch 1, ``--sequence-length`` tokens);
+   measured on cpu-ort (p50 at batch 1, ``--sequence-length`` tokens); asked first: the full model
+   all INT8 (with and without the embedding table), with FP32 attention, and the mildest uniform
+   prunings (FFN 3/4, heads 2/3, both, FFN 1/2);
 5. recovery (``--recovery-steps N``): the ``--recovery-candidates`` fastest evaluated sub-networks
    that remove structure and score within ``RECOVERY_REACH`` below the fidelity floor are extracted,
    distilled from the FP32 model for N steps (on the GPU when torch sees one), exported, quantized
@@ -101,17 +103,21 @@ def run_transformer_compile(cfg: CompileConfig, progress) -> TransformerResult:
 
     import torch
 
-    from edgec.compile.hf_source import resolve
+    from edgec.compile.hf_source import resolve, task_of
     from edgec.pipeline import cache_root
     from edgec.text_data import load_text
 
+    def refuse(task: str) -> ConfigError:
+        return ConfigError(f"--model {cfg.model}: {task} search is not available in edgec compile yet",
+                           "only encoders (feature extraction, e.g. minilm) are searched today",
+                           "use --model minilm or a BERT-family encoder directory")
+    if task_of(cfg.model) not in (None, "feature-extraction"):  # before any conversion
+        raise refuse(task_of(cfg.model))
     torch.set_num_threads(cfg.threads)
     progress.stage("loading the model and text", None)
     hf = resolve(cfg.model, cache_root())
     if hf.task != "feature-extraction":
-        raise ConfigError(f"--model {cfg.model}: {hf.task} search is not available in edgec compile yet",
-                          "only encoders (feature extraction, e.g. minilm) are searched today",
-                          "use --model minilm or a BERT-family encoder directory")
+        raise refuse(hf.task)
     text = load_text()
     model_info = {"name": hf.name, "source": hf.source, "path": str(hf.path), "task": hf.task,
                   "config_sha": hashlib.sha256((hf.path / "config.json").read_bytes()).hexdigest()[:16]}
@@ -125,7 +131,7 @@ def _run(cfg, hf, text, model_info, run: RunDir, progress) -> TransformerResult:
 
     from edgec.compile.transformer import check_parity, embed_torch, export_encoder
     from edgec.search.elastic_transformer import (Arch, ElasticSpace, TransformerCandidate, TransformerSearch,
-                                                  collect_importance, rewire)
+                                                  TransformerSubnet, collect_importance, rewire)
     from edgec.targets import open_target
 
     tokenizer = AutoTokenizer.from_pretrained(hf.path)
@@ -159,8 +165,15 @@ def _run(cfg, hf, text, model_info, run: RunDir, progress) -> TransformerResult:
 
         # -- search --------------------------------------------------------------------------------
         full = space.full()
-        initial = [TransformerCandidate(full, (("int8", "int8"),) * full.layers),
-                   TransformerCandidate(full, (("fp32", "int8"),) * full.layers)]
+        n = full.layers
+        int8 = (("int8", "int8"),) * n
+        # asked first: quantization alone, then the mildest uniform prunings (the ones recovery can reach)
+        initial = [TransformerCandidate(full, int8, "int8"), TransformerCandidate(full, int8),
+                   TransformerCandidate(full, (("fp32", "int8"),) * n, "int8"),
+                   TransformerCandidate(TransformerSubnet(n, full.heads, (space.ffn[1],) * n), int8, "int8"),
+                   TransformerCandidate(TransformerSubnet(n, (space.heads[1],) * n, full.ffn), int8, "int8"),
+                   TransformerCandidate(TransformerSubnet(n, (space.heads[1],) * n, (space.ffn[1],) * n), int8, "int8"),
+                   TransformerCandidate(TransformerSubnet(n, full.heads, (space.ffn[2],) * n), int8, "int8")]
         strategy = TransformerSearch(space, seed=cfg.seed, population_size=cfg.population_size, initial=initial)
         store = EvaluationStore(run.study / "evaluations.jsonl")
         evaluator = _Evaluator(student, tokenizer, target, models, shape, search_sents, ref_search)

@@ -102,6 +102,11 @@ class Arch:
         return LayerRefs(a.q_proj, a.k_proj, a.v_proj, a.o_proj, (mlp.gate_proj, mlp.up_proj), mlp.down_proj, a, a,
                          _Product(mlp))
 
+    def embedding_name(self) -> str:
+        """Module name of the token embedding table."""
+        emb = self.model.get_input_embeddings()
+        return next(n for n, m in self.model.named_modules() if m is emb)
+
     def linear_names(self, i: int) -> dict[str, list[str]]:
         """Module names of layer ``i``'s Linears, by group: ``{"attn": [...], "ffn": [...]}``."""
         names = {id(m): n for n, m in self.model.named_modules()}
@@ -422,6 +427,7 @@ class TransformerCandidate:
 
     subnet: TransformerSubnet
     precision: tuple[tuple[str, str], ...]
+    embedding: str = "fp32"  # the token embedding table: fp32 | int8 (a quarter of the bytes)
 
     @property
     def id(self) -> str:
@@ -431,15 +437,17 @@ class TransformerCandidate:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
     def to_dict(self) -> dict:
-        return {"subnet": self.subnet.to_dict(), "precision": [list(p) for p in self.precision]}
+        return {"subnet": self.subnet.to_dict(), "precision": [list(p) for p in self.precision],
+                "embedding": self.embedding}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TransformerCandidate":
-        return cls(TransformerSubnet.from_dict(d["subnet"]), tuple((a, f) for a, f in d["precision"]))
+        return cls(TransformerSubnet.from_dict(d["subnet"]), tuple((a, f) for a, f in d["precision"]),
+                   d.get("embedding", "fp32"))
 
     def policy(self, arch: Arch) -> dict[str, str]:
         """{Linear module name: precision} for the extracted model (same module names as the full one)."""
-        out = {}
+        out = {arch.embedding_name(): self.embedding}
         for i, (pa, pf) in enumerate(self.precision):
             names = arch.linear_names(i)
             out.update({n: pa for n in names["attn"]})
@@ -450,13 +458,14 @@ class TransformerCandidate:
         s = self.subnet
         precs = sorted({p for pair in self.precision for p in pair})
         return (f"{s.layers} layers, heads {min(s.heads)}-{max(s.heads)}, FFN {min(s.ffn)}-{max(s.ffn)}, "
-                f"{'/'.join(precs)}")
+                f"{'/'.join(precs)}, embedding {self.embedding}")
 
 
 class TransformerSearch:
     """NSGA-II (Optuna's ``NSGAIISampler``, seeded) over the elastic space × per-layer precision —
     SimQ-NAS's joint search (Sarah et al. 2023, §3) for transformers. One categorical per dim: depth,
-    heads and FFN width of every layer, precision of every layer's attention and FFN Linears (params
+    heads and FFN width of every layer, precision of every layer's attention and FFN Linears and of the
+    embedding table (params
     of layers beyond the chosen depth are sampled but unused, so the space is fixed). Ask/tell;
     objectives (fidelity ↑, p50 latency ms ↓, size bytes ↓). ``initial`` candidates are asked first."""
 
@@ -475,7 +484,7 @@ class TransformerSearch:
             self.study.enqueue_trial(self._params(c))
 
     def _params(self, c: TransformerCandidate) -> dict:
-        p = {"layers": c.subnet.layers}
+        p = {"layers": c.subnet.layers, "q_embedding": c.embedding}
         for i in range(self.space.num_layers):
             j = min(i, c.subnet.layers - 1)  # unused layers repeat the last kept one's choices
             p[f"heads{i}"], p[f"ffn{i}"] = c.subnet.heads[j], c.subnet.ffn[j]
@@ -485,6 +494,7 @@ class TransformerSearch:
     def ask(self) -> TransformerCandidate:
         t = self.study.ask()
         n = t.suggest_categorical("layers", self.space.layers)
+        emb = t.suggest_categorical("q_embedding", ("fp32", "int8"))
         heads, ffn, prec = [], [], []
         for i in range(self.space.num_layers):
             h = t.suggest_categorical(f"heads{i}", self.space.heads)
@@ -495,7 +505,7 @@ class TransformerSearch:
                 heads.append(h)
                 ffn.append(f)
                 prec.append((pa, pf))
-        c = TransformerCandidate(TransformerSubnet(n, tuple(heads), tuple(ffn)), tuple(prec))
+        c = TransformerCandidate(TransformerSubnet(n, tuple(heads), tuple(ffn)), tuple(prec), emb)
         self._open.setdefault(c.id, []).append(t)
         return c
 

@@ -121,7 +121,7 @@ def test_distillation_moves_an_extracted_subnet_towards_the_teacher():
 def test_search_asks_valid_candidates_with_stable_ids():
     space = ElasticSpace.for_model(tiny_bert())
     full = space.full()
-    first = TransformerCandidate(full, (("int8", "fp32"),) * full.layers)
+    first = TransformerCandidate(full, (("int8", "fp32"),) * full.layers, "int8")
     s = TransformerSearch(space, seed=3, population_size=4, initial=[first])
     asked = [s.ask() for _ in range(6)]
     assert asked[0] == first
@@ -133,7 +133,7 @@ def test_search_asks_valid_candidates_with_stable_ids():
         s.tell(c, (rng.random(), rng.random(), rng.random()))
     policy = asked[0].policy(Arch(tiny_bert()))
     assert policy["encoder.layer.0.attention.self.query"] == "int8"
-    assert policy["encoder.layer.2.output.dense"] == "fp32"
+    assert policy["encoder.layer.2.output.dense"] == "fp32" and policy["embeddings.word_embeddings"] == "int8"
 
 
 def test_export_quantize_policy_and_fidelity(tmp_path):
@@ -145,15 +145,20 @@ def test_export_quantize_policy_and_fidelity(tmp_path):
     model = tiny_bert()
     path = export_encoder(model, tmp_path / "fp32.onnx")
     names = linear_matmuls(onnx.load(str(path)))
-    assert "encoder.layer.0.intermediate.dense" in names and len(names) == 18
+    assert "encoder.layer.0.intermediate.dense" in names and len(names) == 18 + 3  # + word/position/type tables
     policy = {n: "fp32" for n in names}
     policy["encoder.layer.0.intermediate.dense"] = "int8"
     policy["encoder.layer.1.output.dense"] = "int4w"
+    policy["embeddings.word_embeddings"] = "int8"
     policy["no.such.layer"] = "int8"
     counts = quantize_policy(path, tmp_path / "q.onnx", policy)
-    assert counts["int8"] == 1 and counts["int4w"] == 1 and counts["not_in_graph"] == ["no.such.layer"]
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node]
+    assert counts["int8"] == 2 and counts["int4w"] == 1 and counts["not_in_graph"] == ["no.such.layer"]
+    q_model = onnx.load(str(tmp_path / "q.onnx"))
+    ops = [n.op_type for n in q_model.graph.node]
     assert "MatMulInteger" in ops and "MatMulNBits" in ops
+    int8_tables = [t for t in q_model.graph.initializer
+                   if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and list(t.dims) == [100, 32]]
+    assert int8_tables  # the word embedding table is stored in 8 bits
 
     class Tok:  # a whitespace tokenizer over digits, enough for a random-weight model
         def __call__(self, sentences, **kw):
