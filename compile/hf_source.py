@@ -26,6 +26,9 @@ from pathlib import Path
 
 from edgec.errors import ConfigError, ModelError
 
+# Model code never comes from the model: transformers may otherwise offer to run a folder's own Python.
+NO_REMOTE_CODE = {"trust_remote_code": False}
+
 TASKS = ("feature-extraction", "text-generation")
 
 
@@ -107,8 +110,8 @@ def gguf_to_hf(gguf: Path, dest: Path) -> None:
 
     def build(tmp: Path) -> None:
         try:
-            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, **NO_REMOTE_CODE)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, **NO_REMOTE_CODE)
         except (ValueError, OSError, KeyError) as e:
             raise ModelError(f"cannot load {gguf.name}", " ".join(str(e).split())[:200],
                              "give a GGUF file of an architecture transformers can dequantize (llama, qwen2, …)") from None
@@ -129,17 +132,56 @@ BUILTIN_TASKS = {"minilm": "feature-extraction", "smollm2": "text-generation"}
 
 
 def task_of(model: str) -> str | None:
-    """The task of ``model`` when it is known without loading weights (built-in names, GGUF files are
-    causal LMs), else None."""
+    """The task of ``model`` when it is known without loading weights (built-in names; existing GGUF
+    files are causal LMs), else None."""
     if model in BUILTIN_TASKS:
         return BUILTIN_TASKS[model]
-    return "text-generation" if model.endswith(".gguf") else None
+    return "text-generation" if model.endswith(".gguf") and Path(model).is_file() else None
+
+
+def read_config(folder: Path) -> dict:
+    """``folder/config.json`` as a dict. Refuses configs that ask for custom code (``auto_map``): loading
+    them would run Python shipped with the model. Raises :class:`ModelError`."""
+    path = folder / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path} is not readable JSON", " ".join(str(e).split())[:200],
+                         "fix or re-save it with model.config.save_pretrained(dir)") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{path} is not a JSON object", f"it holds a {type(cfg).__name__}",
+                         "re-save it with model.config.save_pretrained(dir)")
+    if cfg.get("auto_map"):
+        raise ModelError(f"{path} asks for custom model code (auto_map)", "loading it would run Python shipped "
+                         "with the model", "use a model whose architecture transformers implements itself")
+    return cfg
 
 
 def is_transformer_source(model: str) -> bool:
     """Whether ``--model`` names a transformer: a built-in name, a Hugging Face directory or a GGUF file."""
     p = Path(model)
     return model in BUILTIN or p.suffix == ".gguf" or (p.is_dir() and (p / "config.json").is_file())
+
+
+def load_encoder(hf: HFModel):
+    """(tokenizer, FP32 encoder in eval mode with eager attention) of a resolved feature-extraction model.
+    Weights are read from safetensors only; no model code is run. Raises :class:`ModelError` with one
+    line for damaged weights, a config that does not match them, or missing tokenizer files."""
+    from transformers import AutoModel, AutoTokenizer
+
+    read_config(hf.path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(hf.path, **NO_REMOTE_CODE)
+    except Exception as e:  # transformers raises many types for missing/broken tokenizer files
+        raise ModelError(f"cannot load the tokenizer of {hf.path}", " ".join(str(e).split())[:200],
+                         "the folder needs tokenizer.json (or vocab.txt) and tokenizer_config.json") from None
+    try:
+        model = AutoModel.from_pretrained(hf.path, attn_implementation="eager", use_safetensors=True,
+                                          **NO_REMOTE_CODE).eval()
+    except Exception as e:  # damaged safetensors, shape mismatches, unknown model types
+        raise ModelError(f"cannot load the weights of {hf.path}", " ".join(str(e).split())[:200],
+                         "check that config.json matches model.safetensors (re-save with save_pretrained)") from None
+    return tokenizer, model
 
 
 def resolve(model: str, cache: Path) -> HFModel:
@@ -160,6 +202,9 @@ def resolve(model: str, cache: Path) -> HFModel:
         if not (dest / "config.json").is_file():
             gguf_to_hf(p, dest)
         return HFModel(p.stem, dest, "text-generation", f"GGUF {p}")
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise ConfigError(f"--model {model}: the folder has no config.json", "a Hugging Face directory holds "
+                          "config.json and safetensors weights", "save the model with model.save_pretrained(dir)")
     if not (p / "config.json").is_file():
         raise ConfigError(f"--model {model}: not a built-in name, GGUF file or Hugging Face directory",
                           f"built-ins: {', '.join(BUILTIN)}", "give a folder with config.json and safetensors weights")
@@ -168,10 +213,7 @@ def resolve(model: str, cache: Path) -> HFModel:
         raise ModelError(f"{p} has no safetensors weights",
                          f"{', '.join(pickled)} is a pickle, which can run code when loaded" if pickled else "none found",
                          "convert it once in a trusted environment: model.save_pretrained(dir, safe_serialization=True)")
-    try:
-        cfg = json.loads((p / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{p / 'config.json'} is not readable JSON", str(e), "") from None
+    cfg = read_config(p)
     archs = " ".join(cfg.get("architectures") or [cfg.get("model_type", "")])
     task = "text-generation" if "CausalLM" in archs else "feature-extraction"
     return HFModel(p.name, p, task, f"directory {p}")

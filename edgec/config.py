@@ -58,14 +58,23 @@ class CompileConfig:
         if self.model not in MODELS and not self.model.endswith(".onnx") and not self.is_transformer:
             bad("model", f"known models: {', '.join(MODELS + TRANSFORMERS)}, a Hugging Face directory, a .gguf "
                 "file, or a path to an .onnx file", "use --model fbnet-supernet, --model minilm or pass MODEL.onnx")
-        if self.is_transformer and (self.dataset != "digits" or self.data_dir or self.train_epochs
-                                    or self.prune_flops_target is not None or self.also_targets
-                                    or self.target != "cpu-ort"):
-            name = ("dataset" if self.dataset != "digits" else "data_dir" if self.data_dir else "train_epochs"
-                    if self.train_epochs else "prune_flops_target" if self.prune_flops_target is not None
-                    else "target")
-            bad(name, "a pretrained transformer is calibrated and evaluated on text (pydoc_data.topics), "
-                "searched and measured on cpu-ort", "drop it")
+        if self.is_transformer:
+            unused = {"dataset": self.dataset != "digits", "data_dir": bool(self.data_dir),
+                      "train_epochs": bool(self.train_epochs), "prune_flops_target": self.prune_flops_target is not None,
+                      "latency_budget_ms": self.latency_budget_ms is not None,
+                      "size_budget_kb": self.size_budget_kb is not None, "strategy": self.strategy != "nsga2",
+                      "max_accuracy_drop": self.max_accuracy_drop != 1.0, "npu_cpu_fallback": self.npu_cpu_fallback,
+                      "calibration_images": self.calibration_images != 512, "objective": self.objective != "primary"}
+            for name, given in unused.items():
+                if given:
+                    bad(name, "pretrained transformers are calibrated and evaluated on text (pydoc_data.topics), "
+                        "searched by NSGA-II on cpu-ort with --max-fidelity-drop as the quality bound; this "
+                        "setting does not apply to them", "drop it")
+            if self.target != "cpu-ort" or self.also_targets:
+                raise ConfigError(f"bad target for --model {self.model}: "
+                                  f"{', '.join(t for t in (self.target, *self.also_targets) if t != 'cpu-ort')}",
+                                  "pretrained transformers are searched and measured on cpu-ort only so far",
+                                  "drop --target or pass --target cpu-ort")
         if not self.is_transformer and (self.recovery_steps or self.max_fidelity_drop != 0.02
                                         or self.sequence_length != 128 or self.recovery_candidates != 2):
             bad("recovery_steps" if self.recovery_steps else "recovery_candidates" if self.recovery_candidates != 2 else "max_fidelity_drop" if self.max_fidelity_drop != 0.02

@@ -127,16 +127,18 @@ def run_transformer_compile(cfg: CompileConfig, progress) -> TransformerResult:
 
 
 def _run(cfg, hf, text, model_info, run: RunDir, progress) -> TransformerResult:
-    from transformers import AutoModel, AutoTokenizer
-
+    from edgec.compile.hf_source import load_encoder
     from edgec.compile.transformer import check_parity, embed_torch, export_encoder
     from edgec.search.elastic_transformer import (Arch, ElasticSpace, TransformerCandidate, TransformerSearch,
                                                   TransformerSubnet, collect_importance, rewire)
     from edgec.targets import open_target
 
-    tokenizer = AutoTokenizer.from_pretrained(hf.path)
-    teacher = AutoModel.from_pretrained(hf.path, attn_implementation="eager").eval()
+    tokenizer, teacher = load_encoder(hf)
     Arch(teacher)  # refuses unsupported layouts before any work
+    positions = getattr(teacher.config, "max_position_embeddings", None)
+    if positions and cfg.sequence_length > positions:
+        raise ConfigError(f"bad value for sequence_length: {cfg.sequence_length}",
+                          f"{hf.name} takes at most {positions} tokens", f"e.g. --sequence-length {min(128, positions)}")
     cal = text.calibration_sentences
     search_sents, eval_sents = cal[-SEARCH_SENTENCES:], text.evaluation_sentences
     train_sents = cal[:-SEARCH_SENTENCES]
@@ -157,7 +159,7 @@ def _run(cfg, hf, text, model_info, run: RunDir, progress) -> TransformerResult:
         shape = (cfg.sequence_length,)
 
         # -- elastic model -------------------------------------------------------------------------
-        student = AutoModel.from_pretrained(hf.path, attn_implementation="eager").eval()
+        student = load_encoder(hf)[1]
         space = ElasticSpace.for_model(student)
         imp = collect_importance(student, (_tokens(tokenizer, train_sents[i:i + 64])
                                            for i in range(0, IMPORTANCE_SENTENCES, 64)))

@@ -254,3 +254,34 @@ def test_compile_minilm_end_to_end(tmp_path):
     e = embed_onnx(out / art["path"], tok, ["A list is a mutable sequence.", "Tuples are immutable sequences."])
     assert e.shape == (2, 384) and np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-4)
     assert "elastic" in (out / "report.html").read_text()
+
+
+def _hf_dir(tmp_path, config):
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(d)
+    return d
+
+
+def test_model_folders_that_would_run_code_or_are_damaged_are_refused_in_one_line(tmp_path):
+    from edgec.compile.hf_source import load_encoder, resolve
+
+    bert = tiny_bert().config.to_dict()
+    d = _hf_dir(tmp_path, {**bert, "auto_map": {"AutoModel": "evil.Model"}})
+    (d / "evil.py").write_text("open('ran', 'w').write('x')\n")
+    (d / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelError, match="custom model code"):
+        load_encoder(resolve(str(d), tmp_path / "cache"))
+    assert not (tmp_path / "ran").exists()
+    (d / "config.json").write_text("[]")
+    with pytest.raises(ModelError, match="not a JSON object"):
+        resolve(str(d), tmp_path / "cache")
+    (d / "config.json").write_text(json.dumps(bert))
+    (d / "model.safetensors").write_bytes(b"\x00" * 4096)
+    with pytest.raises(ModelError, match="cannot load the weights"):
+        load_encoder(resolve(str(d), tmp_path / "cache"))
+    tiny_bert().save_pretrained(d, safe_serialization=True)  # a good folder loads
+    tok, model = load_encoder(resolve(str(d), tmp_path / "cache"))
+    assert model.config.num_hidden_layers == 3 and tok("a b")["input_ids"]
