@@ -51,8 +51,10 @@ RECOVERY_BATCH = 32
 RECOVERY_REACH = 0.12        # distil only sub-networks at most this far below the floor (measured: 0.888 → 0.986)
 SEARCH_RUNS = 100            # timed runs per candidate during the search (finalists get REMEASURE_ROUNDS × runs)
 REMEASURE_ROUNDS = 3
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                   "sentence_bert_config.json", "modules.json", "1_Pooling")
+# the tokenizer only: sentence-transformers' module files would make the folder look loadable by
+# SentenceTransformer, which it is not (no weights in PyTorch form)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+MAX_TOKENS = 128  # texts are truncated to this many tokens when fidelity is scored (compile.transformer.tokenize)
 
 
 @dataclass
@@ -342,7 +344,7 @@ def _report(cfg, model_info, text_info, space, recovery, reference, evals, final
                      "latency": r["latency_final"], "speedup_p50": ref_p50 / r["latency_final"]["p50_ms"],
                      "size_bytes": r["size_bytes"], "params": r["params"], "chosen": r is chosen})
     return {
-        "edgec_version": edgec.__version__, "job": "compile-transformer", "config": cfg.to_dict(),
+        "schema_version": 1, "edgec_version": edgec.__version__, "job": "compile-transformer", "config": cfg.to_dict(),
         "model": model_info, "text": text_info,
         "splits": {"importance": f"first {IMPORTANCE_SENTENCES} calibration sentences",
                    "recovery": "calibration sentences except the last 256",
@@ -350,7 +352,8 @@ def _report(cfg, model_info, text_info, space, recovery, reference, evals, final
                    "evaluation": f"all {text_info['evaluation_sentences']} evaluation sentences"},
         "quality": "mean cosine similarity of mean-pooled, L2-normalized sentence embeddings to the FP32 "
                    "PyTorch model's; neighbour agreement = same top-1 nearest other sentence",
-        "space": space.to_dict(), "target": target.describe(),
+        "space": space.to_dict(),
+        "target": {**target.describe(), "recipe": "per candidate: fp32 | int8 dynamic (per-channel) | int4w MatMulNBits"},
         "recovery": [{"candidate_id": r["candidate_id"], "summary": r["summary"], "error": r.get("error"),
                       "fidelity_search_before": r["before_recovery"]["fidelity_search"],
                       "fidelity_search_after": r.get("fidelity_search"), **r.get("recovery", {})} for r in recovery],
@@ -392,6 +395,8 @@ def _publish(out: Path, hf, report: dict, reference: dict, chosen: dict | None) 
             "output": {"name": "last_hidden_state", "shape": ["batch", "sequence", "hidden"], "dtype": "float32",
                        "postprocessing": "mean over tokens where attention_mask is 1, then L2-normalize"},
             "tokenizer": "tokenizer.json beside model.onnx",
+            "max_sequence_length": MAX_TOKENS,
+            "quantization": _quantization_text(rec.get("candidate")),
             "fidelity": rec["fidelity_eval"],
             "latency": {"p50_ms": lat["p50_ms"], "kind": lat["kind"], "batch": 1,
                         "sequence_length": report["latency_input"]["sequence_length"], "threads": lat["threads"]},
@@ -400,6 +405,19 @@ def _publish(out: Path, hf, report: dict, reference: dict, chosen: dict | None) 
     write_atomic(out / "manifest.json", json.dumps({"schema_version": 1, "job": "compile-transformer",
                                                     "model": report["model"]["name"], "artifacts": artifacts},
                                                    indent=2))
+
+
+def _quantization_text(candidate: dict | None) -> str:
+    if candidate is None:
+        return "none (FP32)"
+    precs = {p for pair in candidate["precision"] for p in pair} | {candidate.get("embedding", "fp32")}
+    parts = []
+    if "int8" in precs:
+        parts.append("int8: ONNX Runtime dynamic quantization (MatMulInteger, per-channel int8 weights; "
+                     "uint8 embedding table where chosen)")
+    if "int4w" in precs:
+        parts.append("int4w: 4-bit weight-only MatMulNBits, block 32")
+    return "; ".join(parts) or "none (FP32)"
 
 
 def _write(out: Path, report: dict, evals: list[dict]) -> None:
