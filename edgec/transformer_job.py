@@ -19,7 +19,8 @@ The loop (each stage reported on the progress bar):
    with the same policy and evaluated again, as new candidates (id ``<id>-r<N>``);
 6. finalists: the Pareto front's candidates within ``--max-fidelity-drop`` on the search split are
    scored on the evaluation split and re-measured side by side with the reference (interleaved
-   rounds); the chosen one is the fastest within the drop on the evaluation split;
+   rounds); the chosen one is the fastest within the drop on the evaluation split (finalists
+   within 2 % of its p50 count as equally fast, and then the smallest file wins);
 7. publish: ``artifacts/cpu-ort/<id>/`` (model.onnx + tokenizer files) for the reference and the
    chosen, ``manifest.json``, ``report.json``, ``report.html``, ``candidates.csv``.
 
@@ -51,6 +52,7 @@ RECOVERY_BATCH = 32
 RECOVERY_REACH = 0.12        # distil only sub-networks at most this far below the floor (measured: 0.888 → 0.986)
 SEARCH_RUNS = 100            # timed runs per candidate during the search (finalists get REMEASURE_ROUNDS × runs)
 REMEASURE_ROUNDS = 3
+LATENCY_TIE = 0.02           # p50s within 2 % count as equal when choosing (then the smaller file wins)
 # the tokenizer only: sentence-transformers' module files would make the folder look loadable by
 # SentenceTransformer, which it is not (no weights in PyTorch form)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
@@ -244,7 +246,11 @@ def _run(cfg, hf, text, model_info, run: RunDir, progress) -> TransformerResult:
         for r in finalists:
             r["latency_final"] = stats[r["candidate_id"]].to_dict()
         qualified = [r for r in finalists if r["fidelity_eval"]["cosine"] >= floor]
-        chosen = min(qualified, key=lambda r: r["latency_final"]["p50_ms"]) if qualified else None
+        chosen = None
+        if qualified:  # the fastest; within LATENCY_TIE of it (noise on a shared machine) the smallest file
+            fastest = min(r["latency_final"]["p50_ms"] for r in qualified)
+            chosen = min((r for r in qualified if r["latency_final"]["p50_ms"] <= fastest * (1 + LATENCY_TIE)),
+                         key=lambda r: (r["size_bytes"], r["latency_final"]["p50_ms"]))
 
         report = _report(cfg, model_info, text.info, space, recovered, reference, evals, finalists, chosen, target)
         _publish(run.path, hf, report, reference, chosen)
