@@ -111,8 +111,19 @@ def quantize_policy(fp32_path: Path, out_path: Path, policy: dict[str, str]) -> 
             "fp32": sum(1 for p in policy.values() if p == "fp32") + len(missing), "not_in_graph": missing}
 
 
-def tokenize(tokenizer, sentences: list[str], max_length: int = 128) -> dict:
+MAX_TOKENS = 128  # texts are truncated to this many tokens wherever edgec scores or calibrates
+
+
+def tokenize(tokenizer, sentences: list[str], max_length: int = MAX_TOKENS) -> dict:
+    """Padded, truncated token arrays (int64 numpy) for ``sentences``."""
     return dict(tokenizer(sentences, padding=True, truncation=True, max_length=max_length, return_tensors="np"))
+
+
+def tokenize_torch(tokenizer, sentences: list[str], device="cpu") -> dict:
+    """:func:`tokenize` as torch tensors on ``device``."""
+    import torch
+
+    return {k: torch.from_numpy(v).to(device) for k, v in tokenize(tokenizer, sentences).items()}
 
 
 def _pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -149,7 +160,7 @@ def embed_torch(model, tokenizer, sentences: list[str], batch_size: int = 64) ->
     model.eval()
     with torch.no_grad():
         for i in range(0, len(sentences), batch_size):
-            enc = {k: torch.from_numpy(v) for k, v in tokenize(tokenizer, sentences[i:i + batch_size]).items()}
+            enc = tokenize_torch(tokenizer, sentences[i:i + batch_size])
             out.append(mean_pool(model(**enc).last_hidden_state, enc["attention_mask"]).numpy())
     return np.concatenate(out)
 

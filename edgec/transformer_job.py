@@ -30,6 +30,7 @@ replays them into the search so it asks the same candidates again without re-eva
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -56,7 +57,6 @@ LATENCY_TIE = 0.02           # p50s within 2 % count as equal when choosing (the
 # the tokenizer only: sentence-transformers' module files would make the folder look loadable by
 # SentenceTransformer, which it is not (no weights in PyTorch form)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
-MAX_TOKENS = 128  # texts are truncated to this many tokens when fidelity is scored (compile.transformer.tokenize)
 
 
 @dataclass
@@ -65,14 +65,6 @@ class TransformerResult:
     report: dict
     evaluations: list[dict]
     chosen: dict | None
-
-
-def _tokens(tokenizer, sentences, max_length=128):
-    import torch
-
-    from edgec.compile.transformer import tokenize
-
-    return {k: torch.from_numpy(v) for k, v in tokenize(tokenizer, sentences, max_length).items()}
 
 
 def _state_settings(cfg: CompileConfig, model_info: dict, text_info: dict) -> dict:
@@ -132,7 +124,7 @@ def run_transformer_compile(cfg: CompileConfig, progress) -> TransformerResult:
 
 def _run(cfg, hf, text, model_info, run: RunDir, progress) -> TransformerResult:
     from edgec.compile.hf_source import load_encoder
-    from edgec.compile.transformer import check_parity, embed_torch, export_encoder
+    from edgec.compile.transformer import check_parity, embed_torch, export_encoder, tokenize_torch
     from edgec.search.elastic_transformer import (Arch, ElasticSpace, TransformerCandidate, TransformerSearch,
                                                   TransformerSubnet, collect_importance, rewire)
     from edgec.targets import open_target
@@ -163,9 +155,9 @@ def _run(cfg, hf, text, model_info, run: RunDir, progress) -> TransformerResult:
         shape = (cfg.sequence_length,)
 
         # -- elastic model -------------------------------------------------------------------------
-        student = load_encoder(hf)[1]
+        student = copy.deepcopy(teacher)
         space = ElasticSpace.for_model(student)
-        imp = collect_importance(student, (_tokens(tokenizer, train_sents[i:i + 64])
+        imp = collect_importance(student, (tokenize_torch(tokenizer, train_sents[i:i + 64])
                                            for i in range(0, IMPORTANCE_SENTENCES, 64)))
         rewire(student, imp)
 
@@ -276,6 +268,7 @@ class _Recovery:
         self.teacher, self.tok, self.sentences, self.seed = teacher, tokenizer, sentences, seed
 
     def run(self, sub, steps: int, on_step=None) -> dict:
+        from edgec.compile.transformer import tokenize_torch
         from edgec.search.elastic_transformer import distill
 
         rng = random.Random(self.seed)
@@ -283,7 +276,7 @@ class _Recovery:
         sub.to(self.device)
 
         def batch():
-            return {k: v.to(self.device) for k, v in _tokens(self.tok, rng.sample(self.sentences, RECOVERY_BATCH)).items()}
+            return tokenize_torch(self.tok, rng.sample(self.sentences, RECOVERY_BATCH), self.device)
         try:
             return distill(sub, teacher, batch, steps, seed=self.seed, on_step=on_step)
         finally:
@@ -373,6 +366,7 @@ def _report(cfg, model_info, text_info, space, recovery, reference, evals, final
 
 def _publish(out: Path, hf, report: dict, reference: dict, chosen: dict | None) -> None:
     from edgec.compile.package import publish_model, sha256_file, write_atomic
+    from edgec.compile.transformer import MAX_TOKENS
 
     def add_tokenizer(folder: Path) -> None:
         for name in TOKENIZER_FILES:
@@ -401,7 +395,7 @@ def _publish(out: Path, hf, report: dict, reference: dict, chosen: dict | None) 
             "output": {"name": "last_hidden_state", "shape": ["batch", "sequence", "hidden"], "dtype": "float32",
                        "postprocessing": "mean over tokens where attention_mask is 1, then L2-normalize"},
             "tokenizer": "tokenizer.json beside model.onnx",
-            "max_sequence_length": MAX_TOKENS,
+            "max_sequence_length": MAX_TOKENS,  # fidelity was scored on texts truncated to this
             "quantization": _quantization_text(rec.get("candidate")),
             "fidelity": rec["fidelity_eval"],
             "latency": {"p50_ms": lat["p50_ms"], "kind": lat["kind"], "batch": 1,

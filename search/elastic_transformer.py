@@ -30,7 +30,6 @@ Llama-family decoders (``model.layers[i].self_attn.q_proj`` …).
 from __future__ import annotations
 
 import copy
-import random
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
@@ -58,7 +57,6 @@ class LayerRefs:
     ffn_in: tuple[nn.Linear, ...]
     ffn_out: nn.Linear
     attn: nn.Module
-    attn_ctx: nn.Module  # its output[0] is the heads' concatenated context (B, T, heads·head_dim)
     ffn_act: nn.Module
 
 
@@ -97,9 +95,9 @@ class Arch:
         if self.kind == "bert":
             a = blk.attention
             return LayerRefs(a.self.query, a.self.key, a.self.value, a.output.dense, (blk.intermediate.dense,),
-                             blk.output.dense, a.self, a.self, blk.intermediate)
+                             blk.output.dense, a.self, blk.intermediate)
         a, mlp = blk.self_attn, blk.mlp
-        return LayerRefs(a.q_proj, a.k_proj, a.v_proj, a.o_proj, (mlp.gate_proj, mlp.up_proj), mlp.down_proj, a, a,
+        return LayerRefs(a.q_proj, a.k_proj, a.v_proj, a.o_proj, (mlp.gate_proj, mlp.up_proj), mlp.down_proj, a,
                          _Product(mlp))
 
     def embedding_name(self) -> str:
@@ -145,9 +143,6 @@ class TransformerSubnet:
     def from_dict(cls, d: dict) -> "TransformerSubnet":
         return cls(int(d["layers"]), tuple(int(h) for h in d["heads"]), tuple(int(f) for f in d["ffn"]))
 
-    def key(self) -> str:
-        return f"L{self.layers}-h{'.'.join(map(str, self.heads))}-f{'.'.join(map(str, self.ffn))}"
-
 
 @dataclass(frozen=True)
 class ElasticSpace:
@@ -179,11 +174,6 @@ class ElasticSpace:
     def smallest(self) -> TransformerSubnet:
         n = self.layers[-1]
         return TransformerSubnet(n, (self.heads[-1],) * n, (self.ffn[-1],) * n)
-
-    def sample(self, rng: random.Random) -> TransformerSubnet:
-        n = rng.choice(self.layers)
-        return TransformerSubnet(n, tuple(rng.choice(self.heads) for _ in range(n)),
-                                 tuple(rng.choice(self.ffn) for _ in range(n)))
 
     def to_dict(self) -> dict:
         return {"num_layers": self.num_layers, "layers": list(self.layers), "heads": list(self.heads),

@@ -240,12 +240,15 @@ def test_compile_minilm_end_to_end(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     chosen = report["chosen"]
-    assert chosen["fidelity_eval"]["cosine"] >= 0.98 and chosen["speedup_p50"] > 1.2  # INT8 per channel: ~2x
+    assert chosen["fidelity_eval"]["cosine"] >= 0.98
+    # speed is the bench's business (bench/minilm_bench.py); here: the chosen model is the quantized, smaller one
+    assert chosen["size_bytes"] < report["reference"]["size_bytes"] and "int8" in chosen["summary"]
     assert report["text"]["evaluation_sentences"] >= 500 and report["evaluated"] == 3
     manifest = json.loads((out / "manifest.json").read_text())
     art = next(a for a in manifest["artifacts"] if a["chosen"])
     folder = (out / art["path"]).parent
     assert (folder / "tokenizer.json").is_file() and art["latency"]["kind"] == "measured"
+    assert art["max_sequence_length"] == 128 and "MatMulInteger" in art["quantization"]
     # the published artifact reproduces its recorded fidelity from the files alone
     from transformers import AutoTokenizer
 
