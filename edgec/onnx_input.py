@@ -23,7 +23,8 @@ import numpy as np
 import edgec
 from edgec.config import CompileConfig
 from edgec.errors import ModelError
-from edgec.pipeline import (MaxLatencyEvaluator, Progress, RunResult, TargetBuilder, _evaluate_cached, _publish, check_resume,
+from edgec.pipeline import (RESUME_KEYS, MaxLatencyEvaluator, Progress, RunResult, TargetBuilder, _evaluate_cached, _publish,
+                            check_resume,
                             open_targets,
                             search_loop)
 from edgec.records import Evaluation
@@ -108,7 +109,8 @@ def run_onnx_compile(cfg: CompileConfig, progress: Progress | None = None) -> Ru
             eval_x = (load_inputs(Path(cfg.eval_data), source, "evaluation data", 1) if cfg.eval_data
                       else calib_x)
             data_paths = [Path(cfg.model), Path(cfg.calib_data)] + ([Path(cfg.eval_data)] if cfg.eval_data else [])
-            check_resume(run, cfg, _fingerprint(data_paths))
+            check_resume(run, {**cfg.to_dict(), "dataset_fingerprint": _fingerprint(data_paths)}, RESUME_KEYS,
+                         cfg.resume)
             try:
                 reference_out = onnx_logits(source.path, eval_x, threads=cfg.threads)
             except ModelError as e:  # name the user's file, not edgec's working copy

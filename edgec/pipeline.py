@@ -340,7 +340,7 @@ def run_compile(cfg: CompileConfig, progress: Progress | None = None) -> RunResu
     with RunDir(Path(cfg.out), resume=cfg.resume, force=cfg.force) as run:
         try:
             ds = load_dataset(cfg.dataset, cfg.data_dir)
-            check_resume(run, cfg, ds.fingerprint())
+            check_resume(run, {**cfg.to_dict(), "dataset_fingerprint": ds.fingerprint()}, RESUME_KEYS, cfg.resume)
             torch.set_num_threads(cfg.threads)
             supernet, supernet_info = get_supernet(ds, cfg, progress)
             spec: SupernetSpec = supernet.spec
@@ -419,14 +419,15 @@ def _check_record(rec: dict) -> None:
         Evaluation.from_dict(rec)
 
 
-def check_resume(run: RunDir, cfg: CompileConfig, fingerprint: str) -> None:
-    """Refuse ``--resume`` when settings that change the computation or the data (``fingerprint``)
-    differ from the stored run; then store the current ones."""
+def check_resume(run: RunDir, state: dict, keys, resume: bool, job: str = "compile") -> None:
+    """Refuse ``--resume`` when the stored run is another ``job`` or any of ``keys`` differs between
+    ``state`` (the settings and data fingerprints that change what the run computes) and the stored
+    state; then store ``state``. Used by every resumable job (image compile, ONNX input, transformers)."""
     from edgec.compile.package import write_atomic
 
     path = run.study / "config.json"
-    state = json.loads(json.dumps({**cfg.to_dict(), "dataset_fingerprint": fingerprint}))  # tuples → lists
-    if cfg.resume:
+    state = json.loads(json.dumps({**state, "job": job}))  # tuples → lists, as stored
+    if resume:
         try:
             stored = json.loads(path.read_text())
             if not isinstance(stored, dict):
@@ -434,7 +435,10 @@ def check_resume(run: RunDir, cfg: CompileConfig, fingerprint: str) -> None:
         except (OSError, ValueError) as e:
             raise OutputDirError(f"the study state {path} is damaged", str(e),
                                  "start the run over with --force") from None
-        changed = [k for k in RESUME_KEYS if stored.get(k) != state[k]]
+        if stored.get("job", "compile") != job:
+            raise OutputDirError(f"{run.path} holds a '{stored.get('job', 'compile')}' run, not a '{job}' one",
+                                 "--resume continues the same kind of run", "drop --resume or pass another --out")
+        changed = [k for k in keys if stored.get(k) != state[k]]
         if changed:
             raise ConfigError(f"--resume with changed settings or data: {', '.join(changed)}",
                               "a resumed run must compute what the interrupted one did",

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import edgec
 from edgec.config import CompileConfig
-from edgec.errors import ConfigError, NoQualifyingCandidate, OutputDirError
+from edgec.errors import ConfigError, NoQualifyingCandidate
 from edgec.rundir import EvaluationStore, RunDir
 
 IMPORTANCE_SENTENCES = 512
@@ -74,24 +74,6 @@ def _state_settings(cfg: CompileConfig, model_info: dict, text_info: dict) -> di
             "edgec": edgec.__version__}
 
 
-def _check_state(run: RunDir, settings: dict, resume: bool) -> None:
-    from edgec.compile.package import write_atomic
-
-    path = run.study / "config.json"
-    if resume:
-        try:
-            stored = json.loads(path.read_text())["transformer"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise OutputDirError(f"{run.path} holds no transformer study to resume", "",
-                                 "drop --resume, or pass the --out of a 'edgec compile --model minilm' run") from None
-        changed = [k for k in settings if stored.get(k) != settings[k]]
-        if changed:
-            raise ConfigError(f"--resume with changed settings: {', '.join(changed)}",
-                              "a resumed search must compute what the first run computed",
-                              "use the first run's settings, or start a new --out")
-    write_atomic(path, json.dumps({"transformer": settings}, indent=2))
-
-
 def run_transformer_compile(cfg: CompileConfig, progress) -> TransformerResult:
     """Run the job in the module docstring. Raises :class:`NoQualifyingCandidate` (exit 3) after
     writing the report when no candidate keeps the fidelity within ``--max-fidelity-drop``."""
@@ -118,7 +100,10 @@ def run_transformer_compile(cfg: CompileConfig, progress) -> TransformerResult:
     model_info = {"name": hf.name, "source": hf.source, "path": str(hf.path), "task": hf.task,
                   "config_sha": hashlib.sha256((hf.path / "config.json").read_bytes()).hexdigest()[:16]}
     with RunDir(Path(cfg.out), resume=cfg.resume, force=cfg.force) as run:
-        _check_state(run, _state_settings(cfg, model_info, text.info), cfg.resume)
+        from edgec.pipeline import check_resume
+
+        settings = _state_settings(cfg, model_info, text.info)
+        check_resume(run, settings, list(settings), cfg.resume, job="compile-transformer")
         return _run(cfg, hf, text, model_info, run, progress)
 
 

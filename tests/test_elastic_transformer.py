@@ -288,3 +288,19 @@ def test_model_folders_that_would_run_code_or_are_damaged_are_refused_in_one_lin
     tiny_bert().save_pretrained(d, safe_serialization=True)  # a good folder loads
     tok, model = load_encoder(resolve(str(d), tmp_path / "cache"))
     assert model.config.num_hidden_layers == 3 and tok("a b")["input_ids"]
+
+
+def test_resume_refuses_another_kind_of_run_and_changed_settings(tmp_path):
+    from edgec.errors import OutputDirError
+    from edgec.pipeline import check_resume
+    from edgec.rundir import RunDir
+
+    settings = {"model": "minilm", "seed": 0}
+    with RunDir(tmp_path / "run") as run:
+        check_resume(run, settings, list(settings), False, job="compile-transformer")
+    with RunDir(tmp_path / "run", resume=True) as run:
+        with pytest.raises(OutputDirError, match="holds a 'compile-transformer' run"):
+            check_resume(run, {"model": "fbnet-supernet", "seed": 0}, ["model", "seed"], True)
+        with pytest.raises(ConfigError, match="changed settings or data: seed"):
+            check_resume(run, {**settings, "seed": 1}, list(settings), True, job="compile-transformer")
+        check_resume(run, settings, list(settings), True, job="compile-transformer")  # same settings resume
