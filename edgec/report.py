@@ -176,6 +176,10 @@ def device_chart_png(name: str, rows: list[dict]) -> bytes:
     return _png(fig)
 
 
+_STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+          "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:left}")
+
+
 def _png(fig) -> bytes:
     """A finished matplotlib figure as PNG bytes; the figure is closed."""
     import matplotlib.pyplot as plt
@@ -259,9 +263,7 @@ def _html(report: dict, reference: Evaluation, evals: list[Evaluation], front_id
                    else "<b>No candidate met the accuracy drop and budgets.</b>")
     ds = report["dataset"]
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>edgec report — {e(ds['name'])}</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}
-tr.chosen{{background:#fff3cd}}code{{font-size:12px}}</style></head><body>
+<style>{_STYLE}tr.chosen{{background:#fff3cd}}code{{font-size:12px}}</style></head><body>
 <h1>edgec compile — {e(ds['name'])} on {e(target.name)}</h1>
 <p>{chosen_line}</p>
 <p>Selection: {e(sel['rule'])}; minimum {e(quality)} {sel['min_val_accuracy'] * 100:.2f}%,
@@ -344,8 +346,7 @@ def write_prune_html(report: dict) -> str:
         f"<p>--max-task-drop {e(json.dumps(gate['limits']))} on the validation split: "
         f"<b>{'met' if gate['met'] else 'NOT met'}</b>.</p>")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>edgec prune — {e(ds['name'])}</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}</style>
+<style>{_STYLE}</style>
 </head><body><h1>edgec prune — {e(report['model']['name'])} on {e(ds['name'])} (PAGCP)</h1>
 <p>FLOPs (MACs) {_count(report['macs_before'])} → {_count(report['macs_after'])}:
 <b>{report['flops_reduction'] * 100:.1f}% removed</b>; parameters {report['params_before'] / 1e3:.1f} k →
@@ -418,8 +419,7 @@ def transformer_html(report: dict, evals: list[dict]) -> str:
     ) or "No recovery (--recovery-steps 0)."
     lat = report["latency_input"]
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>edgec compile — {e(report['model']['name'])}</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 6px;text-align:left}}</style>
+<style>{_STYLE}</style>
 </head><body><h1>edgec compile — {e(report['model']['name'])} (elastic layers/heads/FFN × per-layer precision)</h1>
 <p>{verdict}</p>
 <p>Latency: cpu-ort, batch 1, {lat['sequence_length']} tokens, {report['target']['threads']} threads,
