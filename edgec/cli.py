@@ -60,7 +60,7 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recovery-steps", type=int,
                    help="--model minilm: after the search, distil the fastest pruned sub-networks within reach of "
                         "the fidelity floor from the FP32 model for this many steps each (default 0 = none; "
-                        "about 1.5 s a step on 2 cores, milliseconds on a GPU)")
+                        "1.2-3 s a step measured on 2 cores; on a GPU when torch sees one)")
     p.add_argument("--recovery-candidates", type=int, help="--model minilm: sub-networks to recover (default 2)")
     p.add_argument("--sequence-length", type=int, help="--model minilm: tokens per input for latency (default 128)")
     p.add_argument("--prune-flops-target", type=float,
