@@ -97,8 +97,11 @@ def quantize_policy(fp32_path: Path, out_path: Path, policy: dict[str, str]) -> 
         if by["int4w"]:
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-            q = MatMulNBitsQuantizer(onnx.load(str(current)), bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True,
-                                     nodes_to_include=by["int4w"])
+            m = onnx.load(str(current))
+            # the quantizer takes a node when it is listed in nodes_to_include OR its op type is MatMul, so
+            # an include list alone quantizes every MatMul: exclude the others by name instead
+            keep = [n.name for n in m.graph.node if n.op_type == "MatMul" and n.name not in set(by["int4w"])]
+            q = MatMulNBitsQuantizer(m, bits=4, block_size=INT4_BLOCK_SIZE, is_symmetric=True, nodes_to_exclude=keep)
             q.process()
             nxt = work / "int4.onnx"
             q.model.save_model_to_file(str(nxt), use_external_data_format=False)

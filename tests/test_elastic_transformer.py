@@ -156,6 +156,9 @@ def test_export_quantize_policy_and_fidelity(tmp_path):
     q_model = onnx.load(str(tmp_path / "q.onnx"))
     ops = [n.op_type for n in q_model.graph.node]
     assert "MatMulInteger" in ops and "MatMulNBits" in ops
+    assert ops.count("MatMulNBits") == 1 and ops.count("MatMulInteger") == 1  # the FP32 Linears stay MatMul
+    assert sum(n.op_type == "MatMul" and n.input[1] in {t.name for t in q_model.graph.initializer}
+               for n in q_model.graph.node) == 18 - 2
     int8_tables = [t for t in q_model.graph.initializer
                    if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and list(t.dims) == [100, 32]]
     assert int8_tables  # the word embedding table is stored in 8 bits
