@@ -133,10 +133,20 @@ BUILTIN_TASKS = {"minilm": "feature-extraction", "smollm2": "text-generation"}
 
 def task_of(model: str) -> str | None:
     """The task of ``model`` when it is known without loading weights (built-in names; existing GGUF
-    files are causal LMs), else None."""
+    files are causal LMs; a directory's config.json names a ``*CausalLM`` architecture or not), else None."""
     if model in BUILTIN_TASKS:
         return BUILTIN_TASKS[model]
-    return "text-generation" if model.endswith(".gguf") and Path(model).is_file() else None
+    p = Path(model)
+    if model.endswith(".gguf"):
+        return "text-generation" if p.is_file() else None
+    try:
+        cfg = json.loads((p / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    archs = " ".join(str(a) for a in (cfg.get("architectures") or [cfg.get("model_type", "")]))
+    return "text-generation" if "CausalLM" in archs else "feature-extraction"
 
 
 def read_config(folder: Path) -> dict:
@@ -163,25 +173,37 @@ def is_transformer_source(model: str) -> bool:
     return model in BUILTIN or p.suffix == ".gguf" or (p.is_dir() and (p / "config.json").is_file())
 
 
-def load_encoder(hf: HFModel):
-    """(tokenizer, FP32 encoder in eval mode with eager attention) of a resolved feature-extraction model.
-    Weights are read from safetensors only; no model code is run. Raises :class:`ModelError` with one
-    line for damaged weights, a config that does not match them, or missing tokenizer files."""
-    from transformers import AutoModel, AutoTokenizer
+def _load(hf: HFModel, auto_class: str):
+    """(tokenizer, FP32 model in eval mode with eager attention) through transformers' ``auto_class``;
+    safetensors only, no model code run; one-line :class:`ModelError` for broken tokenizers or weights."""
+    import transformers
 
     read_config(hf.path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(hf.path, **NO_REMOTE_CODE)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(hf.path, **NO_REMOTE_CODE)
     except Exception as e:  # transformers raises many types for missing/broken tokenizer files
         raise ModelError(f"cannot load the tokenizer of {hf.path}", " ".join(str(e).split())[:200],
                          "the folder needs tokenizer.json (or vocab.txt) and tokenizer_config.json") from None
     try:
-        model = AutoModel.from_pretrained(hf.path, attn_implementation="eager", use_safetensors=True,
-                                          **NO_REMOTE_CODE).eval()
+        model = getattr(transformers, auto_class).from_pretrained(
+            hf.path, attn_implementation="eager", use_safetensors=True, **NO_REMOTE_CODE).eval()
     except Exception as e:  # damaged safetensors, shape mismatches, unknown model types
         raise ModelError(f"cannot load the weights of {hf.path}", " ".join(str(e).split())[:200],
                          "check that config.json matches model.safetensors (re-save with save_pretrained)") from None
     return tokenizer, model
+
+
+def load_encoder(hf: HFModel):
+    """(tokenizer, FP32 encoder in eval mode with eager attention) of a resolved feature-extraction model.
+    Weights are read from safetensors only; no model code is run. Raises :class:`ModelError` with one
+    line for damaged weights, a config that does not match them, or missing tokenizer files."""
+    return _load(hf, "AutoModel")
+
+
+def load_causal_lm(hf: HFModel):
+    """(tokenizer, FP32 causal LM in eval mode with eager attention) of a resolved text-generation model;
+    as :func:`load_encoder`."""
+    return _load(hf, "AutoModelForCausalLM")
 
 
 def resolve(model: str, cache: Path) -> HFModel:

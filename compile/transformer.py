@@ -45,24 +45,40 @@ def linear_matmuls(model) -> dict[str, str]:
     return out
 
 
-def export_encoder(model, out_path: Path, opset: int = 18) -> Path:
-    """Export an encoder (``BertModel``-like, FP32, eval mode) with optimum (task ``feature-extraction``,
-    dynamic batch and sequence axes) to ``out_path`` (one self-contained .onnx file). Raises
-    :class:`ExportError` when optimum fails."""
+def optimum_export(model, out_path: Path, task: str, opset: int = 18) -> Path:
+    """Export ``model`` (FP32, eval mode) with optimum's ``onnx_export_from_model`` for ``task`` into one
+    self-contained ``out_path``, written atomically. Exporter warnings are silenced; a failure is one
+    :class:`ExportError` line."""
+    import contextlib
+    import io
+    import warnings
+
     from optimum.exporters.onnx import onnx_export_from_model
 
     out_path = Path(out_path)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out_path.parent))
+    logging.disable(logging.WARNING)  # the exporter's own handlers keep the original stderr
     try:
         try:
-            onnx_export_from_model(model, tmp, task="feature-extraction", opset=opset, do_validation=False)
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                    warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                onnx_export_from_model(model, tmp, task=task, opset=opset, do_validation=False)
         except Exception as e:  # optimum raises many types; one line for the user
             raise ExportError(f"optimum could not export {type(model).__name__}", " ".join(str(e).split())[:300],
                               "check that the model runs in PyTorch on a tokenized batch") from None
         os.replace(tmp / "model.onnx", out_path)
     finally:
+        logging.disable(logging.NOTSET)
         shutil.rmtree(tmp, ignore_errors=True)
     return out_path
+
+
+def export_encoder(model, out_path: Path, opset: int = 18) -> Path:
+    """Export an encoder (``BertModel``-like, FP32, eval mode) with optimum (task ``feature-extraction``,
+    dynamic batch and sequence axes) to ``out_path`` (one self-contained .onnx file). Raises
+    :class:`ExportError` when optimum fails."""
+    return optimum_export(model, out_path, "feature-extraction", opset)
 
 
 def quantize_policy(fp32_path: Path, out_path: Path, policy: dict[str, str]) -> dict:

@@ -63,9 +63,20 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
                         "1.2-3 s a step measured on 2 cores; on a GPU when torch sees one)")
     p.add_argument("--recovery-candidates", type=int, help="--model minilm: sub-networks to recover (default 2)")
     p.add_argument("--sequence-length", type=int, help="--model minilm: tokens per input for latency (default 128)")
+    p.add_argument("--max-ppl-increase", type=_relative,
+                   help="--model smollm2: perplexity on the evaluation text may rise at most this much above FP32's, "
+                        "as a fraction or percentage (default 10%%)")
     p.add_argument("--prune-flops-target", type=float,
                    help="after the search, PAGCP-prune the chosen subnet (FP32) by this fraction of its FLOPs, "
                         "fine-tune and measure it; outputs in OUT/pruned/")
+
+
+def _relative(text: str) -> float:
+    """``"10%"`` → 0.10, ``"0.1"`` → 0.1 (argparse type: a bad value exits 2 with one line)."""
+    try:
+        return float(text[:-1]) / 100 if text.strip().endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or percentage (e.g. 10%)") from None
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
@@ -178,7 +189,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     with _RichProgress(console) as progress:
         try:
-            if cfg.is_transformer:
+            if cfg.is_decoder:
+                from edgec.decoder_job import run_decoder_compile
+
+                result = run_decoder_compile(cfg, progress)
+            elif cfg.is_transformer:
                 from edgec.transformer_job import run_transformer_compile
 
                 result = run_transformer_compile(cfg, progress)
@@ -187,7 +202,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         except NoQualifyingCandidate:
             progress.close()
             raise
-    (_print_transformer_summary if cfg.is_transformer else _print_summary)(result, _stdout_console())
+    (_print_decoder_summary if cfg.is_decoder else _print_transformer_summary if cfg.is_transformer
+     else _print_summary)(result, _stdout_console())
     return 0
 
 
@@ -213,6 +229,28 @@ def _print_transformer_summary(result, console) -> None:
     console.print(f"{r['evaluated']} candidates evaluated on cpu-ort ({r['latency_input']['sequence_length']} tokens, "
                   f"batch 1). Chosen {c['candidate_id']}: {speed_text(c['speedup_p50'])} than FP32 at mean cosine "
                   f"{c['fidelity_eval']['cosine']:.4f}. Outputs: {result.out}/report.html, report.json, manifest.json")
+
+
+def _print_decoder_summary(result, console) -> None:
+    from rich.table import Table
+
+    r = result.report
+    table = Table(title=f"edgec compile — {r['model']['name']} (evaluation windows; timing measured side by side)")
+    for col in ("id", "candidate", "perplexity", "vs FP32", "greedy agree", "TTFT ms", "decode tok/s", "vs FP32", "MiB"):
+        table.add_column(col, justify="left" if col in ("id", "candidate") else "right")
+    for name, f in (("reference", r["reference"]), ("fp32-fused", r["fp32_fused"]),
+                    *((x["candidate_id"] + (" ★" if x["chosen"] else ""), x) for x in r["finalists"])):
+        table.add_row(name, f["summary"], f"{f['ppl_eval']:.3f}", f"{f['ppl_increase'] * 100:+.1f}%",
+                      f"{f['greedy_agreement']['prefix'] * 100:.0f}%", f"{f['timing']['ttft_ms']:.0f}",
+                      f"{f['timing']['decode_tokens_per_s']:.1f}", f"{f['decode_speedup']:.2f}×",
+                      f"{f['size_bytes'] / 2**20:.1f}")
+    console.print(table)
+    c = r["chosen"]
+    console.print(f"{r['evaluated']} candidates evaluated on cpu-ort. Chosen {c['candidate_id']}: "
+                  f"{c['timing']['decode_tokens_per_s']:.1f} decode tokens/s ({c['decode_speedup']:.2f}× FP32), "
+                  f"perplexity {c['ppl_increase'] * 100:+.1f}%, {c['size_ratio'] * 100:.0f}% of the FP32 size. "
+                  f"Outputs: {result.out}/report.html, report.json, manifest.json; "
+                  f"generate: python examples/generate.py {result.out}/{result.report['artifacts'][-1]['path'].rsplit('/', 1)[0]}")
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

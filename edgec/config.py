@@ -50,6 +50,7 @@ class CompileConfig:
     recovery_steps: int = 0                # transformers: distillation steps for each recovered sub-network (0 = none)
     recovery_candidates: int = 2           # transformers: how many of the fastest pruned sub-networks to recover
     sequence_length: int = 128             # transformers: tokens per input when measuring latency (batch 1)
+    max_ppl_increase: float = 0.10         # causal LMs (text generation): perplexity ≤ FP32's × (1 + this)
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str, fix: str) -> None:
@@ -75,11 +76,18 @@ class CompileConfig:
                                   f"{', '.join(t for t in (self.target, *self.also_targets) if t != 'cpu-ort')}",
                                   "pretrained transformers are searched and measured on cpu-ort only so far",
                                   "drop --target or pass --target cpu-ort")
-        if not self.is_transformer and (self.recovery_steps or self.max_fidelity_drop != 0.02
-                                        or self.sequence_length != 128 or self.recovery_candidates != 2):
-            bad("recovery_steps" if self.recovery_steps else "recovery_candidates" if self.recovery_candidates != 2 else "max_fidelity_drop" if self.max_fidelity_drop != 0.02
-                else "sequence_length", "this setting applies to pretrained transformers (--model minilm)",
-                "drop it, or pass --model minilm")
+        encoder_only = {"recovery_steps": self.recovery_steps != 0, "recovery_candidates": self.recovery_candidates != 2,
+                        "max_fidelity_drop": self.max_fidelity_drop != 0.02, "sequence_length": self.sequence_length != 128}
+        if not self.is_transformer or self.is_decoder:
+            for name, given in encoder_only.items():
+                if given:
+                    bad(name, "this setting applies to pretrained encoders (--model minilm)",
+                        "drop it" + ("; causal LMs take --max-ppl-increase" if self.is_decoder else ", or pass --model minilm"))
+        if self.max_ppl_increase != 0.10 and not self.is_decoder:
+            bad("max_ppl_increase", "this setting applies to causal LMs (--model smollm2)", "drop it, or pass --model smollm2")
+        if not 0 < self.max_ppl_increase <= 10:
+            bad("max_ppl_increase", "it is a relative perplexity increase over FP32, e.g. 0.10 or 10%",
+                "e.g. --max-ppl-increase 10%")
         if not 0 < self.max_fidelity_drop < 1:
             bad("max_fidelity_drop", "it is a drop in mean cosine similarity, between 0 and 1", "e.g. 0.02")
         if not 1 <= self.recovery_candidates <= 100:
@@ -148,6 +156,13 @@ class CompileConfig:
         from edgec.compile.hf_source import is_transformer_source
 
         return is_transformer_source(self.model)
+
+    @property
+    def is_decoder(self) -> bool:
+        """``--model`` is a causal LM (text generation: a built-in like smollm2, a GGUF file, a *CausalLM folder)."""
+        from edgec.compile.hf_source import task_of
+
+        return self.is_transformer and task_of(self.model) == "text-generation"
 
     @property
     def is_onnx_input(self) -> bool:

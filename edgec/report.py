@@ -434,3 +434,67 @@ Reference p50 {ref['latency']['p50_ms']:.2f} ms, {ref['size_bytes'] / 2**20:.1f}
 {e(report['text']['split_rule'])}; splits: {e(json.dumps(report['splits']))}.</p>
 <p>Model: {e(report['model']['source'])}. edgec {e(report['edgec_version'])}.</p></body></html>
 """
+
+
+def decoder_plot_png(report: dict, evals: list[dict]) -> bytes:
+    """Search-window perplexity vs decode ms per token of every evaluated candidate, the FP32 graphs and the bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in evals if not r.get("error")]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.scatter([r["timing"]["decode_ms_per_token"] for r in ok], [r["ppl_search"] for r in ok], s=18, c="#999",
+               label="evaluated (search windows)")
+    ids = {f["candidate_id"] for f in report["finalists"]}
+    fin = [r for r in ok if r["candidate_id"] in ids]
+    ax.scatter([r["timing"]["decode_ms_per_token"] for r in fin], [r["ppl_search"] for r in fin], s=36, c="#c33",
+               label="finalists")
+    for key, marker, name in (("reference", "*", "FP32 (optimum)"), ("fp32_fused", "D", "FP32 fused")):
+        b = report[key]
+        ax.scatter([b["timing"]["decode_ms_per_token"]], [b["ppl_search"]], marker=marker, s=90, c="#036", label=name)
+    ax.axhline(report["reference"]["ppl_search"] * (1 + report["max_ppl_increase"]), ls="--", c="#c33", lw=1,
+               label=f"+{report['max_ppl_increase']:.0%} perplexity")
+    ax.set_xlabel("decode ms per token (measured, cpu-ort)")
+    ax.set_ylabel("perplexity (search windows)")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def decoder_html(report: dict, evals: list[dict]) -> str:
+    """``report.html`` of ``edgec compile --model smollm2``: the search plot, FP32 graphs, finalists, chosen."""
+    e = html.escape
+    png = base64.b64encode(decoder_plot_png(report, evals)).decode()
+
+    def row(f: dict, name: str | None = None) -> str:
+        t = f["timing"]
+        return (f"<tr><td>{e(name or f['candidate_id'])}{' ★' if f.get('chosen') else ''}</td><td>{e(f['summary'])}</td>"
+                f"<td>{f['ppl_eval']:.3f}</td><td>{f['ppl_increase'] * 100:+.1f}%</td>"
+                f"<td>{f['greedy_agreement']['prefix'] * 100:.0f}%</td><td>{t['ttft_ms']:.0f}</td>"
+                f"<td>{t['decode_tokens_per_s']:.1f}</td><td>{f['decode_speedup']:.2f}×</td>"
+                f"<td>{f['size_bytes'] / 2**20:.1f}</td><td>{f['size_ratio'] * 100:.0f}%</td></tr>")
+    rows = row(report["reference"], "reference") + row(report["fp32_fused"], "fp32-fused") + "".join(
+        row(f) for f in report["finalists"])
+    chosen = report["chosen"]
+    verdict = (f"Chosen: <b>{e(chosen['candidate_id'])}</b> ({e(chosen['summary'])}): perplexity "
+               f"{chosen['ppl_eval']:.3f} ({chosen['ppl_increase'] * 100:+.1f}% vs FP32), "
+               f"{chosen['timing']['decode_tokens_per_s']:.1f} decode tokens/s ({chosen['decode_speedup']:.2f}× FP32), "
+               f"TTFT {chosen['timing']['ttft_ms']:.0f} ms, {chosen['size_ratio'] * 100:.0f}% of the FP32 file."
+               if chosen else f"<b>No candidate kept the perplexity within +{report['max_ppl_increase']:.0%} of FP32 "
+               "on the evaluation windows.</b>")
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>edgec compile — {e(report['model']['name'])}</title>
+<style>{_STYLE}</style>
+</head><body><h1>edgec compile — {e(report['model']['name'])} (per-layer weight precision)</h1>
+<p>{verdict}</p>
+<p>{e(report['timing'])}; <i>measured</i>, medians of interleaved rounds for the rows below.</p>
+<img alt="perplexity vs decode time" src="data:image/png;base64,{png}">
+<h2>FP32 graphs and finalists (evaluation windows)</h2>
+<table><tr><th>id</th><th>candidate</th><th>perplexity</th><th>vs FP32</th><th>greedy agreement (prefix)</th>
+<th>TTFT ms</th><th>decode tok/s</th><th>vs FP32</th><th>MiB</th><th>size vs FP32</th></tr>{rows}</table>
+<p>{report['evaluated']} candidates evaluated ({report['failed']} failed); see candidates.csv.
+Recipe: {e(report['space']['recipe'])}.</p>
+<h2>Quality and data</h2><p>{e(report['quality'])}. Text: {e(report['text']['source'])},
+{e(report['text']['split_rule'])}; splits: {e(json.dumps(report['splits']))}.</p>
+<p>Model: {e(report['model']['source'])}. edgec {e(report['edgec_version'])}.</p></body></html>
+"""

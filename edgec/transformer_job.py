@@ -86,9 +86,8 @@ def run_transformer_compile(cfg: CompileConfig, progress) -> TransformerResult:
     from edgec.text_data import load_text
 
     def refuse(task: str) -> ConfigError:
-        return ConfigError(f"--model {cfg.model}: {task} search is not available in edgec compile yet",
-                           "only encoders (feature extraction, e.g. minilm) are searched today",
-                           "use --model minilm or a BERT-family encoder directory")
+        return ConfigError(f"--model {cfg.model}: this job compiles encoders, not {task} models",
+                           "causal LMs go through edgec.decoder_job", "use --model minilm or an encoder directory")
     if task_of(cfg.model) not in (None, "feature-extraction"):  # before any conversion
         raise refuse(task_of(cfg.model))
     torch.set_num_threads(cfg.threads)
