@@ -115,6 +115,11 @@ def gguf_to_hf(gguf: Path, dest: Path) -> None:
         except (ValueError, OSError, KeyError) as e:
             raise ModelError(f"cannot load {gguf.name}", " ".join(str(e).split())[:200],
                              "give a GGUF file of an architecture transformers can dequantize (llama, qwen2, …)") from None
+        # transformers' GGUF tokenizer conversion can name the wrong end token (SmolLM2: <|im_start|>
+        # instead of <|im_end|>); the model config's eos_token_id is the one generation stops at
+        eos = model.config.eos_token_id
+        if isinstance(eos, int) and tok.convert_ids_to_tokens(eos) != tok.eos_token:
+            tok.eos_token = tok.convert_ids_to_tokens(eos)
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
     _publish_dir(build, dest)

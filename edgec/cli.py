@@ -27,8 +27,9 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
                         "quantization policy search per target, fidelity to the FP32 model as quality")
     p.add_argument("--config", help="TOML file with compile settings (flags override it)")
     p.add_argument("--model", help="fbnet-supernet (default: the built-in supernet), minilm (pretrained "
-                                   "all-MiniLM-L6-v2: elastic layers/heads/FFN x per-layer precision search), a "
-                                   "Hugging Face encoder directory, or a path to an .onnx file")
+                                   "all-MiniLM-L6-v2: elastic layers/heads/FFN x per-layer precision search), "
+                                   "smollm2 (SmolLM2-135M-Instruct: per-layer INT4/INT8 weight search), a Hugging "
+                                   "Face encoder or *ForCausalLM directory, a .gguf file, or a path to an .onnx file")
     p.add_argument("--calib-data", help="with MODEL.onnx: .npz of ≥ 256 calibration inputs (array 'x')")
     p.add_argument("--eval-data", help="with MODEL.onnx: .npz of inputs to measure fidelity on "
                                        "(default: the calibration inputs)")

@@ -68,8 +68,9 @@ class CompileConfig:
                       "calibration_images": self.calibration_images != 512, "objective": self.objective != "primary"}
             for name, given in unused.items():
                 if given:
+                    bound = "--max-ppl-increase" if self.is_decoder else "--max-fidelity-drop"
                     bad(name, "pretrained transformers are calibrated and evaluated on text (pydoc_data.topics), "
-                        "searched by NSGA-II on cpu-ort with --max-fidelity-drop as the quality bound; this "
+                        f"searched by NSGA-II on cpu-ort with {bound} as the quality bound; this "
                         "setting does not apply to them", "drop it")
             if self.target != "cpu-ort" or self.also_targets:
                 raise ConfigError(f"bad target for --model {self.model}: "

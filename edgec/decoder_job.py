@@ -211,7 +211,7 @@ def _run(cfg, hf, text, model_info, run: RunDir, progress) -> DecoderResult:
         strategy.tell(cand, None if rec.get("error") else
                       (rec["ppl_search"], rec["timing"]["decode_ms_per_token"], rec["size_bytes"]))
         best = min((r["ppl_search"] for r in evals if not r.get("error") and r["ppl_search"] <= ceiling_search),
-                   key=lambda p: p, default=None)
+                   default=None)
         progress.advance(i + 1, cfg.budget_evals,
                          f"FP32 ppl {ref_ppl_search:.2f}; " + (f"best within bound {best:.2f}" if best else "none within bound yet"))
 
@@ -321,6 +321,14 @@ def _report(cfg, model_info, text_info, layers, baselines, evals, finalists, cho
 def _publish(out: Path, hf, report: dict, reference: dict, chosen: dict | None) -> None:
     from edgec.compile.package import publish_model, sha256_file, write_atomic
 
+    cfg = hf.config()
+    eos = cfg.get("eos_token_id")
+    gen_cfg = hf.path / "generation_config.json"
+    if gen_cfg.is_file():
+        eos = json.loads(gen_cfg.read_text()).get("eos_token_id", eos)
+    heads = cfg.get("num_attention_heads")
+    shape = {"layers": cfg.get("num_hidden_layers"), "kv_heads": cfg.get("num_key_value_heads", heads),
+             "head_dim": cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads else None)}
     artifacts = []
     for role, rec in (("reference", reference), ("chosen", chosen)):
         if rec is None:
@@ -343,12 +351,16 @@ def _publish(out: Path, hf, report: dict, reference: dict, chosen: dict | None) 
             "inputs": [{"name": "input_ids", "shape": ["batch", "sequence"], "dtype": "int64"},
                        {"name": "attention_mask", "shape": ["batch", "past + sequence"], "dtype": "int64"},
                        {"name": "past_key_values.<layer>.key|value",
-                        "shape": ["batch", "kv_heads", "past", "head_dim"], "dtype": "float32"}]
+                        "shape": ["batch", "kv_heads", "past", "head_dim"], "dtype": "float32",
+                        "note": "the first step (the prompt) takes a past of length 0"}]
             + ([{"name": "position_ids", "shape": ["batch", "sequence"], "dtype": "int64"}] if role == "reference" else []),
             "output": {"name": "logits", "shape": ["batch", "sequence", "vocab"], "dtype": "float32",
                        "cache": "present.<layer>.key|value, fed back as past_key_values.<layer>.* on the next step"},
-            "tokenizer": "tokenizer.json beside model.onnx",
-            "generation": "python examples/generate.py " + str(dest.relative_to(out)) + " (from the run directory)",
+            **shape, "eos_token_ids": eos if isinstance(eos, list) else [eos],
+            "max_position_embeddings": cfg.get("max_position_embeddings"),
+            "tokenizer": "tokenizer.json beside model.onnx; chat models: apply chat_template.jinja to the prompt",
+            "generation": "greedy loop with the KV cache: examples/generate.py in the edgec repository "
+                          f"(python examples/generate.py RUN_DIR/{dest.relative_to(out)})",
             "quantization": "none (FP32)" if role == "reference" else report["space"]["recipe"],
             "perplexity": row["ppl_eval"], "ppl_increase": row["ppl_increase"],
             "greedy_agreement": row["greedy_agreement"],

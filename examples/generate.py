@@ -34,12 +34,25 @@ def main() -> int:
 
     tok = AutoTokenizer.from_pretrained(args.artifact, trust_remote_code=False)
     if args.raw or not tok.chat_template:
-        ids = tok(args.prompt)["input_ids"]
+        ids = tok(args.prompt, add_special_tokens=False)["input_ids"]
     else:
         ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    if not ids:
+        sys.stderr.write("generate: error: the prompt is empty — give some text with --prompt\n")
+        return 2
+    if args.max_new_tokens < 1:
+        sys.stderr.write("generate: error: --max-new-tokens must be at least 1\n")
+        return 2
+    eos = tok.eos_token_id
+    gen_cfg = args.artifact / "generation_config.json"
+    if gen_cfg.is_file():  # the model's own end-of-turn token (a GGUF-converted tokenizer may name another)
+        import json
+
+        ids_cfg = json.loads(gen_cfg.read_text()).get("eos_token_id", eos)
+        eos = ids_cfg[0] if isinstance(ids_cfg, list) else ids_cfg
     dec = Decoder(session(args.artifact / "model.onnx", args.threads))
     t0 = time.perf_counter()
-    out = dec.generate(list(ids), args.max_new_tokens, eos_id=tok.eos_token_id)
+    out = dec.generate(list(ids), args.max_new_tokens, eos_id=eos)
     text = tok.decode(out["tokens"], skip_special_tokens=True)
     print(text)
     sys.stderr.write(f"[{len(ids)} prompt tokens, {len(out['tokens'])} new; TTFT {out['ttft_s'] * 1000:.0f} ms, "

@@ -177,6 +177,7 @@ def test_compile_a_causal_lm_folder_end_to_end(tiny, tmp_path, capsys):
     art = next(a for a in manifest["artifacts"] if a["chosen"])
     folder = out / art["path"].rsplit("/", 1)[0]
     assert {"model.onnx", "tokenizer.json", "genai_config.json"} <= {p.name for p in folder.iterdir()}
+    assert (art["layers"], art["kv_heads"], art["head_dim"], art["eos_token_ids"]) == (2, 2, 16, [2])
     assert (out / "report.html").read_text().count("<tr>") >= 4 and (out / "candidates.csv").is_file()
     # the published artifact generates on its own (the documented example)
     import subprocess
@@ -188,6 +189,9 @@ def test_compile_a_causal_lm_folder_end_to_end(tiny, tmp_path, capsys):
                         "--max-new-tokens", "8"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "tokens/s" in r.stderr
+    r = subprocess.run([sys.executable, str(example), str(folder), "--prompt", "", "--raw"], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 2 and "prompt is empty" in r.stderr and "Traceback" not in r.stderr
     # resuming replays the stored evaluations instead of rebuilding them
     assert main(["compile", "--model", str(hf_dir), "--budget-evals", "3", "--max-ppl-increase", "5%",
                  "--out", str(out), "--resume"]) == 0
