@@ -150,8 +150,19 @@ def task_of(model: str) -> str | None:
         return None
     if not isinstance(cfg, dict):
         return None
-    archs = " ".join(str(a) for a in (cfg.get("architectures") or [cfg.get("model_type", "")]))
-    return "text-generation" if "CausalLM" in archs else "feature-extraction"
+    return "text-generation" if _is_causal(cfg) else "feature-extraction"
+
+
+DECODER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gpt2", "gpt_neox", "opt")
+
+
+def _is_causal(cfg: dict) -> bool:
+    """A config describes a causal LM: a ``*CausalLM`` / ``*LMHeadModel`` architecture, or, without
+    ``architectures``, a decoder-only ``model_type``."""
+    archs = " ".join(str(a) for a in (cfg.get("architectures") or []))
+    if archs:
+        return "CausalLM" in archs or "LMHeadModel" in archs
+    return cfg.get("model_type") in DECODER_MODEL_TYPES
 
 
 def read_config(folder: Path) -> dict:
@@ -241,6 +252,5 @@ def resolve(model: str, cache: Path) -> HFModel:
                          f"{', '.join(pickled)} is a pickle, which can run code when loaded" if pickled else "none found",
                          "convert it once in a trusted environment: model.save_pretrained(dir, safe_serialization=True)")
     cfg = read_config(p)
-    archs = " ".join(cfg.get("architectures") or [cfg.get("model_type", "")])
-    task = "text-generation" if "CausalLM" in archs else "feature-extraction"
+    task = "text-generation" if _is_causal(cfg) else "feature-extraction"
     return HFModel(p.name, p, task, f"directory {p}")

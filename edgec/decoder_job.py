@@ -83,6 +83,7 @@ def run_decoder_compile(cfg: CompileConfig, progress) -> DecoderResult:
     if hf.task != "text-generation":
         raise ConfigError(f"--model {cfg.model} is not a causal LM", f"its task is {hf.task}",
                           "give a *ForCausalLM model (e.g. smollm2)")
+    _check_supported(hf)
     text = load_text()
     model_info = {"name": hf.name, "source": hf.source, "path": str(hf.path), "task": hf.task,
                   "config_sha": hashlib.sha256((hf.path / "config.json").read_bytes()).hexdigest()[:16]}
@@ -92,6 +93,37 @@ def run_decoder_compile(cfg: CompileConfig, progress) -> DecoderResult:
                     "population_size": cfg.population_size, "edgec": edgec.__version__}
         check_resume(run, settings, list(settings), cfg.resume, job="compile-text-generation")
         return _run(cfg, hf, text, model_info, run, progress)
+
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)  # built, parity-checked and searched end to end
+CONTEXT_TOKENS = max(WINDOW_TOKENS, PROMPT_TOKENS + NEW_TOKENS)
+
+
+def _check_supported(hf) -> None:
+    """Refuse, in one line and before any export, a causal LM this job has not been built for:
+    architectures other than :data:`SUPPORTED_ARCHITECTURES` (the builder graph's node names and the
+    parity checks are Llama-family), or a context shorter than the windows and the timing prompt."""
+    cfg = hf.config()
+    arch = (cfg.get("architectures") or [cfg.get("model_type", "unknown")])[0]
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(f"--model {hf.name}: {arch} is not supported for text generation yet",
+                          f"edgec compiles {', '.join(SUPPORTED_ARCHITECTURES)} models (e.g. smollm2)",
+                          "convert the model to a Llama-architecture checkpoint or use --model smollm2")
+    positions = cfg.get("max_position_embeddings") or 0
+    if positions < CONTEXT_TOKENS:
+        raise ConfigError(f"--model {hf.name}: a context of {positions} tokens is too short",
+                          f"perplexity uses {WINDOW_TOKENS}-token windows and timing a {PROMPT_TOKENS}-token prompt "
+                          f"plus {NEW_TOKENS} new tokens", f"use a model with max_position_embeddings ≥ {CONTEXT_TOKENS}")
+
+
+def _valid_record(rec: dict) -> None:
+    """A stored evaluation is replayed only when complete and its model file is still there."""
+    if not rec.get("error"):
+        for key in ("ppl_search", "timing", "size_bytes", "path", "candidate"):
+            if key not in rec:
+                raise ValueError(f"record lacks {key}")
+        if not Path(rec["path"]).is_file():
+            raise ValueError("model file moved or deleted")
 
 
 class _Scorer:
@@ -160,6 +192,11 @@ def _run(cfg, hf, text, model_info, run: RunDir, progress) -> DecoderResult:
     layers = int(model.config.num_hidden_layers)
     cal = token_windows(tokenizer, text.calibration_text, WINDOW_TOKENS)
     ev = token_windows(tokenizer, text.evaluation_text, WINDOW_TOKENS)
+    vocab = int(model.config.vocab_size)
+    if max(int(cal.max(initial=0)), int(ev.max(initial=0))) >= vocab:
+        raise ConfigError(f"--model {hf.name}: the tokenizer produces ids beyond the model's vocabulary ({vocab})",
+                          "tokenizer files and weights do not belong together",
+                          "save the tokenizer that was trained with this model beside its weights")
     if len(cal) < SEARCH_WINDOWS + 1 or len(ev) < AGREE_PROMPTS:
         raise ConfigError("the text split is too short for this tokenizer", f"{len(cal)} calibration and {len(ev)} "
                           "evaluation windows of 256 tokens", "report this; pydoc_data.topics should give hundreds")
@@ -198,7 +235,7 @@ def _run(cfg, hf, text, model_info, run: RunDir, progress) -> DecoderResult:
     initial = [uniform(layers, "int8w"), llama_cpp_mixed(layers), ends_mixed(layers),
                uniform(layers, "int4w", "int8w"), uniform(layers, "int4w", "int4w")]
     strategy = DecoderSearch(layers, seed=cfg.seed, population_size=cfg.population_size, initial=initial)
-    store = EvaluationStore(run.study / "evaluations.jsonl")
+    store = EvaluationStore(run.study / "evaluations.jsonl", validate=_valid_record)
     evals = []
     progress.stage(f"searching (nsga2, {cfg.budget_evals} evaluations on cpu-ort)", cfg.budget_evals)
     for i in range(cfg.budget_evals):

@@ -195,3 +195,40 @@ def test_compile_a_causal_lm_folder_end_to_end(tiny, tmp_path, capsys):
     # resuming replays the stored evaluations instead of rebuilding them
     assert main(["compile", "--model", str(hf_dir), "--budget-evals", "3", "--max-ppl-increase", "5%",
                  "--out", str(out), "--resume"]) == 0
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, "GPT2LMHeadModel is not supported"),
+    ({"model_type": "gpt2"}, "gpt2 is not supported"),  # no architectures: the model type decides
+    ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "max_position_embeddings": 64},
+     "context of 64 tokens is too short"),
+])
+def test_unsupported_causal_lms_are_refused_in_one_line_before_any_work(tmp_path, capsys, cfg, message):
+    import json
+
+    from edgec.cli import main
+
+    folder = tmp_path / "lm"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "model.safetensors").write_bytes(b"")
+    out = tmp_path / "run"
+    assert main(["compile", "--model", str(folder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_resume_replays_only_complete_records_whose_model_is_still_there(tmp_path):
+    from edgec.decoder_job import _valid_record
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"x")
+    rec = {"ppl_search": 12.0, "timing": {}, "size_bytes": 1, "path": str(model), "candidate": {}}
+    _valid_record(rec)
+    _valid_record({"error": "build failed"})  # failures replay as failures
+    with pytest.raises(ValueError, match="timing"):
+        _valid_record({k: v for k, v in rec.items() if k != "timing"})
+    model.unlink()
+    with pytest.raises(ValueError, match="moved"):
+        _valid_record(rec)
