@@ -91,10 +91,12 @@ def test_ort_decoder_generates_like_pytorch_and_scores_perplexity(tiny, tmp_path
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.from_numpy(windows)).logits[:, :-1].double(), -1)
         nll = -logp.gather(-1, torch.from_numpy(windows[:, 1:, None])).mean()
-    for path in (export_reference(model, tmp_path / "ref.onnx"), build_decoder(hf_dir, tmp_path / "fused", 2)):
+    for path, shared in ((export_reference(model, tmp_path / "ref.onnx"), False),
+                         (build_decoder(hf_dir, tmp_path / "fused", 2), True)):
         dec = Decoder(session(path))
         out = dec.generate(prompt, 8)
         assert out["tokens"] == want.tolist()
+        assert dec.shared_cache is shared  # GroupQueryAttention decodes in place; optimum's Concat graph cannot
         assert out["ttft_s"] > 0 and out["decode_tokens_per_s"] > 0
         assert perplexity(dec, windows) == pytest.approx(float(torch.exp(nll)), rel=1e-4)
 
