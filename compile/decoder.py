@@ -98,8 +98,6 @@ def build_decoder(hf_dir: Path, out_dir: Path, layers: int, precision: list[tupl
         model = onnx.load(str(work / "model.onnx"))  # reads model.onnx.data beside it
         onnx.save(model, str(out_dir / "model.onnx"))
         shutil.copyfile(work / "genai_config.json", out_dir / "genai_config.json")
-    except ExportError:
-        raise
     except Exception as e:  # the builder raises many types; one line for the user
         raise ExportError(f"ONNX Runtime GenAI's builder could not build {Path(hf_dir).name}",
                           " ".join(str(e).split())[:300] or log.getvalue()[-300:],
