@@ -59,10 +59,13 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
                    help="--model minilm: mean cosine similarity to the FP32 embeddings must stay ≥ 1 - this "
                         "(default 0.02)")
     p.add_argument("--recovery-steps", type=int,
-                   help="--model minilm: after the search, distil the fastest pruned sub-networks within reach of "
-                        "the fidelity floor from the FP32 model for this many steps each (default 0 = none; "
-                        "1.2-3 s a step measured on 2 cores; on a GPU when torch sees one)")
-    p.add_argument("--recovery-candidates", type=int, help="--model minilm: sub-networks to recover (default 2)")
+                   help="--model minilm: after least-squares reconstruction, distil each recovered sub-network "
+                        "from the FP32 model for this many steps (default 0 = none; 1.2-3 s a step measured on "
+                        "2 cores; on a GPU when torch sees one)")
+    p.add_argument("--recovery-candidates", type=int,
+                   help="--model minilm: after the search, the fastest pruned sub-networks within reach of the "
+                        "fidelity floor to recover by least-squares reconstruction (about 2.5 min each on 2 cores; "
+                        "default 2, 0 = none)")
     p.add_argument("--sequence-length", type=int, help="--model minilm: tokens per input for latency (default 128)")
     p.add_argument("--max-ppl-increase", type=_relative,
                    help="--model smollm2: perplexity on the evaluation text may rise at most this much above FP32's, "

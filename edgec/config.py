@@ -47,8 +47,8 @@ class CompileConfig:
     input_shape: tuple[int, ...] | None = None  # .onnx model input: full input shape where dims are dynamic
     prune_flops_target: float | None = None  # after the search: PAGCP-prune the chosen subnet by this FLOPs share
     max_fidelity_drop: float = 0.02        # transformers (feature extraction): mean cosine to FP32 ≥ 1 - this
-    recovery_steps: int = 0                # transformers: distillation steps for each recovered sub-network (0 = none)
-    recovery_candidates: int = 2           # transformers: how many of the fastest pruned sub-networks to recover
+    recovery_steps: int = 0                # transformers: distillation steps after least squares (0 = none)
+    recovery_candidates: int = 2           # transformers: how many of the fastest pruned sub-networks to recover (0 = none)
     sequence_length: int = 128             # transformers: tokens per input when measuring latency (batch 1)
     max_ppl_increase: float = 0.10         # causal LMs (text generation): perplexity ≤ FP32's × (1 + this)
 
@@ -91,8 +91,8 @@ class CompileConfig:
                 "e.g. --max-ppl-increase 10%")
         if not 0 < self.max_fidelity_drop < 1:
             bad("max_fidelity_drop", "it is a drop in mean cosine similarity, between 0 and 1", "e.g. 0.02")
-        if not 1 <= self.recovery_candidates <= 100:
-            bad("recovery_candidates", "between 1 and 100 sub-networks", "e.g. --recovery-candidates 2")
+        if not 0 <= self.recovery_candidates <= 100:
+            bad("recovery_candidates", "between 0 (no recovery) and 100 sub-networks", "e.g. --recovery-candidates 2")
         if not 0 <= self.recovery_steps <= 100_000:
             bad("recovery_steps", "steps must be between 0 and 100000", "e.g. --recovery-steps 200")
         if not 8 <= self.sequence_length <= 4096:

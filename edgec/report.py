@@ -396,6 +396,7 @@ def transformer_plot_png(reference: dict, evals: list[dict], finalists: list[dic
 def transformer_html(report: dict, evals: list[dict]) -> str:
     """``report.html`` of ``edgec compile --model minilm``: the search plot, finalists, reference, chosen."""
     e = html.escape
+
     floor = 1 - report["max_fidelity_drop"]
     finalists = report["finalists"]
     png = base64.b64encode(transformer_plot_png(report["reference"], evals, [
@@ -412,11 +413,17 @@ def transformer_html(report: dict, evals: list[dict]) -> str:
                f"{speed_text(chosen['speedup_p50'])} than the FP32 reference." if chosen else
                f"<b>No candidate kept the mean cosine ≥ {floor:.3f} on the evaluation split.</b>")
     rec = report.get("recovery") or []
+    def how(r: dict) -> str:
+        ls = r.get("reconstruction")
+        parts = [f"least squares on {ls['tokens']:,} tokens, {ls['seconds']:.0f} s"] if ls else []
+        if r.get("steps"):
+            parts.append(f"{r['steps']} distillation steps on {r['device']}, {r['seconds']:.0f} s")
+        return " + ".join(parts)
     rec_line = " ".join(
         f"Recovered {r['candidate_id']}: search-split cosine {r['fidelity_search_before']['cosine']:.4f} → "
-        + (f"{r['fidelity_search_after']['cosine']:.4f} ({r['steps']} distillation steps on {r['device']}, "
-           f"{r['seconds']:.0f} s)." if not r.get("error") else f"failed: {r['error']}.") for r in rec
-    ) or "No recovery (--recovery-steps 0)."
+        + (f"{r['fidelity_search_after']['cosine']:.4f} ({e(how(r))})." if not r.get("error")
+           else f"failed: {e(r['error'])}.") for r in rec
+    ) or "No recovery (no pruned sub-network within reach of the floor, or --recovery-candidates 0)."
     lat = report["latency_input"]
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>edgec compile — {e(report['model']['name'])}</title>
 <style>{_STYLE}</style>

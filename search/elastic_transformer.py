@@ -17,8 +17,10 @@ How (each step is ours unless named):
    FFN channels, and the encoder runs only its first layers; zeroing is exactly removal.
 4. **Extraction** (:func:`extract`): a sub-network becomes a plain, smaller model — rows and
    columns are sliced out of the weights, so the exported graph is smaller, not masked.
-5. **Recovery** (:func:`distill`, optional): an extracted sub-network is distilled from the frozen
-   FP32 model's token states and sentence embeddings (DynaBERT's losses on one sub-network).
+5. **Recovery** (optional): an extracted sub-network's output projections are refit by least squares
+   to the FP32 model's block sums (:func:`reconstruct`, Kwon et al. 2022), and it can then be
+   distilled from the frozen FP32 model's token states and sentence embeddings (:func:`distill`,
+   DynaBERT's losses on one sub-network).
 
 GQA: in a model whose attention has fewer key/value heads than query heads, heads are kept in
 whole groups (one KV head with its query heads), so KV groups stay consistent.
@@ -408,6 +410,109 @@ def distill(model: nn.Module, teacher: nn.Module, batches: Callable[[], dict], s
     model.eval()
     return {"steps": steps, "seconds": time.perf_counter() - t0, "final_loss": loss_value, "lr": lr,
             "device": str(next(model.parameters()).device)}
+
+
+def _block_inputs(model: nn.Module, batches: Sequence[dict]) -> list[tuple[tuple, dict]]:
+    """(args, kwargs) the first block receives for each batch: the embeddings' output and the masks."""
+    seen: list[tuple[tuple, dict]] = []
+    h = Arch(model).layers[0].register_forward_pre_hook(lambda m, a, k: seen.append((a, k)) or None, with_kwargs=True)
+    try:
+        for b in batches:
+            model(**b)
+    finally:
+        h.remove()
+    return seen
+
+
+def _run_block(blk: nn.Module, call: tuple[tuple, dict]) -> tuple[tuple, dict]:
+    """Run ``blk`` on one captured call; the same call with the block's output as hidden states."""
+    args, kwargs = call
+    out = blk(*args, **kwargs)
+    out = out[0] if isinstance(out, tuple) else out
+    if args:
+        return (out, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": out}
+
+
+@torch.no_grad()
+def reconstruct(model: nn.Module, teacher: nn.Module, batches: Sequence[dict], *, ridge: float = 1e-3) -> dict:
+    """Layer-wise least-squares reconstruction of an extracted sub-network, in place (Kwon et al., "A Fast
+    Post-Training Pruning Framework for Transformers", NeurIPS 2022, §4.3, which tunes per-head/neuron
+    mask values by linear least squares; here the whole output projection is refit, as ZipLM's update
+    does, Kurtić et al. NeurIPS 2023 §3).
+
+    BERT-family (post-LayerNorm) blocks only: each sublayer computes ``LayerNorm(dense(x) + residual)``.
+    Block by block, on the sub-network's own inputs (so earlier errors are compensated), the attention
+    output ``dense`` and then the FFN output ``dense`` (weight and bias) are solved in closed form so
+    that ``dense(x) + residual`` matches the FP32 ``teacher``'s pre-LayerNorm sum in the same block, over
+    the real (unpadded) tokens of ``batches``: ridge regression with ``ridge`` × the mean diagonal of
+    XᵀX. With fewer layers than the teacher, the last block's FFN is fit to the teacher's *last* block
+    and takes that block's output LayerNorm. Heads' and channels' input projections are unchanged.
+
+    ``batches``: tokenized dicts (``input_ids``, ``attention_mask``, … int64, (B, T)) on the models'
+    device. Returns ``{"sublayers", "tokens", "ridge", "seconds"}``. Raises :class:`ModelError` for
+    other layouts.
+
+    Measured on MiniLM (FP32, 2 CPU threads, 1,408 calibration sentences, about 42k tokens; mean cosine
+    on the 256 held-out calibration sentences): 25 % of the FFN channels removed in every layer,
+    0.885 → 0.980 in 2 minutes (300 distillation steps on the CPU reached 0.972 in 11 minutes;
+    512 sentences: 0.972); 4 of 12 heads removed, 0.885 → 0.947 (512 sentences); the last of 6
+    layers dropped, 0.43 → 0.85. Ridge 1e-2 or 1e-4 instead of 1e-3 changed the result by < 0.002.
+    """
+    import time
+
+    arch, tarch = Arch(model), Arch(teacher)
+    if arch.kind != "bert" or tarch.kind != "bert":
+        raise ModelError("least-squares reconstruction needs a BERT-family (post-LayerNorm) encoder",
+                         f"got a {arch.kind} layout", "use distillation (--recovery-steps) for this model")
+    t0 = time.perf_counter()
+    model.eval()
+    teacher.eval()
+    masks = [b["attention_mask"].bool() for b in batches]
+    calls, tcalls = _block_inputs(model, batches), _block_inputs(teacher, batches)
+    n, nt = len(arch.layers), len(tarch.layers)
+    state: dict = {}
+
+    def sub(blk, which):
+        return blk.attention.output if which == "attn" else blk.output
+
+    for i, blk in enumerate(arch.layers):
+        last = i == n - 1 and nt > n
+        for which in ("attn", "ffn"):
+            mod = sub(blk, which)
+            tblk = tarch.layers[nt - 1 if last and which == "ffn" else i]
+            if last and which == "ffn":
+                mod.LayerNorm.load_state_dict(sub(tblk, "ffn").LayerNorm.state_dict())
+            hooks = [mod.dense.register_forward_hook(lambda m, a, o: state.update(x=a[0], d=o)),
+                     mod.LayerNorm.register_forward_pre_hook(lambda m, a: state.update(p=a[0])),
+                     sub(tblk, which).LayerNorm.register_forward_pre_hook(lambda m, a: state.update(t=a[0]))]
+            d = mod.dense.in_features
+            xtx = torch.zeros(d + 1, d + 1, dtype=torch.float64)
+            xty = torch.zeros(d + 1, mod.dense.out_features, dtype=torch.float64)
+            try:
+                for call, tcall, m in zip(calls, tcalls, masks):
+                    blk(*call[0], **call[1])
+                    if last and which == "ffn":
+                        for tb in list(tarch.layers)[i:]:
+                            tcall = _run_block(tb, tcall)
+                    else:
+                        tarch.layers[i](*tcall[0], **tcall[1])
+                    x = state["x"][m]
+                    x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
+                    y = state["t"][m] - (state["p"][m] - state["d"][m])  # the teacher's sum minus our residual
+                    xtx += (x.T @ x).double().cpu()
+                    xty += (x.T @ y).double().cpu()
+            finally:
+                for h in hooks:
+                    h.remove()
+            reg = ridge * xtx.diagonal()[:-1].mean()
+            w = torch.linalg.solve(xtx + reg * torch.eye(d + 1, dtype=xtx.dtype), xty)
+            mod.dense.weight.copy_(w[:-1].T.to(mod.dense.weight.dtype))
+            mod.dense.bias.copy_(w[-1].to(mod.dense.bias.dtype))
+        calls = [_run_block(blk, c) for c in calls]
+        tcalls = [_run_block(tarch.layers[i], c) for c in tcalls]
+    return {"sublayers": 2 * n, "tokens": int(sum(int(m.sum()) for m in masks)), "ridge": ridge,
+            "seconds": time.perf_counter() - t0}
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 from edgec.errors import ConfigError, ModelError  # noqa: E402
 from edgec.search.elastic_transformer import (Arch, ElasticSpace, TransformerCandidate, TransformerSearch,  # noqa: E402
                                               TransformerSubnet, collect_importance, distill, elastic, extract,
-                                              rewire)
+                                              reconstruct, rewire)
 
 
 def tiny_bert(seed=0):
@@ -209,13 +209,39 @@ def test_unsafe_zip_members_and_pickled_weights_are_refused(tmp_path):
         resolve(str(tmp_path / "nothing"), tmp_path / "cache")
 
 
+def test_reconstruction_refits_pruned_and_dropped_blocks_towards_the_teacher():
+    """Least squares on the sub-network's own inputs: a pruned (and a shallower) BERT gets much closer to the
+    teacher; the input projections stay as they were; only BERT's post-LayerNorm blocks are taken."""
+    teacher = tiny_bert()
+    student = tiny_bert()
+    rewire(student, collect_importance(student, [batch()]))
+    fit, held_out = [batch(s, n=16, t=12) for s in range(3, 8)], batch(9, n=16, t=12)
+
+    def gap(m):
+        return float(((hidden(m, held_out) - hidden(teacher, held_out)) ** 2).mean())
+    for sub in (TransformerSubnet(3, (2, 2, 2), (32, 32, 32)), TransformerSubnet(2, (4, 4), (64, 64))):
+        small = extract(student, sub)
+        q = small.encoder.layer[0].attention.self.query.weight.clone()
+        before = gap(small)
+        info = reconstruct(small, teacher, fit)
+        assert gap(small) < 0.5 * before, sub
+        assert torch.equal(small.encoder.layer[0].attention.self.query.weight, q)
+        assert info["sublayers"] == 2 * sub.layers and info["tokens"] == sum(int(b["attention_mask"].sum()) for b in fit)
+    # the teacher's own full sub-network is a fixed point (up to the ridge term)
+    same = extract(teacher, ElasticSpace.for_model(teacher).full())
+    reconstruct(same, teacher, fit, ridge=1e-8)
+    assert torch.allclose(hidden(same, held_out), hidden(teacher, held_out), atol=1e-3)
+    with pytest.raises(ModelError, match="BERT-family"):
+        reconstruct(tiny_llama(), tiny_llama(), fit)
+
+
 def test_transformer_settings_are_checked():
     from edgec.config import CompileConfig
 
     with pytest.raises(ConfigError, match="recovery_steps"):
         CompileConfig(recovery_steps=10)  # the image supernet has no recovery
     with pytest.raises(ConfigError, match="recovery_candidates"):
-        CompileConfig(model="minilm", recovery_candidates=0)
+        CompileConfig(model="minilm", recovery_candidates=-1)
     with pytest.raises(ConfigError, match="dataset"):
         CompileConfig(model="minilm", dataset="fashion-mnist")
     with pytest.raises(ConfigError, match="max_fidelity_drop"):
