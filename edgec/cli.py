@@ -1,4 +1,4 @@
-"""``edgec`` command line: ``compile``, ``prune``, ``profile``, ``targets``.
+"""``edgec`` command line: ``compile``, ``prune``, ``profile``, ``targets``, ``latency build|validate``.
 
 User errors print one line (what, why, fix) on stderr and exit 2 — no traceback.
 A finished compile prints a short table and where its outputs are.
@@ -151,6 +151,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p = sub.add_parser("targets", help="list the known targets and whether they are available here")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = sub.add_parser("latency", help="build and validate a target's kernel-level latency model", allow_abbrev=False)
+    lat = p.add_subparsers(dest="latency_command", required=True, parser_class=_ArgumentParser)
+    for name, text in (("build", "measure random candidates of the space on the target and fit the model"),
+                       ("validate", "measure held-out random candidates and compare them with the model")):
+        q = lat.add_parser(name, help=text, allow_abbrev=False)
+        q.add_argument("--target", default="cpu-ort", help="target (default cpu-ort)")
+        q.add_argument("--dataset", default="fashion-mnist",
+                       help="the FBNet space sized for this dataset: fashion-mnist (default) | digits")
+        q.add_argument("--data-dir", help="folder of the Fashion-MNIST IDX files")
+        q.add_argument("--threads", type=int, default=2, help="runtime threads (default 2)")
+        q.add_argument("--runs", type=int, default=200, help="timed runs per candidate (default 200)")
+        q.add_argument("--seed", type=int, default=0, help="seed of the random candidates (default 0)")
+        if name == "build":
+            q.add_argument("--samples", type=int, default=300, help="measured candidates to fit on (default 300)")
+        else:
+            q.add_argument("--subnets", type=int, default=100, help="held-out candidates (default 100)")
+            q.add_argument("--json", metavar="FILE", help="write the figures (within_10pct, rmspe, spearman) here")
+            q.add_argument("--html", metavar="FILE", help="write the report with the scatter plot here "
+                                                          "(default: latency-<target>-<dataset>.html in the "
+                                                          "current folder)")
     return parser
 
 
@@ -163,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_prune(args)
         if args.command == "profile":
             return cmd_profile(args)
+        if args.command == "latency":
+            return cmd_latency(args)
         return cmd_targets(args)
     except EdgecError as e:
         sys.stderr.write(f"edgec: error: {e.line()}\n")
@@ -171,6 +193,52 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("edgec: interrupted — rerun the same command with --resume to continue\n"
                          if args.command == "compile" else "edgec: interrupted\n")
         return 130
+
+
+def cmd_latency(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgec.compile.package import write_atomic
+    from edgec.latency_job import LatencySettings, build_model, validate_model, validation_html
+
+    settings = LatencySettings(target=args.target, dataset=args.dataset, data_dir=args.data_dir,
+                               threads=args.threads, runs=args.runs, seed=args.seed,
+                               **({"samples": args.samples} if args.latency_command == "build"
+                                  else {"subnets": args.subnets}))
+    settings.check()
+    out = _stdout_console()
+    if args.latency_command == "build":
+        with _RichProgress(Console(stderr=True)) as progress:
+            model, path = build_model(settings, progress)
+        fit = model.meta
+        out.print(f"Latency model for {fit['target']} ({fit['space']}, {fit['device']}, {fit['runtime']}, "
+                  f"{fit['threads']} threads) fit on {fit['samples']} measured candidates in "
+                  f"{fit['build_s'] / 60:.1f} min: {path}")
+        out.print(f"Next: edgec latency validate --target {settings.target} --dataset {settings.dataset}")
+        return 0
+    json_path = Path(args.json) if args.json else None
+    html_path = Path(args.html or f"latency-{settings.target}-{settings.dataset}.html")
+    for p in filter(None, (json_path, html_path)):
+        if p.is_dir() or not p.parent.is_dir():
+            from edgec.errors import ConfigError
+
+            raise ConfigError(f"cannot write {p}", "it is a folder" if p.is_dir() else "its folder does not exist",
+                              "pass a file path in an existing folder")
+    with _RichProgress(Console(stderr=True)) as progress:
+        result = validate_model(settings, progress)
+    table = Table(title=f"latency model validation — {result['target']}, {result['space']} (predicted vs measured)")
+    for col in ("held-out", "within ±10 %", "RMSPE", "median |err|", "Spearman", "fit: within ±10 %"):
+        table.add_column(col, justify="right")
+    table.add_row(str(result["n"]), f"{result['within_10pct'] * 100:.1f} %", f"{result['rmspe'] * 100:.1f} %",
+                  f"{result['median_abs_pct_error']:.1f} %", f"{result['spearman']:.3f}",
+                  f"{result['fit']['within_10pct'] * 100:.1f} %")
+    out.print(table)
+    write_atomic(html_path, validation_html(result))
+    if json_path:
+        write_atomic(json_path, json.dumps(result, indent=1))
+    out.print(f"Report: {html_path}" + (f"; figures: {json_path}" if json_path else ""))
+    return 0
 
 
 def cmd_compile(args: argparse.Namespace) -> int:

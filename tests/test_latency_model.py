@@ -1,0 +1,142 @@
+"""The kernel-level latency model (targets/latency_model.py) and `edgec latency build|validate`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+
+from edgec.compile.export import export_onnx
+from edgec.compile.quantize import quantize_qdq
+from edgec.errors import ConfigError
+from edgec.search.space import BlockConfig, SubnetConfig
+from edgec.search.supernet import extract_subnet
+from edgec.targets.latency_model import (KernelPredictor, feature_columns, graph_features, graph_kernels,
+                                         runtime_view, validation_metrics)
+
+
+def _count(kernels, cls, precision):
+    return sum(1 for k in kernels if k.cls == cls and k.precision == precision)
+
+
+def test_kernels_follow_how_onnx_runtime_fuses_fp32_int8_and_mixed_graphs(randomized_supernet, spec8, images8,
+                                                                         tmp_path):
+    k3e6, k5e1 = BlockConfig(3, 6), BlockConfig(5, 1)
+    config = SubnetConfig((k3e6, k5e1, k3e6, BlockConfig(), k3e6, k3e6, BlockConfig(), k3e6), (16, 32, 64))
+    fp32 = export_onnx(extract_subnet(randomized_supernet, config).fused(), (1, 8, 8), tmp_path / "fp32.onnx")
+    layers = spec8.layers_of(config)
+    convs = len(layers) - 1  # all but the classifier
+    k = graph_kernels(fp32)
+    dw = sum(1 for n in layers if n.endswith(".dw"))
+    assert _count(k, "dwconv", "fp32") == dw and _count(k, "conv", "fp32") == 1  # the 3×3 stem
+    assert _count(k, "conv1x1", "fp32") == convs - dw - 1 and _count(k, "gemm", "fp32") == 1
+    assert _count(k, "add", "fp32") == 4  # residuals: both blocks of stage 0 (16 → 16), the last of stages 1 and 2
+    assert not any(x.cls in ("quantize", "dequantize") for x in k)
+    # MACs of the stem: 16 output channels × 8×8 pixels × 1 input channel × 3×3
+    assert next(x for x in k if x.name == "stem").macs == 16 * 64 * 9
+
+    int8 = quantize_qdq(fp32, tmp_path / "int8.onnx", tuple(layers), images8)
+    k8 = graph_kernels(int8)
+    assert _count(k8, "conv1x1", "int8") == convs - dw - 1 and _count(k8, "dwconv", "int8") == dw
+    assert _count(k8, "quantize", "int8") >= 1 and sum(x.precision == "fp32" and x.cls != "other" for x in k8) == 0
+    # a mixed policy switches precision: more standalone quantize/dequantize kernels than all-INT8
+    mixed = quantize_qdq(fp32, tmp_path / "mixed.onnx", tuple(layers[::2]), images8)
+    km = graph_kernels(mixed)
+    switches = sum(x.cls in ("quantize", "dequantize") for x in km)
+    assert switches > sum(x.cls in ("quantize", "dequantize") for x in k8)
+    assert _count(km, "conv1x1", "fp32") + _count(km, "dwconv", "fp32") > 0
+    assert graph_features(km).shape == (len(feature_columns()),)
+    # what ONNX Runtime really fused: no INT8 kernel in the float graph; in the mixed one, the nodes it fused
+    # (its WeightBiasQuantization also fuses float-weight Convs between DequantizeLinear and QuantizeLinear)
+    assert not runtime_view(fp32).int8_nodes
+    view = runtime_view(mixed)
+    names = {n.name for n in onnx.load(str(mixed)).graph.node}
+    assert view.int8_nodes and view.int8_nodes <= names
+    kr = graph_kernels(mixed, view)
+    assert sum(x.precision == "int8" and x.cls in ("conv1x1", "dwconv", "conv", "gemm") for x in kr) \
+        == len({n for n in view.int8_nodes if n in layers})
+    assert sum(1 for x in kr if x.cls == "layout") == view.layout_kernels
+    # a prediction is the sum of per-kernel costs plus the overhead, in anchor units, × the anchor's p50
+    model = KernelPredictor({"conv1x1.fp32.count": 0.5, "dwconv.fp32.macs": 2.0}, 0.25, {"anchor_p50_ms": 2.0})
+    expected = 0.25 + 0.5 * _count(k, "conv1x1", "fp32") + 2.0 * sum(x.macs for x in k if x.cls == "dwconv") / 1e6
+    assert model.predict_ratio(fp32) == pytest.approx(expected)
+    assert model.predict_ms(fp32) == pytest.approx(2 * expected) and model.predict_ms(fp32, 3.0) == pytest.approx(3 * expected)
+
+
+def test_the_fit_recovers_kernel_costs_and_round_trips_through_json(tmp_path):
+    cols = feature_columns()
+    true = {"conv1x1.int8.macs": 0.02, "dwconv.fp32.elements": 0.004, "conv1x1.fp32.macs": 0.05,
+            "quantize.int8.count": 0.01}
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(60):
+        x = np.zeros(len(cols))
+        for name in true:
+            x[cols.index(name)] = rng.uniform(1, 20)
+        samples.append({"id": str(i), "features": x.tolist(), "ratio": 0.1 + sum(true[n] * x[cols.index(n)] for n in true)})
+    model = KernelPredictor.fit(samples, {"target": "cpu-ort", "anchor_p50_ms": 2.0})
+    assert model.overhead_ratio == pytest.approx(0.1, abs=1e-3)
+    for name, value in true.items():
+        assert model.coef[name] == pytest.approx(value, rel=1e-3)
+    assert set(model.coef) <= set(true)
+    loaded = KernelPredictor.load(model.save(tmp_path / "m.json"))
+    assert loaded.coef == model.coef and loaded.meta["anchor_p50_ms"] == 2.0 and len(loaded.samples) == 60
+    x = samples[7]["features"]
+    assert loaded.predict_ratio_from_features(x) == pytest.approx(samples[7]["ratio"], rel=1e-3)
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ConfigError, match="not an edgec latency model"):
+        KernelPredictor.load(tmp_path / "bad.json")
+    with pytest.raises(ConfigError, match="at least 10"):
+        KernelPredictor.fit(samples[:5], {})
+
+
+def test_validation_metrics():
+    m = validation_metrics([1.0, 2.0, 4.0, 8.0], [1.05, 2.5, 3.9, 8.0])
+    assert m["n"] == 4 and m["within_10pct"] == 0.75 and m["spearman"] == pytest.approx(1.0)
+    assert m["rmspe"] == pytest.approx(np.sqrt((0.05 ** 2 + 0.25 ** 2 + 0.025 ** 2) / 4))
+    assert validation_metrics([1.0, 2.0, 3.0], [3.0, 2.0, 1.0])["spearman"] == pytest.approx(-1.0)
+
+
+def _edgec(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "edgec.cli", *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def test_latency_cli_refuses_bad_settings_and_a_missing_model_in_one_line(tmp_path):
+    env = {**os.environ, "EDGEC_CACHE_DIR": str(tmp_path / "cache")}
+    for args, fragment in ((("build", "--samples", "5"), "--samples"),
+                           (("validate", "--dataset", "digits", "--subnets", "10", "--runs", "20"),
+                            "no latency model for cpu-ort on digits"),
+                           (("validate", "--dataset", "digits", "--json", str(tmp_path / "nope" / "f.json")),
+                            "cannot write"),
+                           (("build", "--dataset", "cifar"), "unknown dataset")):
+        p = _edgec("latency", *args, env=env)
+        assert p.returncode == 2, p.stderr
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("edgec: error:") and fragment in lines[0], p.stderr
+
+
+@pytest.mark.slow
+def test_latency_build_then_validate_on_digits(tmp_path):
+    """A small model end to end: measured candidates, a fit, held-out figures in the JSON and the HTML."""
+    env = {**os.environ, "EDGEC_CACHE_DIR": str(tmp_path / "cache")}
+    p = _edgec("latency", "build", "--dataset", "digits", "--samples", "24", "--runs", "30", env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    models = list((tmp_path / "cache" / "latency").glob("cpu-ort-digits-*.json"))
+    assert len(models) == 1 and json.loads(models[0].read_text())["meta"]["samples"] == 24
+    out = tmp_path / "v.json"
+    p = _edgec("latency", "validate", "--dataset", "digits", "--subnets", "12", "--runs", "30", "--json", str(out),
+               "--html", str(tmp_path / "v.html"), env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    v = json.loads(out.read_text())
+    assert v["n"] == len(v["rows"]) >= 10 and 0 <= v["within_10pct"] <= 1 and v["rmspe"] >= 0
+    assert -1 <= v["spearman"] <= 1 and all(r["predicted_ratio"] > 0 and r["ratio"] > 0 for r in v["rows"])
+    # ratios are measured next to the anchor: its p50 is recorded with each row
+    assert all(r["p50_ms"] == pytest.approx(r["ratio"] * r["anchor_p50_ms"], rel=0.5) for r in v["rows"])
+    assert not {r["id"] for r in v["rows"]} & {s["id"] for s in json.loads(models[0].read_text())["samples"]}
+    assert "data:image/png;base64," in (tmp_path / "v.html").read_text()
