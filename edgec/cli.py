@@ -121,8 +121,7 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
 
 class _ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line and exit 2, like every other user error
-        sys.stderr.write(f"edgec: error: {message} — see 'edgec {self.prog.split()[-1]} --help'\n"
-                         if " " in self.prog else f"edgec: error: {message} — see 'edgec --help'\n")
+        sys.stderr.write(f"edgec: error: {message} — see '{self.prog} --help'\n")
         sys.exit(2)
 
 
@@ -152,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("targets", help="list the known targets and whether they are available here")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p = sub.add_parser("latency", help="build and validate a target's kernel-level latency model", allow_abbrev=False)
-    lat = p.add_subparsers(dest="latency_command", required=True, parser_class=_ArgumentParser)
+    lat = p.add_subparsers(dest="latency_command", metavar="build|validate", required=True,
+                           parser_class=_ArgumentParser)
     for name, text in (("build", "measure random candidates of the space on the target and fit the model"),
                        ("validate", "measure held-out random candidates and compare them with the model")):
         q = lat.add_parser(name, help=text, allow_abbrev=False)
@@ -219,12 +219,20 @@ def cmd_latency(args: argparse.Namespace) -> int:
         return 0
     json_path = Path(args.json) if args.json else None
     html_path = Path(args.html or f"latency-{settings.target}-{settings.dataset}.html")
-    for p in filter(None, (json_path, html_path)):
-        if p.is_dir() or not p.parent.is_dir():
-            from edgec.errors import ConfigError
+    from edgec.errors import ConfigError
 
-            raise ConfigError(f"cannot write {p}", "it is a folder" if p.is_dir() else "its folder does not exist",
-                              "pass a file path in an existing folder")
+    if json_path and json_path.resolve() == html_path.resolve():
+        raise ConfigError(f"--json and --html are the same file: {json_path}", "one would overwrite the other",
+                          "pass two different paths")
+    for p in filter(None, (json_path, html_path)):  # before any measuring: a report that cannot be written
+        why = "it is a folder" if p.is_dir() else None if p.parent.is_dir() else "its folder does not exist"
+        if why is None:
+            try:
+                tempfile.TemporaryFile(dir=p.parent).close()
+            except OSError as e:
+                why = e.strerror or str(e)
+        if why:
+            raise ConfigError(f"cannot write {p}", why, "pass a file path in a writable folder")
     with _RichProgress(Console(stderr=True)) as progress:
         result = validate_model(settings, progress)
     table = Table(title=f"latency model validation — {result['target']}, {result['space']} (predicted vs measured)")

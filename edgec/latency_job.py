@@ -59,6 +59,9 @@ class LatencySettings:
         if not 20 <= self.runs <= 100_000:
             raise ConfigError(f"bad value for --runs: {self.runs}", "between 20 and 100000 timed runs",
                               "e.g. --runs 200")
+        if not 0 <= self.seed <= 2**31 - 1 - VALIDATION_SEED_OFFSET:
+            raise ConfigError(f"bad value for --seed: {self.seed}",
+                              f"between 0 and {2**31 - 1 - VALIDATION_SEED_OFFSET}", "e.g. --seed 0")
 
 
 def _machine(target) -> dict:
@@ -172,13 +175,26 @@ def _open(settings: LatencySettings):
 
     settings.check()
     target = open_target(settings.target, threads=settings.threads)
-    if not hasattr(target, "recipe") or target.latency_kind != "measured":
+    if target.name != "cpu-ort":
         target.close()
         raise ConfigError(f"no kernel-level latency model for {settings.target} yet",
-                          "the model is fit on measured latencies; this target reports "
-                          f"{getattr(target, 'latency_kind', '?')} ones", "use --target cpu-ort")
+                          "its kernels are read from ONNX Runtime's CPU provider's optimized graph",
+                          "use --target cpu-ort")
+    target.require_available()
     target.runs = settings.runs
     return target
+
+
+def _cache_folder(path: Path) -> None:
+    """Make ``path``'s folder and check it takes a file, before any measuring."""
+    import tempfile
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as e:
+        raise ConfigError(f"cannot write the latency model to {path.parent}", e.strerror or str(e),
+                          "set EDGEC_CACHE_DIR to a writable folder") from None
 
 
 def build_model(settings: LatencySettings, progress):
@@ -188,6 +204,7 @@ def build_model(settings: LatencySettings, progress):
     ds, spec = _space(settings)
     target = _open(settings)
     try:
+        _cache_folder(model_path(settings, spec, target))
         t0 = time.perf_counter()
         rows = measure_candidates(random_candidates(spec, settings.samples, settings.seed), spec, ds, target,
                                   settings, progress, f"measuring {settings.samples} random candidates on "
@@ -198,8 +215,13 @@ def build_model(settings: LatencySettings, progress):
                 "samples": len(rows), "seed": settings.seed, "runs_per_sample": settings.runs,
                 "build_s": time.perf_counter() - t0, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         model = KernelPredictor.fit(rows, meta)
-        model.save(model_path(settings, spec, target))
-        return model, model_path(settings, spec, target)
+        path = model_path(settings, spec, target)
+        try:
+            model.save(path)
+        except OSError as e:
+            raise ConfigError(f"cannot write the latency model to {path}", e.strerror or str(e),
+                              "free some space or set EDGEC_CACHE_DIR to a writable folder") from None
+        return model, path
     finally:
         target.close()
 
@@ -210,17 +232,22 @@ def load_model(settings: LatencySettings, spec, target):
     from edgec.targets.latency_model import KernelPredictor
 
     path = model_path(settings, spec, target)
-    if path.is_file():
-        return KernelPredictor.load(path), path
-    others = sorted(path.parent.glob(f"{target.name}-{settings.dataset}-*.json")) if path.parent.is_dir() else []
+    try:
+        if path.is_file():
+            return KernelPredictor.load(path), path
+        others = sorted(path.parent.glob(f"{target.name}-{settings.dataset}-*.json")) if path.parent.is_dir() else []
+    except OSError as e:
+        raise ConfigError(f"cannot read the latency models in {path.parent}", e.strerror or str(e),
+                          "check EDGEC_CACHE_DIR and its permissions") from None
     why = "none was built here"
     if others:
         m = KernelPredictor.load(others[-1]).meta
         here = _machine(target)
         diff = [f"{k} {m.get(k)} → {here[k]}" for k in ("runtime", "device", "threads") if m.get(k) != here[k]]
         why = f"the one in {others[-1].parent} was built for another machine ({'; '.join(diff) or 'another space'})"
+    threads = f" --threads {settings.threads}" if settings.threads != 2 else ""
     raise ConfigError(f"no latency model for {target.name} on {settings.dataset} for this machine", why,
-                      f"run 'edgec latency build --target {target.name} --dataset {settings.dataset}'")
+                      f"run 'edgec latency build --target {target.name} --dataset {settings.dataset}{threads}'")
 
 
 def validate_model(settings: LatencySettings, progress) -> dict:
@@ -232,9 +259,14 @@ def validate_model(settings: LatencySettings, progress) -> dict:
     target = _open(settings)
     try:
         model, path = load_model(settings, spec, target)
-        cands = random_candidates(spec, settings.subnets, settings.seed + VALIDATION_SEED_OFFSET)
         trained = {s["id"] for s in model.samples}
-        cands = [c for c in cands if c.id not in trained]  # held out: never one the model was fit on
+        # held out: never one the model was fit on (drawn on until there are enough, or refused)
+        pool = random_candidates(spec, 10 * settings.subnets, settings.seed + VALIDATION_SEED_OFFSET)
+        cands = list({c.id: c for c in pool if c.id not in trained}.values())[:settings.subnets]
+        if len(cands) < settings.subnets:
+            raise ConfigError(f"only {len(cands)} held-out candidates for --subnets {settings.subnets}",
+                              "the model was fit on the others this seed draws (built with a seed 10000 apart?)",
+                              "pass another --seed")
         rows = measure_candidates(cands, spec, ds, target, settings, progress,
                                   f"measuring {len(cands)} held-out candidates on {settings.target}")
     finally:

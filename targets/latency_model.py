@@ -326,25 +326,50 @@ class KernelPredictor:
                 "samples": self.samples}
 
     def save(self, path: Path) -> Path:
+        """Write atomically (a temporary file renamed); raises ``OSError``, leaving nothing behind."""
         import os
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False))
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod
     def load(cls, path: Path) -> "KernelPredictor":
         """Raises :class:`ConfigError` for a file that is not an edgec latency model."""
         try:
-            d = json.loads(Path(path).read_text())
-            if d.get("format") != FORMAT:
-                raise ValueError(f"format {d.get('format')!r}")
-            return cls({str(k): float(v) for k, v in d["coef"].items()}, float(d["overhead_ratio"]), dict(d["meta"]),
-                       list(d.get("samples", [])))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read the latency model {path}", e.strerror or str(e),
+                              "check its permissions, or rebuild it with 'edgec latency build'") from None
+        try:
+            d = json.loads(text)
+            if not isinstance(d, dict) or d.get("format") != FORMAT:
+                raise ValueError(f"format {d.get('format') if isinstance(d, dict) else type(d).__name__!r}")
+            for key in ("coef", "overhead_ratio", "meta", "samples"):
+                if key not in d:
+                    raise ValueError(f"no {key!r}")
+            cols = set(feature_columns())
+            coef = {str(k): float(v) for k, v in d["coef"].items()}
+            overhead = float(d["overhead_ratio"])
+            if not set(coef) <= cols or not all(np.isfinite(v) and v >= 0 for v in (*coef.values(), overhead)):
+                raise ValueError("coefficients outside the model's features, or not finite and ≥ 0")
+            meta, samples = d["meta"], d["samples"]
+            if not isinstance(meta, dict) or not all(k in meta for k in ("target", "threads", "anchor_p50_ms")):
+                raise ValueError("'meta' lacks the target, threads or anchor p50")
+            if not isinstance(samples, list) or not samples or not all(
+                    isinstance(s, dict) and isinstance(s.get("id"), str) and isinstance(s.get("features"), list)
+                    and len(s["features"]) == len(cols) and np.isfinite(float(s.get("ratio", "nan")))
+                    for s in samples):
+                raise ValueError("'samples' is not the list of measured candidates it was fit on")
+            return cls(coef, overhead, dict(meta), list(samples))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError(f"{path} is not an edgec latency model", str(e)[:200],
                               "rebuild it with 'edgec latency build'") from None
 

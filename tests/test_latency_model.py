@@ -79,7 +79,7 @@ def test_the_fit_recovers_kernel_costs_and_round_trips_through_json(tmp_path):
         for name in true:
             x[cols.index(name)] = rng.uniform(1, 20)
         samples.append({"id": str(i), "features": x.tolist(), "ratio": 0.1 + sum(true[n] * x[cols.index(n)] for n in true)})
-    model = KernelPredictor.fit(samples, {"target": "cpu-ort", "anchor_p50_ms": 2.0})
+    model = KernelPredictor.fit(samples, {"target": "cpu-ort", "threads": 2, "anchor_p50_ms": 2.0})
     assert model.overhead_ratio == pytest.approx(0.1, abs=1e-3)
     for name, value in true.items():
         assert model.coef[name] == pytest.approx(value, rel=1e-3)
@@ -88,8 +88,14 @@ def test_the_fit_recovers_kernel_costs_and_round_trips_through_json(tmp_path):
     assert loaded.coef == model.coef and loaded.meta["anchor_p50_ms"] == 2.0 and len(loaded.samples) == 60
     x = samples[7]["features"]
     assert loaded.predict_ratio_from_features(x) == pytest.approx(samples[7]["ratio"], rel=1e-3)
-    (tmp_path / "bad.json").write_text(json.dumps({"format": "something-else"}))
-    with pytest.raises(ConfigError, match="not an edgec latency model"):
+    good = json.loads((tmp_path / "m.json").read_text())
+    for damage in ({"format": "something-else"}, {"overhead_ratio": float("nan")}, {"coef": {"bogus.x": 1.0}},
+                   {"meta": []}, {"samples": "abc"}, {"samples": [{}]}, {"samples": []}):
+        (tmp_path / "bad.json").write_text(json.dumps({**good, **damage}))
+        with pytest.raises(ConfigError, match="not an edgec latency model"):
+            KernelPredictor.load(tmp_path / "bad.json")
+    (tmp_path / "bad.json").write_text(json.dumps({k: v for k, v in good.items() if k != "meta"}))
+    with pytest.raises(ConfigError, match="no 'meta'"):
         KernelPredictor.load(tmp_path / "bad.json")
     with pytest.raises(ConfigError, match="at least 10"):
         KernelPredictor.fit(samples[:5], {})
@@ -114,7 +120,13 @@ def test_latency_cli_refuses_bad_settings_and_a_missing_model_in_one_line(tmp_pa
                             "no latency model for cpu-ort on digits"),
                            (("validate", "--dataset", "digits", "--json", str(tmp_path / "nope" / "f.json")),
                             "cannot write"),
-                           (("build", "--dataset", "cifar"), "unknown dataset")):
+                           (("build", "--dataset", "cifar"), "unknown dataset"),
+                           (("build", "--seed", "-1"), "--seed"),
+                           (("build", "--threads", "abc"), "see 'edgec latency build --help'"),
+                           ((), "build|validate"),
+                           (("validate", "--json", str(tmp_path / "x.json"), "--html", str(tmp_path / "x.json")),
+                            "same file"),
+                           (("validate", "--dataset", "digits", "--json", "/proc/x.json"), "cannot write")):
         p = _edgec("latency", *args, env=env)
         assert p.returncode == 2, p.stderr
         lines = p.stderr.strip().splitlines()
