@@ -188,6 +188,23 @@ class TargetBuilder:
         return spec
 
 
+def runtime_precision(model: Path, policy, threads: int) -> dict:
+    """Which of ``policy``'s layers ONNX Runtime's CPU provider really runs as INT8 kernels in ``model``
+    (read from the optimized graph it writes: :func:`edgec.targets.latency_model.runtime_view`).
+    ONNX Runtime 1.32's WeightBiasQuantization also fuses a float-weight Conv that sits between
+    DequantizeLinear and QuantizeLinear — the policy's FP32 layers next to INT8 ones — so the two can
+    differ; accuracy and latency are always those of what runs."""
+    from edgec.targets.latency_model import runtime_view
+
+    view = runtime_view(model, threads)
+    layers = policy.to_dict()
+    ran = sorted(n for n in layers if n in view.int8_nodes)
+    return {"int8_layers": ran,
+            "policy_fp32_run_as_int8": sorted(n for n in ran if layers[n] == "fp32"),
+            "policy_int8_run_as_float": sorted(n for n, p in layers.items() if p == "int8" and n not in view.int8_nodes),
+            "source": "ONNX Runtime CPU provider's optimized graph"}
+
+
 class Evaluator(TargetBuilder):
     """Compiles one candidate for one target (extract → BN recalibration → ONNX → parity → the
     target's quantization recipe) and measures it there. ``fp32.onnx`` is shared by all targets."""
@@ -248,6 +265,9 @@ class Evaluator(TargetBuilder):
         check = self.device_check(candidate, ds.test_x[:DEVICE_CHECK_SAMPLES], logits)
         if check:
             quality["device_check"] = check
+        if self.target.name == "cpu-ort":
+            quality["runtime_precision"] = runtime_precision(self.model_path(candidate), candidate.policy,
+                                                             self.cfg.threads)
         return float(np.mean(np.argmax(logits, axis=1) == ds.test_y)), quality
 
     def input_spec(self, io: dict | None) -> dict:

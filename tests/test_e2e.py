@@ -59,6 +59,12 @@ def test_report_and_manifest(run):
         props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
         assert props["candidate_id"] == a["id"] and json.loads(props["policy"]) == a["policy"]
         assert props["dataset"] == "digits" and "test_accuracy" in json.loads(props["metrics"])
+        # what ONNX Runtime really runs as INT8, next to what the policy asked for
+        rp = a["quality"]["runtime_precision"]
+        assert set(rp["int8_layers"]) <= set(a["policy"]) and set(rp["policy_fp32_run_as_int8"]) <= set(rp["int8_layers"])
+        assert all(a["policy"][n] == "int8" for n in rp["policy_int8_run_as_float"])
+        if all(v == "fp32" for v in a["policy"].values()):
+            assert rp["int8_layers"] == []
     rows = list(csv.DictReader((out / "candidates.csv").open()))
     assert len(rows) == 5 and rows[0]["role"] == "reference"
     html = (out / "report.html").read_text()
