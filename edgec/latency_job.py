@@ -32,7 +32,7 @@ import numpy as np
 from edgec.errors import ConfigError
 
 CALIBRATION_IMAGES = 256
-ROUNDS = 3                       # interleaved anchor/candidate measurements per candidate
+ROUNDS = 5  # interleaved anchor/candidate measurements per candidate (3 measured: 93 % within ±10 % vs 95 %)
 VALIDATION_SEED_OFFSET = 10_000  # held-out candidates come from another stream than the training ones
 
 
