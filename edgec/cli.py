@@ -64,7 +64,7 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
                         "2 cores; on a GPU when torch sees one)")
     p.add_argument("--recovery-candidates", type=int,
                    help="--model minilm: after the search, the fastest pruned sub-networks within reach of the "
-                        "fidelity floor to recover by least-squares reconstruction (about 2.5 min each on 2 cores; "
+                        "fidelity floor to recover by least-squares reconstruction (about 75 s each on 2 cores; "
                         "default 2, 0 = none)")
     p.add_argument("--sequence-length", type=int, help="--model minilm: tokens per input for latency (default 128)")
     p.add_argument("--max-ppl-increase", type=_relative,

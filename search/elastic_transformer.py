@@ -412,13 +412,25 @@ def distill(model: nn.Module, teacher: nn.Module, batches: Callable[[], dict], s
             "device": str(next(model.parameters()).device)}
 
 
+class _Captured(Exception):
+    """Stops a forward pass once the first block's inputs are captured."""
+
+
 def _block_inputs(model: nn.Module, batches: Sequence[dict]) -> list[tuple[tuple, dict]]:
-    """(args, kwargs) the first block receives for each batch: the embeddings' output and the masks."""
+    """(args, kwargs) the first block receives for each batch: the embeddings' output and the masks
+    (the forward pass stops there)."""
     seen: list[tuple[tuple, dict]] = []
-    h = Arch(model).layers[0].register_forward_pre_hook(lambda m, a, k: seen.append((a, k)) or None, with_kwargs=True)
+
+    def stop(m, a, k):
+        seen.append((a, k))
+        raise _Captured
+    h = Arch(model).layers[0].register_forward_pre_hook(stop, with_kwargs=True)
     try:
         for b in batches:
-            model(**b)
+            try:
+                model(**b)
+            except _Captured:
+                pass
     finally:
         h.remove()
     return seen
@@ -455,7 +467,7 @@ def reconstruct(model: nn.Module, teacher: nn.Module, batches: Sequence[dict], *
 
     Measured on MiniLM (FP32, 2 CPU threads, 1,408 calibration sentences, about 42k tokens; mean cosine
     on the 256 held-out calibration sentences): 25 % of the FFN channels removed in every layer,
-    0.885 → 0.980 in 2 minutes (300 distillation steps on the CPU reached 0.972 in 11 minutes;
+    0.885 → 0.980 in 76 s (300 distillation steps on the CPU reached 0.972 in 11 minutes;
     512 sentences: 0.972); 4 of 12 heads removed, 0.885 → 0.947 (512 sentences); the last of 6
     layers dropped, 0.43 → 0.85. Ridge 1e-2 or 1e-4 instead of 1e-3 changed the result by < 0.002.
     """
@@ -471,35 +483,51 @@ def reconstruct(model: nn.Module, teacher: nn.Module, batches: Sequence[dict], *
     masks = [b["attention_mask"].bool() for b in batches]
     calls, tcalls = _block_inputs(model, batches), _block_inputs(teacher, batches)
     n, nt = len(arch.layers), len(tarch.layers)
-    state: dict = {}
 
     def sub(blk, which):
         return blk.attention.output if which == "attn" else blk.output
 
-    for i, blk in enumerate(arch.layers):
+    def teacher_sums(i: int) -> tuple[list, dict]:
+        """The teacher's pre-LayerNorm sums of block ``i`` per batch (real tokens only; with fewer
+        layers, the FFN sum of its last block for our last one) and its calls into block ``i + 1`` —
+        one pass of each teacher block."""
+        sums: dict = {"attn": [], "ffn": []}
         last = i == n - 1 and nt > n
+        hooks = [sub(tarch.layers[i], "attn").LayerNorm.register_forward_pre_hook(
+                     lambda m, a: sums["attn"].append(a[0][mask])),
+                 sub(tarch.layers[nt - 1 if last else i], "ffn").LayerNorm.register_forward_pre_hook(
+                     lambda m, a: sums["ffn"].append(a[0][mask]))]
+        nxt = []
+        try:
+            for call, mask in zip(tcalls, masks):
+                out = _run_block(tarch.layers[i], call)
+                nxt.append(out)
+                if last:
+                    for tb in list(tarch.layers)[i + 1:]:
+                        out = _run_block(tb, out)
+        finally:
+            for h in hooks:
+                h.remove()
+        return nxt, sums
+
+    state: dict = {}
+    for i, blk in enumerate(arch.layers):
+        tcalls, sums = teacher_sums(i)
         for which in ("attn", "ffn"):
             mod = sub(blk, which)
-            tblk = tarch.layers[nt - 1 if last and which == "ffn" else i]
-            if last and which == "ffn":
-                mod.LayerNorm.load_state_dict(sub(tblk, "ffn").LayerNorm.state_dict())
+            if which == "ffn" and i == n - 1 and nt > n:
+                mod.LayerNorm.load_state_dict(sub(tarch.layers[nt - 1], "ffn").LayerNorm.state_dict())
             hooks = [mod.dense.register_forward_hook(lambda m, a, o: state.update(x=a[0], d=o)),
-                     mod.LayerNorm.register_forward_pre_hook(lambda m, a: state.update(p=a[0])),
-                     sub(tblk, which).LayerNorm.register_forward_pre_hook(lambda m, a: state.update(t=a[0]))]
+                     mod.LayerNorm.register_forward_pre_hook(lambda m, a: state.update(p=a[0]))]
             d = mod.dense.in_features
             xtx = torch.zeros(d + 1, d + 1, dtype=torch.float64)
             xty = torch.zeros(d + 1, mod.dense.out_features, dtype=torch.float64)
             try:
-                for call, tcall, m in zip(calls, tcalls, masks):
+                for call, m, target in zip(calls, masks, sums[which]):
                     blk(*call[0], **call[1])
-                    if last and which == "ffn":
-                        for tb in list(tarch.layers)[i:]:
-                            tcall = _run_block(tb, tcall)
-                    else:
-                        tarch.layers[i](*tcall[0], **tcall[1])
                     x = state["x"][m]
                     x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], 1)
-                    y = state["t"][m] - (state["p"][m] - state["d"][m])  # the teacher's sum minus our residual
+                    y = target - (state["p"][m] - state["d"][m])  # the teacher's sum minus our residual
                     xtx += (x.T @ x).double().cpu()
                     xty += (x.T @ y).double().cpu()
             finally:
@@ -510,7 +538,6 @@ def reconstruct(model: nn.Module, teacher: nn.Module, batches: Sequence[dict], *
             mod.dense.weight.copy_(w[:-1].T.to(mod.dense.weight.dtype))
             mod.dense.bias.copy_(w[-1].to(mod.dense.bias.dtype))
         calls = [_run_block(blk, c) for c in calls]
-        tcalls = [_run_block(tarch.layers[i], c) for c in tcalls]
     return {"sublayers": 2 * n, "tokens": int(sum(int(m.sum()) for m in masks)), "ridge": ridge,
             "seconds": time.perf_counter() - t0}
 
