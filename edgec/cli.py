@@ -200,7 +200,8 @@ def cmd_latency(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from edgec.compile.package import write_atomic
-    from edgec.latency_job import LatencySettings, build_model, validate_model, validation_html
+    from edgec.latency_job import LatencySettings, build_model, validate_model
+    from edgec.report import latency_validation_html
 
     settings = LatencySettings(target=args.target, dataset=args.dataset, data_dir=args.data_dir,
                                threads=args.threads, runs=args.runs, seed=args.seed,
@@ -242,7 +243,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
                   f"{result['median_abs_pct_error']:.1f} %", f"{result['spearman']:.3f}",
                   f"{result['fit']['within_10pct'] * 100:.1f} %")
     out.print(table)
-    write_atomic(html_path, validation_html(result))
+    write_atomic(html_path, latency_validation_html(result))
     if json_path:
         write_atomic(json_path, json.dumps(result, indent=1))
     out.print(f"Report: {html_path}" + (f"; figures: {json_path}" if json_path else ""))

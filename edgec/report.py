@@ -505,3 +505,51 @@ Recipe: {e(report['space']['recipe'])}.</p>
 {e(report['text']['split_rule'])}; splits: {e(json.dumps(report['splits']))}.</p>
 <p>Model: {e(report['model']['source'])}. edgec {e(report['edgec_version'])}.</p></body></html>
 """
+
+
+def latency_scatter_png(rows: list[dict], title: str) -> bytes:
+    """Measured vs predicted p50 (as ratios to the anchor) with the ±10 % band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    m = np.array([r["ratio"] for r in rows])
+    p = np.array([r["predicted_ratio"] for r in rows])
+    fig, ax = plt.subplots(figsize=(5, 5))
+    lo, hi = float(min(m.min(), p.min())) * 0.9, float(max(m.max(), p.max())) * 1.1
+    xs = np.linspace(lo, hi, 50)
+    ax.plot(xs, xs, color="#444", lw=1, label="predicted = measured")
+    ax.fill_between(xs, xs * 0.9, xs * 1.1, color="#2ca02c", alpha=0.15, label="±10 %")
+    ax.scatter(m, p, s=12, color="#1f77b4")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("measured p50 / anchor p50 (side by side)")
+    ax.set_ylabel("predicted p50 / anchor p50")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def latency_validation_html(result: dict) -> str:
+    """``edgec latency validate``'s report: the figures and the measured-vs-predicted scatter plot."""
+    e = html.escape
+    png = base64.b64encode(latency_scatter_png(result["rows"], f"{result['target']} — {result['space']}")).decode()
+    b = result["built_on"]
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>edgec latency validate — {e(result['target'])}</title>
+<style>{_STYLE}</style>
+</head><body><h1>Latency model validation — {e(result['target'])}, {e(str(result['space']))}</h1>
+<p>{result['n']} held-out random candidates, each measured (p50, batch 1, as a ratio to the anchor graph
+measured side by side: {e(str(result['anchor_p50_ms']))} ms) and predicted by the
+{e(result['model_kind'])} model ({e(result['model'])}; built on {e(str(b.get('device')))},
+{e(str(b.get('runtime')))}, {b.get('threads')} threads, from {b.get('samples')} measured candidates).</p>
+<ul><li>within ±10 %: <b>{result['within_10pct'] * 100:.1f} %</b></li>
+<li>RMSPE: <b>{result['rmspe'] * 100:.1f} %</b> (median |error| {result['median_abs_pct_error']:.1f} %)</li>
+<li>Spearman rank correlation: <b>{result['spearman']:.3f}</b></li>
+<li>on its own training samples: within ±10 % {result['fit']['within_10pct'] * 100:.1f} %, RMSPE
+{result['fit']['rmspe'] * 100:.1f} %</li></ul>
+<img alt="measured vs predicted" src="data:image/png;base64,{png}">
+</body></html>
+"""
