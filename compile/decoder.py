@@ -51,18 +51,21 @@ def export_reference(model, out_path: Path, opset: int = 18) -> Path:
 
 
 def build_decoder(hf_dir: Path, out_dir: Path, layers: int, precision: list[tuple[str, str]] | None = None,
-                  lm_head: str = "fp32") -> Path:
+                  lm_head: str = "fp32", inputs_embeds: bool = False) -> Path:
     """Build ``out_dir/model.onnx`` (self-contained) + ``genai_config.json`` from the Hugging Face
     directory ``hf_dir`` with ONNX Runtime GenAI's builder. ``precision[i] = (attention, FFN)`` of layer
     ``i`` and ``lm_head``, each one of :data:`PRECISIONS`; ``None`` builds FP32. Raises :class:`ExportError`
-    when the builder fails (one line). Model code is never taken from the folder (``hf_remote=False``)."""
+    when the builder fails (one line). ``inputs_embeds=True`` builds the graph without its token embedding
+    (input ``inputs_embeds`` (batch, seq, hidden) float32 instead of ``input_ids``; the LM head then keeps
+    its own copy of the weights). Model code is never taken from the folder (``hf_remote=False``)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import KQuantWeightOnlyQuantConfig
     from onnxruntime_genai.models import builder
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=out_dir))
-    options: dict = {"hf_remote": False, "shared_embeddings": True, "int4_block_size": BLOCK_SIZE,
+    options: dict = {"hf_remote": False, "shared_embeddings": not inputs_embeds, "exclude_embeds": inputs_embeds,
+                     "int4_block_size": BLOCK_SIZE,
                      "int4_accuracy_level": 4, "int4_is_symmetric": False}
     custom, exclude = {}, []
     all_fp32 = precision is None or (lm_head == "fp32" and all(p == ("fp32", "fp32") for p in precision))

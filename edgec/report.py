@@ -553,3 +553,80 @@ measured side by side: {e(str(result['anchor_p50_ms']))} ms) and predicted by th
 <img alt="measured vs predicted" src="data:image/png;base64,{png}">
 </body></html>
 """
+
+
+def context_plots_png(result: dict) -> tuple[bytes, bytes]:
+    """(perplexity per condition bar chart, TTFT vs context length — full vs compressed) for
+    ``edgec context eval``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ppl = result["perplexity"]
+    keys = list(result["conditions"])
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    colors = {"a": "#999", "b": "#2ca02c", "c": "#1f77b4", "d": "#ff7f0e", "e": "#bbb", "f": "#bbb"}
+    ax.barh(range(len(keys)), [ppl[k] for k in keys], color=[colors[k[0]] for k in keys])
+    ax.set_yticks(range(len(keys)), [f"({k[0]}) {k[2:].replace('_', ' ')}" for k in keys], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"continuation perplexity ({ppl['context_tokens']}-token context, lower is better)")
+    ax.grid(axis="x", alpha=0.3)
+    bars = _png(fig)
+    rows = result["ttft"]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    xs = [r["context_tokens"] for r in rows]
+    ax.plot(xs, [r["full_ttft_ms"] for r in rows], "o-", color="#d62728", label="full-context prefill")
+    ax.plot(xs, [r["compressed_ttft_ms"] for r in rows], "o-", color="#1f77b4",
+            label=f"encoder + projector + short prefill ({result['compression_ratio']}×)")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("time to first token, ms (measured)")
+    ax.set_title(f"cpu-ort, {result['variant']} decoder, {result['threads']} threads", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    return bars, _png(fig)
+
+
+def context_html(result: dict) -> str:
+    """``edgec context eval``'s report: perplexity under every condition, TTFT, memory, plots."""
+    e = html.escape
+    bars, ttft = (base64.b64encode(p).decode() for p in context_plots_png(result))
+    ppl = result["perplexity"]
+    cond = "".join(f"<tr><td>({k[0]}) {e(text)}</td><td>{ppl[k]:.3f}</td></tr>"
+                   for k, text in result["conditions"].items())
+    rows = "".join(f"<tr><td>{r['context_tokens']}</td><td>{r['memory_tokens']}</td><td>{r['full_ttft_ms']:.1f}</td>"
+                   f"<td>{r['compressed_ttft_ms']:.1f}</td><td>{r['encoder_ms']:.1f}</td><td>{r['ttft_speedup']:.2f}×</td></tr>"
+                   for r in result["ttft"])
+    peak = result.get("peak_memory_1024") or {}
+    mem = ("".join(f"<li>{e(mode)}: peak resident {d['peak_rss_bytes'] / 2**20:.0f} MiB, of which "
+                   f"{d['inference_peak_bytes'] / 2**20:.0f} MiB during the first-token run</li>" for mode, d in peak.items())
+           or "<li>not measured (needs Linux /proc)</li>")
+    t = result.get("training") or {}
+    gap = result["gap_closure"]
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>edgec context eval</title>
+<style>{_STYLE}</style></head><body>
+<h1>Context compressor — {e(result['spec']['decoder'])}, {result['compression_ratio']}× compression</h1>
+<p>Encoder: the decoder's first {result['spec']['encoder_layers']} blocks + projector; {result['memory_per_window']}
+memory embeddings per {result['spec']['window_tokens']}-token window. Trained {t.get('steps', '?')} steps
+({t.get('restore_steps', '?')} restoration, {t.get('continue_steps', '?')} continuation) in
+{(t.get('train_s') or 0) / 60:.1f} min on {t.get('threads', '?')} CPU threads. Evaluation text: {e(result['corpus']['eval'])}.</p>
+<h2>Continuation perplexity</h2>
+<p>{ppl['samples']} held-out passages from {ppl['documents']} documents: a {ppl['context_tokens']}-token context
+({ppl['memory_tokens']} memory embeddings), then {ppl['target_tokens']} scored tokens; PyTorch FP32.
+<b>Gap closure</b> (PPL<sub>a</sub> − PPL<sub>c</sub>) / (PPL<sub>a</sub> − PPL<sub>b</sub>) =
+<b>{'n/a' if gap is None else f'{gap * 100:.1f} %'}</b>; compressed beats the last-N-tokens text:
+<b>{result['c_beats_d']}</b>.</p>
+<table><tr><th>condition</th><th>perplexity</th></tr>{cond}</table>
+<img alt="perplexity per condition" src="data:image/png;base64,{bars}">
+<h2>Time to first token on cpu-ort (measured)</h2>
+<p>Speed-up at 1024 tokens: <b>{'n/a' if result['ttft_speedup_1024'] is None else f"{result['ttft_speedup_1024']:.2f}×"}</b>; break-even context:
+<b>{result['break_even_context_tokens']}</b> tokens. A {result['ttft'][0]['prompt_tokens']}-token prompt follows the context; medians of
+interleaved runs.</p>
+<table><tr><th>context tokens</th><th>memory</th><th>full prefill ms</th><th>compressed ms</th>
+<th>of which encoder ms</th><th>speed-up</th></tr>{rows}</table>
+<img alt="TTFT vs context length" src="data:image/png;base64,{ttft}">
+<h2>Peak memory, 1024-token context</h2><ul>{mem}</ul>
+</body></html>
+"""

@@ -60,3 +60,13 @@ def load_text() -> TextSplit:
             "calibration_sentences": len(cal), "evaluation_sentences": len(ev),
             "calibration_sha256": _sha(cal), "evaluation_sha256": _sha(ev)}
     return TextSplit(cal, ev, "\n\n".join(cal_topics), "\n\n".join(ev_topics), info)
+
+
+def topic_documents() -> tuple[list[str], list[str]]:
+    """The topics themselves as documents, split by the same rule as :func:`load_text`:
+    (calibration topics, evaluation topics), each a list of str in name order."""
+    from pydoc_data.topics import topics
+
+    keys = sorted(topics)
+    return ([topics[k] for i, k in enumerate(keys) if i % EVAL_EVERY],
+            [topics[k] for i, k in enumerate(keys) if i % EVAL_EVERY == 0])

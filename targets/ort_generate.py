@@ -50,7 +50,18 @@ class Decoder:
         shape = next(i.shape for i in sess.get_inputs() if i.name == self.past_names[0])
         self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
         self.has_position_ids = "position_ids" in names
+        # graphs built without the embedding (``inputs_embeds``): ``embed`` maps token ids (1, n) int64 to
+        # (1, n, hidden) float32 — set it before generating from token ids
+        self.takes_embeds = "inputs_embeds" in names
+        self.embed = None
         self.shared_cache: bool | None = None  # None: not tried yet (see generate)
+
+    def _bind_tokens(self, b, x: np.ndarray) -> None:
+        """Bind ``x``: token ids (1, n) int64, or embeddings (1, n, hidden) float32 for an ``inputs_embeds``
+        graph (token ids are embedded with :attr:`embed` there)."""
+        if x.dtype == np.int64 and self.takes_embeds:
+            x = np.ascontiguousarray(self.embed(x), np.float32)
+        b.bind_cpu_input("inputs_embeds" if self.takes_embeds else "input_ids", x)
 
     def _empty_past(self) -> dict:
         z = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
@@ -61,7 +72,7 @@ class Decoder:
         position (vocab,) float32, new cache as OrtValues)."""
         n = ids.shape[1]
         b = self.sess.io_binding()
-        b.bind_cpu_input("input_ids", ids)
+        self._bind_tokens(b, ids)
         b.bind_cpu_input("attention_mask", np.ones((1, past_len + n), np.int64))
         if self.has_position_ids:
             b.bind_cpu_input("position_ids", np.arange(past_len, past_len + n, dtype=np.int64)[None])
@@ -91,7 +102,7 @@ class Decoder:
         are bound to the same buffer, which ONNX Runtime's GroupQueryAttention takes as its
         ``past_present_share_buffer`` mode (no past→present copy per step). Logits (vocab,) float32."""
         b = self.sess.io_binding()
-        b.bind_cpu_input("input_ids", ids)
+        self._bind_tokens(b, ids)
         b.bind_cpu_input("attention_mask", np.ones((1, past_len + ids.shape[1]), np.int64))
         if self.has_position_ids:
             b.bind_cpu_input("position_ids", np.arange(past_len, past_len + ids.shape[1], dtype=np.int64)[None])
@@ -107,11 +118,13 @@ class Decoder:
         self.sess.run_with_iobinding(b, options)
         return b.get_outputs()[0].numpy()[0, -1]
 
-    def generate(self, prompt_ids: list[int], new_tokens: int, eos_id: int | None = None) -> dict:
-        """Greedy decoding of up to ``new_tokens`` tokens after ``prompt_ids``. Returns ``{"tokens":
+    def generate(self, prompt_ids, new_tokens: int, eos_id: int | None = None) -> dict:
+        """Greedy decoding of up to ``new_tokens`` tokens after ``prompt_ids`` (a list of token ids, or for an
+        ``inputs_embeds`` graph also a (n, hidden) float32 array of prompt embeddings). Returns ``{"tokens":
         list[int], "ttft_s", "decode_s", "decode_tokens_per_s"}`` (see the module docstring); stops
         early at ``eos_id`` when given."""
-        ids = np.asarray(prompt_ids, np.int64)[None]
+        ids = np.asarray(prompt_ids)
+        ids = ids.astype(np.float32)[None] if ids.ndim == 2 else ids.astype(np.int64)[None]
         t0 = time.perf_counter()
         logits, past = self._run(ids, self._empty_past(), 0)
         tok = int(np.argmax(logits))

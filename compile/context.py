@@ -1,0 +1,271 @@
+"""A Dolphin-style context compressor for a frozen decoder: long text → a few memory embeddings.
+
+Dolphin (Nexa AI, 2024, "Dolphin: Long Context as a New Modality for Energy-Efficient On-Device
+Language Models", §3) reads a long context with a small encoder, emits a fixed number of memory
+embeddings per window and maps them with a projector into the main decoder's input-embedding space;
+the decoder then takes ``[memory ; prompt]`` through ``inputs_embeds`` and never prefills the long
+text. ICAE (Ge et al. 2024, §3) trains the same shape with a restoration (autoencoding) stage and a
+continuation (language-modelling) stage while the decoder stays frozen.
+
+edgec's compressor, for a Llama-family decoder (SmolLM2-135M):
+
+- **encoder** = the decoder's own token embedding and first ``encoder_layers`` transformer blocks
+  (shared weights: nothing new to ship for them), run causally on independent windows of
+  ``window_tokens`` tokens (positions restart at 0 in each window);
+- **memory**: the encoder's states of each group of ``group_tokens`` consecutive tokens are
+  RMS-normalized, concatenated (``group_tokens × hidden`` features) and mapped by the **projector**
+  (a linear map initialized to the group mean scaled to the embeddings' RMS, plus a zero-initialized
+  GELU MLP) to one embedding in the decoder's input space — so a window of 256 tokens yields
+  256 / 8 = 32 memory embeddings (Dolphin's count) and the compression ratio is ``group_tokens``;
+- the decoder reads ``[<|endoftext|> ; memory ; prompt]``.
+
+Because the encoder is causal, a short last window is padded on the right without changing the
+states of its real tokens, and groups made only of padding are dropped. A context whose length is
+not a multiple of ``group_tokens`` loses its oldest ``length % group_tokens`` tokens.
+
+Only the projector is trained (:func:`trainable_state`); the decoder and the encoder blocks stay
+frozen. Everything here is torch; training loops, checkpoints and the CLI live in
+``edgec.context_job``.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import sys
+import sysconfig
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgec.errors import ConfigError, ModelError
+
+DOC_START = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class CompressorSpec:
+    """What fixes a compressor's shapes; stored with every checkpoint and artifact.
+
+    ``encoder_layers``: decoder blocks reused as the encoder; ``group_tokens``: context tokens per
+    memory embedding (= compression ratio); ``window_tokens``: encoder window length (a multiple of
+    ``group_tokens``); ``projector_hidden``: width of the projector's MLP; ``hidden_size``: the
+    decoder's embedding width; ``decoder``: the decoder's name (as given to ``--decoder``)."""
+
+    encoder_layers: int = 1
+    group_tokens: int = 8
+    window_tokens: int = 256
+    projector_hidden: int = 1024
+    hidden_size: int = 576
+    decoder: str = "smollm2"
+
+    @property
+    def memory_per_window(self) -> int:
+        return self.window_tokens // self.group_tokens
+
+    def memory_tokens(self, context_tokens: int) -> int:
+        """Memory embeddings for a context of ``context_tokens`` tokens."""
+        return context_tokens // self.group_tokens
+
+    def check(self, decoder_layers: int | None = None) -> None:
+        """Raise :class:`ConfigError` for shapes that cannot work."""
+        if not 1 <= self.group_tokens <= 64:
+            raise ConfigError(f"group_tokens {self.group_tokens} is out of range", "1 to 64 context tokens per "
+                              "memory embedding", "use 8 (Dolphin's 8× compression) unless you measured otherwise")
+        if self.window_tokens < self.group_tokens or self.window_tokens % self.group_tokens:
+            raise ConfigError(f"window_tokens {self.window_tokens} is not a multiple of group_tokens "
+                              f"{self.group_tokens}", "each window must split into whole groups",
+                              "use 256 with group_tokens 8")
+        hi = decoder_layers if decoder_layers is not None else 64
+        if not 0 <= self.encoder_layers <= hi:
+            raise ConfigError(f"encoder_layers {self.encoder_layers} is out of range",
+                              f"the decoder has {hi} layers", f"use 0 to {hi} (1 is the default)")
+        if not 1 <= self.projector_hidden <= 16384:
+            raise ConfigError(f"projector_hidden {self.projector_hidden} is out of range", "1 to 16384",
+                              "use 1024")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CompressorSpec:
+        known = set(cls.__dataclass_fields__)
+        if not isinstance(d, dict) or set(d) - known:
+            raise ModelError("the compressor's spec is not readable", f"unknown keys {sorted(set(d) - known)}"
+                             if isinstance(d, dict) else "not an object", "retrain it with edgec context train")
+        try:
+            spec = cls(**{k: (str(v) if k == "decoder" else int(v)) for k, v in d.items()})
+        except (TypeError, ValueError) as e:
+            raise ModelError("the compressor's spec is not readable", str(e), "retrain it") from None
+        return spec
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def build_projector(spec: CompressorSpec, embedding_rms: float):
+    """The projector: ``(..., group_tokens × hidden)`` float32 → ``(..., hidden)`` float32.
+
+    Linear path initialized to ``embedding_rms × mean`` of the group's (RMS-normalized) states, so an
+    untrained compressor already emits averaged, embedding-scaled states; the MLP path (GELU) starts
+    at zero."""
+    torch = _torch()
+    nn = torch.nn
+    g, d = spec.group_tokens, spec.hidden_size
+
+    class Projector(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm_weight = nn.Parameter(torch.ones(d))
+            self.linear = nn.Linear(g * d, d)
+            self.up = nn.Linear(g * d, spec.projector_hidden)
+            self.down = nn.Linear(spec.projector_hidden, d)
+            with torch.no_grad():
+                self.linear.weight.copy_(torch.eye(d).repeat(1, g) * (embedding_rms / g))
+                self.linear.bias.zero_()
+                self.down.weight.zero_()
+                self.down.bias.zero_()
+
+        def forward(self, states):  # (W, T, d) → (W, T / g, d)
+            states = states * torch.rsqrt(states.pow(2).mean(-1, keepdim=True) + 1e-6) * self.norm_weight
+            x = states.reshape(states.shape[0], states.shape[1] // g, g * d)
+            return self.linear(x) + self.down(torch.nn.functional.gelu(self.up(x)))
+
+    return Projector()
+
+
+class Compressor:
+    """Encoder (the decoder's first blocks) + projector around a frozen Llama-family causal LM.
+
+    ``lm``: a transformers ``LlamaForCausalLM``-like model (``model.embed_tokens``, ``model.layers``,
+    ``model.rotary_emb``); its parameters are frozen here. ``projector``: from
+    :func:`build_projector` (trainable)."""
+
+    def __init__(self, lm, spec: CompressorSpec, projector=None) -> None:
+        torch = _torch()
+        cfg = lm.config
+        if not all(hasattr(lm, "model") and hasattr(lm.model, a) for a in ("embed_tokens", "layers", "rotary_emb")):
+            raise ModelError(f"{type(lm).__name__} is not a Llama-family causal LM",
+                             "the compressor reuses model.embed_tokens, model.layers and model.rotary_emb",
+                             "use smollm2 or another LlamaForCausalLM")
+        if cfg.hidden_size != spec.hidden_size:
+            raise ModelError(f"the compressor was built for hidden size {spec.hidden_size}",
+                             f"the decoder has {cfg.hidden_size}", "use the decoder it was trained with")
+        spec.check(cfg.num_hidden_layers)
+        self.lm, self.spec = lm, spec
+        for p in lm.parameters():
+            p.requires_grad_(False)
+        self.embed = lm.model.embed_tokens
+        rms = float(self.embed.weight.pow(2).mean().sqrt())
+        self.projector = projector if projector is not None else build_projector(spec, rms)
+        self.doc_start = None
+        self._torch = torch
+
+    # -- the encoder ------------------------------------------------------------------------------
+    def encode_windows(self, window_ids):
+        """``window_ids`` (W, window_tokens) int64 → memory (W, memory_per_window, hidden) float32."""
+        torch = self._torch
+        h = self.embed(window_ids)
+        t = window_ids.shape[1]
+        pos = torch.arange(t)[None]
+        cos_sin = self.lm.model.rotary_emb(h, pos)
+        mask = torch.full((t, t), float("-inf")).triu(1)[None, None]
+        for layer in self.lm.model.layers[: self.spec.encoder_layers]:
+            h = layer(h, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
+        return self.projector(h)
+
+    def windows(self, context_ids: np.ndarray, pad_id: int) -> tuple[np.ndarray, int]:
+        """A context (L,) int → (windows (W, window_tokens) int64 right-padded with ``pad_id``, memory
+        count M = L // group_tokens); the oldest ``L % group_tokens`` tokens are dropped."""
+        ids = np.asarray(context_ids, np.int64)
+        g, w = self.spec.group_tokens, self.spec.window_tokens
+        ids = ids[len(ids) % g:]
+        m = len(ids) // g
+        n = max(1, math.ceil(len(ids) / w))
+        out = np.full((n, w), pad_id, np.int64)
+        out.reshape(-1)[: len(ids)] = ids
+        return out, m
+
+    def memory(self, context_ids: np.ndarray, pad_id: int = 0):
+        """A context (L,) int → memory (L // group_tokens, hidden) float32 (torch, keeps the graph)."""
+        torch = self._torch
+        win, m = self.windows(context_ids, pad_id)
+        mem = self.encode_windows(torch.from_numpy(win))
+        return mem.reshape(-1, self.spec.hidden_size)[:m]
+
+    # -- the decoder side ----------------------------------------------------------------------------
+    def token_embeds(self, ids):
+        return self.embed(ids)
+
+    def target_logits(self, prefix_embeds, target_ids):
+        """Logits (B, T, vocab) predicting ``target_ids`` (B, T) int64 after ``prefix_embeds`` (B, P, hidden)
+        float32 — the last prefix position predicts the first target token."""
+        torch = self._torch
+        x = torch.cat([prefix_embeds, self.embed(target_ids[:, :-1])], 1)
+        return self.lm(inputs_embeds=x).logits[:, prefix_embeds.shape[1] - 1:]
+
+    def target_nll(self, prefix_embeds, target_ids):
+        """Summed next-token NLL (nats) of ``target_ids`` (B, T) int64 after ``prefix_embeds``
+        (B, P, hidden) float32."""
+        logits = self.target_logits(prefix_embeds, target_ids)
+        return self._torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                       target_ids.reshape(-1), reduction="sum")
+
+
+def trainable_state(projector) -> dict:
+    """The projector's tensors by name (what a checkpoint stores)."""
+    return {k: v.detach().contiguous() for k, v in projector.state_dict().items()}
+
+
+def load_projector(spec: CompressorSpec, tensors: dict):
+    """A projector for ``spec`` with ``tensors`` loaded; :class:`ModelError` when names or shapes do not
+    match (e.g. a compressor trained with another memory-token count)."""
+    proj = build_projector(spec, 1.0)
+    want = {k: tuple(v.shape) for k, v in proj.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if want != got:
+        diff = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+        raise ModelError("the compressor's weights do not match its spec",
+                         f"{', '.join(f'{k}: {got.get(k)} vs {want.get(k)}' for k in diff[:3])}",
+                         "load it with the spec stored beside it, or retrain it")
+    proj.load_state_dict(tensors)
+    return proj
+
+
+# -- training text ---------------------------------------------------------------------------------
+DOCSTRING_MIN_CHARS = 2000
+_SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo",
+              "__pycache__", "ensurepip", "venv", "tkinter"}
+
+
+def stdlib_docstrings() -> list[str]:
+    """English prose from the standard library's own docstrings: one document per module (module, class
+    and function docstrings in ast.walk order, joined by blank lines), modules of at least
+    :data:`DOCSTRING_MIN_CHARS` characters, sorted by path. Deterministic for a given Python."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for path in sorted(root.rglob("*.py")):
+        if _SKIP_DIRS & set(path.relative_to(root).parts[:-1]):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        parts = []
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                d = ast.get_docstring(node)
+                if d and len(d) >= 80:
+                    parts.append(d)
+        text = "\n\n".join(dict.fromkeys(parts))
+        if len(text) >= DOCSTRING_MIN_CHARS:
+            docs.append(text)
+    return docs
+
+
+def python_version() -> str:
+    return ".".join(map(str, sys.version_info[:3]))

@@ -1,0 +1,722 @@
+"""``edgec context train | export | eval``: train, export and evaluate a context compressor.
+
+The compressor itself (encoder = the decoder's first blocks, projector, memory layout) is
+:mod:`edgec.compile.context`. This module owns the jobs around it:
+
+- **train** — Dolphin's / ICAE's two stages with the decoder frozen (Ge et al. 2024, ICAE §3.2):
+  *restoration* (compress a 256-token window, the decoder re-generates it from the memory alone),
+  then *continuation* (compress a context C1 of 256–1024 tokens, predict the next 128 tokens C2).
+  Training text: the calibration topics of ``pydoc_data.topics`` (:mod:`edgec.text_data`'s split)
+  plus the standard library's docstrings (one document per module); the evaluation topics are never
+  trained on. Each step's batch is drawn from ``numpy.random.default_rng([seed, step])``, so a
+  resumed run sees the same batches as an uninterrupted one. Checkpoints (projector + AdamW state,
+  safetensors) are written atomically every ``checkpoint_every`` steps; rerunning the same command
+  resumes from the last one. The result is ``<out>/compressor.safetensors`` + ``compressor.json``.
+
+Everything runs on the CPU (bfloat16 autocast for the frozen decoder's forward/backward).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgec.compile.package import make_readable, sha256_file, write_atomic
+from edgec.errors import ConfigError, ModelError, OutputDirError
+
+DEFAULT_DIR = Path("runs") / "context"
+CONTEXT_CHOICES = (256, 512, 768, 1024)
+WINDOW_TOKENS = 256
+FORMAT = "edgec-context-compressor/1"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """``edgec context train`` options (see ``--help``); :meth:`check` raises :class:`ConfigError`."""
+
+    out: str = str(DEFAULT_DIR)
+    decoder: str = "smollm2"
+    encoder_layers: int = 1
+    group_tokens: int = 8
+    restore_steps: int = 150
+    continue_steps: int = 600
+    batch_size: int = 4
+    target_tokens: int = 128
+    lr: float = 2e-3
+    distill: float = 0.0
+    seed: int = 0
+    threads: int = 2
+    checkpoint_every: int = 25
+    force: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        ints = {"restore_steps": (0, 100_000), "continue_steps": (0, 100_000), "batch_size": (1, 64),
+                "target_tokens": (8, 1024), "seed": (0, 2**32 - 1), "threads": (1, 256),
+                "checkpoint_every": (1, 100_000)}
+        for name, (lo, hi) in ints.items():
+            v = getattr(self, name)
+            if not lo <= v <= hi:
+                raise ConfigError(f"--{name.replace('_', '-')} {v} is out of range", f"allowed {lo} to {hi}",
+                                  "pick a value in range")
+        if not 1 <= self.group_tokens <= 64 or WINDOW_TOKENS % self.group_tokens:
+            raise ConfigError(f"--group-tokens {self.group_tokens} does not divide the {WINDOW_TOKENS}-token "
+                              "encoder window", "each window must split into whole groups of tokens",
+                              "use 8 (Dolphin's 32 memory embeddings per window), or 4, 16, 32")
+        if not 0 <= self.encoder_layers <= 64:
+            raise ConfigError(f"--encoder-layers {self.encoder_layers} is out of range", "0 to the decoder's "
+                              "layer count", "use 1")
+        if self.restore_steps + self.continue_steps == 0:
+            raise ConfigError("nothing to train", "--restore-steps and --continue-steps are both 0",
+                              "give at least one step")
+        if not (0 < self.lr <= 1.0) or not math.isfinite(self.lr):
+            raise ConfigError(f"--lr {self.lr} is out of range", "a learning rate in (0, 1]", "use 2e-3")
+        if not (0 <= self.distill <= 100) or not math.isfinite(self.distill):
+            raise ConfigError(f"--distill {self.distill} is out of range", "a weight in [0, 100]", "use 0 or 1")
+
+    def identity(self) -> dict:
+        """The options a resumed run must share with the checkpoint."""
+        d = asdict(self)
+        for k in ("out", "force", "threads", "checkpoint_every", "extra"):
+            d.pop(k)
+        return d
+
+
+@dataclass
+class Corpus:
+    """Tokenized documents: ``train`` and ``eval`` lists of (int64 arrays), plus ``info`` for reports."""
+
+    train: list
+    eval: list
+    info: dict
+
+
+def load_corpus(tokenizer) -> Corpus:
+    """Training documents (calibration topics + stdlib docstrings) and evaluation documents (evaluation
+    topics), tokenized without special tokens."""
+    from edgec.compile.context import python_version, stdlib_docstrings
+    from edgec.text_data import topic_documents
+
+    cal, ev = topic_documents()
+    docs = stdlib_docstrings()
+
+    def tok(texts):
+        return [np.asarray(ids, np.int64) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+    train = tok(cal) + tok(docs)
+    evaluation = tok(ev)
+    info = {"train": f"pydoc_data.topics calibration topics (index % 4 != 0, {len(cal)}) + standard-library "
+                     f"docstrings ({len(docs)} modules, Python {python_version()})",
+            "eval": f"pydoc_data.topics evaluation topics (index % 4 == 0, {len(ev)})",
+            "train_tokens": int(sum(len(d) for d in train)), "eval_tokens": int(sum(len(d) for d in evaluation))}
+    return Corpus(train, evaluation, info)
+
+
+def _pick(docs: list, need: int, rng, n: int) -> list[np.ndarray]:
+    """``n`` slices of ``need`` tokens: documents drawn with probability ∝ usable length, random offsets."""
+    usable = np.array([max(0, len(d) - need + 1) for d in docs], np.float64)
+    if usable.sum() == 0:
+        raise ModelError(f"no document has {need} tokens", "the corpus is too short", "use shorter contexts")
+    idx = rng.choice(len(docs), size=n, p=usable / usable.sum())
+    out = []
+    for i in idx:
+        o = int(rng.integers(0, usable[i]))
+        out.append(docs[i][o:o + need])
+    return out
+
+
+def batch_for(step: int, settings: TrainSettings, corpus: Corpus, window_tokens: int):
+    """(stage, contexts (B, L) int64, targets (B, T) int64) of training step ``step`` — a pure function of
+    (seed, step), so resuming repeats nothing and skips nothing."""
+    rng = np.random.default_rng([settings.seed, step])
+    if step < settings.restore_steps:
+        w = np.stack(_pick(corpus.train, window_tokens, rng, settings.batch_size))
+        return "restoration", w, w
+    length = int(rng.choice(CONTEXT_CHOICES))
+    s = np.stack(_pick(corpus.train, length + settings.target_tokens, rng, settings.batch_size))
+    return "continuation", s[:, :length], s[:, length:]
+
+
+def _lr_at(step: int, total: int, lr: float) -> float:
+    warm = max(1, min(20, total // 10))
+    if step < warm:
+        return lr * (step + 1) / warm
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def _atomic_tensors(path: Path, tensors: dict) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp))
+        make_readable(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _optimizer_tensors(opt) -> dict:
+    out = {}
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            out[f"optim.{i}.{k}"] = v.detach().reshape(-1) if k == "step" else v.detach()
+    return out
+
+
+def _load_optimizer(opt, tensors: dict) -> None:
+    state: dict = {}
+    for name, v in tensors.items():
+        if name.startswith("optim."):
+            _, i, k = name.split(".", 2)
+            state.setdefault(int(i), {})[k] = v.reshape(()) if k == "step" else v
+    sd = opt.state_dict()
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def compressor_paths(out: Path) -> tuple[Path, Path]:
+    return out / "compressor.safetensors", out / "compressor.json"
+
+
+def load_decoder(name: str):
+    """(HFModel, tokenizer, frozen FP32 causal LM) for ``--decoder``."""
+    from edgec.compile.hf_source import load_causal_lm, resolve
+    from edgec.pipeline import cache_root
+
+    hf = resolve(name, cache_root())
+    if hf.task != "text-generation":
+        raise ConfigError(f"--decoder {name} is not a causal LM", f"its task is {hf.task}",
+                          "give smollm2, a Llama-family GGUF file or Hugging Face directory")
+    tokenizer, lm = load_causal_lm(hf)
+    lm.config._attn_implementation = "sdpa"  # training speed; export switches back to eager
+    return hf, tokenizer, lm
+
+
+def train(settings: TrainSettings, progress) -> dict:
+    """Train (or resume) a compressor into ``settings.out``; returns its ``compressor.json`` content.
+
+    Raises :class:`ConfigError` for bad options or an output folder holding another run,
+    :class:`OutputDirError` when it cannot be written, :class:`ModelError` for a decoder that is not
+    Llama-family."""
+    import torch
+    from safetensors.torch import load_file
+
+    from edgec.compile.context import Compressor, CompressorSpec, trainable_state
+
+    settings.check()
+    out = Path(settings.out)
+    weights, meta_path = compressor_paths(out)
+    ckpt, ckpt_meta = out / "checkpoint.safetensors", out / "checkpoint.json"
+    if meta_path.exists() and not settings.force:
+        raise ConfigError(f"{out} already holds a trained compressor", "training again would replace it",
+                          "pass --force to retrain, or --out another folder")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise OutputDirError(f"cannot write {out}", e.strerror or str(e), "pass --out a writable folder") from None
+    torch.manual_seed(settings.seed)
+    torch.set_num_threads(settings.threads)
+    progress.stage("loading the decoder")
+    try:
+        hf, tokenizer, lm = load_decoder(settings.decoder)
+        spec = CompressorSpec(encoder_layers=settings.encoder_layers, group_tokens=settings.group_tokens,
+                              window_tokens=WINDOW_TOKENS, hidden_size=lm.config.hidden_size,
+                              decoder=settings.decoder)
+        comp = Compressor(lm, spec)
+    except BaseException:
+        if created:  # leave no empty folder behind for a decoder we could not use
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    doc_start = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    doc_start = 0 if doc_start is None else int(doc_start)
+    corpus = load_corpus(tokenizer)
+    opt = torch.optim.AdamW(comp.projector.parameters(), lr=settings.lr, weight_decay=0.01)
+    total = settings.restore_steps + settings.continue_steps
+    start, history, elapsed = 0, [], 0.0
+    if ckpt_meta.exists() and not settings.force:
+        m = json.loads(ckpt_meta.read_text())
+        if m.get("identity") != settings.identity():
+            diff = sorted(k for k in settings.identity() if m.get("identity", {}).get(k) != settings.identity()[k])
+            raise ConfigError(f"{out} holds a checkpoint of another training run", f"options differ: {', '.join(diff)}",
+                              "rerun with the same options to resume, --force to start over, or --out another folder")
+        tensors = load_file(str(ckpt))
+        comp.projector.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optim.")})
+        _load_optimizer(opt, tensors)
+        start, history, elapsed = int(m["step"]), m["history"], float(m["elapsed_s"])
+        progress.log(f"resuming from step {start} of {total}")
+    start_doc = torch.tensor([[doc_start]])
+    t0 = time.perf_counter() - elapsed
+    stage_name, running = None, []
+    for step in range(start, total):
+        stage, contexts, targets = batch_for(step, settings, corpus, spec.window_tokens)
+        if stage != stage_name:
+            stage_name, running = stage, []
+            progress.stage(f"{stage} ({settings.restore_steps if stage == 'restoration' else settings.continue_steps} steps)",
+                           total)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, total, settings.lr)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            win = torch.from_numpy(np.ascontiguousarray(contexts.reshape(-1, spec.window_tokens)))
+            mem = comp.encode_windows(win).reshape(len(contexts), -1, spec.hidden_size)
+            prefix = torch.cat([comp.token_embeds(start_doc).expand(len(contexts), -1, -1), mem.to(torch.float32)], 1)
+            tgt = torch.from_numpy(targets)
+            logits = comp.target_logits(prefix, tgt).float()
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+            if settings.distill and stage == "continuation":
+                # knowledge distillation from the same decoder reading the full context as text: the
+                # gradient concentrates on the tokens the context actually changes
+                with torch.no_grad():
+                    full = torch.cat([prefix[:, :1], comp.token_embeds(torch.from_numpy(contexts))], 1)
+                    teacher = torch.log_softmax(comp.target_logits(full, tgt).float(), -1)
+                kl = torch.nn.functional.kl_div(torch.log_softmax(logits, -1), teacher, log_target=True,
+                                                reduction="batchmean") / tgt.shape[1]
+                loss = loss + settings.distill * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(comp.projector.parameters(), 1.0)
+        opt.step()
+        running.append(float(loss.detach()))
+        history.append({"step": step + 1, "stage": stage, "loss": round(running[-1], 4),
+                        "context_tokens": int(contexts.shape[1])})
+        progress.advance(step + 1, total, f"loss {np.mean(running[-20:]):.3f}")
+        if (step + 1) % settings.checkpoint_every == 0 or step + 1 == total:
+            _atomic_tensors(ckpt, {**trainable_state(comp.projector), **_optimizer_tensors(opt)})
+            write_atomic(ckpt_meta, json.dumps({"identity": settings.identity(), "step": step + 1,
+                                                "history": history, "elapsed_s": time.perf_counter() - t0}))
+    train_s = time.perf_counter() - t0
+    meta = {"format": FORMAT, "spec": spec.to_dict(), "decoder_source": hf.source, "doc_start_id": doc_start,
+            "training": {**settings.identity(), "train_s": round(train_s, 1), "steps": total,
+                         "threads": settings.threads, "corpus": corpus.info,
+                         "final_loss": {s: round(float(np.mean([h["loss"] for h in history if h["stage"] == s][-25:])), 4)
+                                        for s in ("restoration", "continuation")
+                                        if any(h["stage"] == s for h in history)},
+                         "history": history},
+            "trainable_parameters": int(sum(p.numel() for p in comp.projector.parameters()))}
+    _atomic_tensors(weights, trainable_state(comp.projector))
+    write_atomic(meta_path, json.dumps(meta, indent=1))
+    ckpt.unlink(missing_ok=True)
+    ckpt_meta.unlink(missing_ok=True)
+    return meta
+
+
+def require_trained(folder: Path) -> tuple[Path, Path]:
+    """The compressor's (weights, meta) paths; :class:`ConfigError` when ``folder`` holds no trained one."""
+    weights, meta_path = compressor_paths(Path(folder))
+    if not meta_path.is_file() or not weights.is_file():
+        raise ConfigError(f"no trained compressor in {folder}", "compressor.json and compressor.safetensors "
+                          "are written by edgec context train", f"run: edgec context train --out {folder}")
+    return weights, meta_path
+
+
+def load_compressor(folder: Path, lm=None):
+    """(Compressor, meta) from ``folder`` (``compressor.safetensors`` + ``compressor.json``), on ``lm``
+    (loaded from the spec's decoder when None). Raises :class:`ConfigError` when the folder has no
+    trained compressor and :class:`ModelError` for damaged files or a decoder that does not match."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from edgec.compile.context import Compressor, CompressorSpec, load_projector
+
+    weights, meta_path = require_trained(folder)
+    try:
+        meta = json.loads(meta_path.read_text())
+        spec = CompressorSpec.from_dict(meta["spec"])
+        tensors = load_file(str(weights))
+    except (json.JSONDecodeError, KeyError, TypeError, SafetensorError, OSError) as e:
+        raise ModelError(f"cannot read the compressor in {folder}", " ".join(str(e).split())[:200],
+                         "retrain it with edgec context train --force") from None
+    if meta.get("format") != FORMAT:
+        raise ModelError(f"{meta_path} is not an edgec compressor", f"format {meta.get('format')!r}",
+                         "retrain it with edgec context train --force")
+    projector = load_projector(spec, tensors)
+    tokenizer = None
+    if lm is None:
+        _, tokenizer, lm = load_decoder(spec.decoder)
+    return Compressor(lm, spec, projector), meta, tokenizer
+
+
+CONDITIONS = {
+    "a_no_context": "no context",
+    "b_full_context": "the full context as text",
+    "c_compressed": "the compressed context (memory embeddings)",
+    "d_last_tokens": "the last N tokens of the context as text (N = memory count: the same budget)",
+    "e_zero_memory": "zeroed memory (negative control)",
+    "e_shuffled_memory": "memory in shuffled order (negative control)",
+    "f_other_document": "memory of another document's context (negative control)",
+}
+
+
+def eval_samples(docs: list, context_tokens: int, target_tokens: int, samples: int) -> list[tuple[int, np.ndarray]]:
+    """Deterministic held-out (doc index, tokens of length context+target) slices: every document cut into
+    non-overlapping slices, then ``samples`` of them taken evenly spaced across the whole list."""
+    need = context_tokens + target_tokens
+    pool = [(i, d[o:o + need]) for i, d in enumerate(docs) for o in range(0, len(d) - need + 1, need)]
+    if len(pool) < 2 or len({i for i, _ in pool}) < 2:
+        raise ModelError(f"the evaluation text has too few {need}-token passages", f"{len(pool)} found",
+                         "use a shorter --context-tokens")
+    pick = np.unique(np.linspace(0, len(pool) - 1, min(samples, len(pool))).round().astype(int))
+    return [pool[k] for k in pick]
+
+
+def perplexities(comp, doc_start: int, samples: list, context_tokens: int, batch_size: int = 8,
+                 progress=None) -> dict:
+    """Continuation perplexity of the last ``len - context_tokens`` tokens of each sample under every
+    condition of :data:`CONDITIONS` (FP32, PyTorch). Returns {condition: perplexity} plus
+    ``gap_closure`` = (PPL_a − PPL_c) / (PPL_a − PPL_b), ``memory_tokens`` and ``tokens_scored``."""
+    import torch
+
+    docs = [d for d, _ in samples]
+    seqs = np.stack([s for _, s in samples])
+    ctx, tgt = seqs[:, :context_tokens], seqs[:, context_tokens:]
+    m = comp.spec.memory_tokens(context_tokens)
+    sums = {k: 0.0 for k in CONDITIONS}
+    other = []
+    for i in range(len(samples)):  # the next sample from another document
+        j = next(k % len(samples) for k in range(i + 1, i + len(samples)) if docs[k % len(samples)] != docs[i])
+        other.append(j)
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        mems = []
+        for b in range(0, len(samples), batch_size):
+            mems += [comp.memory(c, doc_start) for c in ctx[b:b + batch_size]]
+        mem = torch.stack(mems)
+        start = comp.token_embeds(torch.tensor([[doc_start]]))
+        steps = list(range(0, len(samples), batch_size))
+        for n, b in enumerate(steps):
+            sl = slice(b, b + batch_size)
+            k = len(seqs[sl])
+            s = start.expand(k, -1, -1)
+            c_ids = torch.from_numpy(ctx[sl])
+            perm = torch.from_numpy(rng.permutation(m))
+            prefixes = {
+                "a_no_context": s,
+                "b_full_context": torch.cat([s, comp.token_embeds(c_ids)], 1),
+                "c_compressed": torch.cat([s, mem[sl]], 1),
+                "d_last_tokens": torch.cat([s, comp.token_embeds(c_ids[:, context_tokens - m:])], 1),
+                "e_zero_memory": torch.cat([s, torch.zeros_like(mem[sl])], 1),
+                "e_shuffled_memory": torch.cat([s, mem[sl][:, perm]], 1),
+                "f_other_document": torch.cat([s, mem[[other[i] for i in range(b, b + k)]]], 1),
+            }
+            t = torch.from_numpy(tgt[sl])
+            for name, prefix in prefixes.items():
+                sums[name] += float(comp.target_nll(prefix, t))
+            if progress:
+                progress.advance(n + 1, len(steps))
+    n_tok = tgt.size
+    ppl = {k: math.exp(v / n_tok) for k, v in sums.items()}
+    a, b, c = ppl["a_no_context"], ppl["b_full_context"], ppl["c_compressed"]
+    return {**{k: round(v, 4) for k, v in ppl.items()}, "gap_closure": round((a - c) / (a - b), 4) if a != b else None,
+            "memory_tokens": m, "tokens_scored": int(n_tok), "samples": len(samples),
+            "documents": len(set(docs))}
+
+
+# -- export ----------------------------------------------------------------------------------------
+DECODER_VARIANTS = {"fp32": None, "int8w": "int8w", "int4w": "int4w"}
+
+
+def _embed_graph(weight: np.ndarray, path: Path) -> None:
+    """``input_ids`` (batch, seq) int64 → ``inputs_embeds`` (batch, seq, hidden) float32: one Gather."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["embed_tokens.weight", "input_ids"], ["inputs_embeds"], axis=0)], "embed",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, ["batch", "seq", weight.shape[1]])],
+        [numpy_helper.from_array(weight.astype(np.float32), "embed_tokens.weight")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _encoder_graph(comp, path: Path) -> None:
+    """``window_ids`` (windows, window_tokens) int64 → ``memory`` (windows, memory_per_window, hidden)."""
+    import torch
+
+    class EncoderGraph(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.projector = comp.embed, comp.projector
+            self.layers = torch.nn.ModuleList(comp.lm.model.layers[: comp.spec.encoder_layers])
+
+        def forward(self, window_ids):
+            return comp.encode_windows(window_ids)
+
+    attn = comp.lm.config._attn_implementation
+    comp.lm.config._attn_implementation = "eager"
+    try:
+        example = torch.zeros((2, comp.spec.window_tokens), dtype=torch.int64)
+        with torch.no_grad():
+            torch.onnx.export(EncoderGraph().eval(), (example,), str(path), input_names=["window_ids"],
+                              output_names=["memory"], dynamic_axes={"window_ids": {0: "windows"},
+                                                                     "memory": {0: "windows"}},
+                              opset_version=18, dynamo=False)
+    finally:
+        comp.lm.config._attn_implementation = attn
+
+
+def export(folder: Path, variants: tuple[str, ...], threads: int, progress) -> dict:
+    """Export the compressor trained in ``folder`` to ``folder/onnx`` (encoder + projector, embedding,
+    decoder per precision variant, tokenizer files, ``manifest.json``), check parity against PyTorch and
+    return the manifest. Written into a temporary folder and renamed into place.
+
+    Parity (FP32): encoder memory max |Δ| and the decoder's last-position logits on a held-out
+    ``[doc_start ; memory ; prompt]`` prefix (max |Δ|, same argmax). Raises :class:`ExportError` when
+    the FP32 graphs disagree with PyTorch (memory |Δ| > 1e-3 or logits |Δ| > 1e-2), and
+    :class:`ConfigError` / :class:`ModelError` as :func:`load_compressor`."""
+    import tempfile
+
+    import torch
+
+    from edgec.compile.decoder import build_decoder
+    from edgec.compile.hf_source import resolve
+    from edgec.errors import ExportError
+    from edgec.pipeline import cache_root
+    from edgec.targets.ort_context import MANIFEST_FORMAT, ContextRuntime
+
+    unknown = [v for v in variants if v not in DECODER_VARIANTS]
+    if unknown or not variants or "fp32" not in variants:
+        raise ConfigError(f"--variants {','.join(variants)}: " + (f"unknown {unknown[0]!r}" if unknown else
+                          "fp32 is required (it is the parity reference)"),
+                          f"choose from {', '.join(DECODER_VARIANTS)}", "e.g. --variants fp32,int8w")
+    folder = Path(folder)
+    require_trained(folder)
+    progress.stage("loading the compressor")
+    comp, meta, tokenizer = load_compressor(folder)
+    spec = comp.spec
+    hf = resolve(spec.decoder, cache_root())
+    dest = folder / "onnx"
+    work = Path(tempfile.mkdtemp(prefix=".onnx-", dir=folder))
+    try:
+        progress.stage("exporting encoder + projector, embedding", 2)
+        _encoder_graph(comp, work / "encoder.onnx")
+        progress.advance(1, 2)
+        _embed_graph(comp.embed.weight.detach().numpy(), work / "embed.onnx")
+        progress.advance(2, 2)
+        decoders = {}
+        progress.stage("building decoders (ONNX Runtime GenAI builder, inputs_embeds)", len(variants))
+        layers = comp.lm.config.num_hidden_layers
+        for n, v in enumerate(variants):
+            prec = DECODER_VARIANTS[v]
+            build_decoder(hf.path, work / f"decoder-{v}", layers,
+                          None if prec is None else [(prec, prec)] * layers,
+                          lm_head="fp32" if prec is None else "int8w", inputs_embeds=True)
+            decoders[v] = {"path": f"decoder-{v}/model.onnx",
+                           "precision": "fp32" if prec is None else f"{prec} weights (MatMulNBits, block 32), "
+                                                                    "int8w LM head"}
+            progress.advance(n + 1, len(variants))
+        tok_files = []
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (hf.path / name).is_file():
+                shutil.copyfile(hf.path / name, work / name)
+                tok_files.append(name)
+        manifest = {
+            "format": MANIFEST_FORMAT, "compressor": spec.to_dict(), "memory_per_window": spec.memory_per_window,
+            "compression_ratio": spec.group_tokens, "doc_start_id": meta["doc_start_id"],
+            "encoder": {"path": "encoder.onnx", "inputs": {"window_ids": ["windows", spec.window_tokens, "int64"]},
+                        "outputs": {"memory": ["windows", spec.memory_per_window, spec.hidden_size, "float32"]}},
+            "embed": {"path": "embed.onnx", "inputs": {"input_ids": ["batch", "seq", "int64"]},
+                      "outputs": {"inputs_embeds": ["batch", "seq", spec.hidden_size, "float32"]}},
+            "decoders": decoders, "tokenizer": tok_files,
+            "chain": ["tokenize the context and the prompt with the tokenizer (no special tokens)",
+                      f"drop the context's oldest len % {spec.group_tokens} tokens; cut it into windows of "
+                      f"{spec.window_tokens} tokens, right-padding the last with doc_start_id",
+                      f"memory = encoder(window_ids).reshape(-1, {spec.hidden_size})[: len // {spec.group_tokens}]",
+                      "prefix = concat(embed([doc_start_id]), memory, embed(prompt_ids))",
+                      "decoder: inputs_embeds = prefix[None], attention_mask = ones, empty past_key_values; "
+                      "then one embed(token) per generated token with the returned cache"],
+            "decoder_source": meta["decoder_source"], "training": {k: v for k, v in meta["training"].items()
+                                                                   if k != "history"},
+        }
+        write_atomic(work / "manifest.json", json.dumps(manifest, indent=1))
+        # parity against PyTorch on held-out text
+        progress.stage("parity checks against PyTorch")
+        corpus = load_corpus(tokenizer)
+        (_, seq), = eval_samples(corpus.eval, 512, 16, 1)[:1]
+        rt = ContextRuntime(work, "fp32", threads)
+        with torch.no_grad():
+            mem_t = comp.memory(seq[:512], meta["doc_start_id"]).numpy()
+            start = comp.token_embeds(torch.tensor([[meta["doc_start_id"]]]))[0]
+            prefix_t = torch.cat([start, torch.from_numpy(mem_t), comp.token_embeds(torch.from_numpy(seq[512:]))])
+            logits_t = comp.lm(inputs_embeds=prefix_t[None]).logits[0, -1].numpy()
+        mem_o = rt.memory(seq[:512])
+        prefix_o = rt.prefix(seq[:512], seq[512:])
+        logits_o, _ = rt.decoder._run(prefix_o[None], rt.decoder._empty_past(), 0)
+        parity = {"memory_max_abs_diff": float(np.abs(mem_o - mem_t).max()),
+                  "logits_max_abs_diff": float(np.abs(logits_o - logits_t).max()),
+                  "same_next_token": bool(np.argmax(logits_o) == np.argmax(logits_t))}
+        if parity["memory_max_abs_diff"] > 1e-3 or parity["logits_max_abs_diff"] > 1e-2:
+            raise ExportError("the exported compressor does not match PyTorch",
+                              f"memory |Δ| {parity['memory_max_abs_diff']:.2g}, logits |Δ| "
+                              f"{parity['logits_max_abs_diff']:.2g}", "report this with the decoder used")
+        for v in variants:
+            if v != "fp32":
+                q = ContextRuntime(work, v, threads)
+                lo, _ = q.decoder._run(q.prefix(seq[:512], seq[512:])[None], q.decoder._empty_past(), 0)
+                decoders[v]["same_next_token_as_fp32"] = bool(np.argmax(lo) == np.argmax(logits_t))
+        manifest["parity_fp32"] = parity
+        manifest["sha256"] = {p.relative_to(work).as_posix(): sha256_file(p) for p in sorted(work.rglob("*.onnx"))}
+        manifest["size_bytes"] = {p.relative_to(work).as_posix(): p.stat().st_size for p in sorted(work.rglob("*.onnx"))}
+        write_atomic(work / "manifest.json", json.dumps(manifest, indent=1))
+        old = folder / f".onnx-old-{os.getpid()}"
+        if dest.exists():
+            dest.rename(old)
+        work.rename(dest)
+        make_readable(dest)  # mkdtemp made it private; the export is meant to be shipped
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return manifest
+
+
+# -- evaluation --------------------------------------------------------------------------------------
+TTFT_CONTEXTS = (64, 128, 256, 512, 1024, 2048)
+PROMPT_TOKENS = 16
+
+_PEAK_SCRIPT = """
+import json, sys
+from pathlib import Path
+from edgec.targets.ort_context import ContextRuntime
+rt = ContextRuntime(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
+ids = json.loads(sys.argv[4])
+ctx, prompt = ids[:int(sys.argv[5])], ids[int(sys.argv[5]):]
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+before = status("VmRSS:")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak (VmHWM) to the current resident set
+rt.ttft_s(ctx, prompt, sys.argv[6] == "compressed")
+print(json.dumps({"rss_before_bytes": before, "peak_rss_bytes": status("VmHWM:")}))
+"""
+
+
+def peak_memory(export_dir: Path, variant: str, threads: int, ids: np.ndarray, context_tokens: int) -> dict:
+    """Peak resident memory of one first-token run per mode, each in a fresh process (Linux
+    ``/proc/self/clear_refs`` resets the peak after the sessions are loaded): {mode: {"rss_before_bytes",
+    "peak_rss_bytes", "inference_peak_bytes"}}; empty when /proc is not available."""
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/clear_refs").exists():
+        return {}
+    out = {}
+    for mode in ("full", "compressed"):
+        r = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(export_dir), variant, str(threads),
+                            json.dumps([int(i) for i in ids]), str(context_tokens), mode],
+                           capture_output=True, text=True, timeout=600)
+        if r.returncode:
+            return {}
+        d = json.loads(r.stdout.strip().splitlines()[-1])
+        d["inference_peak_bytes"] = d["peak_rss_bytes"] - d["rss_before_bytes"]
+        out[mode] = d
+    return out
+
+
+def ttft_rows(rt, stream: np.ndarray, contexts=TTFT_CONTEXTS, repeats: int = 5, progress=None) -> list[dict]:
+    """Time to first token on cpu-ort, full-context prefill vs encoder + projector + short prefill, for each
+    context length (the first ``L`` tokens of ``stream`` then a :data:`PROMPT_TOKENS`-token prompt). One
+    warm-up each, then ``repeats`` interleaved pairs; medians in ms (``kind`` measured)."""
+    rows = []
+    for n, length in enumerate(contexts):
+        ctx, prompt = stream[:length], stream[length:length + PROMPT_TOKENS]
+        rt.ttft_s(ctx, prompt, True)
+        rt.ttft_s(ctx, prompt, False)
+        full, comp, enc = [], [], []
+        for r in range(repeats):
+            for compressed in ((True, False) if r % 2 else (False, True)):
+                (comp if compressed else full).append(rt.ttft_s(ctx, prompt, compressed)[0])
+            t0 = time.perf_counter()
+            rt.memory(ctx)
+            enc.append(time.perf_counter() - t0)
+        f, c = float(np.median(full)) * 1e3, float(np.median(comp)) * 1e3
+        rows.append({"context_tokens": length, "memory_tokens": length // rt.group, "prompt_tokens": PROMPT_TOKENS,
+                     "full_prefill_tokens": 1 + length + PROMPT_TOKENS,
+                     "compressed_prefill_tokens": 1 + length // rt.group + PROMPT_TOKENS,
+                     "full_ttft_ms": round(f, 2), "compressed_ttft_ms": round(c, 2),
+                     "encoder_ms": round(float(np.median(enc)) * 1e3, 2), "ttft_speedup": round(f / c, 3),
+                     "repeats": repeats, "kind": "measured"})
+        if progress:
+            progress.advance(n + 1, len(contexts), f"{length} tokens: {f / c:.2f}×")
+    return rows
+
+
+def break_even(rows: list[dict]) -> float | None:
+    """The context length (tokens) where compression starts to pay: linear interpolation of the speed-up
+    between the measured lengths around 1.0; the shortest length when it pays everywhere, None never."""
+    for prev, row in zip([None, *rows], rows):
+        if row["ttft_speedup"] >= 1.0:
+            if prev is None:
+                return float(row["context_tokens"])
+            a, b = prev["ttft_speedup"], row["ttft_speedup"]
+            x0, x1 = prev["context_tokens"], row["context_tokens"]
+            return round(x0 + (1.0 - a) * (x1 - x0) / (b - a), 1)
+    return None
+
+
+def evaluate(folder: Path, context_tokens: int, samples: int, variant: str, threads: int, progress) -> dict:
+    """``edgec context eval``: perplexities under every condition (PyTorch, FP32) and TTFT / peak memory on
+    cpu-ort (exporting first when ``folder/onnx`` is missing). Returns the figures (see the CLI's --json)."""
+    import torch
+
+    if not 64 <= context_tokens <= 4096 or context_tokens % 8:
+        raise ConfigError(f"--context-tokens {context_tokens} is out of range", "64 to 4096, a multiple of 8",
+                          "use 512")
+    if not 2 <= samples <= 10_000:
+        raise ConfigError(f"--samples {samples} is out of range", "2 to 10000", "use 48")
+    folder = Path(folder)
+    require_trained(folder)
+    torch.set_num_threads(threads)
+    progress.stage("loading the compressor")
+    comp, meta, tokenizer = load_compressor(folder)
+    corpus = load_corpus(tokenizer)
+    pool = eval_samples(corpus.eval, context_tokens, 128, samples)
+    progress.stage(f"perplexity, 7 conditions × {len(pool)} held-out passages (PyTorch FP32)",
+                   math.ceil(len(pool) / 8))
+    t0 = time.perf_counter()
+    ppl = perplexities(comp, meta["doc_start_id"], pool, context_tokens, progress=progress)
+    ppl["eval_s"] = round(time.perf_counter() - t0, 1)
+    ppl["context_tokens"], ppl["target_tokens"] = context_tokens, 128
+    export_dir = folder / "onnx"
+    if not (export_dir / "manifest.json").is_file():
+        export(folder, ("fp32", "int8w"), threads, progress)
+    from edgec.targets.ort_context import ContextRuntime
+
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    if variant not in manifest["decoders"]:
+        raise ConfigError(f"--variant {variant}: not in the export", f"it has {', '.join(manifest['decoders'])}",
+                          "pick one of those, or export it: edgec context export --variants fp32," + variant)
+    comp_config = comp.lm.config
+    del comp
+    rt = ContextRuntime(export_dir, variant, threads)
+    stream = np.concatenate(corpus.eval)
+    max_pos = int(getattr(comp_config, "max_position_embeddings", 1 << 30))
+    contexts = [n for n in TTFT_CONTEXTS if 1 + n + PROMPT_TOKENS <= min(max_pos, len(stream))]
+    progress.stage(f"time to first token on cpu-ort ({variant} decoder), full vs compressed", len(contexts))
+    rows = ttft_rows(rt, stream, contexts, progress=progress)
+    peak = {}
+    if 1024 in contexts:
+        progress.stage("peak memory at 1024 tokens (one process per mode)")
+        peak = peak_memory(export_dir, variant, threads, stream[:1024 + PROMPT_TOKENS], 1024)
+    by_len = {r["context_tokens"]: r for r in rows}
+    spec = comp_spec = manifest["compressor"]
+    return {"compressor": folder.as_posix(), "spec": comp_spec, "compression_ratio": spec["group_tokens"],
+            "memory_per_window": manifest["memory_per_window"], "conditions": CONDITIONS, "perplexity": ppl,
+            "gap_closure": ppl["gap_closure"], "c_beats_d": ppl["c_compressed"] < ppl["d_last_tokens"],
+            "ttft": rows, "ttft_speedup_1024": by_len[1024]["ttft_speedup"] if 1024 in by_len else None,
+            "break_even_context_tokens": break_even(rows), "peak_memory_1024": peak,
+            "variant": variant, "threads": threads, "target": "cpu-ort", "parity_fp32": manifest.get("parity_fp32"),
+            "training": manifest.get("training"), "corpus": corpus.info, "eval_samples": len(pool)}

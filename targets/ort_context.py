@@ -1,0 +1,117 @@
+"""Running an exported context compressor with ONNX Runtime: the chain an app follows.
+
+An export folder (``edgec context export``) holds ``manifest.json`` and three graphs:
+
+- ``encoder.onnx``: ``window_ids`` (windows, window_tokens) int64 → ``memory`` (windows,
+  memory_per_window, hidden) float32 — the decoder's first blocks and the projector;
+- ``embed.onnx``: ``input_ids`` (batch, seq) int64 → ``inputs_embeds`` (batch, seq, hidden) float32;
+- ``decoder-<variant>/model.onnx``: the decoder without its embedding (ONNX Runtime GenAI's builder,
+  ``inputs_embeds``, KV cache), one folder per precision variant.
+
+The chain (:meth:`ContextRuntime.prefix`): drop the context's oldest ``len % group_tokens`` tokens, cut
+it into windows of ``window_tokens`` (the last one right-padded with ``doc_start_id``), run the encoder,
+keep the first ``len // group_tokens`` memory rows, then feed the decoder
+``[embed(doc_start_id) ; memory ; embed(prompt)]``. The memory-token count is part of the manifest and
+of the encoder graph; a mismatch between them is refused when loading.
+
+Imports only numpy and onnxruntime.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgec.errors import ModelError
+
+MANIFEST_FORMAT = "edgec-context-export/1"
+
+
+class ContextRuntime:
+    """The exported compressor's sessions. ``folder``: an export folder; ``variant``: the decoder's
+    precision variant named in the manifest; ``threads``: intra-op threads per session. Raises
+    :class:`ModelError` for a missing/foreign manifest, a missing graph or a memory-token mismatch."""
+
+    def __init__(self, folder: Path, variant: str = "fp32", threads: int = 2) -> None:
+        from edgec.targets.ort_generate import Decoder, session
+
+        folder = Path(folder)
+        try:
+            m = json.loads((folder / "manifest.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelError(f"no readable manifest.json in {folder}", " ".join(str(e).split())[:160],
+                             "export the compressor with edgec context export") from None
+        if m.get("format") != MANIFEST_FORMAT:
+            raise ModelError(f"{folder}/manifest.json is not an edgec context export", f"format {m.get('format')!r}",
+                             "export it again with edgec context export")
+        if variant not in m["decoders"]:
+            raise ModelError(f"the export has no decoder variant {variant!r}", f"it has {', '.join(m['decoders'])}",
+                             "pick one of those")
+        self.manifest = m
+        spec = m["compressor"]
+        self.group, self.window = int(spec["group_tokens"]), int(spec["window_tokens"])
+        self.memory_per_window, self.doc_start = int(m["memory_per_window"]), int(m["doc_start_id"])
+        paths = {"encoder": folder / m["encoder"]["path"], "embed": folder / m["embed"]["path"],
+                 "decoder": folder / m["decoders"][variant]["path"]}
+        for name, p in paths.items():
+            if not p.is_file():
+                raise ModelError(f"the export is missing its {name} graph", f"{p} does not exist",
+                                 "export it again with edgec context export")
+        self.encoder = session(str(paths["encoder"]), threads)
+        out_shape = self.encoder.get_outputs()[0].shape
+        if len(out_shape) != 3 or out_shape[1] != self.memory_per_window:
+            raise ModelError("the encoder graph does not match the manifest",
+                             f"it emits {out_shape[1] if len(out_shape) == 3 else out_shape} memory embeddings per "
+                             f"window, the manifest says {self.memory_per_window}",
+                             "export the compressor again; memory-token counts are fixed by training")
+        self.embed_sess = session(str(paths["embed"]), threads)
+        self.decoder = Decoder(session(str(paths["decoder"]), threads))
+        self.decoder.embed = self.embed
+
+    def embed(self, ids) -> np.ndarray:
+        """Token ids (1, n) or (n,) int64 → (1, n, hidden) float32."""
+        ids = np.asarray(ids, np.int64).reshape(1, -1)
+        return self.embed_sess.run(None, {"input_ids": ids})[0]
+
+    def memory(self, context_ids) -> np.ndarray:
+        """A context (L,) int → memory (L // group_tokens, hidden) float32."""
+        ids = np.asarray(context_ids, np.int64)
+        ids = ids[len(ids) % self.group:]
+        m = len(ids) // self.group
+        n = max(1, math.ceil(len(ids) / self.window))
+        win = np.full((n, self.window), self.doc_start, np.int64)
+        win.reshape(-1)[: len(ids)] = ids
+        mem = self.encoder.run(None, {"window_ids": win})[0]
+        return mem.reshape(-1, mem.shape[-1])[:m]
+
+    def prefix(self, context_ids, prompt_ids) -> np.ndarray:
+        """``[embed(doc_start) ; memory(context) ; embed(prompt)]`` (n, hidden) float32."""
+        parts = [self.embed([self.doc_start])[0]]
+        if len(context_ids):
+            parts.append(self.memory(context_ids))
+        parts.append(self.embed(prompt_ids)[0])
+        return np.concatenate(parts)
+
+    def full_prefix(self, context_ids, prompt_ids) -> np.ndarray:
+        """``embed([doc_start] + context + prompt)`` (n, hidden): the uncompressed baseline."""
+        return self.embed([self.doc_start, *list(context_ids), *list(prompt_ids)])[0]
+
+    def ttft_s(self, context_ids, prompt_ids, compressed: bool) -> tuple[float, int]:
+        """Seconds from the token ids to the first new token (embedding, encoder + projector when
+        ``compressed``, decoder prefill, argmax), and that token."""
+        t0 = time.perf_counter()
+        x = self.prefix(context_ids, prompt_ids) if compressed else self.full_prefix(context_ids, prompt_ids)
+        logits, _ = self.decoder._run(x[None], self.decoder._empty_past(), 0)
+        tok = int(np.argmax(logits))
+        return time.perf_counter() - t0, tok
+
+    def generate(self, context_ids, prompt_ids, new_tokens: int, compressed: bool = True,
+                 eos_id: int | None = None) -> dict:
+        """Greedy continuation of ``prompt_ids`` given a context (compressed or as text); see
+        :meth:`edgec.targets.ort_generate.Decoder.generate` for the result."""
+        x = self.prefix(context_ids, prompt_ids) if compressed else self.full_prefix(context_ids, prompt_ids)
+        return self.decoder.generate(x, new_tokens, eos_id)

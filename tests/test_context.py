@@ -1,0 +1,225 @@
+"""The context compressor: memory layout, projector, checkpoints, export parity and the CLI — on a tiny
+random Llama so it takes seconds (the SmolLM2 numbers come from `edgec context eval`, see README)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edgec.errors import ConfigError, ModelError
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    lm = LlamaForCausalLM(cfg).eval()
+    lm.config._attn_implementation = "eager"
+    return lm
+
+
+def _spec(**kw):
+    from edgec.compile.context import CompressorSpec
+
+    return CompressorSpec(**{"encoder_layers": 2, "group_tokens": 4, "window_tokens": 16, "projector_hidden": 8,
+                             "hidden_size": 32, "decoder": "tiny", **kw})
+
+
+def test_windows_drop_the_oldest_remainder_and_pad_the_last_window(tiny_lm):
+    from edgec.compile.context import Compressor
+
+    comp = Compressor(tiny_lm, _spec())
+    win, m = comp.windows(np.arange(1, 23), pad_id=0)  # 22 tokens: 2 dropped, 20 kept → 5 memory rows
+    assert m == 5
+    assert win.shape == (2, 16)
+    assert win[0, 0] == 3 and win[1, 3] == 22 and (win[1, 4:] == 0).all()
+
+
+def test_right_padding_does_not_change_the_memory_of_real_tokens(tiny_lm):
+    """The encoder is causal, so the padded last window gives the same memory as the real tokens alone."""
+    import torch
+
+    from edgec.compile.context import Compressor
+
+    comp = Compressor(tiny_lm, _spec())
+    ids = np.random.default_rng(0).integers(3, 40, 24)
+    with torch.no_grad():
+        padded = comp.memory(ids, pad_id=0)  # 24 tokens → windows of 16 + 8 (+8 padding)
+        other_pad = comp.memory(ids, pad_id=7)
+        exact_second = comp.encode_windows(torch.from_numpy(ids[16:24].reshape(1, 8)))
+    assert padded.shape == (6, 32)
+    torch.testing.assert_close(padded, other_pad)
+    torch.testing.assert_close(padded[4:], exact_second[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_untrained_projector_emits_the_embedding_scaled_group_mean(tiny_lm):
+    import torch
+
+    from edgec.compile.context import Compressor
+
+    comp = Compressor(tiny_lm, _spec(encoder_layers=0))
+    ids = np.arange(3, 19)
+    with torch.no_grad():
+        mem = comp.memory(ids)
+        e = tiny_lm.model.embed_tokens(torch.from_numpy(ids))
+        e = e * torch.rsqrt(e.pow(2).mean(-1, keepdim=True) + 1e-6)
+        rms = tiny_lm.model.embed_tokens.weight.pow(2).mean().sqrt()
+    torch.testing.assert_close(mem, e.reshape(4, 4, 32).mean(1) * rms, rtol=1e-4, atol=1e-5)
+
+
+def test_the_decoder_only_gets_gradients_into_the_projector(tiny_lm):
+    import torch
+
+    from edgec.compile.context import Compressor
+
+    comp = Compressor(tiny_lm, _spec())
+    mem = comp.memory(np.arange(3, 35))[None]
+    loss = comp.target_nll(mem, torch.arange(3, 11)[None])
+    loss.backward()
+    assert all(p.grad is None for p in tiny_lm.parameters())
+    assert comp.projector.up.weight.grad is not None and comp.projector.linear.weight.grad.abs().sum() > 0
+
+
+def test_spec_checks_and_weights_of_another_memory_count_are_refused(tiny_lm):
+    from edgec.compile.context import Compressor, CompressorSpec, load_projector, trainable_state
+
+    with pytest.raises(ConfigError, match="multiple of group_tokens"):
+        _spec(window_tokens=18).check()
+    with pytest.raises(ConfigError, match="encoder_layers 5"):
+        Compressor(tiny_lm, _spec(encoder_layers=5))
+    with pytest.raises(ModelError, match="unknown keys"):
+        CompressorSpec.from_dict({**_spec().to_dict(), "memory": 3})
+    assert CompressorSpec.from_dict(_spec().to_dict()) == _spec()
+    trained = trainable_state(Compressor(tiny_lm, _spec(group_tokens=4)).projector)
+    with pytest.raises(ModelError, match="do not match its spec"):
+        load_projector(_spec(group_tokens=8), trained)
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    from edgec.context_job import Corpus, TrainSettings, batch_for
+
+    rng = np.random.default_rng(1)
+    corpus = Corpus([rng.integers(0, 50, n) for n in (300, 2000, 5000)], [], {})
+    s = TrainSettings(restore_steps=2, continue_steps=3, batch_size=3)
+    st, c, t = batch_for(1, s, corpus, 256)
+    assert st == "restoration" and c.shape == (3, 256) and (c == t).all()
+    st2, c2, t2 = batch_for(4, s, corpus, 256)
+    assert st2 == "continuation" and c2.shape[1] in (256, 512, 768, 1024) and t2.shape == (3, 128)
+    for a, b in zip(batch_for(4, s, corpus, 256)[1:], (c2, t2)):
+        assert (a == b).all()
+    assert not (batch_for(4, TrainSettings(restore_steps=2, continue_steps=3, batch_size=3, seed=1), corpus, 256)[2]
+                == t2).all()
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"restore_steps": 0, "continue_steps": 0}, "nothing to train"),
+    ({"batch_size": 0}, "--batch-size 0"),
+    ({"lr": float("nan")}, "--lr nan"),
+    ({"seed": -1}, "--seed -1"),
+    ({"group_tokens": 7}, "--group-tokens 7 does not divide"),
+    ({"distill": -1.0}, "--distill -1.0"),
+])
+def test_train_settings_are_checked(kw, message):
+    from edgec.context_job import TrainSettings
+
+    with pytest.raises(ConfigError, match=message):
+        TrainSettings(**kw).check()
+
+
+def test_break_even_interpolates_where_compression_starts_to_pay():
+    from edgec.context_job import break_even
+
+    rows = [{"context_tokens": 64, "ttft_speedup": 0.5}, {"context_tokens": 128, "ttft_speedup": 1.5},
+            {"context_tokens": 256, "ttft_speedup": 3.0}]
+    assert break_even(rows) == 96.0
+    assert break_even(rows[1:]) == 128.0
+    assert break_even(rows[:1]) is None
+
+
+def test_eval_without_a_trained_compressor_says_how_to_train(tmp_path, capsys):
+    from edgec.cli import main
+
+    assert main(["context", "eval", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "no trained compressor" in err and "edgec context train" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_train_resume_export_and_eval_end_to_end(tmp_path, capsys):
+    """Train a few steps on a tiny random Llama, interrupt-and-resume gives the same weights as one run,
+    the export matches PyTorch and runs through the app's chain, eval writes its figures."""
+    pytest.importorskip("onnxruntime_genai")
+    import torch
+    from safetensors.torch import load_file
+
+    from edgec.cli import main
+    from edgec.context_job import TrainSettings, train
+    from edgec.targets.ort_context import ContextRuntime
+    from test_decoder import tiny_llama_dir
+
+    hf = tmp_path / "tiny"
+    tiny_llama_dir(hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["max_position_embeddings"] = 4096
+    (hf / "config.json").write_text(json.dumps(cfg))
+
+    class Quiet:
+        def stage(self, *a, **k): ...
+        def advance(self, *a, **k): ...
+        def log(self, *a): ...
+
+    base = dict(decoder=str(hf), restore_steps=2, continue_steps=2, batch_size=2, checkpoint_every=1,
+                encoder_layers=1)
+    one, two = tmp_path / "one", tmp_path / "two"
+    meta = train(TrainSettings(out=str(one), **base), Quiet())
+    assert meta["training"]["steps"] == 4 and not (one / "checkpoint.json").exists()
+
+    class Stop(Quiet):
+        def advance(self, done, total=None, note=""):
+            if done == 4:  # after step 3's checkpoint, during step 4
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainSettings(out=str(two), **base), Stop())
+    assert json.loads((two / "checkpoint.json").read_text())["step"] == 3
+    with pytest.raises(ConfigError, match="another training run.*seed"):
+        train(TrainSettings(out=str(two), **{**base, "seed": 1}), Quiet())
+    train(TrainSettings(out=str(two), **base), Quiet())  # resumes at step 3
+    w1, w2 = (load_file(str(d / "compressor.safetensors")) for d in (one, two))
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k])
+    assert w1["down.weight"].abs().sum() > 0  # zero-initialized: training moved it
+    with pytest.raises(ConfigError, match="already holds"):
+        train(TrainSettings(out=str(one), **base), Quiet())
+
+    assert main(["context", "export", str(one), "--variants", "fp32,int8w"]) == 0
+    manifest = json.loads((one / "onnx" / "manifest.json").read_text())
+    assert manifest["parity_fp32"]["memory_max_abs_diff"] < 1e-3 and manifest["memory_per_window"] == 32
+    rt = ContextRuntime(one / "onnx")
+    ids = np.arange(3, 3 + 300) % 90 + 3
+    out = rt.generate(ids[:296], ids[296:], 4)
+    assert len(out["tokens"]) == 4
+    # a manifest whose memory count disagrees with the encoder graph is refused
+    bad = dict(manifest, memory_per_window=16)
+    (one / "onnx" / "manifest.json").write_text(json.dumps(bad))
+    with pytest.raises(ModelError, match="memory"):
+        ContextRuntime(one / "onnx")
+    (one / "onnx" / "manifest.json").write_text(json.dumps(manifest))
+
+    figures = tmp_path / "figures.json"
+    assert main(["context", "eval", str(one), "--samples", "4", "--context-tokens", "256",
+                 "--json", str(figures)]) == 0
+    r = json.loads(figures.read_text())
+    assert set(r["conditions"]) <= set(r["perplexity"]) and r["compression_ratio"] == 8
+    assert r["ttft_speedup_1024"] > 0 and all(row["kind"] == "measured" for row in r["ttft"])
+    assert (one / "report.html").read_text().count("data:image/png") == 2
+    w = load_file(str(one / "compressor.safetensors"))
+    assert all(torch.isfinite(v).all() for v in w.values())
