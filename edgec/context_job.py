@@ -151,12 +151,12 @@ def _lr_at(step: int, total: int, lr: float) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
-def _atomic_tensors(path: Path, tensors: dict) -> None:
+def _atomic_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
     try:
-        save_file(tensors, str(tmp))
+        save_file(tensors, str(tmp), metadata=metadata)
         make_readable(tmp)
         os.replace(tmp, path)
     finally:
@@ -207,7 +207,6 @@ def train(settings: TrainSettings, progress) -> dict:
     :class:`OutputDirError` when it cannot be written, :class:`ModelError` for a decoder that is not
     Llama-family."""
     import torch
-    from safetensors.torch import load_file
 
     from edgec.compile.context import Compressor, CompressorSpec, trainable_state
 
@@ -246,14 +245,28 @@ def train(settings: TrainSettings, progress) -> dict:
     total = settings.restore_steps + settings.continue_steps
     start, history, elapsed = 0, [], 0.0
     if ckpt_meta.exists() and not settings.force:
-        m = json.loads(ckpt_meta.read_text())
+        damaged = ModelError(f"the checkpoint in {out} is damaged", "checkpoint.json and checkpoint.safetensors "
+                             "do not belong together or cannot be read", "pass --force to start over")
+        try:
+            m = json.loads(ckpt_meta.read_text())
+            from safetensors import safe_open
+
+            with safe_open(str(ckpt), "pt") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                step_in_tensors = (f.metadata() or {}).get("step")
+        except Exception as e:  # noqa: BLE001 — json, OS and safetensors' own error types
+            raise damaged from e
+        if not isinstance(m, dict) or str(m.get("step")) != step_in_tensors:
+            raise damaged
         if m.get("identity") != settings.identity():
             diff = sorted(k for k in settings.identity() if m.get("identity", {}).get(k) != settings.identity()[k])
             raise ConfigError(f"{out} holds a checkpoint of another training run", f"options differ: {', '.join(diff)}",
                               "rerun with the same options to resume, --force to start over, or --out another folder")
-        tensors = load_file(str(ckpt))
-        comp.projector.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optim.")})
-        _load_optimizer(opt, tensors)
+        try:
+            comp.projector.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("optim.")})
+            _load_optimizer(opt, tensors)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise damaged from e
         start, history, elapsed = int(m["step"]), m["history"], float(m["elapsed_s"])
         progress.log(f"resuming from step {start} of {total}")
     start_doc = torch.tensor([[doc_start]])
@@ -292,7 +305,9 @@ def train(settings: TrainSettings, progress) -> dict:
                         "context_tokens": int(contexts.shape[1])})
         progress.advance(step + 1, total, f"loss {np.mean(running[-20:]):.3f}")
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == total:
-            _atomic_tensors(ckpt, {**trainable_state(comp.projector), **_optimizer_tensors(opt)})
+            # the step is in both files: a crash between the two writes is detected on resume
+            _atomic_tensors(ckpt, {**trainable_state(comp.projector), **_optimizer_tensors(opt)},
+                            {"step": str(step + 1)})
             write_atomic(ckpt_meta, json.dumps({"identity": settings.identity(), "step": step + 1,
                                                 "history": history, "elapsed_s": time.perf_counter() - t0}))
     train_s = time.perf_counter() - t0

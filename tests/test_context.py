@@ -192,6 +192,11 @@ def test_train_resume_export_and_eval_end_to_end(tmp_path, capsys):
     assert json.loads((two / "checkpoint.json").read_text())["step"] == 3
     with pytest.raises(ConfigError, match="another training run.*seed"):
         train(TrainSettings(out=str(two), **{**base, "seed": 1}), Quiet())
+    good = (two / "checkpoint.json").read_text()
+    (two / "checkpoint.json").write_text(good.replace('"step": 3', '"step": 2'))  # not the tensors' step
+    with pytest.raises(ModelError, match="damaged"):
+        train(TrainSettings(out=str(two), **base), Quiet())
+    (two / "checkpoint.json").write_text(good)
     train(TrainSettings(out=str(two), **base), Quiet())  # resumes at step 3
     w1, w2 = (load_file(str(d / "compressor.safetensors")) for d in (one, two))
     for k in w1:
