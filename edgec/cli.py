@@ -241,8 +241,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"edgec: error: {e.line()}\n")
         return e.exit_code
     except KeyboardInterrupt:
-        sys.stderr.write("edgec: interrupted — rerun the same command with --resume to continue\n"
-                         if args.command == "compile" else "edgec: interrupted\n")
+        if args.command == "compile":
+            sys.stderr.write("edgec: interrupted — rerun the same command with --resume to continue\n")
+        elif args.command == "context" and args.context_command == "train":
+            sys.stderr.write("edgec: interrupted — rerun the same command to resume from the last checkpoint "
+                             "(one every 25 steps; none before step 25)\n")
+        else:
+            sys.stderr.write("edgec: interrupted\n")
         return 130
 
 
@@ -271,7 +276,7 @@ def cmd_context(args: argparse.Namespace) -> int:
 
     from edgec import context_job as job
     from edgec.compile.package import write_atomic
-    from edgec.report import context_html
+    from edgec.report import break_even_text, context_html
 
     out = _stdout_console()
     if args.context_command == "train":
@@ -282,11 +287,12 @@ def cmd_context(args: argparse.Namespace) -> int:
         with _RichProgress(Console(stderr=True)) as progress:
             meta = job.train(settings, progress)
         t = meta["training"]
-        out.print(f"Compressor trained in {t['train_s'] / 60:.1f} min ({t['steps']} steps, "
+        out.print(f"Compressor trained in {t['train_s'] / 60:.1f} min of training (all runs of it; {t['steps']} steps, "
                   f"{meta['trainable_parameters'] / 1e6:.1f}M trainable parameters, "
                   f"{meta['spec']['group_tokens']}× compression); final losses "
-                  + ", ".join(f"{k} {v:.3f}" for k, v in t["final_loss"].items()) + f": {args.out}")
-        out.print(f"Next: edgec context eval {args.out}")
+                  + ", ".join(f"{k} {v:.3f}" for k, v in t["final_loss"].items()) + f" (means of each stage's last 25 "
+                  f"steps): {args.out}")
+        out.print(f"Next: edgec context export {args.out}  (edgec context eval {args.out} exports first when needed)")
         return 0
     if args.context_command == "export":
         variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
@@ -320,9 +326,12 @@ def cmd_context(args: argparse.Namespace) -> int:
                   f"{r['compressed_ttft_ms']:.1f}", f"{r['encoder_ms']:.1f}", f"{r['ttft_speedup']:.2f}×")
     out.print(t)
     gap = result["gap_closure"]
-    out.print(f"gap closure {'n/a' if gap is None else f'{gap * 100:.1f} %'} · compressed beats last-N text: {result['c_beats_d']} · "
-              f"TTFT speed-up at 1024 tokens {result['ttft_speedup_1024'] or float('nan'):.2f}× · break-even context "
-              f"{result['break_even_context_tokens']} tokens · compression {result['compression_ratio']}×")
+    out.print(f"gap closure {'n/a' if gap is None else f'{gap * 100:.1f} %'} · compressed beats last-N text: "
+              f"{result['c_beats_d']} · TTFT speed-up at 1024 tokens {result['ttft_speedup_1024'] or float('nan'):.2f}× · "
+              f"break-even context {break_even_text(result)} · compression {result['compression_ratio']}×")
+    for mode, d in (result.get("peak_memory_1024") or {}).items():
+        out.print(f"peak memory at 1024 tokens, {mode}: {d['peak_rss_bytes'] / 2**20:.0f} MiB resident "
+                  f"({d['inference_peak_bytes'] / 2**20:.0f} MiB above the loaded sessions)")
     write_atomic(html_path, context_html(result))
     if json_path:
         write_atomic(json_path, json.dumps(result, indent=1))

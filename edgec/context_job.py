@@ -191,7 +191,10 @@ def load_decoder(name: str):
     from edgec.compile.hf_source import load_causal_lm, resolve
     from edgec.pipeline import cache_root
 
-    hf = resolve(name, cache_root())
+    try:
+        hf = resolve(name, cache_root())
+    except ConfigError as e:  # resolve speaks of compile's --model
+        raise ConfigError(e.what.replace("--model", "--decoder", 1), e.why, e.fix) from None
     if hf.task != "text-generation":
         raise ConfigError(f"--decoder {name} is not a causal LM", f"its task is {hf.task}",
                           "give smollm2, a Llama-family GGUF file or Hugging Face directory")
@@ -208,7 +211,7 @@ def train(settings: TrainSettings, progress) -> dict:
     Llama-family."""
     import torch
 
-    from edgec.compile.context import Compressor, CompressorSpec, trainable_state
+    from edgec.compile.context import Compressor, CompressorSpec
 
     settings.check()
     out = Path(settings.out)
@@ -269,6 +272,23 @@ def train(settings: TrainSettings, progress) -> dict:
             raise damaged from e
         start, history, elapsed = int(m["step"]), m["history"], float(m["elapsed_s"])
         progress.log(f"resuming from step {start} of {total}")
+    try:
+        return _train_loop(settings, comp, corpus, opt, spec, hf, doc_start, start, history, elapsed, progress)
+    except BaseException:
+        if created and not ckpt.exists():  # interrupted before the first checkpoint: nothing to resume
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _train_loop(settings, comp, corpus, opt, spec, hf, doc_start, start, history, elapsed, progress) -> dict:
+    import torch
+
+    from edgec.compile.context import trainable_state
+
+    out = Path(settings.out)
+    weights, meta_path = compressor_paths(out)
+    ckpt, ckpt_meta = out / "checkpoint.safetensors", out / "checkpoint.json"
+    total = settings.restore_steps + settings.continue_steps
     start_doc = torch.tensor([[doc_start]])
     t0 = time.perf_counter() - elapsed
     stage_name, running = None, []
@@ -276,8 +296,8 @@ def train(settings: TrainSettings, progress) -> dict:
         stage, contexts, targets = batch_for(step, settings, corpus, spec.window_tokens)
         if stage != stage_name:
             stage_name, running = stage, []
-            progress.stage(f"{stage} ({settings.restore_steps if stage == 'restoration' else settings.continue_steps} steps)",
-                           total)
+            first, last = (1, settings.restore_steps) if stage == "restoration" else (settings.restore_steps + 1, total)
+            progress.stage(f"{stage}, steps {first}–{last} of", total)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, total, settings.lr)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -303,7 +323,7 @@ def train(settings: TrainSettings, progress) -> dict:
         running.append(float(loss.detach()))
         history.append({"step": step + 1, "stage": stage, "loss": round(running[-1], 4),
                         "context_tokens": int(contexts.shape[1])})
-        progress.advance(step + 1, total, f"loss {np.mean(running[-20:]):.3f}")
+        progress.advance(step + 1, total, f"loss {np.mean(running[-20:]):.3f} (mean of the last 20 steps)")
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == total:
             # the step is in both files: a crash between the two writes is detected on resume
             _atomic_tensors(ckpt, {**trainable_state(comp.projector), **_optimizer_tensors(opt)},
@@ -545,13 +565,26 @@ def export(folder: Path, variants: tuple[str, ...], threads: int, progress) -> d
             "embed": {"path": "embed.onnx", "inputs": {"input_ids": ["batch", "seq", "int64"]},
                       "outputs": {"inputs_embeds": ["batch", "seq", spec.hidden_size, "float32"]}},
             "decoders": decoders, "tokenizer": tok_files,
+            "compressor_sha256": sha256_file(compressor_paths(folder)[0]),
+            "eos_token_id": comp.lm.config.eos_token_id,
+            "decoder_io": {"inputs": ["inputs_embeds (batch, seq, hidden) float32",
+                                      "attention_mask (batch, past + seq) int64, ones",
+                                      "past_key_values.<i>.key|value (batch, kv_heads, past, head_dim) float32"],
+                           "outputs": ["logits (batch, seq, vocab) float32",
+                                       "present.<i>.key|value (batch, kv_heads, past + seq, head_dim) float32"],
+                           "layers": comp.lm.config.num_hidden_layers,
+                           "kv_heads": comp.lm.config.num_key_value_heads,
+                           "head_dim": getattr(comp.lm.config, "head_dim", None)
+                           or comp.lm.config.hidden_size // comp.lm.config.num_attention_heads,
+                           "genai_config": "decoder-<variant>/genai_config.json"},
             "chain": ["tokenize the context and the prompt with the tokenizer (no special tokens)",
                       f"drop the context's oldest len % {spec.group_tokens} tokens; cut it into windows of "
                       f"{spec.window_tokens} tokens, right-padding the last with doc_start_id",
                       f"memory = encoder(window_ids).reshape(-1, {spec.hidden_size})[: len // {spec.group_tokens}]",
                       "prefix = concat(embed([doc_start_id]), memory, embed(prompt_ids))",
-                      "decoder: inputs_embeds = prefix[None], attention_mask = ones, empty past_key_values; "
-                      "then one embed(token) per generated token with the returned cache"],
+                      "decoder: inputs_embeds = prefix[None], attention_mask = ones(1, len(prefix)), past_key_values "
+                      "of length 0; then per generated token: inputs_embeds = embed([[token]]), attention_mask = "
+                      "ones(1, past + 1), past_key_values = the previous step's present; stop at eos_token_id"],
             "decoder_source": meta["decoder_source"], "training": {k: v for k, v in meta["training"].items()
                                                                    if k != "history"},
         }
@@ -706,8 +739,20 @@ def evaluate(folder: Path, context_tokens: int, samples: int, variant: str, thre
     ppl["eval_s"] = round(time.perf_counter() - t0, 1)
     ppl["context_tokens"], ppl["target_tokens"] = context_tokens, 128
     export_dir = folder / "onnx"
-    if not (export_dir / "manifest.json").is_file():
-        export(folder, ("fp32", "int8w"), threads, progress)
+    stale = None
+    if (export_dir / "manifest.json").is_file():
+        try:
+            old = json.loads((export_dir / "manifest.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        if old.get("compressor_sha256") != sha256_file(compressor_paths(folder)[0]):
+            stale = old
+    if stale is not None or not (export_dir / "manifest.json").is_file():
+        if stale is not None:
+            progress.log(f"{export_dir} was exported " + ("from other weights (the compressor was retrained)"
+                         if stale.get("compressor_sha256") else "by an older edgec") + ": exporting again")
+        variants = tuple(stale.get("decoders") or ("fp32", "int8w")) if stale else ("fp32", "int8w")
+        export(folder, variants, threads, progress)
     from edgec.targets.ort_context import ContextRuntime
 
     manifest = json.loads((export_dir / "manifest.json").read_text())
@@ -727,8 +772,8 @@ def evaluate(folder: Path, context_tokens: int, samples: int, variant: str, thre
         progress.stage("peak memory at 1024 tokens (one process per mode)")
         peak = peak_memory(export_dir, variant, threads, stream[:1024 + PROMPT_TOKENS], 1024)
     by_len = {r["context_tokens"]: r for r in rows}
-    spec = comp_spec = manifest["compressor"]
-    return {"compressor": folder.as_posix(), "spec": comp_spec, "compression_ratio": spec["group_tokens"],
+    spec = manifest["compressor"]
+    return {"compressor": folder.as_posix(), "spec": spec, "compression_ratio": spec["group_tokens"],
             "memory_per_window": manifest["memory_per_window"], "conditions": CONDITIONS, "perplexity": ppl,
             "gap_closure": ppl["gap_closure"], "c_beats_d": ppl["c_compressed"] < ppl["d_last_tokens"],
             "ttft": rows, "ttft_speedup_1024": by_len[1024]["ttft_speedup"] if 1024 in by_len else None,

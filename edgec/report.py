@@ -589,6 +589,16 @@ def context_plots_png(result: dict) -> tuple[bytes, bytes]:
     return bars, _png(fig)
 
 
+def break_even_text(result: dict) -> str:
+    """The break-even context length of ``edgec context eval``'s result, in words."""
+    be = result["break_even_context_tokens"]
+    if be is None:
+        return "never within the lengths measured"
+    if be == result["ttft"][0]["context_tokens"]:
+        return f"≤ {be:g} tokens (compression pays at every length measured)"
+    return f"{be:g} tokens"
+
+
 def context_html(result: dict) -> str:
     """``edgec context eval``'s report: perplexity under every condition, TTFT, memory, plots."""
     e = html.escape
@@ -608,7 +618,7 @@ def context_html(result: dict) -> str:
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>edgec context eval</title>
 <style>{_STYLE}</style></head><body>
 <h1>Context compressor — {e(result['spec']['decoder'])}, {result['compression_ratio']}× compression</h1>
-<p>Encoder: the decoder's first {result['spec']['encoder_layers']} blocks + projector; {result['memory_per_window']}
+<p>Encoder: the decoder's first {result['spec']['encoder_layers']} block(s) + projector; {result['memory_per_window']}
 memory embeddings per {result['spec']['window_tokens']}-token window. Trained {t.get('steps', '?')} steps
 ({t.get('restore_steps', '?')} restoration, {t.get('continue_steps', '?')} continuation) in
 {(t.get('train_s') or 0) / 60:.1f} min on {t.get('threads', '?')} CPU threads. Evaluation text: {e(result['corpus']['eval'])}.</p>
@@ -622,7 +632,7 @@ memory embeddings per {result['spec']['window_tokens']}-token window. Trained {t
 <img alt="perplexity per condition" src="data:image/png;base64,{bars}">
 <h2>Time to first token on cpu-ort (measured)</h2>
 <p>Speed-up at 1024 tokens: <b>{'n/a' if result['ttft_speedup_1024'] is None else f"{result['ttft_speedup_1024']:.2f}×"}</b>; break-even context:
-<b>{result['break_even_context_tokens']}</b> tokens. A {result['ttft'][0]['prompt_tokens']}-token prompt follows the context; medians of
+<b>{break_even_text(result)}</b>. A {result['ttft'][0]['prompt_tokens']}-token prompt follows the context; medians of
 interleaved runs.</p>
 <table><tr><th>context tokens</th><th>memory</th><th>full prefill ms</th><th>compressed ms</th>
 <th>of which encoder ms</th><th>speed-up</th></tr>{rows}</table>

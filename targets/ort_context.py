@@ -32,7 +32,8 @@ MANIFEST_FORMAT = "edgec-context-export/1"
 
 
 class ContextRuntime:
-    """The exported compressor's sessions. ``folder``: an export folder; ``variant``: the decoder's
+    """The exported compressor's sessions. ``folder``: an export folder (or the compressor's folder
+    holding it as ``onnx/``); ``variant``: the decoder's
     precision variant named in the manifest; ``threads``: intra-op threads per session. Raises
     :class:`ModelError` for a missing/foreign manifest, a missing graph or a memory-token mismatch."""
 
@@ -40,6 +41,8 @@ class ContextRuntime:
         from edgec.targets.ort_generate import Decoder, session
 
         folder = Path(folder)
+        if not (folder / "manifest.json").exists() and (folder / "onnx" / "manifest.json").exists():
+            folder = folder / "onnx"  # the compressor's folder: its export is in onnx/
         try:
             m = json.loads((folder / "manifest.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
@@ -111,7 +114,10 @@ class ContextRuntime:
 
     def generate(self, context_ids, prompt_ids, new_tokens: int, compressed: bool = True,
                  eos_id: int | None = None) -> dict:
-        """Greedy continuation of ``prompt_ids`` given a context (compressed or as text); see
-        :meth:`edgec.targets.ort_generate.Decoder.generate` for the result."""
+        """Greedy continuation of ``prompt_ids`` given a context (compressed or as text), stopping at ``eos_id``
+        (default: the manifest's ``eos_token_id``); see :meth:`edgec.targets.ort_generate.Decoder.generate`
+        for the result."""
+        if eos_id is None:
+            eos_id = self.manifest.get("eos_token_id")
         x = self.prefix(context_ids, prompt_ids) if compressed else self.full_prefix(context_ids, prompt_ids)
         return self.decoder.generate(x, new_tokens, eos_id)

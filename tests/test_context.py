@@ -228,3 +228,11 @@ def test_train_resume_export_and_eval_end_to_end(tmp_path, capsys):
     assert (one / "report.html").read_text().count("data:image/png") == 2
     w = load_file(str(one / "compressor.safetensors"))
     assert all(torch.isfinite(v).all() for v in w.values())
+    # retrained: eval sees that the export belongs to the old weights and exports again
+    from edgec.compile.package import sha256_file
+
+    train(TrainSettings(out=str(one), **{**base, "seed": 3, "force": True}), Quiet())
+    assert main(["context", "eval", str(one), "--samples", "2", "--context-tokens", "256"]) == 0
+    again = json.loads((one / "onnx" / "manifest.json").read_text())
+    assert again["compressor_sha256"] == sha256_file(one / "compressor.safetensors") != manifest["compressor_sha256"]
+    assert set(again["decoders"]) == {"fp32", "int8w"}
