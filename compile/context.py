@@ -94,10 +94,17 @@ class CompressorSpec:
         if not isinstance(d, dict) or set(d) - known:
             raise ModelError("the compressor's spec is not readable", f"unknown keys {sorted(set(d) - known)}"
                              if isinstance(d, dict) else "not an object", "retrain it with edgec context train")
+        if any(not isinstance(v, str if k == "decoder" else int) or isinstance(v, bool) for k, v in d.items()):
+            raise ModelError("the compressor's spec is not readable", "decoder must be a string, the rest integers",
+                             "retrain it with edgec context train --force")
+        spec = cls(**d)
         try:
-            spec = cls(**{k: (str(v) if k == "decoder" else int(v)) for k, v in d.items()})
-        except (TypeError, ValueError) as e:
-            raise ModelError("the compressor's spec is not readable", str(e), "retrain it") from None
+            spec.check()
+        except ConfigError as e:
+            raise ModelError("the compressor's spec is damaged", e.what, "retrain it with edgec context train --force") \
+                from None
+        if not 1 <= spec.hidden_size <= 65536:
+            raise ModelError("the compressor's spec is damaged", f"hidden_size {spec.hidden_size}", "retrain it")
         return spec
 
 

@@ -251,19 +251,26 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _check_writable(*paths: Path | None) -> None:
-    """Refuse, before any work, report paths that cannot be written (one-line :class:`ConfigError`)."""
+def _check_writable(*paths: Path | None, protect: tuple[Path, ...] = ()) -> None:
+    """Refuse, before any work, report paths that cannot be written (one-line :class:`ConfigError`): the same
+    path twice, a folder, a special file (/dev/null), a missing or read-only folder, an existing read-only
+    file, or one of the files in ``protect`` (inputs the report would replace)."""
     from edgec.errors import ConfigError
 
     given = [p for p in paths if p]
     if len({p.resolve() for p in given}) < len(given):
         raise ConfigError(f"the same file is given twice: {given[0]}", "one report would overwrite the other",
                           "pass different paths")
+    protected = {q.resolve() for q in protect}
     for p in given:
-        why = "it is a folder" if p.is_dir() else None if p.parent.is_dir() else "its folder does not exist"
+        why = ("it is a folder" if p.is_dir() else "it is not a regular file" if p.exists() and not p.is_file()
+               else "it is one of the inputs" if p.resolve() in protected
+               else None if p.parent.is_dir() else "its folder does not exist")
         if why is None:
             try:
                 tempfile.TemporaryFile(dir=p.parent).close()
+                if p.exists() and not os.access(p, os.W_OK):
+                    why = "the file is read-only"
             except OSError as e:
                 why = e.strerror or str(e)
         if why:
@@ -303,9 +310,17 @@ def cmd_context(args: argparse.Namespace) -> int:
                   f"({', '.join(m['decoders'])}); parity with PyTorch: memory |Δ| {p['memory_max_abs_diff']:.1e}, "
                   f"logits |Δ| {p['logits_max_abs_diff']:.1e}, same next token: {p['same_next_token']}")
         return 0
+    if args.json == "" or args.html == "":
+        from edgec.errors import ConfigError
+
+        raise ConfigError("--json/--html is empty", "a file path is needed", "pass a path, or leave the option out")
     json_path = Path(args.json) if args.json else None
     html_path = Path(args.html) if args.html else Path(args.folder) / "report.html"
-    _check_writable(json_path, html_path if args.html else None)
+    folder = Path(args.folder)
+    job.require_trained(folder)
+    _check_writable(json_path, html_path, protect=(folder / "compressor.json", folder / "compressor.safetensors",
+                                                   folder / "checkpoint.json", folder / "checkpoint.safetensors",
+                                                   folder / "onnx" / "manifest.json"))
     with _RichProgress(Console(stderr=True)) as progress:
         result = job.evaluate(Path(args.folder), args.context_tokens, args.samples, args.variant, args.threads,
                               progress)

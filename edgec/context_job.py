@@ -73,6 +73,8 @@ class TrainSettings:
         if not 0 <= self.encoder_layers <= 64:
             raise ConfigError(f"--encoder-layers {self.encoder_layers} is out of range", "0 to the decoder's "
                               "layer count", "use 1")
+        if not str(self.out).strip():
+            raise ConfigError("--out is empty", "a folder is needed", f"pass a folder, e.g. {DEFAULT_DIR}")
         if self.restore_steps + self.continue_steps == 0:
             raise ConfigError("nothing to train", "--restore-steps and --continue-steps are both 0",
                               "give at least one step")
@@ -259,7 +261,11 @@ def train(settings: TrainSettings, progress) -> dict:
                 step_in_tensors = (f.metadata() or {}).get("step")
         except Exception as e:  # noqa: BLE001 — json, OS and safetensors' own error types
             raise damaged from e
-        if not isinstance(m, dict) or str(m.get("step")) != step_in_tensors:
+        total_steps = settings.restore_steps + settings.continue_steps
+        if (not isinstance(m, dict) or str(m.get("step")) != step_in_tensors or not isinstance(m.get("identity"), dict)
+                or not isinstance(m.get("history"), list) or not isinstance(m.get("elapsed_s"), (int, float))
+                or not isinstance(m.get("step"), int) or not 0 < m["step"] <= total_steps
+                or len(m["history"]) != m["step"]):
             raise damaged
         if m.get("identity") != settings.identity():
             diff = sorted(k for k in settings.identity() if m.get("identity", {}).get(k) != settings.identity()[k])
@@ -346,6 +352,11 @@ def _train_loop(settings, comp, corpus, opt, spec, hf, doc_start, start, history
     return meta
 
 
+def check_threads(threads: int) -> None:
+    if not 1 <= threads <= 256:
+        raise ConfigError(f"--threads {threads} is out of range", "1 to 256", "use 2")
+
+
 def require_trained(folder: Path) -> tuple[Path, Path]:
     """The compressor's (weights, meta) paths; :class:`ConfigError` when ``folder`` holds no trained one."""
     weights, meta_path = compressor_paths(Path(folder))
@@ -370,11 +381,19 @@ def load_compressor(folder: Path, lm=None):
         spec = CompressorSpec.from_dict(meta["spec"])
         tensors = load_file(str(weights))
     except (json.JSONDecodeError, KeyError, TypeError, SafetensorError, OSError) as e:
-        raise ModelError(f"cannot read the compressor in {folder}", " ".join(str(e).split())[:200],
+        why = f"missing key {e}" if isinstance(e, KeyError) else " ".join(str(e).split())[:200]
+        raise ModelError(f"cannot read the compressor in {folder}", why,
                          "retrain it with edgec context train --force") from None
-    if meta.get("format") != FORMAT:
-        raise ModelError(f"{meta_path} is not an edgec compressor", f"format {meta.get('format')!r}",
+    if lm is not None and not 0 <= meta.get("doc_start_id", -1) < lm.config.vocab_size:
+        raise ModelError(f"{meta_path} is damaged", "doc_start_id is outside the vocabulary", "retrain it")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ModelError(f"{meta_path} is not an edgec compressor",
+                         f"format {meta.get('format')!r}" if isinstance(meta, dict) else "not a JSON object",
                          "retrain it with edgec context train --force")
+    if (not isinstance(meta.get("doc_start_id"), int) or not isinstance(meta.get("training"), dict)
+            or not isinstance(meta.get("decoder_source"), str)):
+        raise ModelError(f"{meta_path} is damaged", "doc_start_id, training or decoder_source is missing or of the "
+                         "wrong type", "retrain it with edgec context train --force")
     projector = load_projector(spec, tensors)
     tokenizer = None
     if lm is None:
@@ -526,6 +545,7 @@ def export(folder: Path, variants: tuple[str, ...], threads: int, progress) -> d
         raise ConfigError(f"--variants {','.join(variants)}: " + (f"unknown {unknown[0]!r}" if unknown else
                           "fp32 is required (it is the parity reference)"),
                           f"choose from {', '.join(DECODER_VARIANTS)}", "e.g. --variants fp32,int8w")
+    check_threads(threads)
     folder = Path(folder)
     require_trained(folder)
     progress.stage("loading the compressor")
@@ -533,7 +553,11 @@ def export(folder: Path, variants: tuple[str, ...], threads: int, progress) -> d
     spec = comp.spec
     hf = resolve(spec.decoder, cache_root())
     dest = folder / "onnx"
-    work = Path(tempfile.mkdtemp(prefix=".onnx-", dir=folder))
+    try:
+        work = Path(tempfile.mkdtemp(prefix=".onnx-", dir=folder))
+    except OSError as e:
+        raise OutputDirError(f"cannot write the export into {folder}", e.strerror or str(e),
+                             "make the folder writable, or copy the compressor to a writable one") from None
     try:
         progress.stage("exporting encoder + projector, embedding", 2)
         _encoder_graph(comp, work / "encoder.onnx")
@@ -725,8 +749,27 @@ def evaluate(folder: Path, context_tokens: int, samples: int, variant: str, thre
                           "use 512")
     if not 2 <= samples <= 10_000:
         raise ConfigError(f"--samples {samples} is out of range", "2 to 10000", "use 48")
+    check_threads(threads)
+    if variant not in DECODER_VARIANTS:
+        raise ConfigError(f"--variant {variant!r} is not a decoder precision", f"choose from {', '.join(DECODER_VARIANTS)}",
+                          "use fp32")
     folder = Path(folder)
     require_trained(folder)
+    export_dir = folder / "onnx"
+    old: dict = {}
+    if (export_dir / "manifest.json").is_file():
+        try:
+            old = json.loads((export_dir / "manifest.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        old = old if isinstance(old, dict) else {}
+    current = bool(old) and old.get("compressor_sha256") == sha256_file(compressor_paths(folder)[0])
+    old_variants = [v for v in (old.get("decoders") or {}) if v in DECODER_VARIANTS] if isinstance(
+        old.get("decoders"), dict) else []
+    if current and variant not in old_variants:
+        raise ConfigError(f"--variant {variant}: not in the export", f"it has {', '.join(old_variants) or 'none'}",
+                          f"export it first: edgec context export {folder} --variants "
+                          + ",".join(dict.fromkeys(["fp32", *old_variants, variant])))
     torch.set_num_threads(threads)
     progress.stage("loading the compressor")
     comp, meta, tokenizer = load_compressor(folder)
@@ -738,27 +781,14 @@ def evaluate(folder: Path, context_tokens: int, samples: int, variant: str, thre
     ppl = perplexities(comp, meta["doc_start_id"], pool, context_tokens, progress=progress)
     ppl["eval_s"] = round(time.perf_counter() - t0, 1)
     ppl["context_tokens"], ppl["target_tokens"] = context_tokens, 128
-    export_dir = folder / "onnx"
-    stale = None
-    if (export_dir / "manifest.json").is_file():
-        try:
-            old = json.loads((export_dir / "manifest.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            old = {}
-        if old.get("compressor_sha256") != sha256_file(compressor_paths(folder)[0]):
-            stale = old
-    if stale is not None or not (export_dir / "manifest.json").is_file():
-        if stale is not None:
+    if not current:
+        if old:
             progress.log(f"{export_dir} was exported " + ("from other weights (the compressor was retrained)"
-                         if stale.get("compressor_sha256") else "by an older edgec") + ": exporting again")
-        variants = tuple(stale.get("decoders") or ("fp32", "int8w")) if stale else ("fp32", "int8w")
-        export(folder, variants, threads, progress)
+                         if old.get("compressor_sha256") else "by an older edgec, or is damaged") + ": exporting again")
+        export(folder, tuple(dict.fromkeys(["fp32", "int8w", *old_variants, variant])), threads, progress)
     from edgec.targets.ort_context import ContextRuntime
 
     manifest = json.loads((export_dir / "manifest.json").read_text())
-    if variant not in manifest["decoders"]:
-        raise ConfigError(f"--variant {variant}: not in the export", f"it has {', '.join(manifest['decoders'])}",
-                          "pick one of those, or export it: edgec context export --variants fp32," + variant)
     comp_config = comp.lm.config
     del comp
     rt = ContextRuntime(export_dir, variant, threads)

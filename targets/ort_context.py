@@ -48,31 +48,46 @@ class ContextRuntime:
         except (OSError, json.JSONDecodeError) as e:
             raise ModelError(f"no readable manifest.json in {folder}", " ".join(str(e).split())[:160],
                              "export the compressor with edgec context export") from None
-        if m.get("format") != MANIFEST_FORMAT:
-            raise ModelError(f"{folder}/manifest.json is not an edgec context export", f"format {m.get('format')!r}",
+        if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
+            raise ModelError(f"{folder}/manifest.json is not an edgec context export",
+                             f"format {m.get('format')!r}" if isinstance(m, dict) else "not a JSON object",
                              "export it again with edgec context export")
-        if variant not in m["decoders"]:
-            raise ModelError(f"the export has no decoder variant {variant!r}", f"it has {', '.join(m['decoders'])}",
+        try:
+            spec = m["compressor"]
+            self.group, self.window = int(spec["group_tokens"]), int(spec["window_tokens"])
+            self.memory_per_window, self.doc_start = int(m["memory_per_window"]), int(m["doc_start_id"])
+            decoders = {k: str(v["path"]) for k, v in m["decoders"].items()}
+            paths = {"encoder": folder / str(m["encoder"]["path"]), "embed": folder / str(m["embed"]["path"])}
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ModelError(f"{folder}/manifest.json is damaged", f"bad or missing field ({type(e).__name__}: {e})",
+                             "export it again with edgec context export") from None
+        if self.group < 1 or self.window % self.group or self.window // self.group != self.memory_per_window:
+            raise ModelError(f"{folder}/manifest.json contradicts itself",
+                             f"{self.window}-token windows in groups of {self.group} do not give "
+                             f"{self.memory_per_window} memory embeddings per window",
+                             "export the compressor again; memory-token counts are fixed by training")
+        if variant not in decoders:
+            raise ModelError(f"the export has no decoder variant {variant!r}", f"it has {', '.join(decoders)}",
                              "pick one of those")
         self.manifest = m
-        spec = m["compressor"]
-        self.group, self.window = int(spec["group_tokens"]), int(spec["window_tokens"])
-        self.memory_per_window, self.doc_start = int(m["memory_per_window"]), int(m["doc_start_id"])
-        paths = {"encoder": folder / m["encoder"]["path"], "embed": folder / m["embed"]["path"],
-                 "decoder": folder / m["decoders"][variant]["path"]}
+        paths["decoder"] = folder / decoders[variant]
         for name, p in paths.items():
-            if not p.is_file():
-                raise ModelError(f"the export is missing its {name} graph", f"{p} does not exist",
+            if not p.is_file() or folder.resolve() not in p.resolve().parents:
+                raise ModelError(f"the export is missing its {name} graph", f"{p} is not a file inside {folder}",
                                  "export it again with edgec context export")
-        self.encoder = session(str(paths["encoder"]), threads)
+        try:
+            self.encoder = session(str(paths["encoder"]), threads)
+            self.embed_sess = session(str(paths["embed"]), threads)
+            self.decoder = Decoder(session(str(paths["decoder"]), threads))
+        except Exception as e:  # noqa: BLE001 — onnxruntime raises its own types for damaged graphs
+            raise ModelError(f"ONNX Runtime cannot load the export in {folder}", " ".join(str(e).split())[:200],
+                             "export it again with edgec context export") from None
         out_shape = self.encoder.get_outputs()[0].shape
         if len(out_shape) != 3 or out_shape[1] != self.memory_per_window:
             raise ModelError("the encoder graph does not match the manifest",
                              f"it emits {out_shape[1] if len(out_shape) == 3 else out_shape} memory embeddings per "
                              f"window, the manifest says {self.memory_per_window}",
                              "export the compressor again; memory-token counts are fixed by training")
-        self.embed_sess = session(str(paths["embed"]), threads)
-        self.decoder = Decoder(session(str(paths["decoder"]), threads))
         self.decoder.embed = self.embed
 
     def embed(self, ids) -> np.ndarray:

@@ -236,3 +236,32 @@ def test_train_resume_export_and_eval_end_to_end(tmp_path, capsys):
     again = json.loads((one / "onnx" / "manifest.json").read_text())
     assert again["compressor_sha256"] == sha256_file(one / "compressor.safetensors") != manifest["compressor_sha256"]
     assert set(again["decoders"]) == {"fp32", "int8w"}
+
+
+def test_eval_refuses_reports_that_would_replace_its_inputs_or_special_files(tmp_path, capsys):
+    from edgec.cli import main
+
+    (tmp_path / "compressor.json").write_text("{}")
+    (tmp_path / "compressor.safetensors").write_bytes(b"")
+    for args, why in ((["--json", str(tmp_path / "compressor.json")], "one of the inputs"),
+                      (["--json", "/dev/null"], "not a regular file"),
+                      (["--json", str(tmp_path / "report.html")], "given twice"),
+                      (["--threads", "0"], "--threads 0"),
+                      (["--variant", "int3"], "not a decoder precision")):
+        assert main(["context", "eval", str(tmp_path), *args]) == 2
+        assert why in capsys.readouterr().err
+    assert (tmp_path / "compressor.json").read_text() == "{}"
+
+
+def test_a_manifest_that_contradicts_itself_is_refused(tmp_path):
+    from edgec.targets.ort_context import MANIFEST_FORMAT, ContextRuntime
+
+    m = {"format": MANIFEST_FORMAT, "compressor": {"group_tokens": 4, "window_tokens": 256}, "memory_per_window": 32,
+         "doc_start_id": 0, "decoders": {"fp32": {"path": "d/model.onnx"}}, "encoder": {"path": "e.onnx"},
+         "embed": {"path": "m.onnx"}}
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ModelError, match="contradicts itself"):
+        ContextRuntime(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({**m, "decoders": "fp32"}))
+    with pytest.raises(ModelError, match="damaged"):
+        ContextRuntime(tmp_path)
