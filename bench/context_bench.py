@@ -36,7 +36,7 @@ def main() -> None:
 
     export = Path(args.folder) / "onnx"
     manifest = json.loads((export / "manifest.json").read_text())
-    stream = np.concatenate(load_corpus(AutoTokenizer.from_pretrained(export)).eval)
+    stream = np.concatenate(load_corpus(AutoTokenizer.from_pretrained(export), train=False).eval)
     contexts = [int(c) for c in args.contexts.split(",")]
     table = Table(title=f"time to first token, cpu-ort, {args.threads} threads, medians of {args.repeats} "
                         f"interleaved pairs (measured); {manifest['compression_ratio']}× compression")

@@ -31,7 +31,6 @@ frozen. Everything here is torch; training loops, checkpoints and the CLI live i
 from __future__ import annotations
 
 import ast
-import math
 import sys
 import sysconfig
 from dataclasses import asdict, dataclass
@@ -169,7 +168,6 @@ class Compressor:
         self.embed = lm.model.embed_tokens
         rms = float(self.embed.weight.pow(2).mean().sqrt())
         self.projector = projector if projector is not None else build_projector(spec, rms)
-        self.doc_start = None
         self._torch = torch
 
     # -- the encoder ------------------------------------------------------------------------------
@@ -188,14 +186,9 @@ class Compressor:
     def windows(self, context_ids: np.ndarray, pad_id: int) -> tuple[np.ndarray, int]:
         """A context (L,) int → (windows (W, window_tokens) int64 right-padded with ``pad_id``, memory
         count M = L // group_tokens); the oldest ``L % group_tokens`` tokens are dropped."""
-        ids = np.asarray(context_ids, np.int64)
-        g, w = self.spec.group_tokens, self.spec.window_tokens
-        ids = ids[len(ids) % g:]
-        m = len(ids) // g
-        n = max(1, math.ceil(len(ids) / w))
-        out = np.full((n, w), pad_id, np.int64)
-        out.reshape(-1)[: len(ids)] = ids
-        return out, m
+        from edgec.targets.ort_context import context_windows  # the app's chain cuts windows the same way
+
+        return context_windows(context_ids, self.spec.group_tokens, self.spec.window_tokens, pad_id)
 
     def memory(self, context_ids: np.ndarray, pad_id: int = 0):
         """A context (L,) int → memory (L // group_tokens, hidden) float32 (torch, keeps the graph)."""

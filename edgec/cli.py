@@ -277,12 +277,21 @@ def _check_writable(*paths: Path | None, protect: tuple[Path, ...] = ()) -> None
             raise ConfigError(f"cannot write {p}", why, "pass a file path in a writable folder")
 
 
+def _write_reports(out, html_path: Path, html_text: str, json_path: Path | None, result: dict) -> None:
+    """Write the HTML report and, when asked, the figures as JSON (each atomically), and say where."""
+    from edgec.compile.package import write_atomic
+
+    write_atomic(html_path, html_text)
+    if json_path:
+        write_atomic(json_path, json.dumps(result, indent=1))
+    out.print(f"Report: {html_path}" + (f"; figures: {json_path}" if json_path else ""))
+
+
 def cmd_context(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
     from edgec import context_job as job
-    from edgec.compile.package import write_atomic
     from edgec.report import break_even_text, context_html
 
     out = _stdout_console()
@@ -347,10 +356,7 @@ def cmd_context(args: argparse.Namespace) -> int:
     for mode, d in (result.get("peak_memory_1024") or {}).items():
         out.print(f"peak memory at 1024 tokens, {mode}: {d['peak_rss_bytes'] / 2**20:.0f} MiB resident "
                   f"({d['inference_peak_bytes'] / 2**20:.0f} MiB above the loaded sessions)")
-    write_atomic(html_path, context_html(result))
-    if json_path:
-        write_atomic(json_path, json.dumps(result, indent=1))
-    out.print(f"Report: {html_path}" + (f"; figures: {json_path}" if json_path else ""))
+    _write_reports(out, html_path, context_html(result), json_path, result)
     return 0
 
 
@@ -358,7 +364,6 @@ def cmd_latency(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from edgec.compile.package import write_atomic
     from edgec.latency_job import LatencySettings, build_model, validate_model
     from edgec.report import latency_validation_html
 
@@ -390,10 +395,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
                   f"{result['median_abs_pct_error']:.1f} %", f"{result['spearman']:.3f}",
                   f"{result['fit']['within_10pct'] * 100:.1f} %")
     out.print(table)
-    write_atomic(html_path, latency_validation_html(result))
-    if json_path:
-        write_atomic(json_path, json.dumps(result, indent=1))
-    out.print(f"Report: {html_path}" + (f"; figures: {json_path}" if json_path else ""))
+    _write_reports(out, html_path, latency_validation_html(result), json_path, result)
     return 0
 
 

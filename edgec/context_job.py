@@ -100,25 +100,28 @@ class Corpus:
     info: dict
 
 
-def load_corpus(tokenizer) -> Corpus:
-    """Training documents (calibration topics + stdlib docstrings) and evaluation documents (evaluation
-    topics), tokenized without special tokens."""
+def load_corpus(tokenizer, train: bool = True) -> Corpus:
+    """Training documents (calibration topics + stdlib docstrings; skipped, left empty, with
+    ``train=False``) and evaluation documents (evaluation topics), tokenized without special tokens."""
     from edgec.compile.context import python_version, stdlib_docstrings
     from edgec.text_data import topic_documents
 
     cal, ev = topic_documents()
-    docs = stdlib_docstrings()
 
     def tok(texts):
         return [np.asarray(ids, np.int64) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
 
-    train = tok(cal) + tok(docs)
     evaluation = tok(ev)
-    info = {"train": f"pydoc_data.topics calibration topics (index % 4 != 0, {len(cal)}) + standard-library "
-                     f"docstrings ({len(docs)} modules, Python {python_version()})",
-            "eval": f"pydoc_data.topics evaluation topics (index % 4 == 0, {len(ev)})",
-            "train_tokens": int(sum(len(d) for d in train)), "eval_tokens": int(sum(len(d) for d in evaluation))}
-    return Corpus(train, evaluation, info)
+    info = {"eval": f"pydoc_data.topics evaluation topics (index % 4 == 0, {len(ev)})",
+            "eval_tokens": int(sum(len(d) for d in evaluation))}
+    if not train:
+        return Corpus([], evaluation, info)
+    docs = stdlib_docstrings()
+    training = tok(cal) + tok(docs)
+    info.update(train=f"pydoc_data.topics calibration topics (index % 4 != 0, {len(cal)}) + standard-library "
+                      f"docstrings ({len(docs)} modules, Python {python_version()})",
+                train_tokens=int(sum(len(d) for d in training)))
+    return Corpus(training, evaluation, info)
 
 
 def _pick(docs: list, need: int, rng, n: int) -> list[np.ndarray]:
@@ -615,7 +618,7 @@ def export(folder: Path, variants: tuple[str, ...], threads: int, progress) -> d
         write_atomic(work / "manifest.json", json.dumps(manifest, indent=1))
         # parity against PyTorch on held-out text
         progress.stage("parity checks against PyTorch")
-        corpus = load_corpus(tokenizer)
+        corpus = load_corpus(tokenizer, train=False)
         (_, seq), = eval_samples(corpus.eval, 512, 16, 1)[:1]
         rt = ContextRuntime(work, "fp32", threads)
         with torch.no_grad():
@@ -773,7 +776,7 @@ def evaluate(folder: Path, context_tokens: int, samples: int, variant: str, thre
     torch.set_num_threads(threads)
     progress.stage("loading the compressor")
     comp, meta, tokenizer = load_compressor(folder)
-    corpus = load_corpus(tokenizer)
+    corpus = load_corpus(tokenizer, train=False)
     pool = eval_samples(corpus.eval, context_tokens, 128, samples)
     progress.stage(f"perplexity, 7 conditions × {len(pool)} held-out passages (PyTorch FP32)",
                    math.ceil(len(pool) / 8))

@@ -31,6 +31,17 @@ from edgec.errors import ModelError
 MANIFEST_FORMAT = "edgec-context-export/1"
 
 
+def context_windows(context_ids, group_tokens: int, window_tokens: int, pad_id: int) -> tuple[np.ndarray, int]:
+    """A context (L,) int → (windows (W, window_tokens) int64 right-padded with ``pad_id``, memory count
+    M = L // group_tokens); the oldest ``L % group_tokens`` tokens are dropped."""
+    ids = np.asarray(context_ids, np.int64)
+    ids = ids[len(ids) % group_tokens:]
+    n = max(1, math.ceil(len(ids) / window_tokens))
+    out = np.full((n, window_tokens), pad_id, np.int64)
+    out.reshape(-1)[: len(ids)] = ids
+    return out, len(ids) // group_tokens
+
+
 class ContextRuntime:
     """The exported compressor's sessions. ``folder``: an export folder (or the compressor's folder
     holding it as ``onnx/``); ``variant``: the decoder's
@@ -97,12 +108,7 @@ class ContextRuntime:
 
     def memory(self, context_ids) -> np.ndarray:
         """A context (L,) int → memory (L // group_tokens, hidden) float32."""
-        ids = np.asarray(context_ids, np.int64)
-        ids = ids[len(ids) % self.group:]
-        m = len(ids) // self.group
-        n = max(1, math.ceil(len(ids) / self.window))
-        win = np.full((n, self.window), self.doc_start, np.int64)
-        win.reshape(-1)[: len(ids)] = ids
+        win, m = context_windows(context_ids, self.group, self.window, self.doc_start)
         mem = self.encoder.run(None, {"window_ids": win})[0]
         return mem.reshape(-1, mem.shape[-1])[:m]
 
