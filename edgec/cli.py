@@ -51,8 +51,10 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--resume", action="store_true", default=None, help="continue the run in --out")
     p.add_argument("--force", action="store_true", default=None, help="replace edgec's outputs in --out")
-    p.add_argument("--strategy", help="nsga2 (default) | random")
-    p.add_argument("--population-size", type=int, help="NSGA-II generation size (default 16)")
+    p.add_argument("--strategy", help="nsga2 (default) | random | linas (predictor-guided, built-in supernet)")
+    p.add_argument("--population-size", type=int,
+                   help="NSGA-II generation size; LINAS: initial random evaluations and real evaluations "
+                        "per iteration (default 16)")
     p.add_argument("--threads", type=int, help="runtime threads (default 2)")
     p.add_argument("--train-epochs", type=int, help="supernet training epochs (default per dataset)")
     p.add_argument("--max-fidelity-drop", type=float,
@@ -150,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p = sub.add_parser("targets", help="list the known targets and whether they are available here")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p = sub.add_parser("latency", help="build and validate a target's kernel-level latency model", allow_abbrev=False)
+    p = sub.add_parser("latency", help="build and validate a target's latency models (kernel-level predictor, lookup table)", allow_abbrev=False)
     lat = p.add_subparsers(dest="latency_command", metavar="build|validate", required=True,
                            parser_class=_ArgumentParser)
     for name, text in (("build", "measure random candidates of the space on the target and fit the model"),
@@ -165,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--seed", type=int, default=0, help="seed of the random candidates (default 0)")
         if name == "build":
             q.add_argument("--samples", type=int, default=300, help="measured candidates to fit on (default 300)")
+            q.add_argument("--no-lut", action="store_true",
+                           help="skip FBNet's per-block lookup table (every block choice measured alone; ≈ 6 min)")
         else:
             q.add_argument("--subnets", type=int, default=100, help="held-out candidates (default 100)")
             q.add_argument("--json", metavar="FILE", help="write the figures (within_10pct, rmspe, spearman) here")
@@ -369,7 +373,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
     settings = LatencySettings(target=args.target, dataset=args.dataset, data_dir=args.data_dir,
                                threads=args.threads, runs=args.runs, seed=args.seed,
-                               **({"samples": args.samples} if args.latency_command == "build"
+                               **({"samples": args.samples, "lut": not args.no_lut} if args.latency_command == "build"
                                   else {"subnets": args.subnets}))
     settings.check()
     out = _stdout_console()
@@ -380,6 +384,10 @@ def cmd_latency(args: argparse.Namespace) -> int:
         out.print(f"Latency model for {fit['target']} ({fit['space']}, {fit['device']}, {fit['runtime']}, "
                   f"{fit['threads']} threads) fit on {fit['samples']} measured candidates in "
                   f"{fit['build_s'] / 60:.1f} min: {path}")
+        if settings.lut:
+            from edgec.latency_job import lut_path
+
+            out.print(f"Lookup table (FBNet, every block choice measured alone): {lut_path(path)}")
         out.print(f"Next: edgec latency validate --target {settings.target} --dataset {settings.dataset}")
         return 0
     json_path = Path(args.json) if args.json else None
@@ -389,11 +397,13 @@ def cmd_latency(args: argparse.Namespace) -> int:
     with _RichProgress(Console(stderr=True)) as progress:
         result = validate_model(settings, progress)
     table = Table(title=f"latency model validation — {result['target']}, {result['space']} (predicted vs measured)")
-    for col in ("held-out", "within ±10 %", "RMSPE", "median |err|", "Spearman", "fit: within ±10 %"):
-        table.add_column(col, justify="right")
-    table.add_row(str(result["n"]), f"{result['within_10pct'] * 100:.1f} %", f"{result['rmspe'] * 100:.1f} %",
-                  f"{result['median_abs_pct_error']:.1f} %", f"{result['spearman']:.3f}",
-                  f"{result['fit']['within_10pct'] * 100:.1f} %")
+    for col in ("model", "held-out", "within ±10 %", "RMSPE", "median |err|", "Spearman", "fit: within ±10 %"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, r in (("kernel-level", result), ("lookup table", result.get("lut"))):
+        if r:
+            table.add_row(name, str(r["n"]), f"{r['within_10pct'] * 100:.1f} %", f"{r['rmspe'] * 100:.1f} %",
+                          f"{r['median_abs_pct_error']:.1f} %", f"{r['spearman']:.3f}",
+                          f"{r['fit']['within_10pct'] * 100:.1f} %" if "fit" in r else "–")
     out.print(table)
     _write_reports(out, html_path, latency_validation_html(result), json_path, result)
     return 0

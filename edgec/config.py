@@ -37,7 +37,7 @@ class CompileConfig:
     seed: int = 0                          # seeds the search and the supernet training
     resume: bool = False                   # continue the run in `out` without repeating evaluations
     force: bool = False                    # replace edgec's outputs in a non-empty `out`
-    strategy: str = "nsga2"                # nsga2 | random
+    strategy: str = "nsga2"                # nsga2 | random | linas (predictor-guided; built-in supernet only)
     population_size: int = 16              # NSGA-II generation size
     threads: int = 2                       # ONNX Runtime intra-op threads and torch threads
     train_epochs: int | None = None        # supernet epochs; None = the dataset's default
@@ -127,10 +127,16 @@ class CompileConfig:
                 "drop --data-dir or pass --dataset fashion-mnist --data-dir DIR")
         if self.resume and self.force:
             bad("force", "--resume continues a run and --force replaces it", "pass only one of them")
-        if self.strategy not in ("nsga2", "random"):
-            bad("strategy", "known strategies: nsga2, random", "use --strategy nsga2")
+        if self.strategy not in ("nsga2", "random", "linas"):
+            bad("strategy", "known strategies: nsga2, random, linas", "use --strategy nsga2")
+        if self.strategy == "linas" and self.model != "fbnet-supernet":
+            bad("strategy", f"LINAS searches the built-in supernet's space, not {self.model!r}",
+                "use --strategy nsga2, or --model fbnet-supernet")
         if self.population_size < 2:
             bad("population_size", "NSGA-II needs a population of at least 2", "e.g. population_size = 16")
+        if self.strategy == "linas" and self.population_size < 4:
+            bad("population_size", "LINAS fits its predictors on at least 4 initial evaluations",
+                "e.g. --population-size 10")
         if not 1 <= self.threads <= 256:
             bad("threads", "threads must be between 1 and 256", "e.g. --threads 2")
         if self.train_epochs is not None and self.train_epochs < 1:

@@ -1,5 +1,6 @@
-"""``edgec latency build`` / ``edgec latency validate``: a target's kernel-level latency model
-(:mod:`edgec.targets.latency_model`) for the built-in FBNet space of a dataset, and how far to trust it.
+"""``edgec latency build`` / ``edgec latency validate``: a target's latency models
+(:mod:`edgec.targets.latency_model`: the kernel-level predictor and FBNet's per-block lookup table)
+for the built-in FBNet space of a dataset, and how far to trust them.
 
 - **build**: ``--samples`` random candidates of the space (architecture from
   :meth:`SupernetSpec.sample`, and a per-layer INT8/FP32 policy whose INT8 share is itself drawn
@@ -7,10 +8,13 @@
   own recipe from an untrained supernet with random batch-norm statistics (weights do not change
   the kernels, but shared zero biases would: :func:`representative_supernet`),
   measured on the target (p50, batch 1, ``measured``), and the model is fit on them. Stored
-  under ``$EDGEC_CACHE_DIR/latency/`` keyed by target, space, runtime, device and threads.
+  under ``$EDGEC_CACHE_DIR/latency/`` keyed by target, space, runtime, device and threads. Then
+  (unless ``--no-lut``) every part of the lookup table is measured alone (:func:`measure_lut`) and its
+  fixed overhead is fit on the candidates above; stored next to the model as ``<model>.lut.json``.
 - **validate**: ``--subnets`` held-out random candidates (another seed) are compiled and measured
   the same way and compared with the model's prediction: share within ±10 %, RMSPE, Spearman rank
-  correlation; a table, ``--json FILE`` and an HTML report with the scatter plot. A model built on
+  correlation, for the kernel-level model and the lookup table; a table, ``--json FILE`` and an HTML
+  report with the scatter plot. A model built on
   another runtime version, device or thread count is refused by :func:`load_model`; validate names
   the machine it was built on and the one it runs on.
 
@@ -46,6 +50,7 @@ class LatencySettings:
     subnets: int = 100
     seed: int = 0
     runs: int = 200
+    lut: bool = True  # build: also measure FBNet's per-block lookup table
 
     def check(self) -> None:
         if not 10 <= self.samples <= 100_000:
@@ -170,6 +175,134 @@ def measure_candidates(cands, spec, ds, target, settings: LatencySettings, progr
     return rows
 
 
+def lut_keys(spec) -> list[str]:
+    """Every lookup-table key a candidate of ``spec`` can need (:func:`edgec.targets.latency_model.lut_parts`)."""
+    from edgec.search.space import BLOCK_OPS
+
+    keys = [f"stem|{p}" for p in ("fp32", "int8")]
+    h = -(-spec.image_size // spec.stem_stride)
+    prev = (spec.stem_channels,)
+    for si, stage in enumerate(spec.stages):
+        for bi in range(stage.num_blocks):
+            stride = stage.stride if bi == 0 else 1
+            pairs = [(i, o) for i in prev for o in stage.width_choices] if bi == 0 else \
+                [(w, w) for w in stage.width_choices]
+            keys += [f"block|{op}|in{i}|out{o}|hw{h}|s{stride}|{p}" for op in BLOCK_OPS for i, o in pairs
+                     for p in ("fp32", "int8")]
+            h = -(-h // stride)
+        prev = stage.width_choices
+    keys += [f"head|in{c}|{p}" for c in prev for p in ("fp32", "int8")]
+    return list(dict.fromkeys(keys))
+
+
+class _Part:
+    """Builds the graph of one lookup-table part from a supernet: the module (BN folded), its input
+    shape (C, H, W) and the names of its layers as the exporter will call them."""
+
+    def __init__(self, supernet) -> None:
+        self.supernet = supernet
+
+    def __call__(self, key: str):
+        import torch
+
+        from edgec.search.space import BlockConfig
+        from edgec.search.supernet import ConvBNAct
+
+        spec, net = self.supernet.spec, self.supernet
+        fields = key.split("|")
+        if fields[0] == "stem":
+            module = net.stem.static(spec.in_channels, spec.stem_channels)
+            shape = (spec.in_channels, spec.image_size, spec.image_size)
+        elif fields[0] == "block":
+            op, c_in, c_out, hw, stride = fields[1], int(fields[2][2:]), int(fields[3][3:]), int(fields[4][2:]), \
+                int(fields[5][1:])
+            elastic = next(b for stage in net.stages for b in stage  # any block that can take this shape
+                           if b.stride == stride and b.expand.weight.shape[1] >= c_in
+                           and b.project.weight.shape[0] >= c_out)
+            module = elastic.static(c_in, BlockConfig.from_name(op), c_out)
+            shape = (c_in, hw, hw)
+        else:
+            c_in = int(fields[1][2:])
+            module = _Head(c_in, net.classifier)
+            shape = (c_in, 1, 1)
+        for m in module.modules():
+            if isinstance(m, ConvBNAct):
+                m.fuse()
+        wrapper = torch.nn.Module()
+        wrapper.part = module
+        wrapper.forward = module.forward
+        layers = tuple(n.removesuffix(".conv") for n, m in wrapper.named_modules()
+                       if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
+        return wrapper.eval(), shape, layers
+
+
+class _Head:
+    """Global average pooling + the classifier's first ``c_in`` inputs (built lazily as an nn.Module)."""
+
+    def __new__(cls, c_in: int, classifier):
+        import torch
+
+        class Head(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.classifier = torch.nn.Linear(c_in, classifier.out_features)
+                with torch.no_grad():
+                    self.classifier.weight.copy_(classifier.weight[:, :c_in])
+                    self.classifier.bias.copy_(classifier.bias)
+
+            def forward(self, x):
+                return self.classifier(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+        return Head()
+
+
+def measure_lut(spec, ds, target, settings: LatencySettings, progress, keys: list[str] | None = None) -> dict:
+    """FBNet's table: each part (:func:`lut_keys`) exported alone from an untrained supernet, compiled
+    with the target's recipe (INT8 parts: every layer INT8, calibrated on uniform [0, 1) inputs, which
+    fix no timing) and measured at batch 1 in :data:`ROUNDS` rounds interleaved with the anchor. A
+    graph's own per-run cost (session call, input copy) is not the part's: each entry is the part's
+    p50 minus that of a one-Relu graph of the same input shape, measured in the same rounds.
+    Returns {key: median over rounds of that difference / the anchor's p50, at least 0}."""
+    import torch
+
+    from edgec.compile.export import export_onnx
+    from edgec.compile.recipes import build
+    from edgec.search.supernet import extract_subnet
+
+    supernet = representative_supernet(spec, settings.seed)
+    part = _Part(supernet)
+    keys = keys or lut_keys(spec)
+    rng = np.random.default_rng(settings.seed)
+    work = Path(tempfile.mkdtemp(prefix="edgec-lut-"))
+    entries = {}
+    progress.stage(f"measuring {len(keys)} lookup-table parts on {settings.target}", len(keys))
+    try:
+        fp32 = export_onnx(extract_subnet(supernet, anchor_candidate(spec).subnet).fused(), ds.input_shape,
+                           work / "anchor-fp32.onnx")
+        anchor = work / "anchor.onnx"
+        build(target.recipe, fp32, anchor, (), ds.train_x[:CALIBRATION_IMAGES])
+        nulls: dict[tuple, Path] = {}
+        for i, key in enumerate(keys):
+            module, shape, layers = part(key)
+            if shape not in nulls:
+                nulls[shape] = export_onnx(torch.nn.ReLU(), shape, work / f"null-{len(nulls)}.onnx")
+            fp32 = export_onnx(module, shape, work / "part-fp32.onnx")
+            calib = rng.random((CALIBRATION_IMAGES, *shape), dtype=np.float32)
+            path = work / "part.onnx"
+            build(target.recipe, fp32, path, layers if key.endswith("|int8") else (), calib)
+            ratios = []
+            for _ in range(ROUNDS):
+                a_ms = target.measure_latency(anchor, ds.input_shape, batch=1).p50_ms
+                m_ms = target.measure_latency(path, shape, batch=1).p50_ms
+                n_ms = target.measure_latency(nulls[shape], shape, batch=1).p50_ms
+                ratios.append((m_ms - n_ms) / a_ms)
+            entries[key] = max(0.0, float(np.median(ratios)))
+            progress.advance(i + 1, len(keys), key)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return entries
+
+
 def _open(settings: LatencySettings):
     from edgec.targets import open_target
 
@@ -199,7 +332,8 @@ def _cache_folder(path: Path) -> None:
 
 def build_model(settings: LatencySettings, progress):
     """Measure ``settings.samples`` random candidates and fit, save and return the model."""
-    from edgec.targets.latency_model import KernelPredictor
+    from edgec.search.space import Candidate
+    from edgec.targets.latency_model import BlockLUT, KernelPredictor
 
     ds, spec = _space(settings)
     target = _open(settings)
@@ -216,14 +350,31 @@ def build_model(settings: LatencySettings, progress):
                 "build_s": time.perf_counter() - t0, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         model = KernelPredictor.fit(rows, meta)
         path = model_path(settings, spec, target)
+        lut = None
+        if settings.lut:
+            t1 = time.perf_counter()
+            entries = measure_lut(spec, ds, target, settings, progress)
+            partial = BlockLUT(entries, 0.0, {})
+            residuals = [r["ratio"] - partial.sum_ratio(spec, Candidate.from_dict(r["candidate"])) for r in rows]
+            lut = BlockLUT(entries, float(np.median(residuals)),
+                           {**meta, "kind": "per-block lookup table (FBNet)", "entries": len(entries),
+                            "overhead_from": f"median of measured - sum over the {len(rows)} candidates above",
+                            "build_s": time.perf_counter() - t1})
         try:
             model.save(path)
+            if lut is not None:
+                lut.save(lut_path(path))
         except OSError as e:
             raise ConfigError(f"cannot write the latency model to {path}", e.strerror or str(e),
                               "free some space or set EDGEC_CACHE_DIR to a writable folder") from None
         return model, path
     finally:
         target.close()
+
+
+def lut_path(model: Path) -> Path:
+    """Where the lookup table built with the kernel-level model at ``model`` lives."""
+    return model.with_name(model.stem + ".lut.json")
 
 
 def load_model(settings: LatencySettings, spec, target):
@@ -271,10 +422,21 @@ def validate_model(settings: LatencySettings, progress) -> dict:
                                   f"measuring {len(cands)} held-out candidates on {settings.target}")
     finally:
         target.close()
+    from edgec.search.space import Candidate
+    from edgec.targets.latency_model import BlockLUT
+
+    lut = BlockLUT.load(lut_path(path)) if lut_path(path).is_file() else None
     for r in rows:
         r["predicted_ratio"] = model.predict_ratio_from_features(r["features"])
         r["predicted_ms"] = r["predicted_ratio"] * r["anchor_p50_ms"]
+        if lut is not None:
+            r["lut_predicted_ratio"] = lut.predict_ratio(spec, Candidate.from_dict(r["candidate"]))
     figures = validation_metrics([r["ratio"] for r in rows], [r["predicted_ratio"] for r in rows])
+    lut_figures = None if lut is None else {
+        **validation_metrics([r["ratio"] for r in rows], [r["lut_predicted_ratio"] for r in rows]),
+        "path": str(lut_path(path)), "entries": len(lut.entries), "overhead_ratio": lut.overhead_ratio,
+        "fit": validation_metrics([s["ratio"] for s in model.samples],
+                                  [lut.predict_ratio(spec, Candidate.from_dict(s["candidate"])) for s in model.samples])}
     train = validation_metrics([s["ratio"] for s in model.samples],
                                [model.predict_ratio_from_features(s["features"]) for s in model.samples])
     drift = [r["anchor_p50_ms"] for r in rows]
@@ -284,5 +446,6 @@ def validate_model(settings: LatencySettings, progress) -> dict:
             "anchor_p50_ms": {"at_build": model.meta.get("anchor_p50_ms"), "now_min": min(drift),
                               "now_median": float(np.median(drift)), "now_max": max(drift)},
             "built_on": {k: model.meta.get(k) for k in ("runtime", "device", "threads", "built_at", "samples")},
-            "fit": train, "rows": [{k: r[k] for k in ("id", "ratio", "predicted_ratio", "p50_ms", "predicted_ms",
-                                                      "anchor_p50_ms", "kernels")} for r in rows]}
+            "fit": train, "lut": lut_figures,
+            "rows": [{k: r[k] for k in ("id", "ratio", "predicted_ratio", "lut_predicted_ratio", "p50_ms",
+                                        "predicted_ms", "anchor_p50_ms", "kernels") if k in r} for r in rows]}

@@ -375,9 +375,9 @@ def run_compile(cfg: CompileConfig, progress: Progress | None = None) -> RunResu
             fp32_logits: dict = {}
             evaluators = [Evaluator(supernet, ds, t, run.study / "models", cfg, fp32_logits) for t in targets]
             searcher = MaxLatencyEvaluator(evaluators) if cfg.objective == "max-latency" else evaluators[0]
-            reference, evals, failed = _search(cfg, spec, store, searcher, progress)
+            reference, evals, failed, searched = _search(cfg, spec, store, searcher, progress)
             context = {"dataset_info": {"name": ds.name, "fingerprint": ds.fingerprint(), **ds.provenance},
-                       "model_info": {"supernet": supernet_info}}
+                       "model_info": {"supernet": supernet_info}, "search_info": searched}
             if targets[0].recipe.startswith("qnn-"):  # the HTP has no FP32 path: "FP32" layers get 16-bit activations
                 context["reference_description"] = "largest subnet, all layers at 16-bit activations"
             result = _publish(cfg, run.path, evaluators, reference, evals, failed, progress, context)
@@ -496,11 +496,60 @@ def _search(cfg, spec, store, evaluator, progress):
                make_candidate(spec, spec.smallest(), int8)]
     if cfg.strategy == "nsga2":
         strategy = NSGA2Search(spec, cfg.seed, cfg.population_size, initial=initial)
+    elif cfg.strategy == "linas":
+        from edgec.search.linas import LINASSearch
+
+        prior, prior_info = latency_prior(cfg, spec, evaluator, reference)
+        progress.log(f"LINAS latency prior: {prior_info}")
+        strategy = LINASSearch(spec, cfg.seed, cfg.population_size, initial=initial, latency_prior=prior)
+        strategy.prior_info = prior_info
     else:
         strategy = RandomSearch(spec, cfg.seed)
     evals, failed = search_loop(strategy, cfg.budget_evals, lambda c: c, reference, store, evaluator, progress,
                                 f"searching ({cfg.strategy}, {cfg.budget_evals} evaluations on {cfg.target})")
-    return reference, evals, failed
+    return reference, evals, failed, search_info(cfg.strategy, strategy, evals)
+
+
+def latency_prior(cfg, spec, evaluator, reference: Evaluation) -> tuple[list, str]:
+    """LINAS's latency prior: the candidates the target's latency model was measured on (``edgec
+    latency build`` for this target, dataset space, runtime, device and threads), each as
+    (candidate, its p50 / anchor p50 × this run's reference p50 ms) — the anchor *is* the reference,
+    the largest subnet in FP32. Empty (and why) when there is no such model or the objective is not
+    one target's p50."""
+    from edgec.latency_job import LatencySettings, model_path
+    from edgec.targets.latency_model import KernelPredictor
+
+    if cfg.objective != "primary":
+        return [], "none (the max-latency objective is a ratio over targets, not one target's p50)"
+    try:
+        path = model_path(LatencySettings(target=cfg.target, dataset=cfg.dataset, threads=cfg.threads), spec,
+                          evaluator.target)
+        if not path.is_file():
+            raise FileNotFoundError
+        model = KernelPredictor.load(path)
+    except (FileNotFoundError, ConfigError):
+        return [], (f"none (no latency model for {cfg.target} on this machine; 'edgec latency build --target "
+                    f"{cfg.target} --dataset {cfg.dataset}' makes one)")
+    ref_ms = reference.latency.p50_ms
+    prior = [(Candidate.from_dict(s["candidate"]), s["ratio"] * ref_ms) for s in model.samples if "candidate" in s]
+    return prior, f"{len(prior)} measured candidates of {path} (ratio to the anchor × the reference's {ref_ms:.4f} ms)"
+
+
+def search_info(name: str, strategy, evals: list[Evaluation]) -> dict:
+    """The report's ``search`` section: the strategy, and for each evaluated candidate which objectives
+    were measured (all of them, always) and, under LINAS, what its predictors said before it was
+    evaluated (``predicted_before_evaluation``; latency in the unit it was told: p50 ms)."""
+    ids = {e.candidate_id for e in evals}
+    info = {"strategy": name, "real_evaluations": len(evals),
+            "objectives_per_candidate": {"val_accuracy": "measured", "p50_ms": "measured", "size_bytes": "measured"}}
+    if name == "linas":
+        info["predicted_before_evaluation"] = {cid: p for cid, p in strategy.predictions.items() if cid in ids}
+        info["iterations"] = strategy.iterations
+        info["latency_prior"] = strategy.prior_info
+        info["note"] = ("predictions (Ridge / SVR / gradient boosting, chosen by 5-fold CV, retrained on every real "
+                        "evaluation) only chose what to evaluate; every value in the evaluations and the Pareto "
+                        "front is measured")
+    return info
 
 
 def search_loop(strategy, budget: int, to_candidate: Callable, reference: Evaluation, store: EvaluationStore,

@@ -28,14 +28,17 @@ def write_reports(out: Path, cfg, dataset_info: dict, model_info: dict, targets:
                   evals: list[Evaluation], failed: dict, front_ids: list[str], chosen: Evaluation | None,
                   selection: dict, artifacts: list[Artifact], target_evals: dict[str, list[Evaluation]],
                   devices: dict[str, dict], quality: str = "validation accuracy",
-                  reference_description: str = "largest subnet, all layers FP32") -> dict:
+                  reference_description: str = "largest subnet, all layers FP32",
+                  search_info: dict | None = None) -> dict:
     """Write the four run outputs into ``out``; returns the report dict.
 
     ``dataset_info``: name, fingerprint, source, preprocessing, test_split, val_split;
     ``model_info``: what was searched (``{"supernet": …}`` or ``{"source_model": …}``);
     ``targets``: the Target objects, the first searched on; ``target_evals``: {target: the published
     candidates' evaluations there}; ``devices``: {target: {candidate id: device report}};
-    ``quality``: what ``val_accuracy`` holds (validation accuracy, or fidelity to the FP32 model).
+    ``quality``: what ``val_accuracy`` holds (validation accuracy, or fidelity to the FP32 model);
+    ``search_info``: the strategy and what was measured or predicted per candidate
+    (:func:`edgec.pipeline.search_info`), stored as ``report["search"]``.
     """
     target = targets[0]
     test_acc = {a.id: a.test_accuracy for a in artifacts if a.target == target.name}
@@ -67,6 +70,8 @@ def write_reports(out: Path, cfg, dataset_info: dict, model_info: dict, targets:
         "device_reports": devices,
         "artifacts": [a.to_dict() for a in artifacts],
     }
+    if search_info:
+        report["search"] = search_info
     write_atomic(out / "report.json", json.dumps(report, indent=2))
     write_atomic(out / "manifest.json", json.dumps({
         "schema_version": MANIFEST_SCHEMA_VERSION, "edgec_version": edgec.__version__, "created_at": created,
@@ -278,9 +283,27 @@ def _html(report: dict, reference: Evaluation, evals: list[Evaluation], front_id
 {_devices_html(report)}
 <h2>Data</h2><p>{e(ds['source'])}; {e(ds['preprocessing'])}; test: {e(ds['test_split'])};
 validation: {e(ds['val_split'])}.</p>
+{_search_html(report.get("search"), reference.latency.kind)}
 <p>{len(evals) + 1} candidates evaluated ({len(report['failed'])} failed). Full data: report.json, candidates.csv.
 edgec {e(report['edgec_version'])}, {e(report['created_at'])}.</p></body></html>
 """
+
+
+def _search_html(info: dict | None, latency_kind: str) -> str:
+    """What the search measured and predicted, per strategy (LINAS: its predictors' choices)."""
+    if not info:
+        return ""
+    e = html.escape
+    text = (f"<h2>Search</h2><p>Strategy <b>{e(info['strategy'])}</b>, {info['real_evaluations']} real evaluations. "
+            f"Every candidate's validation accuracy, p50 latency ({e(latency_kind)}) and size in this report was "
+            f"measured; the Pareto front is measured.")
+    if info["strategy"] == "linas":
+        iters = info.get("iterations", [])
+        chosen = ", ".join(f"{p['objective']}: {p['chosen']}" for p in iters[-1]["predictors"]) if iters else "–"
+        text += (f" {len(info.get('predicted_before_evaluation', {}))} candidates were proposed by the predictors "
+                 f"(<b>predicted</b> objectives before evaluation are in report.json, search.predicted_before_evaluation) "
+                 f"over {len(iters)} LINAS iterations; last predictors chosen by cross-validation: {e(chosen)}.")
+    return text + "</p>"
 
 
 def channels_chart_png(before: dict[str, int], after: dict[str, int]) -> bytes:
@@ -517,12 +540,16 @@ def latency_scatter_png(rows: list[dict], title: str) -> bytes:
 
     m = np.array([r["ratio"] for r in rows])
     p = np.array([r["predicted_ratio"] for r in rows])
+    lut = np.array([r["lut_predicted_ratio"] for r in rows]) if rows and "lut_predicted_ratio" in rows[0] else None
+    both = p if lut is None else np.concatenate([p, lut])
     fig, ax = plt.subplots(figsize=(5, 5))
-    lo, hi = float(min(m.min(), p.min())) * 0.9, float(max(m.max(), p.max())) * 1.1
+    lo, hi = float(min(m.min(), both.min())) * 0.9, float(max(m.max(), both.max())) * 1.1
     xs = np.linspace(lo, hi, 50)
     ax.plot(xs, xs, color="#444", lw=1, label="predicted = measured")
     ax.fill_between(xs, xs * 0.9, xs * 1.1, color="#2ca02c", alpha=0.15, label="±10 %")
-    ax.scatter(m, p, s=12, color="#1f77b4")
+    ax.scatter(m, p, s=12, color="#1f77b4", label="kernel-level model")
+    if lut is not None:
+        ax.scatter(m, lut, s=12, color="#ff7f0e", marker="x", label="lookup table (FBNet)")
     ax.set_xlim(lo, hi)
     ax.set_ylim(lo, hi)
     ax.set_xlabel("measured p50 / anchor p50 (side by side)")
@@ -550,9 +577,19 @@ measured side by side: {e(str(result['anchor_p50_ms']))} ms) and predicted by th
 <li>Spearman rank correlation: <b>{result['spearman']:.3f}</b></li>
 <li>on its own training samples: within ±10 % {result['fit']['within_10pct'] * 100:.1f} %, RMSPE
 {result['fit']['rmspe'] * 100:.1f} %</li></ul>
+{_lut_html(result.get("lut"))}
 <img alt="measured vs predicted" src="data:image/png;base64,{png}">
 </body></html>
 """
+
+
+def _lut_html(lut: dict | None) -> str:
+    if not lut:
+        return "<p>No lookup table was built with this model (edgec latency build --no-lut).</p>"
+    return (f"<p>The FBNet lookup table ({lut['entries']} parts measured alone, + a fixed overhead of "
+            f"{lut['overhead_ratio']:.3f} anchor units) on the same candidates: within ±10 % "
+            f"<b>{lut['within_10pct'] * 100:.1f} %</b>, RMSPE <b>{lut['rmspe'] * 100:.1f} %</b> (median |error| "
+            f"{lut['median_abs_pct_error']:.1f} %), Spearman <b>{lut['spearman']:.3f}</b>.</p>")
 
 
 def context_plots_png(result: dict) -> tuple[bytes, bytes]:

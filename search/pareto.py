@@ -19,3 +19,18 @@ def pareto_front(points: Sequence[Sequence[float]], maximize: Sequence[bool]) ->
     """
     signed = [tuple(-v if up else v for v, up in zip(p, maximize)) for p in points]
     return [i for i, p in enumerate(signed) if not any(dominates(q, p) for j, q in enumerate(signed) if j != i)]
+
+
+def hypervolume(points: Sequence[Sequence[float]], maximize: Sequence[bool], reference: Sequence[float]) -> float:
+    """Hypervolume dominated by ``points`` up to ``reference`` (Zitzler & Thiele 1998), in the
+    objectives' own units multiplied together; points not better than ``reference`` in every
+    objective add nothing. ``maximize[i]`` as in :func:`pareto_front`. Computed with pymoo's exact
+    ``HV`` indicator."""
+    import numpy as np
+    from pymoo.indicators.hv import HV
+
+    sign = np.array([-1.0 if up else 1.0 for up in maximize])
+    ref = np.asarray(reference, dtype=np.float64) * sign
+    f = np.asarray(points, dtype=np.float64).reshape(-1, len(maximize)) * sign
+    f = f[np.all(f < ref, axis=1)]
+    return float(HV(ref_point=ref)(f)) if len(f) else 0.0

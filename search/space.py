@@ -130,6 +130,33 @@ class SupernetSpec:
                 names += [f"stages.{si}.{bi}.{part}" for part in parts]
         return tuple(names + ["classifier"])
 
+    def layer_costs(self, config: "SubnetConfig") -> tuple[tuple[str, int, int], ...]:
+        """``(layer name, multiply-accumulates, weight parameters)`` at batch 1 for every layer of the
+        static subnet, in :meth:`layers_of` order, computed from the shapes alone (convolutions pad
+        ``k // 2``, so a stride-``s`` layer maps ``H`` to ``ceil(H / s)``; biases and batch norms,
+        folded at export, are not counted)."""
+        def out(h: int, stride: int) -> int:
+            return -(-h // stride)
+
+        h = out(self.image_size, self.stem_stride)
+        costs = [("stem", h * h * self.stem_channels * self.in_channels * 9,
+                  self.stem_channels * self.in_channels * 9)]
+        in_c = self.stem_channels
+        for (si, bi), block in zip(self.block_positions(), config.blocks):
+            if block.skip:
+                continue
+            width, stride = config.widths[si], self.stages[si].stride if bi == 0 else 1
+            mid = in_c * block.expansion
+            if block.expansion > 1:
+                costs.append((f"stages.{si}.{bi}.expand", h * h * mid * in_c, mid * in_c))
+            h = out(h, stride)
+            k2 = block.kernel * block.kernel
+            costs.append((f"stages.{si}.{bi}.dw", h * h * mid * k2, mid * k2))
+            costs.append((f"stages.{si}.{bi}.project", h * h * width * mid, width * mid))
+            in_c = width
+        costs.append(("classifier", in_c * self.num_classes, in_c * self.num_classes))
+        return tuple(costs)
+
     def largest(self) -> "SubnetConfig":
         """Widest stages, every block k5_e6: the reference subnet."""
         blocks = tuple(BlockConfig(max(KERNEL_CHOICES), max(EXPANSION_CHOICES)) for _ in self.block_positions())

@@ -156,4 +156,3 @@ class PolicySearch(_OptunaNSGA2):
         self._tell(policy, values)
 
 
-STRATEGIES = {"nsga2": NSGA2Search, "random": RandomSearch}

@@ -327,18 +327,7 @@ class KernelPredictor:
 
     def save(self, path: Path) -> Path:
         """Write atomically (a temporary file renamed); raises ``OSError``, leaving nothing behind."""
-        import os
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        try:
-            tmp.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False))
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+        return _save_json(self.to_dict(), path)
 
     @classmethod
     def load(cls, path: Path) -> "KernelPredictor":
@@ -374,6 +363,21 @@ class KernelPredictor:
                               "rebuild it with 'edgec latency build'") from None
 
 
+def _save_json(doc: dict, path: Path) -> Path:
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_text(json.dumps(doc, indent=1, allow_nan=False))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def validation_metrics(measured_ms: Sequence[float], predicted_ms: Sequence[float]) -> dict:
     """``within_10pct`` (fraction of |pred − meas| / meas ≤ 0.10), ``rmspe`` (root mean squared
     relative error, a fraction), ``spearman`` (rank correlation), ``n``."""
@@ -384,3 +388,93 @@ def validation_metrics(measured_ms: Sequence[float], predicted_ms: Sequence[floa
     return {"n": int(len(m)), "within_10pct": float(np.mean(np.abs(rel) <= 0.10)),
             "rmspe": float(np.sqrt(np.mean(rel ** 2))), "spearman": float(spearmanr(m, p).statistic),
             "median_abs_pct_error": float(np.median(np.abs(rel)) * 100)}
+
+
+LUT_FORMAT = "edgec-latency-lut/1"
+
+
+def lut_parts(spec, candidate) -> list[tuple[str, float]]:
+    """The lookup-table entries a candidate's latency is the sum of, each with its weight: ``(key,
+    weight)``. Keys name a part by what fixes its latency — ``stem|<prec>``,
+    ``block|<op>|in<c>|out<c>|hw<input side>|s<stride>|<prec>`` (a skipped block has none) and
+    ``head|in<c>|<prec>`` (pooling + classifier). A block whose layers mix precisions appears twice,
+    as FP32 and as INT8, weighted by the share of its multiply-accumulates in each (a linear
+    interpolation the table itself cannot check; validation measures what it costs)."""
+    costs = {name: macs for name, macs, _ in spec.layer_costs(candidate.subnet)}
+
+    def split(layers: list[str]) -> list[tuple[str, float]]:
+        total = sum(costs[n] for n in layers) or 1
+        int8 = sum(costs[n] for n in layers if candidate.policy.precision(n) == "int8") / total
+        return [(p, w) for p, w in (("fp32", 1.0 - int8), ("int8", int8)) if w > 0]
+
+    parts = [(f"stem|{p}", w) for p, w in split(["stem"])]
+    h = -(-spec.image_size // spec.stem_stride)
+    in_c = spec.stem_channels
+    for (si, bi), block in zip(spec.block_positions(), candidate.subnet.blocks):
+        if block.skip:
+            continue
+        width, stride = candidate.subnet.widths[si], spec.stages[si].stride if bi == 0 else 1
+        layers = [f"stages.{si}.{bi}.{part}" for part in (("expand", "dw", "project") if block.expansion > 1
+                                                          else ("dw", "project"))]
+        key = f"block|{block.name}|in{in_c}|out{width}|hw{h}|s{stride}"
+        parts += [(f"{key}|{p}", w) for p, w in split(layers)]
+        h, in_c = -(-h // stride), width
+    parts += [(f"head|in{in_c}|{p}", w) for p, w in split(["classifier"])]
+    return parts
+
+
+@dataclass
+class BlockLUT:
+    """FBNet's latency lookup table (Wu et al., "FBNet: Hardware-Aware Efficient ConvNet Design via
+    Differentiable Neural Architecture Search", CVPR 2019, §3.3, eq. 5): every part a subnet can be
+    made of (:func:`lut_parts`) measured once on the target at batch 1, alone in its own graph; a
+    subnet's latency is the sum of its parts plus a fixed overhead measured on whole subnets (the
+    median of measured − summed over them). Units: ratios to the anchor graph measured side by side,
+    as :class:`KernelPredictor`. Stored as JSON; predictions are ``predicted``."""
+
+    entries: dict[str, float]
+    overhead_ratio: float
+    meta: dict[str, Any]
+
+    def missing(self, spec, candidate) -> list[str]:
+        return [k for k, _ in lut_parts(spec, candidate) if k not in self.entries]
+
+    def sum_ratio(self, spec, candidate) -> float:
+        """Σ of the candidate's parts (no overhead), anchor units. Raises :class:`ModelError` when the
+        table lacks a part (built for another space)."""
+        missing = self.missing(spec, candidate)
+        if missing:
+            raise ModelError("the latency lookup table lacks parts of this candidate", f"e.g. {missing[0]}",
+                             "rebuild it with 'edgec latency build' for this space")
+        return float(sum(self.entries[k] * w for k, w in lut_parts(spec, candidate)))
+
+    def predict_ratio(self, spec, candidate) -> float:
+        return self.overhead_ratio + self.sum_ratio(spec, candidate)
+
+    def to_dict(self) -> dict:
+        return {"format": LUT_FORMAT, "kind": "per-block lookup table (FBNet)", "meta": self.meta,
+                "overhead_ratio": self.overhead_ratio, "entries": self.entries}
+
+    def save(self, path: Path) -> Path:
+        """Write atomically (a temporary file renamed); raises ``OSError``, leaving nothing behind."""
+        return _save_json(self.to_dict(), path)
+
+    @classmethod
+    def load(cls, path: Path) -> "BlockLUT":
+        """Raises :class:`ConfigError` for a file that is not an edgec lookup table."""
+        try:
+            d = json.loads(Path(path).read_text())
+            if not isinstance(d, dict) or d.get("format") != LUT_FORMAT:
+                raise ValueError(f"format {d.get('format') if isinstance(d, dict) else type(d).__name__!r}")
+            entries = {str(k): float(v) for k, v in d["entries"].items()}
+            overhead = float(d["overhead_ratio"])
+            if not entries or not all(np.isfinite(v) and v >= 0 for v in entries.values()) \
+                    or not np.isfinite(overhead) or not isinstance(d["meta"], dict):
+                raise ValueError("entries must be finite and ≥ 0, the overhead finite")
+            return cls(entries, overhead, dict(d["meta"]))
+        except OSError as e:
+            raise ConfigError(f"cannot read the latency lookup table {path}", e.strerror or str(e),
+                              "rebuild it with 'edgec latency build'") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{path} is not an edgec latency lookup table", str(e)[:200],
+                              "rebuild it with 'edgec latency build'") from None

@@ -177,3 +177,27 @@ def test_compile_for_three_targets_with_the_max_latency_objective(tmp_path):
     assert len(rows) == 3 and all(r["speedup_vs_reference"] == pytest.approx(1.0) for r in rows)
     html = (out / "report.html").read_text()
     assert html.count("<h3>") == 3 and "simulated" in html
+
+
+def test_linas_strategy_reports_predictions_and_resumes_by_replay(tmp_path):
+    out = tmp_path / "linas"
+    proc = compile_("--strategy", "linas", "--budget-evals", "6", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    search = report["search"]
+    assert search["strategy"] == "linas" and search["real_evaluations"] == 6
+    assert set(search["objectives_per_candidate"].values()) == {"measured"}
+    evaluated = {e["candidate_id"] for e in report["evaluations"]}
+    predicted = search["predicted_before_evaluation"]
+    # population 4: 3 initial + 1 random evaluated, then one LINAS iteration proposes the rest
+    assert len(predicted) == 2 and set(predicted) <= evaluated
+    assert all(p["val_accuracy"] > 0 and p["latency"] > 0 for p in predicted.values())
+    assert len(search["iterations"]) == 1 and "LINAS iterations" in (out / "report.html").read_text()
+    assert search["latency_prior"].startswith("none (no latency model")  # the tests' cache has none
+    before = (out / "study" / "evaluations.jsonl").read_text().splitlines()
+    proc = compile_("--strategy", "linas", "--budget-evals", "8", "--out", str(out), "--resume")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = (out / "study" / "evaluations.jsonl").read_text().splitlines()
+    assert after[:len(before)] == before and len(after) == len(before) + 2
+    resumed = json.loads((out / "report.json").read_text())["search"]["predicted_before_evaluation"]
+    assert {k: v for k, v in resumed.items() if k in predicted} == predicted  # the replay predicted the same

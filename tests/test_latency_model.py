@@ -137,7 +137,7 @@ def test_latency_cli_refuses_bad_settings_and_a_missing_model_in_one_line(tmp_pa
 def test_latency_build_then_validate_on_digits(tmp_path):
     """A small model end to end: measured candidates, a fit, held-out figures in the JSON and the HTML."""
     env = {**os.environ, "EDGEC_CACHE_DIR": str(tmp_path / "cache")}
-    p = _edgec("latency", "build", "--dataset", "digits", "--samples", "24", "--runs", "30", env=env)
+    p = _edgec("latency", "build", "--dataset", "digits", "--samples", "24", "--runs", "30", "--no-lut", env=env)
     assert p.returncode == 0, p.stderr[-2000:]
     models = list((tmp_path / "cache" / "latency").glob("cpu-ort-digits-*.json"))
     assert len(models) == 1 and json.loads(models[0].read_text())["meta"]["samples"] == 24
@@ -151,4 +151,65 @@ def test_latency_build_then_validate_on_digits(tmp_path):
     # ratios are measured next to the anchor: its p50 is recorded with each row
     assert all(r["p50_ms"] == pytest.approx(r["ratio"] * r["anchor_p50_ms"], rel=0.5) for r in v["rows"])
     assert not {r["id"] for r in v["rows"]} & {s["id"] for s in json.loads(models[0].read_text())["samples"]}
-    assert "data:image/png;base64," in (tmp_path / "v.html").read_text()
+    page = (tmp_path / "v.html").read_text()
+    assert "data:image/png;base64," in page and "No lookup table" in page and v["lut"] is None
+
+
+def test_lookup_table_parts_sum_and_round_trip(spec8, tmp_path):
+    from edgec.errors import ConfigError, ModelError
+    from edgec.latency_job import lut_keys
+    from edgec.search.space import QuantPolicy
+    from edgec.search.strategy import make_candidate
+    from edgec.targets.latency_model import BlockLUT, lut_parts
+
+    keys = lut_keys(spec8)
+    assert len(keys) == len(set(keys))
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # every part any candidate needs is a key of the table
+        sub = spec8.sample(rng)
+        policy = QuantPolicy(tuple((n, "int8" if rng.random() < 0.5 else "fp32") for n in spec8.layers_of(sub)))
+        parts = lut_parts(spec8, make_candidate(spec8, sub, policy))
+        assert {k for k, _ in parts} <= set(keys)
+        # each layer group's weights sum to 1: stem + one per kept block + head
+        assert sum(w for _, w in parts) == pytest.approx(2 + sum(not b.skip for b in sub.blocks))
+    sub = spec8.largest()
+    fp32 = make_candidate(spec8, sub, QuantPolicy())
+    int8 = make_candidate(spec8, sub, QuantPolicy.uniform(spec8.quantizable_layers(), "int8"))
+    entries = {k: (2.0 if k.endswith("|int8") else 1.0) for k in keys}
+    lut = BlockLUT(entries, 0.5, {"target": "cpu-ort"})
+    n_parts = 2 + len(sub.blocks)
+    assert lut.predict_ratio(spec8, fp32) == pytest.approx(0.5 + n_parts)
+    assert lut.predict_ratio(spec8, int8) == pytest.approx(0.5 + 2 * n_parts)
+    # a block with one INT8 layer of three counts that layer's share of the block's MACs as INT8
+    costs = {n: m for n, m, _ in spec8.layer_costs(sub)}
+    one = make_candidate(spec8, sub, QuantPolicy((("stages.0.0.dw", "int8"),)))
+    share = costs["stages.0.0.dw"] / sum(costs[f"stages.0.0.{p}"] for p in ("expand", "dw", "project"))
+    assert lut.predict_ratio(spec8, one) == pytest.approx(0.5 + n_parts + share)
+    loaded = BlockLUT.load(lut.save(tmp_path / "t.lut.json"))
+    assert loaded.entries == entries and loaded.overhead_ratio == 0.5
+    with pytest.raises(ModelError, match="lacks parts"):
+        BlockLUT({"stem|fp32": 1.0}, 0.0, {}).predict_ratio(spec8, fp32)
+    (tmp_path / "bad.json").write_text('{"format": "edgec-latency-lut/1", "entries": {"a": -1}, '
+                                       '"overhead_ratio": 0, "meta": {}}')
+    with pytest.raises(ConfigError, match="not an edgec latency lookup table"):
+        BlockLUT.load(tmp_path / "bad.json")
+
+
+@pytest.mark.slow
+def test_lookup_table_parts_are_measured_alone_minus_a_graphs_own_cost():
+    from edgec.latency_job import LatencySettings, _open, _space, lut_keys, measure_lut
+    from edgec.pipeline import Progress
+
+    settings = LatencySettings(dataset="digits", runs=30)
+    ds, spec = _space(settings)
+    keys = lut_keys(spec)
+    small = [k for k in keys if "k3_e1|in16|out16" in k] + [k for k in keys if "k5_e6|in32|out128" in k][:2]
+    target = _open(settings)
+    try:
+        entries = measure_lut(spec, ds, target, settings, Progress(), keys=small)
+    finally:
+        target.close()
+    assert set(entries) == set(small) and all(v >= 0 for v in entries.values())
+    big = [entries[k] for k in small if "k5_e6" in k]
+    tiny = [entries[k] for k in small if "k3_e1" in k]
+    assert min(big) > max(tiny)  # a 6×-expanded 5×5 block costs more than a 1×-expanded 3×3 one
