@@ -67,6 +67,11 @@ def main() -> int:
                          "nsga2 to run; random always runs")
     args = ap.parse_args()
     args.strategies = set(args.strategies.split(","))
+    if args.strategies - {"linas", "linas-no-prior", "nsga2"} or args.linas_population < 4 or args.seeds < 1 \
+            or min(args.random_evals, args.linas_evals, args.nsga2_evals, args.rounds, args.runs) < 1:
+        ap.error("--strategies takes linas, linas-no-prior, nsga2; --linas-population ≥ 4; counts ≥ 1")
+    if args.dataset not in ("digits", "fashion-mnist"):
+        ap.error("--dataset: digits or fashion-mnist")
 
     import numpy as np
     from rich.console import Console

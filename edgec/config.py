@@ -132,11 +132,15 @@ class CompileConfig:
         if self.strategy == "linas" and self.model != "fbnet-supernet":
             bad("strategy", f"LINAS searches the built-in supernet's space, not {self.model!r}",
                 "use --strategy nsga2, or --model fbnet-supernet")
-        if self.population_size < 2:
-            bad("population_size", "NSGA-II needs a population of at least 2", "e.g. population_size = 16")
         if self.strategy == "linas" and self.population_size < 4:
             bad("population_size", "LINAS fits its predictors on at least 4 initial evaluations",
                 "e.g. --population-size 10")
+        if self.population_size < 2:
+            bad("population_size", "NSGA-II needs a population of at least 2", "e.g. population_size = 16")
+        if self.strategy == "linas" and self.population_size >= self.budget_evals:
+            bad("population_size", f"LINAS evaluates {self.population_size} initial candidates before its "
+                f"predictors choose any, and the budget is {self.budget_evals}: it would be a random search",
+                "raise --budget-evals above --population-size (e.g. --budget-evals 60 --population-size 10)")
         if not 1 <= self.threads <= 256:
             bad("threads", "threads must be between 1 and 256", "e.g. --threads 2")
         if self.train_epochs is not None and self.train_epochs < 1:

@@ -361,9 +361,15 @@ def build_model(settings: LatencySettings, progress):
                             "overhead_from": f"median of measured - sum over the {len(rows)} candidates above",
                             "build_s": time.perf_counter() - t1})
         try:
-            model.save(path)
-            if lut is not None:
+            if lut is None:  # a table measured with an earlier model does not belong to this one
+                lut_path(path).unlink(missing_ok=True)
+            else:
                 lut.save(lut_path(path))
+        except OSError as e:
+            raise ConfigError(f"cannot write the lookup table to {lut_path(path)}", e.strerror or str(e),
+                              "remove what is there, free some space or set EDGEC_CACHE_DIR") from None
+        try:
+            model.save(path)
         except OSError as e:
             raise ConfigError(f"cannot write the latency model to {path}", e.strerror or str(e),
                               "free some space or set EDGEC_CACHE_DIR to a writable folder") from None
@@ -377,6 +383,21 @@ def lut_path(model: Path) -> Path:
     return model.with_name(model.stem + ".lut.json")
 
 
+def _load_lut(path: Path, spec):
+    """The lookup table at ``path`` checked against ``spec`` (every part a candidate can need), or
+    None when none was built. Raises :class:`ConfigError` for anything else at that path."""
+    from edgec.targets.latency_model import BlockLUT
+
+    if not path.exists() and not path.is_symlink():
+        return None
+    lut = BlockLUT.load(path)
+    missing = [k for k in lut_keys(spec) if k not in lut.entries]
+    if missing:
+        raise ConfigError(f"the lookup table {path} does not cover this space", f"it lacks e.g. {missing[0]}",
+                          "rebuild it with 'edgec latency build'")
+    return lut
+
+
 def load_model(settings: LatencySettings, spec, target):
     """The model built for this target, space and machine. Raises :class:`ConfigError` when there is
     none (naming a model of the same target and space built on another machine, if any)."""
@@ -386,7 +407,8 @@ def load_model(settings: LatencySettings, spec, target):
     try:
         if path.is_file():
             return KernelPredictor.load(path), path
-        others = sorted(path.parent.glob(f"{target.name}-{settings.dataset}-*.json")) if path.parent.is_dir() else []
+        others = sorted(p for p in path.parent.glob(f"{target.name}-{settings.dataset}-*.json")
+                        if not p.name.endswith(".lut.json")) if path.parent.is_dir() else []
     except OSError as e:
         raise ConfigError(f"cannot read the latency models in {path.parent}", e.strerror or str(e),
                           "check EDGEC_CACHE_DIR and its permissions") from None
@@ -410,6 +432,7 @@ def validate_model(settings: LatencySettings, progress) -> dict:
     target = _open(settings)
     try:
         model, path = load_model(settings, spec, target)
+        lut = _load_lut(lut_path(path), spec)
         trained = {s["id"] for s in model.samples}
         # held out: never one the model was fit on (drawn on until there are enough, or refused)
         pool = random_candidates(spec, 10 * settings.subnets, settings.seed + VALIDATION_SEED_OFFSET)
@@ -423,9 +446,7 @@ def validate_model(settings: LatencySettings, progress) -> dict:
     finally:
         target.close()
     from edgec.search.space import Candidate
-    from edgec.targets.latency_model import BlockLUT
 
-    lut = BlockLUT.load(lut_path(path)) if lut_path(path).is_file() else None
     for r in rows:
         r["predicted_ratio"] = model.predict_ratio_from_features(r["features"])
         r["predicted_ms"] = r["predicted_ratio"] * r["anchor_p50_ms"]

@@ -521,17 +521,28 @@ def latency_prior(cfg, spec, evaluator, reference: Evaluation) -> tuple[list, st
 
     if cfg.objective != "primary":
         return [], "none (the max-latency objective is a ratio over targets, not one target's p50)"
-    try:
-        path = model_path(LatencySettings(target=cfg.target, dataset=cfg.dataset, threads=cfg.threads), spec,
-                          evaluator.target)
-        if not path.is_file():
-            raise FileNotFoundError
-        model = KernelPredictor.load(path)
-    except (FileNotFoundError, ConfigError):
+    path = model_path(LatencySettings(target=cfg.target, dataset=cfg.dataset, threads=cfg.threads), spec,
+                      evaluator.target)
+    if not path.exists():
         return [], (f"none (no latency model for {cfg.target} on this machine; 'edgec latency build --target "
                     f"{cfg.target} --dataset {cfg.dataset}' makes one)")
+    rebuild = f"rebuild it with 'edgec latency build --target {cfg.target} --dataset {cfg.dataset}'"
+    try:
+        model = KernelPredictor.load(path)
+    except ConfigError as e:
+        return [], f"none (the latency model {path} is unusable: {e.why}; {rebuild})"
     ref_ms = reference.latency.p50_ms
-    prior = [(Candidate.from_dict(s["candidate"]), s["ratio"] * ref_ms) for s in model.samples if "candidate" in s]
+    prior = []
+    for s in model.samples:
+        try:  # the file is ours, but hand-edited or damaged samples must not end the search
+            c = Candidate.from_dict(s["candidate"])
+            spec.validate(c.subnet)
+            ratio = float(s["ratio"])
+            if not 0 < ratio < float("inf"):
+                raise ValueError(f"ratio {ratio}")
+        except (EdgecError, KeyError, TypeError, ValueError, AttributeError) as e:
+            return [], f"none (the latency model {path} has a damaged sample {s.get('id')!r}: {e}; {rebuild})"
+        prior.append((c, ratio * ref_ms))
     return prior, f"{len(prior)} measured candidates of {path} (ratio to the anchor × the reference's {ref_ms:.4f} ms)"
 
 

@@ -180,6 +180,9 @@ class LINASSearch(SearchStrategy):
         if population_size < 4:
             raise ConfigError(f"population_size must be ≥ 4 for LINAS, got {population_size}",
                               "its predictors need a few real evaluations to start from")
+        if batch_size is not None and batch_size < 1 or inner_population < 4 or inner_generations < 1:
+            raise ConfigError("bad LINAS settings", f"batch_size {batch_size} (≥ 1 or None), inner_population "
+                              f"{inner_population} (≥ 4), inner_generations {inner_generations} (≥ 1)")
         self.spec, self.seed, self.population_size = spec, seed, population_size
         self.batch_size = batch_size or population_size
         self.inner_population, self.inner_generations = inner_population, inner_generations
@@ -204,13 +207,21 @@ class LINASSearch(SearchStrategy):
             if len(self._measured()) < self.population_size:
                 self._queue.append(self._random.ask())
             else:
-                self._queue.extend(self._iterate())
+                self._queue.extend(self._iterate() or [self._random.ask()])  # a space too small to propose anew
         c = self._queue.pop(0)
         self._proposed.add(c.id)
         return c
 
     def tell(self, candidate: Candidate, values: Sequence[float] | None) -> None:
-        self._told[candidate.id] = (candidate, None if values is None else tuple(float(v) for v in values))
+        """``values``: (accuracy, latency, size); None — or anything not three finite numbers with
+        latency and size > 0 — marks the candidate failed (the predictors never see it)."""
+        try:
+            v = tuple(float(x) for x in values) if values is not None else None
+        except (TypeError, ValueError):
+            v = None
+        if v is not None and (len(v) != 3 or not all(np.isfinite(v)) or v[1] <= 0 or v[2] <= 0):
+            v = None
+        self._told[candidate.id] = (candidate, v)
 
     def fit_predictors(self) -> tuple[ObjectivePredictor, ...]:
         """One predictor per objective, on every successful evaluation told so far."""

@@ -466,12 +466,19 @@ class BlockLUT:
             d = json.loads(Path(path).read_text())
             if not isinstance(d, dict) or d.get("format") != LUT_FORMAT:
                 raise ValueError(f"format {d.get('format') if isinstance(d, dict) else type(d).__name__!r}")
-            entries = {str(k): float(v) for k, v in d["entries"].items()}
-            overhead = float(d["overhead_ratio"])
-            if not entries or not all(np.isfinite(v) and v >= 0 for v in entries.values()) \
-                    or not np.isfinite(overhead) or not isinstance(d["meta"], dict):
-                raise ValueError("entries must be finite and ≥ 0, the overhead finite")
-            return cls(entries, overhead, dict(d["meta"]))
+            number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)  # noqa: E731
+            if not isinstance(d["meta"], dict):
+                raise ValueError("'meta' is not an object")
+            if not isinstance(d["entries"], dict) or not d["entries"] or \
+                    not all(number(v) and v >= 0 for v in d["entries"].values()):
+                raise ValueError("'entries' must map part names to finite numbers ≥ 0")
+            if not number(d["overhead_ratio"]):
+                raise ValueError("'overhead_ratio' must be a finite number")
+            return cls({str(k): float(v) for k, v in d["entries"].items()}, float(d["overhead_ratio"]),
+                       dict(d["meta"]))
+        except RecursionError:
+            raise ConfigError(f"{path} is not an edgec latency lookup table", "nested too deeply",
+                              "rebuild it with 'edgec latency build'") from None
         except OSError as e:
             raise ConfigError(f"cannot read the latency lookup table {path}", e.strerror or str(e),
                               "rebuild it with 'edgec latency build'") from None

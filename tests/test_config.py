@@ -35,6 +35,8 @@ def test_compile_table_is_accepted(tmp_path):
     ({"objective": "fastest"}, "known objectives"),
     ({"strategy": "bayes"}, "known strategies: nsga2, random, linas"),
     ({"strategy": "linas", "population_size": 3}, "at least 4 initial"),
+    ({"strategy": "linas", "population_size": 1}, "at least 4 initial"),
+    ({"strategy": "linas", "population_size": 16, "budget_evals": 10}, "it would be a random search"),
     ({"strategy": "linas", "model": "net.onnx", "calib_data": "c.npz"}, "LINAS searches the built-in supernet"),
     ({"objective": "max-latency"}, "two or more --target"),
     ({"model": "net.onnx"}, "--calib-data"),

@@ -131,6 +131,17 @@ def test_latency_cli_refuses_bad_settings_and_a_missing_model_in_one_line(tmp_pa
         assert p.returncode == 2, p.stderr
         lines = p.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("edgec: error:") and fragment in lines[0], p.stderr
+    # a model built for another machine is named as such, even with its lookup table next to it
+    folder = tmp_path / "cache" / "latency"
+    folder.mkdir(parents=True)
+    other = {"format": "edgec-latency-model/1", "coef": {}, "overhead_ratio": 0.1, "samples": [
+        {"id": "a", "features": [0.0] * len(feature_columns()), "ratio": 1.0}],
+        "meta": {"target": "cpu-ort", "threads": 8, "anchor_p50_ms": 1.0, "runtime": "x", "device": "y"}}
+    (folder / "cpu-ort-digits-aaaaaaaaaaaa.json").write_text(json.dumps(other))
+    (folder / "cpu-ort-digits-aaaaaaaaaaaa.lut.json").write_text(json.dumps(
+        {"format": "edgec-latency-lut/1", "entries": {"stem|fp32": 1.0}, "overhead_ratio": 0.0, "meta": {}}))
+    p = _edgec("latency", "validate", "--dataset", "digits", env=env)
+    assert p.returncode == 2 and "built for another machine" in p.stderr and "threads 8 → 2" in p.stderr, p.stderr
 
 
 @pytest.mark.slow
@@ -189,10 +200,15 @@ def test_lookup_table_parts_sum_and_round_trip(spec8, tmp_path):
     assert loaded.entries == entries and loaded.overhead_ratio == 0.5
     with pytest.raises(ModelError, match="lacks parts"):
         BlockLUT({"stem|fp32": 1.0}, 0.0, {}).predict_ratio(spec8, fp32)
-    (tmp_path / "bad.json").write_text('{"format": "edgec-latency-lut/1", "entries": {"a": -1}, '
-                                       '"overhead_ratio": 0, "meta": {}}')
-    with pytest.raises(ConfigError, match="not an edgec latency lookup table"):
-        BlockLUT.load(tmp_path / "bad.json")
+    for bad in ('{"entries": {"a": -1}, "overhead_ratio": 0, "meta": {}}',
+                '{"entries": {"a": true}, "overhead_ratio": 0, "meta": {}}',
+                '{"entries": {"a": "0.5"}, "overhead_ratio": 0, "meta": {}}',
+                '{"entries": {"a": 1}, "overhead_ratio": "0.3", "meta": {}}',
+                '{"entries": {"a": 1}, "overhead_ratio": 0, "meta": []}',
+                '{"entries": {"a": 1}, "overhead_ratio": 0, "meta": {}, "x": ' + "[" * 100_000 + "]" * 100_000 + "}"):
+        (tmp_path / "bad.json").write_text('{"format": "edgec-latency-lut/1", ' + bad[1:])
+        with pytest.raises(ConfigError, match="not an edgec latency lookup table"):
+            BlockLUT.load(tmp_path / "bad.json")
 
 
 @pytest.mark.slow

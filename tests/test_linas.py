@@ -134,3 +134,51 @@ def test_the_latency_prior_trains_the_latency_predictor():
         latency = s.fit_predictors()[1]
         errors[name] = float(np.mean(np.abs(latency.predict(codec.features(held_out)) - truth) / truth))
     assert errors["with"] < 0.05 < errors["without"]
+
+
+def test_bad_settings_and_bad_told_values(spec8):
+    from edgec.errors import ConfigError
+
+    for kwargs in ({"batch_size": 0}, {"batch_size": -3}, {"inner_population": 0}, {"inner_generations": 0}):
+        with pytest.raises(ConfigError, match="bad LINAS settings"):
+            LINASSearch(spec8, 0, 4, **kwargs)
+    s = LINASSearch(spec8, 0, 4)
+    cands = [s.ask() for _ in range(4)]
+    for c, v in zip(cands, [(0.9, float("nan"), 1.0), (0.9, 1.0), ("a", 1, 1), (0.9, -1.0, 1.0)]):
+        s.tell(c, v)  # none of these is a measurement: all count as failed
+    assert s._measured() == []
+    for c in cands:
+        s.tell(c, (0.9, 1.0, 1.0))
+    assert len(s._measured()) == 4
+
+
+def test_a_damaged_latency_model_gives_no_prior_and_says_why(monkeypatch, tmp_path, spec8):
+    import json
+    from types import SimpleNamespace
+
+    import edgec.latency_job
+    from edgec.config import CompileConfig
+    from edgec.latency_job import random_candidates
+    from edgec.pipeline import latency_prior
+    from edgec.targets.latency_model import feature_columns
+
+    path = tmp_path / "model.json"
+    monkeypatch.setattr(edgec.latency_job, "model_path", lambda settings, spec, target: path)
+    cfg = CompileConfig(dataset="digits")
+    reference = SimpleNamespace(latency=SimpleNamespace(p50_ms=2.0))
+    assert latency_prior(cfg, spec8, SimpleNamespace(target=None), reference)[1].startswith("none (no latency model")
+    good = [{"id": c.id, "candidate": c.to_dict(), "features": [0.0] * len(feature_columns()), "ratio": 0.5}
+            for c in random_candidates(spec8, 3, 0)]
+    doc = {"format": "edgec-latency-model/1", "coef": {}, "overhead_ratio": 0.1,
+           "meta": {"target": "cpu-ort", "threads": 2, "anchor_p50_ms": 1.0}}
+    path.write_text(json.dumps({**doc, "samples": good}))
+    prior, info = latency_prior(cfg, spec8, SimpleNamespace(target=None), reference)
+    assert len(prior) == 3 and all(ms == 1.0 for _, ms in prior) and "3 measured candidates" in info
+    for damage in ("abc", {"policy": {}}, {**good[0]["candidate"], "subnet": {"blocks": ["k9_e9"], "widths": []}}):
+        path.write_text(json.dumps({**doc, "samples": [{**good[0], "candidate": damage}]}))
+        prior, info = latency_prior(cfg, spec8, SimpleNamespace(target=None), reference)
+        assert prior == [] and "damaged sample" in info and str(path) in info
+    path.write_text(json.dumps({**doc, "samples": [{**good[0], "ratio": -0.3}]}))
+    assert "damaged sample" in latency_prior(cfg, spec8, SimpleNamespace(target=None), reference)[1]
+    path.write_text("not json")
+    assert "is unusable" in latency_prior(cfg, spec8, SimpleNamespace(target=None), reference)[1]
