@@ -108,7 +108,7 @@ def main() -> int:
         shutil.copy(evaluator.compile(anchor_c)[0], anchor_path)
     anchor_size = anchor_path.stat().st_size
 
-    prior = []  # the latency model's measured candidates (ratios to the same anchor), if one was built here
+    prior, prior_info = [], "not used"  # the latency model's measured candidates (ratios to the same anchor), if one was built here
     if "linas" in args.strategies:
         from edgec.latency_job import LatencySettings, model_path
         from edgec.search.space import Candidate
@@ -117,7 +117,8 @@ def main() -> int:
         lm = model_path(LatencySettings(dataset=args.dataset, threads=args.threads), spec, target)
         if lm.is_file():
             prior = [(Candidate.from_dict(s["candidate"]), s["ratio"]) for s in KernelPredictor.load(lm).samples]
-        err.print(f"latency prior: {len(prior)} measured candidates from {lm if prior else '(no latency model)'}")
+        prior_info = f"{len(prior)} measured candidates from {lm}" if prior else "none (no latency model built here)"
+        err.print(f"latency prior: {prior_info}")
 
     cache_path = out / "evaluations.jsonl"
     cache = {}
@@ -203,9 +204,9 @@ def main() -> int:
         if "nsga2" in args.strategies and "nsga2" not in done:
             done["nsga2"] = run(NSGA2Search(spec, seed, args.nsga2_population), args.nsga2_evals, bar,
                                 f"seed {seed} nsga2")
-        _write(out, results, args, info, target, anchor_c.id)
+        _write(out, results, args, info, target, anchor_c.id, prior_info)
 
-    summary = _write(out, results, args, info, target, anchor_c.id)
+    summary = _write(out, results, args, info, target, anchor_c.id, prior_info)
     table = Table(title=f"search strategies on {args.dataset} ({target.name}, {args.threads} threads): real evaluations "
                         f"to reach random search's hypervolume at {args.random_evals}")
     for col in ("seed", f"random HV@{args.random_evals}", "LINAS evals", "LINAS w/o prior", "NSGA-II evals",
@@ -239,7 +240,7 @@ def _at(run: dict, n: int) -> str:
     return f"{c[min(n, len(c)) - 1]:.4f}" + ("" if len(c) >= n else f" (@{len(c)})")
 
 
-def _write(out: Path, results: dict, args, info: dict, target, anchor_id: str) -> dict:
+def _write(out: Path, results: dict, args, info: dict, target, anchor_id: str, prior_info: str = "") -> dict:
     """bench.json and hypervolume.png from the seeds finished so far; returns the summary."""
     import numpy as np
 
@@ -267,7 +268,7 @@ def _write(out: Path, results: dict, args, info: dict, target, anchor_id: str) -
                           "ONNX size / anchor size"],
            "reference_point": list(REFERENCE_POINT), "normalized_by": REFERENCE_POINT[0],
            "anchor": {"candidate_id": anchor_id, "what": "largest subnet, all FP32"},
-           "target": target.describe(), "supernet": {k: info[k] for k in ("cache_key", "train") if k in info},
+           "latency_prior": prior_info, "target": target.describe(), "supernet": {k: info[k] for k in ("cache_key", "train") if k in info},
            "summary": summary, "seeds": results}
     tmp = out / "bench.json.tmp"
     tmp.write_text(json.dumps(doc, indent=1))

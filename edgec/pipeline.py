@@ -554,8 +554,10 @@ def search_info(name: str, strategy, evals: list[Evaluation]) -> dict:
     info = {"strategy": name, "real_evaluations": len(evals),
             "objectives_per_candidate": {"val_accuracy": "measured", "p50_ms": "measured", "size_bytes": "measured"}}
     if name == "linas":
-        info["predicted_before_evaluation"] = {cid: p for cid, p in strategy.predictions.items() if cid in ids}
-        info["iterations"] = strategy.iterations
+        info["predicted_before_evaluation"] = {  # in the objectives' own names and units
+            cid: {"val_accuracy": p["val_accuracy"], "p50_ms": p["latency"], "size_bytes": p["size_bytes"]}
+            for cid, p in strategy.predictions.items() if cid in ids}
+        info["iterations"] = strategy.iterations  # each: fit on `measured` real evaluations, `proposed` asked
         info["latency_prior"] = strategy.prior_info
         info["note"] = ("predictions (Ridge / SVR / gradient boosting, chosen by 5-fold CV, retrained on every real "
                         "evaluation) only chose what to evaluate; every value in the evaluations and the Pareto "

@@ -302,7 +302,8 @@ def _search_html(info: dict | None, latency_kind: str) -> str:
         chosen = ", ".join(f"{p['objective']}: {p['chosen']}" for p in iters[-1]["predictors"]) if iters else "–"
         text += (f" {len(info.get('predicted_before_evaluation', {}))} candidates were proposed by the predictors "
                  f"(<b>predicted</b> objectives before evaluation are in report.json, search.predicted_before_evaluation) "
-                 f"over {len(iters)} LINAS iterations; last predictors chosen by cross-validation: {e(chosen)}.")
+                 f"over {len(iters)} LINAS iterations; last predictors chosen by cross-validation: {e(chosen)}. "
+                 f"Latency prior: {e(str(info.get('latency_prior', 'none')))}.")
     return text + "</p>"
 
 

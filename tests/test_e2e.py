@@ -191,9 +191,10 @@ def test_linas_strategy_reports_predictions_and_resumes_by_replay(tmp_path):
     predicted = search["predicted_before_evaluation"]
     # population 4: 3 initial + 1 random evaluated, then one LINAS iteration proposes the rest
     assert len(predicted) == 2 and set(predicted) <= evaluated
-    assert all(p["val_accuracy"] > 0 and p["latency"] > 0 for p in predicted.values())
+    assert all(p["val_accuracy"] > 0 and p["p50_ms"] > 0 and p["size_bytes"] > 0 for p in predicted.values())
     assert len(search["iterations"]) == 1 and "LINAS iterations" in (out / "report.html").read_text()
     assert search["latency_prior"].startswith("none (no latency model")  # the tests' cache has none
+    assert "Latency prior: none" in (out / "report.html").read_text()
     before = (out / "study" / "evaluations.jsonl").read_text().splitlines()
     proc = compile_("--strategy", "linas", "--budget-evals", "8", "--out", str(out), "--resume")
     assert proc.returncode == 0, proc.stderr[-2000:]
