@@ -110,14 +110,11 @@ def main() -> int:
 
     prior, prior_info = [], "not used"  # the latency model's measured candidates (ratios to the same anchor), if one was built here
     if "linas" in args.strategies:
-        from edgec.latency_job import LatencySettings, model_path
-        from edgec.search.space import Candidate
-        from edgec.targets.latency_model import KernelPredictor
+        from edgec.latency_job import LatencySettings, measured_candidates, model_path
 
         lm = model_path(LatencySettings(dataset=args.dataset, threads=args.threads), spec, target)
-        if lm.is_file():
-            prior = [(Candidate.from_dict(s["candidate"]), s["ratio"]) for s in KernelPredictor.load(lm).samples]
-        prior_info = f"{len(prior)} measured candidates from {lm}" if prior else "none (no latency model built here)"
+        prior, why = measured_candidates(lm, spec)  # ratios to the same anchor: the bench's latency unit
+        prior_info = f"{len(prior)} measured candidates from {lm}" if prior else f"none ({why})"
         err.print(f"latency prior: {prior_info}")
 
     cache_path = out / "evaluations.jsonl"

@@ -385,10 +385,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
         out.print(f"Latency model for {fit['target']} ({fit['space']}, {fit['device']}, {fit['runtime']}, "
                   f"{fit['threads']} threads) fit on {fit['samples']} measured candidates in "
                   f"{fit['build_s'] / 60:.1f} min: {path}")
-        from edgec.targets.latency_model import validation_metrics
-
-        own = validation_metrics([s["ratio"] for s in model.samples],
-                                 [model.predict_ratio_from_features(s["features"]) for s in model.samples])
+        own = model.fit_metrics()
         out.print(f"On its own samples: {own['within_10pct'] * 100:.0f} % within ±10 %, RMSPE {own['rmspe'] * 100:.1f} %.")
         if own["within_10pct"] < 0.8:
             out.print("[yellow]That is low for a fit on its own samples: the measurements look noisy — was the "

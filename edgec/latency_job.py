@@ -223,7 +223,11 @@ class _Part:
             shape = (c_in, hw, hw)
         else:
             c_in = int(fields[1][2:])
-            module = _Head(c_in, net.classifier)
+            fc = torch.nn.Linear(c_in, spec.num_classes)  # global average pooling + the classifier's first inputs
+            with torch.no_grad():
+                fc.weight.copy_(net.classifier.weight[:, :c_in])
+                fc.bias.copy_(net.classifier.bias)
+            module = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), fc)
             shape = (c_in, 1, 1)
         for m in module.modules():
             if isinstance(m, ConvBNAct):
@@ -234,26 +238,6 @@ class _Part:
         layers = tuple(n.removesuffix(".conv") for n, m in wrapper.named_modules()
                        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)))
         return wrapper.eval(), shape, layers
-
-
-class _Head:
-    """Global average pooling + the classifier's first ``c_in`` inputs (built lazily as an nn.Module)."""
-
-    def __new__(cls, c_in: int, classifier):
-        import torch
-
-        class Head(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.classifier = torch.nn.Linear(c_in, classifier.out_features)
-                with torch.no_grad():
-                    self.classifier.weight.copy_(classifier.weight[:, :c_in])
-                    self.classifier.bias.copy_(classifier.bias)
-
-            def forward(self, x):
-                return self.classifier(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
-
-        return Head()
 
 
 def measure_lut(spec, ds, target, settings: LatencySettings, progress, keys: list[str] | None = None) -> dict:
@@ -383,6 +367,34 @@ def lut_path(model: Path) -> Path:
     return model.with_name(model.stem + ".lut.json")
 
 
+def measured_candidates(path: Path, spec) -> tuple[list, str | None]:
+    """The (candidate, p50 / anchor p50) pairs the latency model at ``path`` was fit on, for
+    ``spec``'s space — LINAS's latency prior. Returns ([], why) when the file is missing, unreadable
+    or holds a sample that is not a valid measured candidate of ``spec`` (never raises)."""
+    from edgec.errors import EdgecError
+    from edgec.search.space import Candidate
+    from edgec.targets.latency_model import KernelPredictor
+
+    if not path.exists():
+        return [], "no latency model"
+    try:
+        model = KernelPredictor.load(path)
+    except ConfigError as e:
+        return [], f"the latency model {path} is unusable: {e.why}"
+    pairs = []
+    for s in model.samples:
+        try:  # the file is ours, but hand-edited or damaged samples must not end a search
+            c = Candidate.from_dict(s["candidate"])
+            spec.validate(c.subnet)
+            ratio = float(s["ratio"])
+            if not 0 < ratio < float("inf"):
+                raise ValueError(f"ratio {ratio}")
+        except (EdgecError, KeyError, TypeError, ValueError, AttributeError) as e:
+            return [], f"the latency model {path} has a damaged sample {s.get('id')!r}: {e}"
+        pairs.append((c, ratio))
+    return pairs, None
+
+
 def _load_lut(path: Path, spec):
     """The lookup table at ``path`` checked against ``spec`` (every part a candidate can need), or
     None when none was built. Raises :class:`ConfigError` for anything else at that path."""
@@ -458,8 +470,7 @@ def validate_model(settings: LatencySettings, progress) -> dict:
         "path": str(lut_path(path)), "entries": len(lut.entries), "overhead_ratio": lut.overhead_ratio,
         "fit": validation_metrics([s["ratio"] for s in model.samples],
                                   [lut.predict_ratio(spec, Candidate.from_dict(s["candidate"])) for s in model.samples])}
-    train = validation_metrics([s["ratio"] for s in model.samples],
-                               [model.predict_ratio_from_features(s["features"]) for s in model.samples])
+    train = model.fit_metrics()
     drift = [r["anchor_p50_ms"] for r in rows]
     return {**figures, "target": settings.target, "space": model.meta.get("space"), "model": str(path),
             "model_kind": "kernel-level linear (nn-Meter style)", "latency_kind": "predicted vs measured",

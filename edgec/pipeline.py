@@ -516,34 +516,21 @@ def latency_prior(cfg, spec, evaluator, reference: Evaluation) -> tuple[list, st
     (candidate, its p50 / anchor p50 × this run's reference p50 ms) — the anchor *is* the reference,
     the largest subnet in FP32. Empty (and why) when there is no such model or the objective is not
     one target's p50."""
-    from edgec.latency_job import LatencySettings, model_path
-    from edgec.targets.latency_model import KernelPredictor
+    from edgec.latency_job import LatencySettings, measured_candidates, model_path
 
     if cfg.objective != "primary":
         return [], "none (the max-latency objective is a ratio over targets, not one target's p50)"
     path = model_path(LatencySettings(target=cfg.target, dataset=cfg.dataset, threads=cfg.threads), spec,
                       evaluator.target)
-    if not path.exists():
+    pairs, why = measured_candidates(path, spec)
+    if why == "no latency model":
         return [], (f"none (no latency model for {cfg.target} on this machine; 'edgec latency build --target "
                     f"{cfg.target} --dataset {cfg.dataset}' makes one)")
-    rebuild = f"rebuild it with 'edgec latency build --target {cfg.target} --dataset {cfg.dataset}'"
-    try:
-        model = KernelPredictor.load(path)
-    except ConfigError as e:
-        return [], f"none (the latency model {path} is unusable: {e.why}; {rebuild})"
+    if why:
+        return [], f"none ({why}; rebuild it with 'edgec latency build --target {cfg.target} --dataset {cfg.dataset}')"
     ref_ms = reference.latency.p50_ms
-    prior = []
-    for s in model.samples:
-        try:  # the file is ours, but hand-edited or damaged samples must not end the search
-            c = Candidate.from_dict(s["candidate"])
-            spec.validate(c.subnet)
-            ratio = float(s["ratio"])
-            if not 0 < ratio < float("inf"):
-                raise ValueError(f"ratio {ratio}")
-        except (EdgecError, KeyError, TypeError, ValueError, AttributeError) as e:
-            return [], f"none (the latency model {path} has a damaged sample {s.get('id')!r}: {e}; {rebuild})"
-        prior.append((c, ratio * ref_ms))
-    return prior, f"{len(prior)} measured candidates of {path} (ratio to the anchor × the reference's {ref_ms:.4f} ms)"
+    return ([(c, ratio * ref_ms) for c, ratio in pairs],
+            f"{len(pairs)} measured candidates of {path} (ratio to the anchor × the reference's {ref_ms:.4f} ms)")
 
 
 def search_info(name: str, strategy, evals: list[Evaluation]) -> dict:

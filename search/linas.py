@@ -58,7 +58,8 @@ class CandidateCodec:
         """(genome_length,) int64."""
         ops = [opts.index(b.name) for opts, b in zip(self.block_options, c.subnet.blocks)]
         widths = [s.width_choices.index(w) for s, w in zip(self.spec.stages, c.subnet.widths)]
-        bits = [int(c.policy.precision(n) == "int8") for n in self.layers]
+        policy = c.policy.to_dict()
+        bits = [int(policy.get(n) == "int8") for n in self.layers]
         return np.array(ops + widths + bits, dtype=np.int64)
 
     def candidate(self, g: Sequence[float]) -> Candidate:
@@ -77,9 +78,10 @@ class CandidateCodec:
             onehot = [float(b.name == op) for opts, b in zip(self.block_options, c.subnet.blocks) for op in opts]
             widths = [w / max(s.width_choices) for s, w in zip(self.spec.stages, c.subnet.widths)]
             costs = self.spec.layer_costs(c.subnet)
-            int8 = [c.policy.precision(n) == "int8" for n, _, _ in costs]
+            policy = c.policy.to_dict()  # once: this runs for every inner-loop prediction
+            int8 = [policy.get(n) == "int8" for n, _, _ in costs]
             present = {n for n, _, _ in costs}
-            bits = [float(n in present and c.policy.precision(n) == "int8") for n in self.layers]
+            bits = [float(n in present and policy.get(n) == "int8") for n in self.layers]
             macs = np.array([m for _, m, _ in costs], dtype=np.float64) / 1e6
             params = np.array([p for _, _, p in costs], dtype=np.float64) / 1e3
             q = np.array(int8, dtype=bool)
