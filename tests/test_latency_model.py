@@ -226,6 +226,7 @@ def test_lookup_table_parts_are_measured_alone_minus_a_graphs_own_cost():
     finally:
         target.close()
     assert set(entries) == set(small) and all(v >= 0 for v in entries.values())
-    big = [entries[k] for k in small if "k5_e6" in k]
-    tiny = [entries[k] for k in small if "k3_e1" in k]
-    assert min(big) > max(tiny)  # a 6×-expanded 5×5 block costs more than a 1×-expanded 3×3 one
+    # FP32 against FP32: a tiny INT8 block alone is mostly its own quantize/dequantize (CI measured the
+    # INT8 k3_e1 part at 0.064 anchors vs 0.062 for the INT8 k5_e6 one), so INT8 sizes do not order
+    big, tiny = entries["block|k5_e6|in32|out128|hw4|s2|fp32"], entries["block|k3_e1|in16|out16|hw8|s1|fp32"]
+    assert big > tiny  # a 6×-expanded 5×5 block costs more than a 1×-expanded 3×3 one
