@@ -159,8 +159,8 @@ def test_latency_build_then_validate_on_digits(tmp_path):
     v = json.loads(out.read_text())
     assert v["n"] == len(v["rows"]) >= 10 and 0 <= v["within_10pct"] <= 1 and v["rmspe"] >= 0
     assert -1 <= v["spearman"] <= 1 and all(r["predicted_ratio"] > 0 and r["ratio"] > 0 for r in v["rows"])
-    # ratios are measured next to the anchor: its p50 is recorded with each row
-    assert all(r["p50_ms"] == pytest.approx(r["ratio"] * r["anchor_p50_ms"], rel=0.5) for r in v["rows"])
+    # the anchor's p50 is recorded with each row (how ratios are formed: test_measure_candidates_…)
+    assert all(r["p50_ms"] > 0 and r["anchor_p50_ms"] > 0 for r in v["rows"])
     assert not {r["id"] for r in v["rows"]} & {s["id"] for s in json.loads(models[0].read_text())["samples"]}
     page = (tmp_path / "v.html").read_text()
     assert "data:image/png;base64," in page and "No lookup table" in page and v["lut"] is None
@@ -230,3 +230,27 @@ def test_lookup_table_parts_are_measured_alone_minus_a_graphs_own_cost():
     # INT8 k3_e1 part at 0.064 anchors vs 0.062 for the INT8 k5_e6 one), so INT8 sizes do not order
     big, tiny = entries["block|k5_e6|in32|out128|hw4|s2|fp32"], entries["block|k3_e1|in16|out16|hw8|s1|fp32"]
     assert big > tiny  # a 6×-expanded 5×5 block costs more than a 1×-expanded 3×3 one
+
+
+def test_measure_candidates_takes_the_median_of_per_round_ratios_to_the_anchor():
+    """Scripted latencies (no timing): each round measures the anchor then the candidate; the ratio is
+    the median of the per-round ratios, not the ratio of the medians."""
+    from types import SimpleNamespace
+
+    from edgec.latency_job import ROUNDS, LatencySettings, _space, measure_candidates, random_candidates
+    from edgec.pipeline import Progress
+
+    settings = LatencySettings(dataset="digits")
+    ds, spec = _space(settings)
+    cand = random_candidates(spec, 1, seed=3)
+    assert ROUNDS == 5
+    anchor_ms = [1.0, 2.0, 3.0, 4.0, 5.0]  # the host slows down round by round
+    model_ms = [2.0, 1.0, 1.5, 2.0, 2.5]   # half the anchor, except in a disturbed first round
+    script = iter([ms for pair in zip(anchor_ms, model_ms) for ms in pair])
+    target = SimpleNamespace(recipe="ort-qdq-u8s8",
+                             measure_latency=lambda path, shape, batch: SimpleNamespace(p50_ms=next(script)))
+    rows = measure_candidates(cand, spec, ds, target, settings, Progress(), "scripted")
+    assert len(rows) == 1 and rows[0]["id"] == cand[0].id
+    # the ratio of the medians would be 2.0 / 3.0
+    assert rows[0]["ratio"] == pytest.approx(0.5) and rows[0]["anchor_p50_ms"] == pytest.approx(3.0)
+    assert rows[0]["p50_ms"] == pytest.approx(2.0) and len(rows[0]["features"]) == len(feature_columns())
