@@ -411,6 +411,11 @@ def cmd_latency(args: argparse.Namespace) -> int:
                           f"{r['median_abs_pct_error']:.1f} %", f"{r['spearman']:.3f}",
                           f"{r['fit']['within_10pct'] * 100:.1f} %" if "fit" in r else "–")
     out.print(table)
+    if not result["built_here"]:
+        b, h = result["built_on"], result["validated_on"]
+        out.print(f"The model was built on another machine ({b['runtime']}, {b['device']}, {b['threads']} threads); "
+                  f"these figures are for this one ({h['runtime']}, {h['device']}, {h['threads']} threads) and are "
+                  "recorded next to the model, where LINAS's latency prior looks for them.")
     _write_reports(out, html_path, latency_validation_html(result), json_path, result)
     return 0
 

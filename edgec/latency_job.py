@@ -14,9 +14,10 @@ for the built-in FBNet space of a dataset, and how far to trust them.
 - **validate**: ``--subnets`` held-out random candidates (another seed) are compiled and measured
   the same way and compared with the model's prediction: share within ±10 %, RMSPE, Spearman rank
   correlation, for the kernel-level model and the lookup table; a table, ``--json FILE`` and an HTML
-  report with the scatter plot. A model built on
-  another runtime version, device or thread count is refused by :func:`load_model`; validate names
-  the machine it was built on and the one it runs on.
+  report with the scatter plot. A model built on another runtime version, device or thread count
+  is validated here instead (:func:`load_model` falls back to it) and the figures are recorded
+  next to it; :func:`trusted_model` runs that validation automatically before such a model is
+  used (LINAS's latency prior in ``edgec compile``).
 
 Compiled graphs live in a temporary folder and are deleted; only the measurements are kept.
 """
@@ -410,29 +411,49 @@ def _load_lut(path: Path, spec):
     return lut
 
 
-def load_model(settings: LatencySettings, spec, target):
-    """The model built for this target, space and machine. Raises :class:`ConfigError` when there is
-    none (naming a model of the same target and space built on another machine, if any)."""
+def _machine_key(target) -> str:
+    return hashlib.sha256(json.dumps(_machine(target), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def revalidation_path(model: Path, target) -> Path:
+    """Where the validation of the model at ``model`` on this machine (``target``'s runtime, device and
+    threads) is recorded when the model was built on another one."""
+    return model.with_name(f"{model.stem}.validated-{_machine_key(target)}.json")
+
+
+def load_model(settings: LatencySettings, spec, target) -> tuple:
+    """The model for this target and space: ``(model, path, built_here)``. The one built on this
+    machine (runtime, device, threads) when there is one; otherwise the newest one of the same
+    target and space built on another machine (``built_here`` False: its figures do not carry over,
+    so :func:`validate_model` and :func:`trusted_model` validate it here first). Raises
+    :class:`ConfigError` when there is none."""
     from edgec.targets.latency_model import KernelPredictor
 
     path = model_path(settings, spec, target)
     try:
         if path.is_file():
-            return KernelPredictor.load(path), path
-        others = sorted(p for p in path.parent.glob(f"{target.name}-{settings.dataset}-*.json")
-                        if not p.name.endswith(".lut.json")) if path.parent.is_dir() else []
+            return KernelPredictor.load(path), path, True
+        others = sorted((p for p in path.parent.glob(f"{settings.target}-{settings.dataset}-*.json")
+                         if p.name.count(".") == 1), key=lambda p: p.stat().st_mtime) if path.parent.is_dir() else []
     except OSError as e:
         raise ConfigError(f"cannot read the latency models in {path.parent}", e.strerror or str(e),
                           "check EDGEC_CACHE_DIR and its permissions") from None
     why = "none was built here"
-    if others:
-        m = KernelPredictor.load(others[-1]).meta
-        here = _machine(target)
-        diff = [f"{k} {m.get(k)} → {here[k]}" for k in ("runtime", "device", "threads") if m.get(k) != here[k]]
-        why = f"the one in {others[-1].parent} was built for another machine ({'; '.join(diff) or 'another space'})"
+    for other in reversed(others):
+        model = KernelPredictor.load(other)
+        if model.meta.get("spec") == spec.to_dict():
+            return model, other, False
+        why = f"the one in {other.parent} was built for another space"
     threads = f" --threads {settings.threads}" if settings.threads != 2 else ""
-    raise ConfigError(f"no latency model for {target.name} on {settings.dataset} for this machine", why,
-                      f"run 'edgec latency build --target {target.name} --dataset {settings.dataset}{threads}'")
+    raise ConfigError(f"no latency model for {settings.target} on {settings.dataset}", why,
+                      f"run 'edgec latency build --target {settings.target} --dataset {settings.dataset}{threads}'")
+
+
+def machine_difference(meta: dict, target) -> str:
+    """What differs between the machine a model was built on and this one, e.g. ``threads 8 → 2``."""
+    here = _machine(target)
+    return "; ".join(f"{k} {meta.get(k)} → {here[k]}" for k in ("runtime", "device", "threads")
+                     if meta.get(k) != here[k]) or "nothing"
 
 
 def validate_model(settings: LatencySettings, progress) -> dict:
@@ -443,7 +464,10 @@ def validate_model(settings: LatencySettings, progress) -> dict:
     ds, spec = _space(settings)
     target = _open(settings)
     try:
-        model, path = load_model(settings, spec, target)
+        model, path, built_here = load_model(settings, spec, target)
+        if not built_here:
+            progress.log(f"the latency model {path} was built on another machine "
+                         f"({machine_difference(model.meta, target)}): validating it here")
         lut = _load_lut(lut_path(path), spec)
         trained = {s["id"] for s in model.samples}
         # held out: never one the model was fit on (drawn on until there are enough, or refused)
@@ -472,12 +496,72 @@ def validate_model(settings: LatencySettings, progress) -> dict:
                                   [lut.predict_ratio(spec, Candidate.from_dict(s["candidate"])) for s in model.samples])}
     train = model.fit_metrics()
     drift = [r["anchor_p50_ms"] for r in rows]
-    return {**figures, "target": settings.target, "space": model.meta.get("space"), "model": str(path),
+    here = _machine(target)
+    result = {**figures, "target": settings.target, "space": model.meta.get("space"), "model": str(path),
             "model_kind": "kernel-level linear (nn-Meter style)", "latency_kind": "predicted vs measured",
             "compared": "p50 / the anchor's p50 measured side by side (predicted vs measured)",
             "anchor_p50_ms": {"at_build": model.meta.get("anchor_p50_ms"), "now_min": min(drift),
                               "now_median": float(np.median(drift)), "now_max": max(drift)},
             "built_on": {k: model.meta.get(k) for k in ("runtime", "device", "threads", "built_at", "samples")},
-            "fit": train, "lut": lut_figures,
+            "validated_on": {k: here[k] for k in ("runtime", "device", "threads")},
+            "built_here": built_here, "fit": train, "lut": lut_figures,
+            "validated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "rows": [{k: r[k] for k in ("id", "ratio", "predicted_ratio", "lut_predicted_ratio", "p50_ms",
                                         "predicted_ms", "anchor_p50_ms", "kernels") if k in r} for r in rows]}
+    if not built_here:  # what trusted_model reads instead of validating again
+        record = revalidation_path(path, target)
+        try:
+            tmp = record.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"model_sha256": _sha256(path), **result}, indent=1))
+            tmp.replace(record)
+        except OSError as e:
+            raise ConfigError(f"cannot record the validation in {record}", e.strerror or str(e),
+                              "free some space or set EDGEC_CACHE_DIR to a writable folder") from None
+    return result
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+PRIOR_MIN_SPEARMAN = 0.9  # a model from another machine ranks candidates at least this well here, or is not used
+AUTO_VALIDATION_SUBNETS = 100
+
+
+def trusted_model(settings: LatencySettings, spec, target, progress) -> tuple:
+    """The model for this target and space with how far to trust it here: ``(model, path, trust)``,
+    or ``(None, None, why not)``. A model built on this machine is used as built (its ``edgec latency
+    validate`` figures hold here). One built on another machine (other runtime version, device or
+    threads) is validated here automatically on :data:`AUTO_VALIDATION_SUBNETS` held-out candidates
+    (measured with this machine's ``target``; once per model and machine, recorded next to the model
+    by :func:`validate_model`) and used only when its Spearman rank correlation here is at least
+    :data:`PRIOR_MIN_SPEARMAN`. Never raises for a missing or unusable model."""
+    from edgec.errors import EdgecError
+
+    try:
+        model, path, built_here = load_model(settings, spec, target)
+    except EdgecError as e:
+        if e.what.startswith("no latency model"):
+            return None, None, f"{e.what} ({e.why})"
+        return None, None, f"the latency model is unusable: {e.what} ({e.why})"
+    if built_here:
+        return model, path, "built on this machine"
+    record = revalidation_path(path, target)
+    try:
+        v = json.loads(record.read_text())
+        if v.get("model_sha256") != _sha256(path):
+            raise ValueError("the model changed since")
+        v["spearman"], v["within_10pct"]
+    except (OSError, ValueError, KeyError, TypeError):
+        try:
+            v = validate_model(LatencySettings(**{**settings.__dict__, "subnets": AUTO_VALIDATION_SUBNETS}),
+                               progress)
+        except EdgecError as e:
+            return None, None, f"the model built on another machine could not be validated here: {e.what}"
+    diff = machine_difference(model.meta, target)
+    figures = (f"validated here on {v['n']} held-out candidates: {v['within_10pct'] * 100:.0f} % within ±10 %, "
+               f"Spearman {v['spearman']:.3f}")
+    if not v["spearman"] >= PRIOR_MIN_SPEARMAN:
+        return None, None, (f"the model in {path} was built on another machine ({diff}) and, {figures}, ranks "
+                            f"candidates worse than Spearman {PRIOR_MIN_SPEARMAN}; build one here")
+    return model, path, f"built on another machine ({diff}), {figures}"

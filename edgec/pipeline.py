@@ -499,7 +499,7 @@ def _search(cfg, spec, store, evaluator, progress):
     elif cfg.strategy == "linas":
         from edgec.search.linas import LINASSearch
 
-        prior, prior_info = latency_prior(cfg, spec, evaluator, reference)
+        prior, prior_info = latency_prior(cfg, spec, evaluator, reference, progress)
         progress.log(f"LINAS latency prior: {prior_info}")
         strategy = LINASSearch(spec, cfg.seed, cfg.population_size, initial=initial, latency_prior=prior)
         strategy.prior_info = prior_info
@@ -510,27 +510,30 @@ def _search(cfg, spec, store, evaluator, progress):
     return reference, evals, failed, search_info(cfg.strategy, strategy, evals)
 
 
-def latency_prior(cfg, spec, evaluator, reference: Evaluation) -> tuple[list, str]:
+def latency_prior(cfg, spec, evaluator, reference: Evaluation, progress: Progress | None = None) -> tuple[list, str]:
     """LINAS's latency prior: the candidates the target's latency model was measured on (``edgec
-    latency build`` for this target, dataset space, runtime, device and threads), each as
-    (candidate, its p50 / anchor p50 × this run's reference p50 ms) — the anchor *is* the reference,
-    the largest subnet in FP32. Empty (and why) when there is no such model or the objective is not
-    one target's p50."""
-    from edgec.latency_job import LatencySettings, measured_candidates, model_path
+    latency build`` for this target and dataset space; one built on another machine is validated
+    here first, :func:`edgec.latency_job.trusted_model`), each as (candidate, its p50 / anchor p50 ×
+    this run's reference p50 ms) — the anchor *is* the reference, the largest subnet in FP32. Empty
+    (and why) when there is no usable model or the objective is not one target's p50."""
+    from edgec.latency_job import LatencySettings, measured_candidates, trusted_model
 
     if cfg.objective != "primary":
         return [], "none (the max-latency objective is a ratio over targets, not one target's p50)"
-    path = model_path(LatencySettings(target=cfg.target, dataset=cfg.dataset, threads=cfg.threads), spec,
-                      evaluator.target)
+    build = f"'edgec latency build --target {cfg.target} --dataset {cfg.dataset}'"
+    settings = LatencySettings(target=cfg.target, dataset=cfg.dataset, data_dir=cfg.data_dir, threads=cfg.threads)
+    model, path, trust = trusted_model(settings, spec, evaluator.target, progress or Progress())
+    if model is None:
+        if trust.startswith("no latency model"):
+            return [], f"none ({trust}; {build} makes one)"
+        return [], f"none ({trust}; rebuild it with {build})"
     pairs, why = measured_candidates(path, spec)
-    if why == "no latency model":
-        return [], (f"none (no latency model for {cfg.target} on this machine; 'edgec latency build --target "
-                    f"{cfg.target} --dataset {cfg.dataset}' makes one)")
     if why:
-        return [], f"none ({why}; rebuild it with 'edgec latency build --target {cfg.target} --dataset {cfg.dataset}')"
+        return [], f"none ({why}; rebuild it with {build})"
     ref_ms = reference.latency.p50_ms
     return ([(c, ratio * ref_ms) for c, ratio in pairs],
-            f"{len(pairs)} measured candidates of {path} (ratio to the anchor × the reference's {ref_ms:.4f} ms)")
+            f"{len(pairs)} measured candidates of {path} ({trust}; ratio to the anchor × the reference's "
+            f"{ref_ms:.4f} ms)")
 
 
 def search_info(name: str, strategy, evals: list[Evaluation]) -> dict:

@@ -573,7 +573,7 @@ def latency_validation_html(result: dict) -> str:
 measured side by side: {e(str(result['anchor_p50_ms']))} ms) and predicted by the
 {e(result['model_kind'])} model ({e(result['model'])}; built on {e(str(b.get('device')))},
 {e(str(b.get('runtime')))}, {b.get('threads')} threads, from {b.get('samples')} measured candidates).</p>
-<ul><li>within ±10 %: <b>{result['within_10pct'] * 100:.1f} %</b></li>
+{_elsewhere_html(result)}<ul><li>within ±10 %: <b>{result['within_10pct'] * 100:.1f} %</b></li>
 <li>RMSPE: <b>{result['rmspe'] * 100:.1f} %</b> (median |error| {result['median_abs_pct_error']:.1f} %)</li>
 <li>Spearman rank correlation: <b>{result['spearman']:.3f}</b></li>
 <li>on its own training samples: within ±10 % {result['fit']['within_10pct'] * 100:.1f} %, RMSPE
@@ -582,6 +582,14 @@ measured side by side: {e(str(result['anchor_p50_ms']))} ms) and predicted by th
 <img alt="measured vs predicted" src="data:image/png;base64,{png}">
 </body></html>
 """
+
+
+def _elsewhere_html(result: dict) -> str:
+    if result.get("built_here", True):
+        return ""
+    h = result["validated_on"]
+    return (f"<p><b>Built on another machine.</b> Measured here on {html.escape(str(h['device']))}, "
+            f"{html.escape(str(h['runtime']))}, {h['threads']} threads: these figures are this machine's.</p>\n")
 
 
 def _lut_html(lut: dict | None) -> str:

@@ -141,11 +141,12 @@ def test_latency_cli_refuses_bad_settings_and_a_missing_model_in_one_line(tmp_pa
     (folder / "cpu-ort-digits-aaaaaaaaaaaa.lut.json").write_text(json.dumps(
         {"format": "edgec-latency-lut/1", "entries": {"stem|fp32": 1.0}, "overhead_ratio": 0.0, "meta": {}}))
     p = _edgec("latency", "validate", "--dataset", "digits", env=env)
-    assert p.returncode == 2 and "built for another machine" in p.stderr and "threads 8 → 2" in p.stderr, p.stderr
+    assert p.returncode == 2 and "no latency model for cpu-ort on digits" in p.stderr, p.stderr
+    assert "built for another space" in p.stderr, p.stderr  # it has no spec: not one of this space
 
 
 @pytest.mark.slow
-def test_latency_build_then_validate_on_digits(tmp_path):
+def test_latency_build_then_validate_on_digits(tmp_path, monkeypatch):
     """A small model end to end: measured candidates, a fit, held-out figures in the JSON and the HTML."""
     env = {**os.environ, "EDGEC_CACHE_DIR": str(tmp_path / "cache")}
     p = _edgec("latency", "build", "--dataset", "digits", "--samples", "24", "--runs", "30", "--no-lut", env=env)
@@ -161,9 +162,52 @@ def test_latency_build_then_validate_on_digits(tmp_path):
     assert -1 <= v["spearman"] <= 1 and all(r["predicted_ratio"] > 0 and r["ratio"] > 0 for r in v["rows"])
     # the anchor's p50 is recorded with each row (how ratios are formed: test_measure_candidates_…)
     assert all(r["p50_ms"] > 0 and r["anchor_p50_ms"] > 0 for r in v["rows"])
+    assert v["built_here"] is True and v["validated_on"]["threads"] == 2
     assert not {r["id"] for r in v["rows"]} & {s["id"] for s in json.loads(models[0].read_text())["samples"]}
     page = (tmp_path / "v.html").read_text()
     assert "data:image/png;base64," in page and "No lookup table" in page and v["lut"] is None
+
+    # the same model as if built on another machine (8 threads there): validated here, recorded, trusted
+    doc = json.loads(models[0].read_text())
+    doc["meta"]["threads"] = 8
+    foreign = models[0].with_name("cpu-ort-digits-0123456789ab.json")
+    foreign.write_text(json.dumps(doc))
+    models[0].unlink()
+    p = _edgec("latency", "validate", "--dataset", "digits", "--subnets", "12", "--runs", "30", "--json", str(out),
+               "--html", str(tmp_path / "v.html"), env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    v = json.loads(out.read_text())
+    assert v["built_here"] is False and v["built_on"]["threads"] == 8 and v["validated_on"]["threads"] == 2
+    assert "Built on another machine" in (tmp_path / "v.html").read_text() and "another machine" in p.stdout
+    records = list(foreign.parent.glob(foreign.stem + ".validated-*.json"))
+    assert len(records) == 1 and json.loads(records[0].read_text())["spearman"] == v["spearman"]
+
+    import edgec.latency_job as lj
+    from edgec.pipeline import Progress
+    from edgec.targets import open_target
+
+    monkeypatch.setenv("EDGEC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(lj, "AUTO_VALIDATION_SUBNETS", 12)
+    settings = lj.LatencySettings(dataset="digits", runs=30)
+    _, spec = lj._space(settings)
+    target = open_target("cpu-ort", threads=2)
+    try:
+        monkeypatch.setattr(lj, "PRIOR_MIN_SPEARMAN", -1.0)  # the trust rule itself: next assertion
+        model, path, trust = lj.trusted_model(settings, spec, target, Progress())
+        assert path == foreign and "built on another machine (threads 8 → 2)" in trust
+        assert f"Spearman {v['spearman']:.3f}" in trust  # the recorded validation, not a new one
+        monkeypatch.setattr(lj, "PRIOR_MIN_SPEARMAN", 1.01)
+        assert lj.trusted_model(settings, spec, target, Progress())[0] is None
+        # the model changes: its record no longer applies and the validation runs again by itself
+        doc["meta"]["built_at"] = "elsewhere, later"
+        foreign.write_text(json.dumps(doc))
+        monkeypatch.setattr(lj, "PRIOR_MIN_SPEARMAN", -1.0)
+        before = records[0].read_text()
+        model, path, trust = lj.trusted_model(settings, spec, target, Progress())
+        assert model is not None and records[0].read_text() != before
+        assert json.loads(records[0].read_text())["model_sha256"] == lj._sha256(foreign)
+    finally:
+        target.close()
 
 
 def test_lookup_table_parts_sum_and_round_trip(spec8, tmp_path):
