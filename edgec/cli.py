@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the FBNet space sized for this dataset: fashion-mnist (default) | digits")
         q.add_argument("--data-dir", help="folder of the Fashion-MNIST IDX files")
         q.add_argument("--threads", type=int, default=2, help="runtime threads (default 2)")
-        q.add_argument("--runs", type=int, default=200, help="timed runs per candidate (default 200)")
+        q.add_argument("--runs", type=int, help="timed runs per measurement (default: 200 on cpu-ort, the "
+                                                "simulator's 5 on npu-qnn-htp)")
         q.add_argument("--seed", type=int, default=0, help="seed of the random candidates (default 0)")
         if name == "build":
             q.add_argument("--samples", type=int, default=300, help="measured candidates to fit on (default 300)")
@@ -390,10 +391,13 @@ def cmd_latency(args: argparse.Namespace) -> int:
         if own["within_10pct"] < 0.8:
             out.print("[yellow]That is low for a fit on its own samples: the measurements look noisy — was the "
                       "machine busy? Build again on a quiet machine.[/yellow]")
-        if settings.lut:
-            from edgec.latency_job import lut_path
+        from edgec.latency_job import MODEL_TARGETS, lut_path
 
+        if settings.lut and MODEL_TARGETS[settings.target].lut:
             out.print(f"Lookup table (FBNet, every block choice measured alone): {lut_path(path)}")
+        elif settings.lut:
+            out.print(f"No lookup table on {settings.target}: measuring every block choice alone there would take "
+                      "hours; the kernel-level model is built.")
         out.print(f"Next: edgec latency validate --target {settings.target} --dataset {settings.dataset}")
         return 0
     json_path = Path(args.json) if args.json else None
@@ -402,7 +406,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
     _check_writable(json_path, html_path)  # before any measuring: a report that cannot be written
     with _RichProgress(Console(stderr=True)) as progress:
         result = validate_model(settings, progress)
-    table = Table(title=f"latency model validation — {result['target']}, {result['space']} (predicted vs measured)")
+    table = Table(title=f"latency model validation — {result['target']}, {result['space']} ({result['latency_kind']})")
     for col in ("model", "held-out", "within ±10 %", "RMSPE", "median |err|", "Spearman", "fit: within ±10 %"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for name, r in (("kernel-level", result), ("lookup table", result.get("lut"))):

@@ -38,6 +38,27 @@ from edgec.errors import ConfigError
 
 CALIBRATION_IMAGES = 256
 ROUNDS = 5  # interleaved anchor/candidate measurements per candidate (3 measured: 93 % within ±10 % vs 95 %)
+
+
+@dataclass(frozen=True)
+class ModelTarget:
+    """How the latency models are built for one target: timed ``runs`` per measurement, interleaved
+    ``rounds`` per candidate, the ``anchor`` graph (``largest-fp32`` = the compile's reference, or
+    ``smallest-int8``) and whether a lookup table is measured."""
+
+    runs: int
+    rounds: int
+    anchor: str
+    lut: bool
+
+
+MODEL_TARGETS = {
+    "cpu-ort": ModelTarget(runs=200, rounds=ROUNDS, anchor="largest-fp32", lut=True),
+    # The HTP simulator takes ~0.5 s per run of the largest subnet (16-bit activations) on this host
+    # and its cycle counts follow host load, so: its own 5 runs, 3 rounds, a cheap anchor, no table
+    # (356 parts × 3 rounds × 3 graphs would take hours).
+    "npu-qnn-htp": ModelTarget(runs=5, rounds=3, anchor="smallest-int8", lut=False),
+}
 VALIDATION_SEED_OFFSET = 10_000  # held-out candidates come from another stream than the training ones
 
 
@@ -50,8 +71,8 @@ class LatencySettings:
     samples: int = 300
     subnets: int = 100
     seed: int = 0
-    runs: int = 200
-    lut: bool = True  # build: also measure FBNet's per-block lookup table
+    runs: int | None = None  # timed runs per measurement; None: the target's own (MODEL_TARGETS)
+    lut: bool = True  # build: also measure FBNet's per-block lookup table (cpu-ort only)
 
     def check(self) -> None:
         if not 10 <= self.samples <= 100_000:
@@ -62,8 +83,8 @@ class LatencySettings:
                               "e.g. --subnets 100")
         if not 1 <= self.threads <= 256:
             raise ConfigError(f"bad value for --threads: {self.threads}", "between 1 and 256", "e.g. --threads 2")
-        if not 20 <= self.runs <= 100_000:
-            raise ConfigError(f"bad value for --runs: {self.runs}", "between 20 and 100000 timed runs",
+        if self.runs is not None and not 3 <= self.runs <= 100_000:
+            raise ConfigError(f"bad value for --runs: {self.runs}", "between 3 and 100000 timed runs",
                               "e.g. --runs 200")
         if not 0 <= self.seed <= 2**31 - 1 - VALIDATION_SEED_OFFSET:
             raise ConfigError(f"bad value for --seed: {self.seed}",
@@ -72,7 +93,12 @@ class LatencySettings:
 
 def _machine(target) -> dict:
     d = target.describe()
-    return {"target": target.name, "runtime": d.get("runtime"), "device": d.get("device"), "threads": target.threads}
+    device = d.get("device")
+    if target.latency_kind == "simulated":  # a simulator's cycle counts follow the host it runs on
+        from edgec.targets.cpu_ort import cpu_model
+
+        device = f"{device} ({cpu_model()})"
+    return {"target": target.name, "runtime": d.get("runtime"), "device": device, "threads": target.threads}
 
 
 def model_path(settings: LatencySettings, spec, target) -> Path:
@@ -108,11 +134,26 @@ def random_candidates(spec, n: int, seed: int) -> list:
     return out
 
 
-def anchor_candidate(spec):
-    """The graph every measurement is taken next to: the space's largest subnet, all FP32."""
+def anchor_candidate(spec, target_name: str = "cpu-ort"):
+    """The graph every measurement on ``target_name`` is taken next to (:data:`MODEL_TARGETS`): the
+    space's largest subnet all FP32 — the compile's reference, so ratios convert to its p50 — or, on
+    the NPU simulator where that graph costs seconds a run, the smallest subnet all INT8."""
     from edgec.search.space import Candidate, QuantPolicy
 
+    if MODEL_TARGETS.get(target_name, MODEL_TARGETS["cpu-ort"]).anchor == "smallest-int8":
+        return Candidate(spec.smallest(), QuantPolicy.uniform(spec.layers_of(spec.smallest()), "int8"))
     return Candidate(spec.largest(), QuantPolicy())
+
+
+def candidate_kernels(target_name: str, model: Path, fp32: Path, int8_layers, threads: int) -> list:
+    """The kernels of a compiled candidate as the target runs them: ONNX Runtime CPU's own optimized
+    graph (:func:`~edgec.targets.latency_model.runtime_view`), or the HTP's ops from the FP32 export
+    and the policy (:func:`~edgec.targets.latency_model.npu_kernels`)."""
+    from edgec.targets.latency_model import graph_kernels, npu_kernels, runtime_view
+
+    if target_name == "npu-qnn-htp":
+        return npu_kernels(fp32, int8_layers)
+    return graph_kernels(model, runtime_view(model, threads))
 
 
 def representative_supernet(spec, seed: int):
@@ -138,14 +179,15 @@ def representative_supernet(spec, seed: int):
 
 def measure_candidates(cands, spec, ds, target, settings: LatencySettings, progress, label: str) -> list[dict]:
     """Compile each candidate with the target's recipe (untrained supernet) and measure it next to the
-    anchor (:func:`anchor_candidate`) in :data:`ROUNDS` interleaved rounds: a list of ``{"id",
+    anchor (:func:`anchor_candidate`) in the target's interleaved rounds (:data:`MODEL_TARGETS`): a list of ``{"id",
     "candidate", "features", "kernels", "ratio" (median over rounds of p50 / anchor p50),
     "anchor_p50_ms", "p50_ms" (medians)}``."""
     from edgec.compile.export import export_onnx
     from edgec.compile.recipes import build
     from edgec.search.supernet import extract_subnet
-    from edgec.targets.latency_model import graph_features, graph_kernels, runtime_view
+    from edgec.targets.latency_model import graph_features
 
+    rounds = MODEL_TARGETS[target.name].rounds
     supernet = representative_supernet(spec, settings.seed)
     calib = ds.train_x[:CALIBRATION_IMAGES]
     rows = []
@@ -158,12 +200,13 @@ def measure_candidates(cands, spec, ds, target, settings: LatencySettings, progr
         build(target.recipe, fp32, path, c.policy.int8_layers(), calib)
         return path
     try:
-        anchor = compile_to(anchor_candidate(spec), "anchor.onnx")
+        anchor = compile_to(anchor_candidate(spec, target.name), "anchor.onnx")
         for i, c in enumerate(cands):
             path = compile_to(c, "model.onnx")
-            kernels = graph_kernels(path, runtime_view(path, settings.threads))
+            kernels = candidate_kernels(target.name, path, work / "fp32.onnx", c.policy.int8_layers(),
+                                        settings.threads)
             a_ms, m_ms = [], []
-            for _ in range(ROUNDS):
+            for _ in range(rounds):
                 a_ms.append(target.measure_latency(anchor, ds.input_shape, batch=1).p50_ms)
                 m_ms.append(target.measure_latency(path, ds.input_shape, batch=1).p50_ms)
             ratio = float(np.median(np.array(m_ms) / np.array(a_ms)))
@@ -293,13 +336,17 @@ def _open(settings: LatencySettings):
 
     settings.check()
     target = open_target(settings.target, threads=settings.threads)
-    if target.name != "cpu-ort":
+    if target.name not in MODEL_TARGETS:
         target.close()
-        raise ConfigError(f"no kernel-level latency model for {settings.target} yet",
-                          "its kernels are read from ONNX Runtime's CPU provider's optimized graph",
-                          "use --target cpu-ort")
-    target.require_available()
-    target.runs = settings.runs
+        raise ConfigError(f"no latency model for {settings.target} yet",
+                          f"edgec knows the kernels of {' and '.join(MODEL_TARGETS)} only",
+                          f"use --target {' or --target '.join(MODEL_TARGETS)}")
+    try:
+        target.require_available()
+    except Exception:
+        target.close()
+        raise
+    target.runs = settings.runs or MODEL_TARGETS[target.name].runs
     return target
 
 
@@ -328,15 +375,19 @@ def build_model(settings: LatencySettings, progress):
         rows = measure_candidates(random_candidates(spec, settings.samples, settings.seed), spec, ds, target,
                                   settings, progress, f"measuring {settings.samples} random candidates on "
                                                       f"{settings.target}")
+        how = MODEL_TARGETS[target.name]
         meta = {**_machine(target), "space": f"fbnet-supernet ({settings.dataset})", "spec": spec.to_dict(),
-                "anchor": {"candidate": anchor_candidate(spec).to_dict(), "what": "largest subnet, all FP32"},
+                "anchor": {"candidate": anchor_candidate(spec, target.name).to_dict(),
+                           "what": {"largest-fp32": "largest subnet, all FP32",
+                                    "smallest-int8": "smallest subnet, all INT8"}[how.anchor]},
+                "latency_kind": target.latency_kind, "rounds": how.rounds,
                 "anchor_p50_ms": float(np.median([r["anchor_p50_ms"] for r in rows])),
-                "samples": len(rows), "seed": settings.seed, "runs_per_sample": settings.runs,
+                "samples": len(rows), "seed": settings.seed, "runs_per_sample": target.runs,
                 "build_s": time.perf_counter() - t0, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         model = KernelPredictor.fit(rows, meta)
         path = model_path(settings, spec, target)
         lut = None
-        if settings.lut:
+        if settings.lut and how.lut:
             t1 = time.perf_counter()
             entries = measure_lut(spec, ds, target, settings, progress)
             partial = BlockLUT(entries, 0.0, {})
@@ -498,7 +549,8 @@ def validate_model(settings: LatencySettings, progress) -> dict:
     drift = [r["anchor_p50_ms"] for r in rows]
     here = _machine(target)
     result = {**figures, "target": settings.target, "space": model.meta.get("space"), "model": str(path),
-            "model_kind": "kernel-level linear (nn-Meter style)", "latency_kind": "predicted vs measured",
+            "model_kind": "kernel-level linear (nn-Meter style)",
+            "latency_kind": f"predicted vs {model.meta.get('latency_kind', 'measured')}",
             "compared": "p50 / the anchor's p50 measured side by side (predicted vs measured)",
             "anchor_p50_ms": {"at_build": model.meta.get("anchor_p50_ms"), "now_min": min(drift),
                               "now_median": float(np.median(drift)), "now_max": max(drift)},

@@ -516,7 +516,7 @@ def latency_prior(cfg, spec, evaluator, reference: Evaluation, progress: Progres
     here first, :func:`edgec.latency_job.trusted_model`), each as (candidate, its p50 / anchor p50 ×
     this run's reference p50 ms) — the anchor *is* the reference, the largest subnet in FP32. Empty
     (and why) when there is no usable model or the objective is not one target's p50."""
-    from edgec.latency_job import LatencySettings, measured_candidates, trusted_model
+    from edgec.latency_job import LatencySettings, anchor_candidate, measured_candidates, trusted_model
 
     if cfg.objective != "primary":
         return [], "none (the max-latency objective is a ratio over targets, not one target's p50)"
@@ -527,6 +527,9 @@ def latency_prior(cfg, spec, evaluator, reference: Evaluation, progress: Progres
         if trust.startswith("no latency model"):
             return [], f"none ({trust}; {build} makes one)"
         return [], f"none ({trust}; rebuild it with {build})"
+    if model.meta.get("anchor", {}).get("candidate") != anchor_candidate(spec).to_dict():
+        return [], (f"none (the latency model {path} measured its candidates next to "
+                    f"{model.meta.get('anchor', {}).get('what', 'another graph')}, not this run's reference)")
     pairs, why = measured_candidates(path, spec)
     if why:
         return [], f"none ({why}; rebuild it with {build})"

@@ -49,9 +49,9 @@ import numpy as np
 from edgec.errors import ConfigError, ModelError
 
 CLASSES = ("conv1x1", "dwconv", "conv", "gemm", "add", "pool", "quantize", "dequantize", "layout", "other")
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "int16")  # int16: 16-bit activations (the NPU recipe's "precise" layers)
 FEATURES = ("count", "macs", "elements")
-FORMAT = "edgec-latency-model/1"
+FORMAT = "edgec-latency-model/2"  # /2: int16 kernels (the NPU model)
 
 
 @dataclass(frozen=True)
@@ -246,6 +246,41 @@ def graph_kernels(model, runtime: RuntimeView | None = None) -> list[Kernel]:
     if runtime is not None:
         kernels += [Kernel(f"layout/{i}", "layout", "fp32", 0, 0) for i in range(runtime.layout_kernels)]
     return kernels
+
+
+def npu_kernels(fp32_model, int8_layers) -> list[Kernel]:
+    """The kernels of a graph as the HTP runs it under edgec's NPU recipe (``qnn-qdq-u8s8-a16``,
+    :mod:`edgec.compile.qnn`), from the candidate's FP32 export (``onnx.ModelProto`` or path) and its
+    policy: QNN executes each Conv / Gemm with its Relu as one op and absorbs the Q/DQ pairs, so the
+    kernels are those of :func:`graph_kernels` on the FP32 graph, each weight layer at its activation
+    precision (``int8`` — uint8 activations — for ``int8_layers``, ``int16`` for the others), every other
+    kernel at its input's precision (an Add at the wider of its inputs'; the quantized graph input is
+    uint8), plus a ``quantize`` kernel (the requantization between 8- and 16-bit activations) wherever a
+    kernel's input precision differs from its own. Raises :class:`ModelError` when shapes cannot be
+    inferred."""
+    import onnx
+
+    if not isinstance(fp32_model, onnx.ModelProto):
+        fp32_model = onnx.load(str(fp32_model), load_external_data=False)
+    shapes = _shapes(fp32_model)
+    int8 = set(int8_layers)
+    inits = {t.name for t in fp32_model.graph.initializer}
+    precision = {i.name: "int8" for i in fp32_model.graph.input}  # activation precision of each tensor
+    node_precision, switches = {}, []
+    for n in fp32_model.graph.node:
+        ins = [precision[i] for i in n.input if i in precision and i not in inits]
+        wider = "int16" if "int16" in ins else "int8" if ins else "int8"
+        own = ("int8" if n.name in int8 else "int16") if n.op_type in ("Conv", "Gemm", "MatMul") else wider
+        node_precision[n.name] = own
+        for i in n.input:
+            if i in precision and i not in inits and precision[i] != own:
+                switches.append(Kernel(f"{n.name}/requantize", "quantize", own, 0,
+                                       2 * int(np.prod(shapes.get(i, (0,))))))
+        for o in n.output:
+            precision[o] = own
+    kernels = [Kernel(k.name, k.cls, node_precision.get(k.name, k.precision), k.macs, k.elements)
+               for k in graph_kernels(fp32_model)]
+    return kernels + switches
 
 
 def feature_columns() -> list[str]:

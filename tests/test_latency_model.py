@@ -16,7 +16,7 @@ from edgec.compile.quantize import quantize_qdq
 from edgec.errors import ConfigError
 from edgec.search.space import BlockConfig, SubnetConfig
 from edgec.search.supernet import extract_subnet
-from edgec.targets.latency_model import (KernelPredictor, feature_columns, graph_features, graph_kernels,
+from edgec.targets.latency_model import (FORMAT, KernelPredictor, feature_columns, graph_features, graph_kernels,
                                          runtime_view, validation_metrics)
 
 
@@ -134,7 +134,7 @@ def test_latency_cli_refuses_bad_settings_and_a_missing_model_in_one_line(tmp_pa
     # a model built for another machine is named as such, even with its lookup table next to it
     folder = tmp_path / "cache" / "latency"
     folder.mkdir(parents=True)
-    other = {"format": "edgec-latency-model/1", "coef": {}, "overhead_ratio": 0.1, "samples": [
+    other = {"format": FORMAT, "coef": {}, "overhead_ratio": 0.1, "samples": [
         {"id": "a", "features": [0.0] * len(feature_columns()), "ratio": 1.0}],
         "meta": {"target": "cpu-ort", "threads": 8, "anchor_p50_ms": 1.0, "runtime": "x", "device": "y"}}
     (folder / "cpu-ort-digits-aaaaaaaaaaaa.json").write_text(json.dumps(other))
@@ -291,10 +291,66 @@ def test_measure_candidates_takes_the_median_of_per_round_ratios_to_the_anchor()
     anchor_ms = [1.0, 2.0, 3.0, 4.0, 5.0]  # the host slows down round by round
     model_ms = [2.0, 1.0, 1.5, 2.0, 2.5]   # half the anchor, except in a disturbed first round
     script = iter([ms for pair in zip(anchor_ms, model_ms) for ms in pair])
-    target = SimpleNamespace(recipe="ort-qdq-u8s8",
+    target = SimpleNamespace(name="cpu-ort", recipe="ort-qdq-u8s8",
                              measure_latency=lambda path, shape, batch: SimpleNamespace(p50_ms=next(script)))
     rows = measure_candidates(cand, spec, ds, target, settings, Progress(), "scripted")
     assert len(rows) == 1 and rows[0]["id"] == cand[0].id
     # the ratio of the medians would be 2.0 / 3.0
     assert rows[0]["ratio"] == pytest.approx(0.5) and rows[0]["anchor_p50_ms"] == pytest.approx(3.0)
     assert rows[0]["p50_ms"] == pytest.approx(2.0) and len(rows[0]["features"]) == len(feature_columns())
+
+
+def test_npu_kernels_follow_the_policy_activation_precision_and_count_requantizations(randomized_supernet, spec8,
+                                                                                      tmp_path):
+    """The HTP recipe: policy-INT8 layers run with uint8 activations, the others with uint16; every switch
+    between the two is a requantize kernel; the quantized graph input is uint8."""
+    from edgec.targets.latency_model import npu_kernels
+
+    sub = SubnetConfig((BlockConfig(3, 1), BlockConfig(), BlockConfig(3, 3), BlockConfig(), BlockConfig(),
+                        BlockConfig(3, 1), BlockConfig(), BlockConfig()), (16, 32, 64))
+    fp32 = export_onnx(extract_subnet(randomized_supernet, sub).fused(), (1, 8, 8), tmp_path / "fp32.onnx")
+    layers = spec8.layers_of(sub)
+    all8 = npu_kernels(fp32, layers)
+    assert {k.precision for k in all8} == {"int8"} and not [k for k in all8 if k.cls == "quantize"]
+    all16 = npu_kernels(fp32, ())
+    switches = [k for k in all16 if k.cls == "quantize"]
+    assert len(switches) == 1 and switches[0].name == "stem/requantize"  # only the uint8 input switches
+    assert {k.precision for k in all16 if k.cls != "quantize"} == {"int16"}
+    one = npu_kernels(fp32, ("stages.1.0.expand",))  # an 8-bit layer between 16-bit ones: in and out
+    assert [k.name for k in one if k.cls == "quantize"] == ["stem/requantize", "stages.1.0.expand/requantize",
+                                                           "stages.1.0.dw/requantize"]
+    assert next(k for k in one if k.name == "stages.1.0.expand").precision == "int8"
+    assert [k.macs for k in one if k.cls != "quantize"] == [k.macs for k in graph_kernels(fp32)]
+    f = graph_features(one)
+    cols = feature_columns()
+    assert f[cols.index("conv1x1.int8.count")] == 1 and f[cols.index("quantize.int16.count")] == 2
+
+
+def _npu_available():
+    from edgec.targets import get_target
+
+    return get_target("npu-qnn-htp").availability()[0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _npu_available(), reason="onnxruntime-qnn's HTP simulator is not installed")
+def test_npu_cycle_model_builds_and_validates_on_simulated_cycles(tmp_path):
+    """The same kernel-level model over the HTP simulator's cycles: labelled simulated, its own anchor,
+    no lookup table, and the LINAS prior does not read it as ratios to the compile's reference."""
+    env = {**os.environ, "EDGEC_CACHE_DIR": str(tmp_path / "cache")}
+    p = _edgec("latency", "build", "--target", "npu-qnn-htp", "--dataset", "digits", "--samples", "10", "--runs", "3",
+               env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "No lookup table on npu-qnn-htp" in p.stdout
+    models = list((tmp_path / "cache" / "latency").glob("npu-qnn-htp-digits-*"))
+    assert len(models) == 1  # the model alone: no table next to it
+    meta = json.loads(models[0].read_text())["meta"]
+    assert meta["latency_kind"] == "simulated" and meta["anchor"]["what"] == "smallest subnet, all INT8"
+    assert "HTP simulator" in meta["device"] and meta["rounds"] == 3
+    out = tmp_path / "v.json"
+    p = _edgec("latency", "validate", "--target", "npu-qnn-htp", "--dataset", "digits", "--subnets", "10",
+               "--runs", "3", "--json", str(out), "--html", str(tmp_path / "v.html"), env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    v = json.loads(out.read_text())
+    assert v["latency_kind"] == "predicted vs simulated" and v["n"] == 10 and v["built_here"] is True
+    assert all(r["ratio"] > 1 and r["predicted_ratio"] > 0 for r in v["rows"])  # the anchor is the smallest graph

@@ -158,9 +158,9 @@ def test_a_damaged_latency_model_gives_no_prior_and_says_why(monkeypatch, tmp_pa
 
     import edgec.latency_job
     from edgec.config import CompileConfig
-    from edgec.latency_job import random_candidates
+    from edgec.latency_job import anchor_candidate, random_candidates
     from edgec.pipeline import latency_prior
-    from edgec.targets.latency_model import feature_columns
+    from edgec.targets.latency_model import FORMAT, feature_columns
 
     path = tmp_path / "model.json"
     monkeypatch.setattr(edgec.latency_job, "model_path", lambda settings, spec, target: path)
@@ -169,8 +169,9 @@ def test_a_damaged_latency_model_gives_no_prior_and_says_why(monkeypatch, tmp_pa
     assert latency_prior(cfg, spec8, SimpleNamespace(target=None), reference)[1].startswith("none (no latency model")
     good = [{"id": c.id, "candidate": c.to_dict(), "features": [0.0] * len(feature_columns()), "ratio": 0.5}
             for c in random_candidates(spec8, 3, 0)]
-    doc = {"format": "edgec-latency-model/1", "coef": {}, "overhead_ratio": 0.1,
-           "meta": {"target": "cpu-ort", "threads": 2, "anchor_p50_ms": 1.0}}
+    doc = {"format": FORMAT, "coef": {}, "overhead_ratio": 0.1,
+           "meta": {"target": "cpu-ort", "threads": 2, "anchor_p50_ms": 1.0,
+                    "anchor": {"candidate": anchor_candidate(spec8).to_dict()}}}
     path.write_text(json.dumps({**doc, "samples": good}))
     prior, info = latency_prior(cfg, spec8, SimpleNamespace(target=None), reference)
     assert len(prior) == 3 and all(ms == 1.0 for _, ms in prior) and "3 measured candidates" in info
@@ -180,5 +181,10 @@ def test_a_damaged_latency_model_gives_no_prior_and_says_why(monkeypatch, tmp_pa
         assert prior == [] and "damaged sample" in info and str(path) in info
     path.write_text(json.dumps({**doc, "samples": [{**good[0], "ratio": -0.3}]}))
     assert "damaged sample" in latency_prior(cfg, spec8, SimpleNamespace(target=None), reference)[1]
+    other_anchor = {**doc, "meta": {**doc["meta"], "anchor": {"candidate": anchor_candidate(spec8, "npu-qnn-htp").to_dict(),
+                                                            "what": "smallest subnet, all INT8"}}}
+    path.write_text(json.dumps({**other_anchor, "samples": good}))
+    prior, info = latency_prior(cfg, spec8, SimpleNamespace(target=None), reference)
+    assert prior == [] and "next to smallest subnet, all INT8, not this run's reference" in info
     path.write_text("not json")
     assert "is unusable" in latency_prior(cfg, spec8, SimpleNamespace(target=None), reference)[1]
