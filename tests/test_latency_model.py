@@ -276,9 +276,10 @@ def test_lookup_table_parts_are_measured_alone_minus_a_graphs_own_cost():
     assert big > tiny  # a 6×-expanded 5×5 block costs more than a 1×-expanded 3×3 one
 
 
-def test_measure_candidates_takes_the_median_of_per_round_ratios_to_the_anchor():
-    """Scripted latencies (no timing): each round measures the anchor then the candidate; the ratio is
-    the median of the per-round ratios, not the ratio of the medians."""
+def test_measure_candidates_keeps_quiet_rounds_and_takes_their_median_ratio_to_the_anchor():
+    """Scripted latencies (no timing): each round measures the anchor then the candidate. Rounds whose
+    anchor ran slow (host noise) are dropped and more are measured until 5 are quiet; the ratio is the
+    median of the quiet rounds' ratios (the first 5 rounds' median would be 0.8)."""
     from types import SimpleNamespace
 
     from edgec.latency_job import ROUNDS, LatencySettings, _space, measure_candidates, random_candidates
@@ -288,16 +289,28 @@ def test_measure_candidates_takes_the_median_of_per_round_ratios_to_the_anchor()
     ds, spec = _space(settings)
     cand = random_candidates(spec, 1, seed=3)
     assert ROUNDS == 5
-    anchor_ms = [1.0, 2.0, 3.0, 4.0, 5.0]  # the host slows down round by round
-    model_ms = [2.0, 1.0, 1.5, 2.0, 2.5]   # half the anchor, except in a disturbed first round
+    anchor_ms = [2.0, 1.0, 2.0, 2.0, 1.0, 1.1, 1.0, 1.0, 9.0]  # slow, quiet, slow, slow, then quiet ones
+    model_ms = [1.6, 0.5, 1.6, 1.6, 0.5, 0.55, 0.5, 0.5, 9.0]  # the slow host mode does not keep ratios
     script = iter([ms for pair in zip(anchor_ms, model_ms) for ms in pair])
     target = SimpleNamespace(name="cpu-ort", recipe="ort-qdq-u8s8",
                              measure_latency=lambda path, shape, batch: SimpleNamespace(p50_ms=next(script)))
     rows = measure_candidates(cand, spec, ds, target, settings, Progress(), "scripted")
     assert len(rows) == 1 and rows[0]["id"] == cand[0].id
-    # the ratio of the medians would be 2.0 / 3.0
-    assert rows[0]["ratio"] == pytest.approx(0.5) and rows[0]["anchor_p50_ms"] == pytest.approx(3.0)
-    assert rows[0]["p50_ms"] == pytest.approx(2.0) and len(rows[0]["features"]) == len(feature_columns())
+    assert rows[0]["rounds_measured"] == 8 and rows[0]["rounds_quiet"] == 5  # stopped before the 9th
+    assert rows[0]["ratio"] == pytest.approx(0.5) and rows[0]["anchor_p50_ms"] == pytest.approx(1.0)
+    assert rows[0]["p50_ms"] == pytest.approx(0.5) and len(rows[0]["features"]) == len(feature_columns())
+
+
+def test_quiet_rounds_give_up_after_three_times_the_rounds_and_keep_all_when_none_is_quiet():
+    from edgec.latency_job import QuietRounds
+
+    q = QuietRounds(2)
+    slow = iter([(1.0, 1.0), (3.0, 3.0), (3.0, 3.0), (3.0, 3.0), (3.0, 3.0), (3.0, 3.0), (7.0, 7.0)])
+    used, measured = q.measure(slow.__next__)
+    assert measured == 6 and used == [(1.0, 1.0)]  # 3 × 2 rounds, one of them quiet
+    later = iter([(2.0, 2.0), (2.5, 2.5)] * 3)
+    used, measured = q.measure(later.__next__)  # the session's fastest anchor (1.0) still rules: none quiet
+    assert measured == 6 and len(used) == 6
 
 
 def test_npu_kernels_follow_the_policy_activation_precision_and_count_requantizations(randomized_supernet, spec8,
