@@ -8,6 +8,8 @@ over several rounds so machine noise hits all three alike:
 - the same subnet fully INT8 (every conv/linear quantized; 8-bit activations on the HTP),
 - the chosen candidate,
 
+(each built from the run's fine-tuned weights where it fine-tuned its architecture, ``--finetune-epochs``)
+
 and prints test accuracy (and the candidate's own FP32 model's), p50 latency (median
 over rounds of each round's p50, batch 1, with its kind: ``measured`` or the HTP
 simulator's ``simulated`` cycles), ONNX size and NPU coverage, with ratios within
@@ -39,6 +41,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=7, help="interleaved measurement rounds")
     ap.add_argument("--runs", type=int, default=300, help="timed runs per round (the HTP simulator: 5)")
     ap.add_argument("--target", action="append", help="target to bench on (repeatable; default: the run's)")
+    ap.add_argument("--finetune-epochs", type=int, default=0, help="a new compile's --finetune-epochs (default 0)")
     args = ap.parse_args()
 
     from rich.console import Console
@@ -48,7 +51,7 @@ def main() -> int:
     from edgec.compile.accuracy import onnx_top1
     from edgec.config import CompileConfig
     from edgec.data import load_dataset
-    from edgec.pipeline import Evaluator, Progress, get_supernet, run_compile
+    from edgec.pipeline import Evaluator, FinetunedWeights, Progress, get_supernet, run_compile
     from edgec.search.space import Candidate, QuantPolicy
     from edgec.search.strategy import make_candidate
     from edgec.targets import get_target
@@ -59,7 +62,7 @@ def main() -> int:
     else:
         out = Path(args.out or f"runs/bench-{args.dataset}")
         cfg = CompileConfig(dataset=args.dataset, budget_evals=args.budget_evals, seed=args.seed, out=str(out),
-                            force=out.exists())
+                            force=out.exists(), finetune_epochs=args.finetune_epochs)
         with _RichProgress(Console(stderr=True)) as progress:
             run_compile(cfg, progress)
     report = json.loads((out / "report.json").read_text())
@@ -75,7 +78,9 @@ def main() -> int:
     rows = [("reference", reference), ("reference, fully INT8", int8_ref)]
     if chosen:
         rows.append(("chosen", chosen))
+    finetuned = FinetunedWeights.of_run(out, report)  # the run's fine-tuned weights, if it fine-tuned
     fp32_eval = Evaluator(supernet, ds, get_target("cpu-ort"), out / "study" / "models", cfg)
+    fp32_eval.finetuned = finetuned
     fp32_acc = {}
     for label, cand in rows:  # each candidate's own FP32 model: what quantization is judged against
         fp32 = out / "study" / "models" / cand.id / "fp32.onnx"
@@ -87,6 +92,7 @@ def main() -> int:
         target = get_target(name, threads=cfg.threads, runs=5 if name == "npu-qnn-htp" else args.runs)
         target.require_available()
         evaluator = Evaluator(supernet, ds, target, out / "study" / "models", cfg)
+        evaluator.finetuned = finetuned
         paths = {}
         for label, cand in rows:
             if not evaluator.model_path(cand).is_file():

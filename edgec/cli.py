@@ -72,6 +72,11 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-ppl-increase", type=_relative,
                    help="--model smollm2: perplexity on the evaluation text may rise at most this much above FP32's, "
                         "as a fraction or percentage (default 10%%)")
+    p.add_argument("--finetune-epochs", type=int,
+                   help="after the search, fine-tune the reference and the --finetune-top fastest Pareto architectures "
+                        "within 3 points of its accuracy alone for this many epochs (distilled from the fine-tuned "
+                        "reference), then measure and choose again (default 0: off)")
+    p.add_argument("--finetune-top", type=int, help="how many architectures --finetune-epochs fine-tunes (default 4)")
     p.add_argument("--prune-flops-target", type=float,
                    help="after the search, PAGCP-prune the chosen subnet (FP32) by this fraction of its FLOPs, "
                         "fine-tune and measure it; outputs in OUT/pruned/")
@@ -415,6 +420,9 @@ def cmd_latency(args: argparse.Namespace) -> int:
                           f"{r['median_abs_pct_error']:.1f} %", f"{r['spearman']:.3f}",
                           f"{r['fit']['within_10pct'] * 100:.1f} %" if "fit" in r else "–")
     out.print(table)
+    if result["noisy_left_out"]:
+        out.print(f"{len(result['noisy_left_out'])} held-out candidate(s) never measured quietly (their anchor ran over "
+                  f"{result['quiet_tolerance']}× its fastest p50) are left out of these figures; listed in --json.")
     if not result["built_here"]:
         b, h = result["built_on"], result["validated_on"]
         out.print(f"The model was built on another machine ({b['runtime']}, {b['device']}, {b['threads']} threads); "

@@ -46,6 +46,8 @@ class CompileConfig:
     eval_data: str | None = None           # .onnx model input: .npz of inputs to measure fidelity on
     input_shape: tuple[int, ...] | None = None  # .onnx model input: full input shape where dims are dynamic
     prune_flops_target: float | None = None  # after the search: PAGCP-prune the chosen subnet by this FLOPs share
+    finetune_epochs: int = 0               # after the search: fine-tune the reference and the fastest promising
+    finetune_top: int = 4                  # Pareto architectures (this many) alone for this many epochs; 0 = off
     max_fidelity_drop: float = 0.02        # transformers (feature extraction): mean cosine to FP32 ≥ 1 - this
     recovery_steps: int = 0                # transformers: distillation steps after least squares (0 = none)
     recovery_candidates: int = 2           # transformers: how many of the fastest pruned sub-networks to recover (0 = none)
@@ -62,6 +64,7 @@ class CompileConfig:
         if self.is_transformer:
             unused = {"dataset": self.dataset != "digits", "data_dir": bool(self.data_dir),
                       "train_epochs": bool(self.train_epochs), "prune_flops_target": self.prune_flops_target is not None,
+                      "finetune_epochs": self.finetune_epochs != 0, "finetune_top": self.finetune_top != 4,
                       "latency_budget_ms": self.latency_budget_ms is not None,
                       "size_budget_kb": self.size_budget_kb is not None, "strategy": self.strategy != "nsga2",
                       "max_accuracy_drop": self.max_accuracy_drop != 1.0, "npu_cpu_fallback": self.npu_cpu_fallback,
@@ -157,6 +160,16 @@ class CompileConfig:
         if self.prune_flops_target is not None and self.is_onnx_input:
             bad("prune_flops_target", "pruning applies to the built-in supernet's chosen subnet",
                 "drop it; prune a PyTorch model with 'edgec prune'")
+        if not 0 <= self.finetune_epochs <= 100:
+            bad("finetune_epochs", "between 0 (no fine-tuning) and 100 epochs", "e.g. --finetune-epochs 6")
+        if not 1 <= self.finetune_top <= 50:
+            bad("finetune_top", "between 1 and 50 architectures", "e.g. --finetune-top 4")
+        if (self.finetune_epochs or self.finetune_top != 4) and self.is_onnx_input:
+            bad("finetune_epochs" if self.finetune_epochs else "finetune_top",
+                "fine-tuning applies to subnets of the built-in supernet", "drop it")
+        if self.finetune_top != 4 and not self.finetune_epochs:
+            bad("finetune_top", "it picks the architectures to fine-tune, and fine-tuning is off",
+                "pass --finetune-epochs N too, or drop it")
         if self.calibration_images < 256:
             bad("calibration_images", "static quantization calibrates on at least 256 images",
                 "use calibration_images = 256 or more")

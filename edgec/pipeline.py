@@ -10,6 +10,7 @@ target's recipe, measured there and published per target (:func:`_publish`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -214,6 +215,7 @@ class Evaluator(TargetBuilder):
         """``fp32_logits``: a dict the evaluators of one run share, so each candidate's FP32 test logits
         (what every target's artifact is compared with) are computed once."""
         self.supernet, self.ds, self.target, self.models_dir, self.cfg = supernet, ds, target, models_dir, cfg
+        self.finetuned: FinetunedWeights | None = None  # set after the search when --finetune-epochs is on
         self.input_shape = ds.input_shape
         self._fp32_logits = {} if fp32_logits is None else fp32_logits
 
@@ -227,7 +229,10 @@ class Evaluator(TargetBuilder):
         ds = self.ds
         folder = self.models_dir / candidate.id
         folder.mkdir(parents=True, exist_ok=True)
-        static = recalibrate_bn(extract_subnet(self.supernet, candidate.subnet), ds.train_x)
+        static = extract_subnet(self.supernet, candidate.subnet)
+        if self.finetuned is not None:
+            self.finetuned.apply(static, candidate.subnet)  # the fine-tuned weights where there are some
+        static = recalibrate_bn(static, ds.train_x)
         fp32 = export_onnx(static.fused(), ds.input_shape, folder / "fp32.onnx")
         parity = check_parity(static, fp32, ds.val_x[:PARITY_IMAGES])
         return self._build(candidate, fp32, ds.train_x), parity
@@ -312,6 +317,109 @@ def select_chosen(evals: list[Evaluation], front_ids: list[str], reference: Eval
     return chosen, rule
 
 
+FINETUNE_MARGIN_PP = 3.0  # fine-tune Pareto architectures down to this many points below the reference
+
+
+class FinetunedWeights:
+    """The fine-tuned weights of a run's architectures: ``study/finetuned/<arch>.safetensors``, where
+    ``<arch>`` is the first 12 hex digits of the SHA-256 of the subnet's JSON; each file's metadata is
+    ``meta`` (the fine-tuning settings and the supernet's cache key), so weights from other settings or
+    another supernet are never loaded."""
+
+    def __init__(self, folder: Path, meta: dict) -> None:
+        self.folder, self.meta = folder, meta
+
+    @staticmethod
+    def key(subnet) -> str:
+        return hashlib.sha256(json.dumps(subnet.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def path(self, subnet) -> Path:
+        return self.folder / f"{self.key(subnet)}.safetensors"
+
+    def apply(self, static, subnet) -> bool:
+        """Load the fine-tuned weights of ``subnet`` into ``static`` (its extracted net); False if none."""
+        from edgec.search.train import load_weights
+
+        return load_weights(static, self.path(subnet), self.meta)
+
+    def save(self, static, subnet) -> None:
+        from edgec.search.train import save_weights
+
+        save_weights(static, self.path(subnet), self.meta)
+
+    @classmethod
+    def of_run(cls, out: Path, report: dict) -> "FinetunedWeights | None":
+        """The weights a finished run in ``out`` published with (None when it fine-tuned nothing)."""
+        info = report.get("finetune")
+        return cls(out / "study" / "finetuned", info["weights_meta"]) if info else None
+
+
+def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dict, ds: Dataset, searcher,
+                   evaluators: list, reference: Evaluation, evals: list[Evaluation],
+                   progress: Progress) -> tuple[Evaluation, list[Evaluation], dict]:
+    """``--finetune-epochs``: fine-tune the reference and the ``--finetune-top`` fastest architectures of the
+    Pareto front within :data:`FINETUNE_MARGIN_PP` points of the reference's validation accuracy, each
+    alone (:func:`edgec.search.train.finetune_subnet`): the reference on the labels, the others distilled
+    from the fine-tuned reference. Every evaluation of those architectures is then compiled and measured
+    again with the fine-tuned weights (role ``finetuned``; the reference keeps its role), and every later
+    build of them (publishing, other targets) uses them. Weights are kept in ``study/finetuned/`` so a
+    resumed run does not train them again. Returns (reference, evaluations, the report's ``finetune``
+    section with each one's validation accuracy before and after)."""
+    from edgec.search.supernet import extract_subnet
+    from edgec.search.train import FinetuneSettings, finetune_subnet, predict_logits, recalibrate_bn
+
+    spec = supernet.spec
+    settings = FinetuneSettings(epochs=cfg.finetune_epochs, seed=cfg.seed)
+    weights = FinetunedWeights(study / "finetuned", {"finetune": settings.to_dict(),
+                                                      "supernet": supernet_info.get("cache_key")})
+    front = set(_front_ids([reference] + evals))
+    floor = reference.val_accuracy - FINETUNE_MARGIN_PP / 100
+    archs = []
+    for e in sorted((e for e in evals if e.candidate_id in front and e.val_accuracy >= floor),
+                    key=lambda e: (e.objectives()[1], e.size_bytes)):
+        if e.candidate.subnet != spec.largest() and e.candidate.subnet not in archs:
+            archs.append(e.candidate.subnet)
+    archs = [spec.largest()] + archs[:cfg.finetune_top]
+    steps = settings.epochs * max(1, len(ds.train_x) // settings.batch_size)
+    progress.stage(f"fine-tuning the reference and {len(archs) - 1} architecture(s), {settings.epochs} epochs each",
+                   steps * len(archs))
+    teacher, trained = None, []
+    for i, arch in enumerate(archs):
+        static = extract_subnet(supernet, arch)
+        t0 = time.perf_counter()
+        cached = weights.apply(static, arch)
+        if not cached:
+            static = recalibrate_bn(static, ds.train_x)
+            finetune_subnet(static, ds.train_x, ds.train_y, settings, teacher_logits=teacher,
+                            on_step=lambda step, total, loss: progress.advance(i * steps + step, steps * len(archs),
+                                                                               f"loss {loss:.3f}"))
+            weights.save(static, arch)
+        progress.advance((i + 1) * steps, steps * len(archs))
+        if i == 0:
+            teacher = predict_logits(recalibrate_bn(static, ds.train_x), ds.train_x)
+        trained.append({"arch": weights.key(arch), "subnet": arch.to_dict(), "cached": cached,
+                        "train_s": None if cached else time.perf_counter() - t0,
+                        "teacher": "labels" if i == 0 else "the fine-tuned reference (KD) + labels"})
+    for ev in evaluators:
+        ev.finetuned = weights
+    todo = [reference] + [e for e in evals if e.candidate.subnet in archs]
+    progress.stage(f"evaluating {len(todo)} fine-tuned candidate(s) again", len(todo))
+    after = {}
+    for i, e in enumerate(todo, 1):
+        # the reference first: under --objective max-latency it sets the denominators anew
+        after[e.candidate_id] = searcher.evaluate(e.candidate, "reference" if e is reference else "finetuned")
+        progress.advance(i, len(todo), e.candidate_id)
+    info = {"epochs": settings.epochs, "settings": settings.to_dict(), "margin_pp": FINETUNE_MARGIN_PP,
+            "weights_meta": weights.meta, "folder": str(weights.folder), "architectures": trained,
+            "rule": f"the reference, then the {cfg.finetune_top} fastest Pareto architectures within "
+                    f"{FINETUNE_MARGIN_PP} points of its validation accuracy; every evaluation of them measured again",
+            "candidates": [{"candidate_id": e.candidate_id, "val_accuracy_before": e.val_accuracy,
+                            "val_accuracy_after": after[e.candidate_id].val_accuracy,
+                            "p50_ms_before": e.latency.p50_ms, "p50_ms_after": after[e.candidate_id].latency.p50_ms}
+                           for e in todo]}
+    return after[reference.candidate_id], [after.get(e.candidate_id, e) for e in evals], info
+
+
 class MaxLatencyEvaluator:
     """``--objective max-latency``: evaluates each candidate on every target and sets its latency
     objective to max over targets of p50 / the reference's p50 on that target — a dimensionless
@@ -376,8 +484,12 @@ def run_compile(cfg: CompileConfig, progress: Progress | None = None) -> RunResu
             evaluators = [Evaluator(supernet, ds, t, run.study / "models", cfg, fp32_logits) for t in targets]
             searcher = MaxLatencyEvaluator(evaluators) if cfg.objective == "max-latency" else evaluators[0]
             reference, evals, failed, searched = _search(cfg, spec, store, searcher, progress)
+            model_info = {"supernet": supernet_info}
+            if cfg.finetune_epochs:
+                reference, evals, model_info["finetune"] = finetune_front(
+                    cfg, run.study, supernet, supernet_info, ds, searcher, evaluators, reference, evals, progress)
             context = {"dataset_info": {"name": ds.name, "fingerprint": ds.fingerprint(), **ds.provenance},
-                       "model_info": {"supernet": supernet_info}, "search_info": searched}
+                       "model_info": model_info, "search_info": searched}
             if targets[0].recipe.startswith("qnn-"):  # the HTP has no FP32 path: "FP32" layers get 16-bit activations
                 context["reference_description"] = "largest subnet, all layers at 16-bit activations"
             result = _publish(cfg, run.path, evaluators, reference, evals, failed, progress, context)

@@ -284,6 +284,7 @@ def _html(report: dict, reference: Evaluation, evals: list[Evaluation], front_id
 <h2>Data</h2><p>{e(ds['source'])}; {e(ds['preprocessing'])}; test: {e(ds['test_split'])};
 validation: {e(ds['val_split'])}.</p>
 {_search_html(report.get("search"), reference.latency.kind)}
+{_finetune_html(report.get("finetune"))}
 <p>{len(evals) + 1} candidates evaluated ({len(report['failed'])} failed). Full data: report.json, candidates.csv.
 edgec {e(report['edgec_version'])}, {e(report['created_at'])}.</p></body></html>
 """
@@ -305,6 +306,19 @@ def _search_html(info: dict | None, latency_kind: str) -> str:
                  f"over {len(iters)} LINAS iterations; last predictors chosen by cross-validation: {e(chosen)}. "
                  f"Latency prior: {e(str(info.get('latency_prior', 'none')))}.")
     return text + "</p>"
+
+
+def _finetune_html(info: dict | None) -> str:
+    """``--finetune-epochs``: which architectures were fine-tuned and each candidate's accuracy before/after."""
+    if not info:
+        return ""
+    rows = "".join(f"<tr><td>{html.escape(c['candidate_id'])}</td><td>{c['val_accuracy_before'] * 100:.2f}</td>"
+                   f"<td>{c['val_accuracy_after'] * 100:.2f}</td><td>{(c['val_accuracy_after'] - c['val_accuracy_before']) * 100:+.2f}</td></tr>"
+                   for c in info["candidates"])
+    return (f"<h2>Fine-tuning</h2><p>{html.escape(info['rule'])}: {len(info['architectures'])} architectures, "
+            f"{info['epochs']} epochs each (the reference on the labels, the others distilled from it). The "
+            "accuracies above are after fine-tuning; before and after (validation, %):</p>"
+            f"<table><tr><th>candidate</th><th>before</th><th>after</th><th>Δ pp</th></tr>{rows}</table>")
 
 
 def channels_chart_png(before: dict[str, int], after: dict[str, int]) -> bytes:
@@ -573,7 +587,7 @@ def latency_validation_html(result: dict) -> str:
 measured side by side: {e(str(result['anchor_p50_ms']))} ms) and predicted by the
 {e(result['model_kind'])} model ({e(result['model'])}; built on {e(str(b.get('device')))},
 {e(str(b.get('runtime')))}, {b.get('threads')} threads, from {b.get('samples')} measured candidates).</p>
-{_elsewhere_html(result)}<ul><li>within ±10 %: <b>{result['within_10pct'] * 100:.1f} %</b></li>
+{_elsewhere_html(result)}{_noisy_html(result)}<ul><li>within ±10 %: <b>{result['within_10pct'] * 100:.1f} %</b></li>
 <li>RMSPE: <b>{result['rmspe'] * 100:.1f} %</b> (median |error| {result['median_abs_pct_error']:.1f} %)</li>
 <li>Spearman rank correlation: <b>{result['spearman']:.3f}</b></li>
 <li>on its own training samples: within ±10 % {result['fit']['within_10pct'] * 100:.1f} %, RMSPE
@@ -582,6 +596,14 @@ measured side by side: {e(str(result['anchor_p50_ms']))} ms) and predicted by th
 <img alt="measured vs predicted" src="data:image/png;base64,{png}">
 </body></html>
 """
+
+
+def _noisy_html(result: dict) -> str:
+    noisy = result.get("noisy_left_out") or []
+    if not noisy:
+        return ""
+    return (f"<p>{len(noisy)} held-out candidate(s) were never measured in a quiet round (the anchor over "
+            f"{result['quiet_tolerance']}× its fastest p50, even after measuring them again) and are left out.</p>\n")
 
 
 def _elsewhere_html(result: dict) -> str:

@@ -180,6 +180,98 @@ def recalibrate_bn(net: StaticNet, x: np.ndarray, batch_size: int = 256, max_ima
     return net.eval()
 
 
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """Standalone fine-tuning of one extracted subnet; part of its weights' cache key."""
+
+    epochs: int = 6
+    batch_size: int = 128
+    lr: float = 1e-3          # AdamW, cosine-decayed to 0 (no warm-up: the weights are trained already)
+    weight_decay: float = 1e-4
+    kd_weight: float = 0.5    # loss = (1 − this) × cross-entropy + this × KL(teacher ‖ subnet); 0 without a teacher
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.no_grad()
+def predict_logits(net: torch.nn.Module, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+    """``net``'s logits on ``x`` (N, C, H, W) float32 in eval mode: (N, classes) float32."""
+    net.eval()
+    return torch.cat([net(torch.from_numpy(x[i:i + batch_size])) for i in range(0, len(x), batch_size)]).numpy()
+
+
+def finetune_subnet(net: StaticNet, train_x: np.ndarray, train_y: np.ndarray, settings: FinetuneSettings,
+                    teacher_logits: np.ndarray | None = None,
+                    on_step: Callable[[int, int, float], None] | None = None) -> StaticNet:
+    """Fine-tune an extracted subnet on its own (weights inherited from the supernet), in place.
+
+    Weight sharing leaves the children of a supernet short of what they reach trained alone; Once-for-All
+    (Cai et al., ICLR 2020, §4) reports its specialized sub-networks also after a short fine-tuning.
+    ``train_x``: (N, C, H, W) float32 in [0, 1]; ``train_y``: (N,) int64; ``teacher_logits``: (N, classes)
+    float32 of the teacher on the same images (no augmentation, so they stay valid), mixed in as
+    knowledge distillation with ``settings.kd_weight``. Deterministic for a seed on one machine.
+    Returns ``net`` in eval mode.
+    """
+    torch.manual_seed(settings.seed)
+    rng = np.random.default_rng(settings.seed)
+    opt = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    steps_per_epoch = max(1, len(train_x) // settings.batch_size)
+    total = settings.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+    x_all, y_all = torch.from_numpy(train_x), torch.from_numpy(train_y)
+    soft_all = None if teacher_logits is None else F.softmax(torch.from_numpy(teacher_logits), dim=1)
+    kd = settings.kd_weight if soft_all is not None else 0.0
+    step = 0
+    net.train()
+    for _ in range(settings.epochs):
+        order = rng.permutation(len(train_x))
+        for i in range(steps_per_epoch):
+            idx = torch.from_numpy(order[i * settings.batch_size:(i + 1) * settings.batch_size])
+            logits = net(x_all[idx])
+            loss = (1 - kd) * F.cross_entropy(logits, y_all[idx])
+            if kd:
+                loss = loss + kd * F.kl_div(F.log_softmax(logits, dim=1), soft_all[idx], reduction="batchmean")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if on_step:
+                on_step(step, total, loss.item())
+    return net.eval()
+
+
+def save_weights(net: torch.nn.Module, path: Path, meta: dict) -> Path:
+    """``net``'s state as ``path`` (safetensors, metadata = ``meta`` as JSON), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp),
+              metadata={"edgec": json.dumps(meta, sort_keys=True)})
+    os.replace(tmp, path)
+    return path
+
+
+def load_weights(net: torch.nn.Module, path: Path, meta: dict) -> bool:
+    """Load what :func:`save_weights` wrote into ``net`` when its metadata equals ``meta``; False when
+    the file is missing, damaged, of another shape or written with other settings (never unpickles)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if json.loads((f.metadata() or {}).get("edgec", "null")) != json.loads(json.dumps(meta, sort_keys=True)):
+                return False
+        tensors = load_file(str(path))
+    except Exception:  # missing, torn or foreign: fine-tune again
+        return False
+    own = net.state_dict()
+    if set(tensors) != set(own) or any(tensors[k].shape != own[k].shape for k in own):
+        return False  # checked first: a failed load_state_dict can leave some tensors copied
+    net.load_state_dict(tensors)
+    return True
+
+
 def save_checkpoint(net: Supernet, settings: TrainSettings, directory: Path, extra: dict | None = None) -> Path:
     """Write ``supernet.safetensors`` + ``supernet.json`` into ``directory`` atomically."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -296,21 +296,57 @@ def test_measure_candidates_keeps_quiet_rounds_and_takes_their_median_ratio_to_t
                              measure_latency=lambda path, shape, batch: SimpleNamespace(p50_ms=next(script)))
     rows = measure_candidates(cand, spec, ds, target, settings, Progress(), "scripted")
     assert len(rows) == 1 and rows[0]["id"] == cand[0].id
-    assert rows[0]["rounds_measured"] == 8 and rows[0]["rounds_quiet"] == 5  # stopped before the 9th
+    assert rows[0]["rounds_measured"] == 8 and rows[0]["rounds_quiet"] == 5 and rows[0]["quiet"]  # not the 9th
     assert rows[0]["ratio"] == pytest.approx(0.5) and rows[0]["anchor_p50_ms"] == pytest.approx(1.0)
     assert rows[0]["p50_ms"] == pytest.approx(0.5) and len(rows[0]["features"]) == len(feature_columns())
 
 
-def test_quiet_rounds_give_up_after_three_times_the_rounds_and_keep_all_when_none_is_quiet():
+def test_a_candidate_measured_only_while_the_host_was_slow_is_measured_again_then_flagged(monkeypatch):
+    """Two candidates; the host is slow whenever the second one is measured (its anchor at 2× the
+    session's fastest): after the first pass and the retries it is flagged, never silently used."""
+    from types import SimpleNamespace
+
+    from edgec.latency_job import MAX_ROUNDS_FACTOR, RETRY_PASSES, ROUNDS, LatencySettings, _space
+    from edgec.latency_job import measure_candidates, random_candidates
+    from edgec.pipeline import Progress
+
+    settings = LatencySettings(dataset="digits")
+    ds, spec = _space(settings)
+    cands = random_candidates(spec, 2, seed=4)
+    calls = {"n": 0}
+
+    def measure(path, shape, batch):  # anchor, candidate, anchor, candidate, …
+        calls["n"] += 1
+        slow = measure.current == 1
+        return SimpleNamespace(p50_ms=(2.0 if slow else 1.0) * (1.0 if calls["n"] % 2 else 0.5))
+
+    import edgec.latency_job as lj
+    original = lj.candidate_kernels
+
+    def kernels(target_name, model, fp32, int8_layers, threads):  # before each candidate's measurement:
+        measure.current = 0 if kernels.calls == 0 else 1             # the first, then only the second again
+        kernels.calls += 1
+        return original(target_name, model, fp32, int8_layers, threads)
+    kernels.calls = 0
+    target = SimpleNamespace(name="cpu-ort", recipe="ort-qdq-u8s8", measure_latency=measure)
+    monkeypatch.setattr(lj, "candidate_kernels", kernels)
+    rows = measure_candidates(cands, spec, ds, target, settings, Progress(), "scripted")
+    assert [r["id"] for r in rows] == [c.id for c in cands]
+    assert rows[0]["quiet"] and rows[0]["ratio"] == pytest.approx(0.5) and rows[0]["rounds_measured"] == ROUNDS
+    assert not rows[1]["quiet"] and rows[1]["rounds_quiet"] == 0
+    assert rows[1]["rounds_measured"] == (1 + RETRY_PASSES) * MAX_ROUNDS_FACTOR * ROUNDS
+
+
+def test_quiet_rounds_give_up_after_three_times_the_rounds():
     from edgec.latency_job import QuietRounds
 
     q = QuietRounds(2)
     slow = iter([(1.0, 1.0), (3.0, 3.0), (3.0, 3.0), (3.0, 3.0), (3.0, 3.0), (3.0, 3.0), (7.0, 7.0)])
-    used, measured = q.measure(slow.__next__)
-    assert measured == 6 and used == [(1.0, 1.0)]  # 3 × 2 rounds, one of them quiet
+    used, every = q.measure(slow.__next__)
+    assert len(every) == 6 and used == [(1.0, 1.0)]  # 3 × 2 rounds, one of them quiet
     later = iter([(2.0, 2.0), (2.5, 2.5)] * 3)
-    used, measured = q.measure(later.__next__)  # the session's fastest anchor (1.0) still rules: none quiet
-    assert measured == 6 and len(used) == 6
+    used, every = q.measure(later.__next__)  # the session's fastest anchor (1.0) still rules: none quiet
+    assert len(every) == 6 and used == []
 
 
 def test_npu_kernels_follow_the_policy_activation_precision_and_count_requantizations(randomized_supernet, spec8,

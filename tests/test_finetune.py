@@ -1,0 +1,108 @@
+"""Fine-tuning extracted subnets alone (search/train.py) and ``edgec compile --finetune-epochs``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from edgec.errors import ConfigError
+from edgec.search.supernet import extract_subnet
+from edgec.search.train import FinetuneSettings, finetune_subnet, load_weights, predict_logits, save_weights
+
+
+def _digits():
+    from edgec.data import load_dataset
+
+    return load_dataset("digits")
+
+
+def _top1(net, x, y):
+    return float(np.mean(predict_logits(net, x).argmax(1) == y))
+
+
+def test_finetuning_an_untrained_subnet_learns_from_labels_and_from_a_teacher(randomized_supernet, spec8):
+    ds = _digits()
+    settings = FinetuneSettings(epochs=3, batch_size=64, lr=3e-3)
+    net = extract_subnet(randomized_supernet, spec8.smallest())
+    before = _top1(net, ds.val_x, ds.val_y)
+    finetune_subnet(net, ds.train_x, ds.train_y, settings)
+    assert before < 0.3 and _top1(net, ds.val_x, ds.val_y) > 0.7
+    # distillation alone (kd_weight 1) from a "teacher" that knows a permuted labelling: the subnet follows it
+    perm = np.roll(np.arange(10), 1)
+    teacher = np.eye(10, dtype=np.float32)[perm[ds.train_y]] * 10
+    student = extract_subnet(randomized_supernet, spec8.smallest())
+    finetune_subnet(student, ds.train_x, ds.train_y, FinetuneSettings(epochs=3, batch_size=64, lr=3e-3, kd_weight=1.0),
+                    teacher_logits=teacher)
+    assert _top1(student, ds.val_x, perm[ds.val_y]) > 0.7 and _top1(student, ds.val_x, ds.val_y) < 0.2
+
+
+def test_weights_round_trip_and_are_refused_for_other_settings_or_shapes(randomized_supernet, spec8, tmp_path):
+    net = extract_subnet(randomized_supernet, spec8.smallest())
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    path = save_weights(net, tmp_path / "w.safetensors", {"epochs": 2})
+    fresh = extract_subnet(randomized_supernet, spec8.smallest())
+    assert not load_weights(fresh, path, {"epochs": 3})  # other settings: not loaded
+    assert load_weights(fresh, path, {"epochs": 2})
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), net.state_dict().values()))
+    other = extract_subnet(randomized_supernet, spec8.largest())
+    untouched = {k: v.clone() for k, v in other.state_dict().items()}
+    assert not load_weights(other, path, {"epochs": 2})  # another architecture: nothing copied
+    assert all(torch.equal(untouched[k], v) for k, v in other.state_dict().items())
+    (tmp_path / "torn.safetensors").write_bytes(path.read_bytes()[:100])
+    assert not load_weights(other, tmp_path / "torn.safetensors", {"epochs": 2})
+    assert not load_weights(other, tmp_path / "missing.safetensors", {"epochs": 2})
+
+
+def test_finetune_settings_are_checked():
+    from edgec.config import CompileConfig
+
+    for kwargs, fragment in (({"finetune_epochs": -1}, "finetune_epochs"), ({"finetune_epochs": 101}, "finetune_epochs"),
+                             ({"finetune_epochs": 2, "finetune_top": 0}, "finetune_top"),
+                             ({"finetune_top": 2}, "fine-tuning is off"),
+                             ({"model": "m.onnx", "calib_data": "c.npz", "finetune_epochs": 2}, "built-in supernet"),
+                             ({"model": "minilm", "finetune_epochs": 2}, "does not apply")):
+        with pytest.raises(ConfigError, match=fragment):
+            CompileConfig(**kwargs)
+    assert CompileConfig(finetune_epochs=2, finetune_top=1).finetune_top == 1
+
+
+@pytest.mark.slow
+def test_compile_finetunes_the_reference_and_the_fastest_front_and_resumes_without_training(tmp_path):
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "edgec.cli", "compile", "--dataset", "digits", "--train-epochs", "1",
+            "--population-size", "4", "--budget-evals", "6", "--finetune-epochs", "1", "--finetune-top", "2",
+            "--max-accuracy-drop", "50", "--out", str(out)]
+    p = subprocess.run(args, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    ft = report["finetune"]
+    archs = ft["architectures"]
+    largest = report["reference"]["candidate"]["subnet"]
+    assert archs[0]["subnet"] == largest and archs[0]["teacher"] == "labels" and 2 <= len(archs) <= 3
+    assert all(not a["cached"] and a["train_s"] > 0 for a in archs)
+    assert len(list((out / "study" / "finetuned").glob("*.safetensors"))) == len(archs)
+    by_id = {e["candidate_id"]: e for e in report["evaluations"]}
+    tuned = {json.dumps(a["subnet"], sort_keys=True) for a in archs}
+    for c in ft["candidates"]:
+        e = by_id[c["candidate_id"]]
+        assert e["val_accuracy"] == c["val_accuracy_after"] and json.dumps(e["candidate"]["subnet"], sort_keys=True) in tuned
+        assert e["role"] in ("reference", "finetuned")
+    # the digits supernet trained 1 epoch is far from converged: fine-tuning its reference must help
+    ref = next(c for c in ft["candidates"] if c["candidate_id"] == report["reference"]["candidate_id"])
+    assert ref["val_accuracy_after"] > ref["val_accuracy_before"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    ref_art = next(a for a in manifest["artifacts"] if a["role"] == "reference" and a["target"] == "cpu-ort")
+    assert ref_art["val_accuracy"] == ref["val_accuracy_after"]
+    # resumed: the weights are reused, not trained again, and give the same models
+    p = subprocess.run(args[:-2] + ["--out", str(out), "--resume"], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    again = json.loads((out / "report.json").read_text())["finetune"]
+    assert all(a["cached"] for a in again["architectures"])
+    assert [c["val_accuracy_after"] for c in again["candidates"]] == [c["val_accuracy_after"] for c in ft["candidates"]]
