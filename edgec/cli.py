@@ -74,7 +74,7 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
                         "as a fraction or percentage (default 10%%)")
     p.add_argument("--finetune-epochs", type=int,
                    help="after the search, fine-tune the reference and the --finetune-top fastest Pareto architectures "
-                        "within 3 points of its accuracy alone for this many epochs (distilled from the fine-tuned "
+                        "within --max-accuracy-drop + 3 points of its accuracy alone for this many epochs (distilled from the fine-tuned "
                         "reference), then measure and choose again (default 0: off)")
     p.add_argument("--finetune-top", type=int, help="how many architectures --finetune-epochs fine-tunes (default 4)")
     p.add_argument("--prune-flops-target", type=float,

@@ -317,7 +317,7 @@ def select_chosen(evals: list[Evaluation], front_ids: list[str], reference: Eval
     return chosen, rule
 
 
-FINETUNE_MARGIN_PP = 3.0  # fine-tune Pareto architectures down to this many points below the reference
+FINETUNE_MARGIN_PP = 3.0  # fine-tune Pareto architectures down to this many points below what may qualify
 
 
 class FinetunedWeights:
@@ -358,7 +358,8 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
                    evaluators: list, reference: Evaluation, evals: list[Evaluation],
                    progress: Progress) -> tuple[Evaluation, list[Evaluation], dict]:
     """``--finetune-epochs``: fine-tune the reference and the ``--finetune-top`` fastest architectures of the
-    Pareto front within :data:`FINETUNE_MARGIN_PP` points of the reference's validation accuracy, each
+    Pareto front within ``--max-accuracy-drop`` + :data:`FINETUNE_MARGIN_PP` points of the reference's
+    validation accuracy (those fine-tuning may bring within the drop), each
     alone (:func:`edgec.search.train.finetune_subnet`): the reference on the labels, the others distilled
     from the fine-tuned reference. Every evaluation of those architectures is then compiled and measured
     again with the fine-tuned weights (role ``finetuned``; the reference keeps its role), and every later
@@ -373,7 +374,7 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
     weights = FinetunedWeights(study / "finetuned", {"finetune": settings.to_dict(),
                                                       "supernet": supernet_info.get("cache_key")})
     front = set(_front_ids([reference] + evals))
-    floor = reference.val_accuracy - FINETUNE_MARGIN_PP / 100
+    floor = reference.val_accuracy - (cfg.max_accuracy_drop + FINETUNE_MARGIN_PP) / 100
     archs = []
     for e in sorted((e for e in evals if e.candidate_id in front and e.val_accuracy >= floor),
                     key=lambda e: (e.objectives()[1], e.size_bytes)):
@@ -412,7 +413,8 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
     info = {"epochs": settings.epochs, "settings": settings.to_dict(), "margin_pp": FINETUNE_MARGIN_PP,
             "weights_meta": weights.meta, "folder": str(weights.folder), "architectures": trained,
             "rule": f"the reference, then the {cfg.finetune_top} fastest Pareto architectures within "
-                    f"{FINETUNE_MARGIN_PP} points of its validation accuracy; every evaluation of them measured again",
+                    f"{cfg.max_accuracy_drop} + {FINETUNE_MARGIN_PP} points of its validation accuracy; every "
+                    "evaluation of them measured again",
             "candidates": [{"candidate_id": e.candidate_id, "val_accuracy_before": e.val_accuracy,
                             "val_accuracy_after": after[e.candidate_id].val_accuracy,
                             "p50_ms_before": e.latency.p50_ms, "p50_ms_after": after[e.candidate_id].latency.p50_ms}

@@ -27,7 +27,7 @@ def _top1(net, x, y):
 
 def test_finetuning_an_untrained_subnet_learns_from_labels_and_from_a_teacher(randomized_supernet, spec8):
     ds = _digits()
-    settings = FinetuneSettings(epochs=3, batch_size=64, lr=3e-3)
+    settings = FinetuneSettings(epochs=15, batch_size=64, lr=1e-2)
     net = extract_subnet(randomized_supernet, spec8.smallest())
     before = _top1(net, ds.val_x, ds.val_y)
     finetune_subnet(net, ds.train_x, ds.train_y, settings)
@@ -36,7 +36,7 @@ def test_finetuning_an_untrained_subnet_learns_from_labels_and_from_a_teacher(ra
     perm = np.roll(np.arange(10), 1)
     teacher = np.eye(10, dtype=np.float32)[perm[ds.train_y]] * 10
     student = extract_subnet(randomized_supernet, spec8.smallest())
-    finetune_subnet(student, ds.train_x, ds.train_y, FinetuneSettings(epochs=3, batch_size=64, lr=3e-3, kd_weight=1.0),
+    finetune_subnet(student, ds.train_x, ds.train_y, FinetuneSettings(epochs=15, batch_size=64, lr=1e-2, kd_weight=1.0),
                     teacher_logits=teacher)
     assert _top1(student, ds.val_x, perm[ds.val_y]) > 0.7 and _top1(student, ds.val_x, ds.val_y) < 0.2
 
