@@ -391,6 +391,9 @@ def cmd_latency(args: argparse.Namespace) -> int:
         out.print(f"Latency model for {fit['target']} ({fit['space']}, {fit['device']}, {fit['runtime']}, "
                   f"{fit['threads']} threads) fit on {fit['samples']} measured candidates in "
                   f"{fit['build_s'] / 60:.1f} min: {path}")
+        if fit.get("samples_noisy_left_out"):
+            out.print(f"{len(fit['samples_noisy_left_out'])} candidate(s) never measured quietly (the anchor over "
+                      f"{fit['quiet_tolerance']}× its fastest p50, even when measured again) were left out of the fit.")
         own = model.fit_metrics()
         out.print(f"On its own samples: {own['within_10pct'] * 100:.0f} % within ±10 %, RMSPE {own['rmspe'] * 100:.1f} %.")
         if own["within_10pct"] < 0.8:
@@ -408,7 +411,11 @@ def cmd_latency(args: argparse.Namespace) -> int:
     json_path = Path(args.json) if args.json else None
     html_path = Path(args.html or f"latency-{settings.target}-{settings.dataset}.html")
 
-    _check_writable(json_path, html_path)  # before any measuring: a report that cannot be written
+    from edgec.pipeline import cache_root
+
+    models = cache_root() / "latency"  # the models, tables and validation records must not be overwritten
+    _check_writable(json_path, html_path,  # before any measuring: a report that cannot be written
+                    protect=tuple(models.iterdir()) if models.is_dir() else ())
     with _RichProgress(Console(stderr=True)) as progress:
         result = validate_model(settings, progress)
     table = Table(title=f"latency model validation — {result['target']}, {result['space']} ({result['latency_kind']})")

@@ -92,7 +92,7 @@ class LatencySettings:
             raise ConfigError(f"bad value for --threads: {self.threads}", "between 1 and 256", "e.g. --threads 2")
         if self.runs is not None and not 3 <= self.runs <= 100_000:
             raise ConfigError(f"bad value for --runs: {self.runs}", "between 3 and 100000 timed runs",
-                              "e.g. --runs 200")
+                              "e.g. --runs 200 on cpu-ort, --runs 5 on npu-qnn-htp, or leave it out")
         if not 0 <= self.seed <= 2**31 - 1 - VALIDATION_SEED_OFFSET:
             raise ConfigError(f"bad value for --seed: {self.seed}",
                               f"between 0 and {2**31 - 1 - VALIDATION_SEED_OFFSET}", "e.g. --seed 0")
@@ -214,7 +214,7 @@ def measure_candidates(cands, spec, ds, target, settings: LatencySettings, progr
     try:
         anchor = compile_to(anchor_candidate(spec, target.name), "anchor.onnx")
         todo = list(range(len(cands)))
-        for attempt in range(1 + RETRY_PASSES):
+        for _ in range(1 + RETRY_PASSES):
             for i in todo:
                 c = cands[i]
                 path = compile_to(c, "model.onnx")
@@ -661,11 +661,13 @@ def trusted_model(settings: LatencySettings, spec, target, progress) -> tuple:
         return model, path, "built on this machine"
     record = revalidation_path(path, target)
     try:
-        v = json.loads(record.read_text())
-        if v.get("model_sha256") != _sha256(path):
-            raise ValueError("the model changed since")
-        v["spearman"], v["within_10pct"]
-    except (OSError, ValueError, KeyError, TypeError):
+        v = json.loads(record.read_bytes().decode("utf-8", errors="replace"))
+        if not isinstance(v, dict) or v.get("model_sha256") != _sha256(path):
+            raise ValueError("the model changed since, or the record is not one")
+        for key in ("spearman", "within_10pct", "n"):  # what is read below: numbers, or validate again
+            if not isinstance(v.get(key), (int, float)) or isinstance(v.get(key), bool):
+                raise ValueError(f"no number {key!r}")
+    except (OSError, ValueError, RecursionError):
         try:
             v = validate_model(LatencySettings(**{**settings.__dict__, "subnets": AUTO_VALIDATION_SUBNETS}),
                                progress)

@@ -244,12 +244,18 @@ def finetune_subnet(net: StaticNet, train_x: np.ndarray, train_y: np.ndarray, se
 
 
 def save_weights(net: torch.nn.Module, path: Path, meta: dict) -> Path:
-    """``net``'s state as ``path`` (safetensors, metadata = ``meta`` as JSON), written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """``net``'s state as ``path`` (safetensors, metadata = ``meta`` as JSON), written atomically.
+    Raises :class:`ModelError` when it cannot be written (nothing is left behind)."""
     tmp = path.with_name(f".tmp-{path.name}")
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp),
-              metadata={"edgec": json.dumps(meta, sort_keys=True)})
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp),
+                  metadata={"edgec": json.dumps(meta, sort_keys=True)})
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ModelError(f"cannot write the fine-tuned weights {path}", e.strerror or str(e),
+                         "remove what is in the way, or free some space") from None
     return path
 
 
@@ -266,8 +272,9 @@ def load_weights(net: torch.nn.Module, path: Path, meta: dict) -> bool:
     except Exception:  # missing, torn or foreign: fine-tune again
         return False
     own = net.state_dict()
-    if set(tensors) != set(own) or any(tensors[k].shape != own[k].shape for k in own):
-        return False  # checked first: a failed load_state_dict can leave some tensors copied
+    if set(tensors) != set(own) or any(tensors[k].shape != own[k].shape for k in own) or not all(
+            torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point()):
+        return False  # checked first: a failed load_state_dict can leave some tensors copied; NaN weights retrain
     net.load_state_dict(tensors)
     return True
 

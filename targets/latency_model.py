@@ -374,7 +374,7 @@ class KernelPredictor:
     def load(cls, path: Path) -> "KernelPredictor":
         """Raises :class:`ConfigError` for a file that is not an edgec latency model."""
         try:
-            text = Path(path).read_text()
+            text = Path(path).read_bytes().decode("utf-8", errors="replace")
         except OSError as e:
             raise ConfigError(f"cannot read the latency model {path}", e.strerror or str(e),
                               "check its permissions, or rebuild it with 'edgec latency build'") from None
@@ -395,10 +395,19 @@ class KernelPredictor:
                 raise ValueError("'meta' lacks the target, threads or anchor p50")
             if not isinstance(samples, list) or not samples or not all(
                     isinstance(s, dict) and isinstance(s.get("id"), str) and isinstance(s.get("features"), list)
-                    and len(s["features"]) == len(cols) and np.isfinite(float(s.get("ratio", "nan")))
+                    and len(s["features"]) == len(cols)
+                    and all(isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
+                            for x in s["features"])
+                    and isinstance(s.get("ratio"), (int, float)) and np.isfinite(s["ratio"]) and s["ratio"] > 0
                     for s in samples):
                 raise ValueError("'samples' is not the list of measured candidates it was fit on")
+            if not all(isinstance(meta[k], (int, float)) and np.isfinite(meta[k]) and meta[k] > 0
+                       for k in ("anchor_p50_ms", "threads")):
+                raise ValueError("'meta' has a non-positive anchor p50 or thread count")
             return cls(coef, overhead, dict(meta), list(samples))
+        except RecursionError:
+            raise ConfigError(f"{path} is not an edgec latency model", "nested too deeply",
+                              "rebuild it with 'edgec latency build'") from None
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError(f"{path} is not an edgec latency model", str(e)[:200],
                               "rebuild it with 'edgec latency build'") from None

@@ -58,6 +58,10 @@ def test_weights_round_trip_and_are_refused_for_other_settings_or_shapes(randomi
     (tmp_path / "torn.safetensors").write_bytes(path.read_bytes()[:100])
     assert not load_weights(other, tmp_path / "torn.safetensors", {"epochs": 2})
     assert not load_weights(other, tmp_path / "missing.safetensors", {"epochs": 2})
+    with torch.no_grad():  # same shapes and settings but NaN weights: trained again, never loaded
+        next(net.parameters()).fill_(float("nan"))
+    save_weights(net, tmp_path / "nan.safetensors", {"epochs": 2})
+    assert not load_weights(fresh, tmp_path / "nan.safetensors", {"epochs": 2})
 
 
 def test_finetune_settings_are_checked():

@@ -143,6 +143,9 @@ def test_latency_cli_refuses_bad_settings_and_a_missing_model_in_one_line(tmp_pa
     p = _edgec("latency", "validate", "--dataset", "digits", env=env)
     assert p.returncode == 2 and "no latency model for cpu-ort on digits" in p.stderr, p.stderr
     assert "built for another space" in p.stderr, p.stderr  # it has no spec: not one of this space
+    p = _edgec("latency", "validate", "--dataset", "digits", "--json", str(folder / "cpu-ort-digits-aaaaaaaaaaaa.json"),
+               env=env)  # a report over the cache's own files
+    assert p.returncode == 2 and "it is one of the inputs" in p.stderr, p.stderr
 
 
 @pytest.mark.slow
@@ -403,3 +406,50 @@ def test_npu_cycle_model_builds_and_validates_on_simulated_cycles(tmp_path):
     v = json.loads(out.read_text())
     assert v["latency_kind"] == "predicted vs simulated" and v["n"] == 10 and v["built_here"] is True
     assert all(r["ratio"] > 1 and r["predicted_ratio"] > 0 for r in v["rows"])  # the anchor is the smallest graph
+
+
+def test_damaged_model_files_and_validation_records_are_refused_or_redone(tmp_path, monkeypatch, spec8):
+    """Files in the latency cache are ours but may be damaged: never a traceback, never garbage used."""
+    import edgec.latency_job as lj
+    from edgec.pipeline import Progress
+
+    good = {"format": FORMAT, "coef": {}, "overhead_ratio": 0.1,
+            "samples": [{"id": "a", "features": [0.0] * len(feature_columns()), "ratio": 1.0}],
+            "meta": {"target": "cpu-ort", "threads": 2, "anchor_p50_ms": 1.0}}
+    path = tmp_path / "m.json"
+    bad_samples = ([{**good["samples"][0], "features": ["abc"] * len(feature_columns())}],
+                   [{**good["samples"][0], "features": [None] * len(feature_columns())}],
+                   [{**good["samples"][0], "ratio": 0}])
+    for text in (b"\xff\xfe\x00garbage", ("[" * 100_000 + "]" * 100_000).encode(),
+                 *(json.dumps({**good, "samples": s}).encode() for s in bad_samples),
+                 json.dumps({**good, "meta": {**good["meta"], "anchor_p50_ms": float("nan")}}).encode()):
+        path.write_bytes(text)
+        with pytest.raises(ConfigError, match="is not an edgec latency model"):
+            KernelPredictor.load(path)
+    # a model of another machine whose validation record here is damaged: validated again, not trusted blindly
+    monkeypatch.setenv("EDGEC_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "cache" / "latency"
+    folder.mkdir(parents=True)
+    foreign = folder / "cpu-ort-digits-0123456789ab.json"
+    foreign.write_text(json.dumps({**good, "meta": {**good["meta"], "threads": 8, "spec": spec8.to_dict()}}))
+    target = SimpleTarget()
+    record = lj.revalidation_path(foreign, target)
+    calls = []
+    monkeypatch.setattr(lj, "validate_model", lambda settings, progress: calls.append(1) or
+                        {"n": 12, "spearman": 0.97, "within_10pct": 0.9})
+    settings = lj.LatencySettings(dataset="digits")
+    for damage in ("[]", '{"spearman": "high"}', "{}", "\xff", json.dumps({"model_sha256": lj._sha256(foreign),
+                                                                           "spearman": None, "n": 3})):
+        record.write_text(damage)
+        model, used, trust = lj.trusted_model(settings, spec8, target, Progress())
+        assert used == foreign and "Spearman 0.970" in trust
+    assert len(calls) == 5
+
+
+class SimpleTarget:
+    """Enough of a cpu-ort target for the cache's file names (no measuring)."""
+
+    name, threads, latency_kind = "cpu-ort", 2, "measured"
+
+    def describe(self):
+        return {"runtime": "onnxruntime test", "device": "test cpu"}
