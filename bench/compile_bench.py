@@ -83,7 +83,7 @@ def main() -> int:
     fp32_eval.finetuned = finetuned
     fp32_acc = {}
     for label, cand in rows:  # each candidate's own FP32 model: what quantization is judged against
-        fp32 = out / "study" / "models" / cand.id / "fp32.onnx"
+        fp32 = fp32_eval.folder(cand) / "fp32.onnx"
         if not fp32.is_file():
             fp32_eval.compile(cand)
         fp32_acc[label] = onnx_top1(fp32, ds.test_x, ds.test_y)

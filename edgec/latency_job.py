@@ -611,7 +611,8 @@ def validate_model(settings: LatencySettings, progress) -> dict:
     result = {**figures, "target": settings.target, "space": model.meta.get("space"), "model": str(path),
             "model_kind": "kernel-level linear (nn-Meter style)",
             "latency_kind": f"predicted vs {model.meta.get('latency_kind', 'measured')}",
-            "compared": "p50 / the anchor's p50 measured side by side (predicted vs measured)",
+            "compared": f"p50 / the anchor's p50 measured side by side (predicted vs "
+                        f"{model.meta.get('latency_kind', 'measured')})",
             "anchor_p50_ms": {"at_build": model.meta.get("anchor_p50_ms"), "now_min": min(drift),
                               "now_median": float(np.median(drift)), "now_max": max(drift)},
             "built_on": {k: model.meta.get(k) for k in ("runtime", "device", "threads", "built_at", "samples")},

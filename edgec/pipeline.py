@@ -126,8 +126,16 @@ class TargetBuilder:
     models_dir: Path
     cfg: CompileConfig
 
+    def folder(self, candidate: Candidate) -> Path:
+        """Where the candidate's models are built: ``models_dir/<id>/``, or ``models_dir/<id>/finetuned/`` once
+        its architecture has fine-tuned weights (so a resumed run without fine-tuning never ships them)."""
+        finetuned = getattr(self, "finetuned", None)
+        if finetuned is not None and finetuned.has(candidate.subnet):
+            return self.models_dir / candidate.id / "finetuned"
+        return self.models_dir / candidate.id
+
     def model_path(self, candidate: Candidate) -> Path:
-        return self.models_dir / candidate.id / f"{self.target.name}.onnx"
+        return self.folder(candidate) / f"{self.target.name}.onnx"
 
     def io_params(self, candidate: Candidate) -> dict | None:
         """The quantized-I/O parameters of the candidate's model for this target, if its I/O is quantized."""
@@ -170,7 +178,7 @@ class TargetBuilder:
         io = self.io_params(candidate)
         qio = QuantizedIO(**io) if io else None
         out = self.target.run(self.model_path(candidate), qio.quantize_input(x) if qio else x,
-                              self.models_dir / candidate.id / "device-check")
+                              self.folder(candidate) / "device-check")
         if out is None:  # a target whose accuracy comes from its own runtime needs no check
             return None
         out = qio.dequantize_output(out) if qio else out
@@ -227,7 +235,7 @@ class Evaluator(TargetBuilder):
         from edgec.search.train import recalibrate_bn
 
         ds = self.ds
-        folder = self.models_dir / candidate.id
+        folder = self.folder(candidate)
         folder.mkdir(parents=True, exist_ok=True)
         static = extract_subnet(self.supernet, candidate.subnet)
         if self.finetuned is not None:
@@ -259,7 +267,7 @@ class Evaluator(TargetBuilder):
 
         ds = self.ds
         logits = self.outputs(candidate, ds.test_x)
-        fp32 = self.models_dir / candidate.id / "fp32.onnx"
+        fp32 = self.folder(candidate) / "fp32.onnx"
         if not fp32.is_file():
             self.compile(candidate)
         if candidate.id not in self._fp32_logits:
@@ -335,6 +343,10 @@ class FinetunedWeights:
 
     def path(self, subnet) -> Path:
         return self.folder / f"{self.key(subnet)}.safetensors"
+
+    def has(self, subnet) -> bool:
+        """Whether ``subnet`` has fine-tuned weights here (of these settings, checked when loaded)."""
+        return self.path(subnet).is_file()
 
     def apply(self, static, subnet) -> bool:
         """Load the fine-tuned weights of ``subnet`` into ``static`` (its extracted net); False if none."""

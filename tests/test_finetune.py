@@ -110,3 +110,12 @@ def test_compile_finetunes_the_reference_and_the_fastest_front_and_resumes_witho
     again = json.loads((out / "report.json").read_text())["finetune"]
     assert all(a["cached"] for a in again["architectures"])
     assert [c["val_accuracy_after"] for c in again["candidates"]] == [c["val_accuracy_after"] for c in ft["candidates"]]
+    # resumed without fine-tuning: the models published are the supernet's again, with their own figures
+    i = args.index("--finetune-epochs")
+    plain = args[:i] + args[i + 4:-2]  # without "--finetune-epochs 1 --finetune-top 2" and "--out OUT"
+    p = subprocess.run(plain + ["--out", str(out), "--resume"], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "finetune" not in json.loads((out / "report.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    ref_art = next(a for a in manifest["artifacts"] if a["role"] == "reference" and a["target"] == "cpu-ort")
+    assert ref_art["val_accuracy"] == ref["val_accuracy_before"]
