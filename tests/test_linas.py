@@ -179,8 +179,8 @@ def test_a_damaged_latency_model_gives_no_prior_and_says_why(monkeypatch, tmp_pa
         path.write_text(json.dumps({**doc, "samples": [{**good[0], "candidate": damage}]}))
         prior, info = latency_prior(cfg, spec8, SimpleNamespace(target=None), reference)
         assert prior == [] and "damaged sample" in info and str(path) in info
-    path.write_text(json.dumps({**doc, "samples": [{**good[0], "ratio": -0.3}]}))
-    assert "damaged sample" in latency_prior(cfg, spec8, SimpleNamespace(target=None), reference)[1]
+    path.write_text(json.dumps({**doc, "samples": [{**good[0], "ratio": -0.3}]}))  # refused when loaded
+    assert "is unusable" in latency_prior(cfg, spec8, SimpleNamespace(target=None), reference)[1]
     other_anchor = {**doc, "meta": {**doc["meta"], "anchor": {"candidate": anchor_candidate(spec8, "npu-qnn-htp").to_dict(),
                                                             "what": "smallest subnet, all INT8"}}}
     path.write_text(json.dumps({**other_anchor, "samples": good}))
