@@ -29,7 +29,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -670,8 +670,7 @@ def trusted_model(settings: LatencySettings, spec, target, progress) -> tuple:
                 raise ValueError(f"no number {key!r}")
     except (OSError, ValueError, RecursionError):
         try:
-            v = validate_model(LatencySettings(**{**settings.__dict__, "subnets": AUTO_VALIDATION_SUBNETS}),
-                               progress)
+            v = validate_model(replace(settings, subnets=AUTO_VALIDATION_SUBNETS), progress)
         except EdgecError as e:
             return None, None, f"the model built on another machine could not be validated here: {e.what}"
     diff = machine_difference(model.meta, target)

@@ -125,12 +125,12 @@ class TargetBuilder:
     target: Target
     models_dir: Path
     cfg: CompileConfig
+    finetuned: "FinetunedWeights | None" = None  # set after the search when --finetune-epochs is on
 
     def folder(self, candidate: Candidate) -> Path:
         """Where the candidate's models are built: ``models_dir/<id>/``, or ``models_dir/<id>/finetuned/`` once
         its architecture has fine-tuned weights (so a resumed run without fine-tuning never ships them)."""
-        finetuned = getattr(self, "finetuned", None)
-        if finetuned is not None and finetuned.has(candidate.subnet):
+        if self.finetuned is not None and self.finetuned.has(candidate.subnet):
             return self.models_dir / candidate.id / "finetuned"
         return self.models_dir / candidate.id
 
@@ -223,7 +223,6 @@ class Evaluator(TargetBuilder):
         """``fp32_logits``: a dict the evaluators of one run share, so each candidate's FP32 test logits
         (what every target's artifact is compared with) are computed once."""
         self.supernet, self.ds, self.target, self.models_dir, self.cfg = supernet, ds, target, models_dir, cfg
-        self.finetuned: FinetunedWeights | None = None  # set after the search when --finetune-epochs is on
         self.input_shape = ds.input_shape
         self._fp32_logits = {} if fp32_logits is None else fp32_logits
 

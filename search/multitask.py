@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from edgec.errors import ModelError
+from edgec.search.train import fit_minibatches
 
 # Output width of every conv whose width is free to prune. Residual partners take
 # their width from the layer they add to (res.conv2 = down1, mbconv.project = down2).
@@ -217,23 +218,11 @@ def train_multitask(model: nn.Module, x: np.ndarray, targets: dict[str, np.ndarr
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(total, 1), pct_start=0.1)
     x_all = torch.from_numpy(x)
     t_all = {name: torch.from_numpy(v) for name, v in targets.items()}
-    model.train()
-    step = 0
-    for _ in range(epochs):
-        order = torch.from_numpy(rng.permutation(len(x)))
-        for i in range(steps_per_epoch):
-            idx = order[i * batch_size:(i + 1) * batch_size]
-            outs = model(x_all[idx])
-            outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-            loss = sum(w[t.name] * _task_loss(t, outs[t.output], t_all[t.name][idx]).mean() for t in tasks)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            if on_step:
-                on_step(step, total, loss.item())
-    return model.eval()
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        outs = model(x_all[idx])
+        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        return sum(w[t.name] * _task_loss(t, outs[t.output], t_all[t.name][idx]).mean() for t in tasks)
+    return fit_minibatches(model, len(x), epochs, batch_size, rng, batch_loss, opt, sched, on_step)
 
 
 def builtin_targets(x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:

@@ -223,16 +223,31 @@ def finetune_subnet(net: StaticNet, train_x: np.ndarray, train_y: np.ndarray, se
     x_all, y_all = torch.from_numpy(train_x), torch.from_numpy(train_y)
     soft_all = None if teacher_logits is None else F.softmax(torch.from_numpy(teacher_logits), dim=1)
     kd = settings.kd_weight if soft_all is not None else 0.0
-    step = 0
+
+    def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+        logits = net(x_all[idx])
+        loss = (1 - kd) * F.cross_entropy(logits, y_all[idx])
+        if kd:
+            loss = loss + kd * F.kl_div(F.log_softmax(logits, dim=1), soft_all[idx], reduction="batchmean")
+        return loss
+    return fit_minibatches(net, len(train_x), settings.epochs, settings.batch_size, rng, batch_loss, opt, sched,
+                           on_step)
+
+
+def fit_minibatches(net: torch.nn.Module, n: int, epochs: int, batch_size: int, rng: np.random.Generator,
+                    batch_loss: Callable[[torch.Tensor], torch.Tensor], opt: torch.optim.Optimizer, sched,
+                    on_step: Callable[[int, int, float], None] | None = None) -> torch.nn.Module:
+    """The plain training loop: ``epochs`` passes over ``n`` items in minibatches of ``batch_size`` (a new
+    ``rng`` permutation each epoch, the remainder dropped); per batch ``batch_loss(idx)`` (idx: int64
+    tensor of item indices) → scalar loss, backward, ``opt`` and ``sched`` step, ``on_step(step, total,
+    loss)``. Returns ``net`` in eval mode."""
+    steps_per_epoch = max(1, n // batch_size)
+    total, step = epochs * steps_per_epoch, 0
     net.train()
-    for _ in range(settings.epochs):
-        order = rng.permutation(len(train_x))
+    for _ in range(epochs):
+        order = torch.from_numpy(rng.permutation(n))
         for i in range(steps_per_epoch):
-            idx = torch.from_numpy(order[i * settings.batch_size:(i + 1) * settings.batch_size])
-            logits = net(x_all[idx])
-            loss = (1 - kd) * F.cross_entropy(logits, y_all[idx])
-            if kd:
-                loss = loss + kd * F.kl_div(F.log_softmax(logits, dim=1), soft_all[idx], reduction="batchmean")
+            loss = batch_loss(order[i * batch_size:(i + 1) * batch_size])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
