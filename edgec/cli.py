@@ -77,6 +77,9 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
                         "within --max-accuracy-drop + 3 points of its accuracy alone for this many epochs (distilled from the fine-tuned "
                         "reference), then measure and choose again (default 0: off)")
     p.add_argument("--finetune-top", type=int, help="how many architectures --finetune-epochs fine-tunes (default 4)")
+    p.add_argument("--executor", help="in-process (default) | ray: candidate builds as Ray tasks, latency and "
+                                      "device profiles on Ray nodes advertising the resource target:<name>")
+    p.add_argument("--ray-address", help="with --executor ray: the cluster to join (default: start a local Ray)")
     p.add_argument("--prune-flops-target", type=float,
                    help="after the search, PAGCP-prune the chosen subnet (FP32) by this fraction of its FLOPs, "
                         "fine-tune and measure it; outputs in OUT/pruned/")
@@ -251,6 +254,16 @@ def main(argv: list[str] | None = None) -> int:
     except EdgecError as e:
         sys.stderr.write(f"edgec: error: {e.line()}\n")
         return e.exit_code
+    except OSError as e:
+        from edgec.targets.worker import DISK_FULL_ERRNOS
+
+        if e.errno not in DISK_FULL_ERRNOS:
+            raise  # anything else is a bug: its traceback is wanted
+        resume = " with --resume" if args.command == "compile" else ""
+        where = f" writing {e.filename}" if e.filename else ""
+        sys.stderr.write(f"edgec: error: the disk is full{where}: {e.strerror} — free space (or raise the file-size "
+                         f"limit) and rerun the same command{resume}; nothing half-written was kept\n")
+        return 2
     except KeyboardInterrupt:
         if args.command == "compile":
             sys.stderr.write("edgec: interrupted — rerun the same command with --resume to continue\n")
@@ -807,14 +820,17 @@ def _print_summary(result, console) -> None:
         table.add_column(col, justify="left" if col in ("target", "id", "role", "kind") else "right")
     for name in targets:
         arts = [a for a in result.artifacts if a.target == name]
-        ref = next(a for a in arts if a.role == "reference")  # ratios only within one target
+        # ratios only within one target, to the reference's p50 there (published or kept back by its gate)
+        ref_p50_ms = result.report["latency_by_target"][name][result.reference.candidate_id]["p50_ms"]
         for a in arts:
             accuracy = [f"{a.val_accuracy * 100:.2f}"] + ([] if onnx_input else [f"{a.test_accuracy * 100:.2f}"])
             table.add_row(*([name] if len(targets) > 1 else []), a.id, a.role + (" ★" if a.chosen else ""),
                           *accuracy, f"{a.p50_ms * 1e3:.1f}",
-                          a.latency_kind, f"{ref.p50_ms / a.p50_ms:.2f}×", f"{a.size_bytes / 1024:.1f}",
+                          a.latency_kind, f"{ref_p50_ms / a.p50_ms:.2f}×", f"{a.size_bytes / 1024:.1f}",
                           f"{sum(p == 'int8' for p in a.policy.values())}/{len(a.policy)}")
     console.print(table)
+    for b in result.report.get("publication_gate", {}).get("blocked", []):
+        console.print(f"[red]NOT published[/red] {b['target']} / {b['id']} ({b['role']}): {b['why']}")
     if onnx_input:
         console.print(f"Quality is {result.report['quality']} on {result.report['dataset']['name']}.")
     console.print(f"{len(result.evaluations) + 1} candidates evaluated on {targets[0]}. "

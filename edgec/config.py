@@ -53,6 +53,8 @@ class CompileConfig:
     recovery_candidates: int = 2           # transformers: how many of the fastest pruned sub-networks to recover (0 = none)
     sequence_length: int = 128             # transformers: tokens per input when measuring latency (batch 1)
     max_ppl_increase: float = 0.10         # causal LMs (text generation): perplexity ≤ FP32's × (1 + this)
+    executor: str = "in-process"           # where evaluations and device profiles run: in-process | ray
+    ray_address: str | None = None         # --executor ray: a running cluster's address (default: start a local one)
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str, fix: str) -> None:
@@ -170,6 +172,15 @@ class CompileConfig:
         if self.finetune_top != 4 and not self.finetune_epochs:
             bad("finetune_top", "it picks the architectures to fine-tune, and fine-tuning is off",
                 "pass --finetune-epochs N too, or drop it")
+        if self.executor not in ("in-process", "ray"):
+            bad("executor", "known executors: in-process (default), ray", "use --executor ray or drop it")
+        if self.ray_address is not None and (self.executor != "ray" or not self.ray_address.strip()):
+            bad("ray_address", "an address applies only to --executor ray and must not be empty",
+                "pass --executor ray --ray-address HOST:PORT, or drop it")
+        if self.executor == "ray" and (self.model != "fbnet-supernet" or self.objective != "primary"):
+            bad("executor", "Ray runs the built-in supernet's search with the primary target's latency as "
+                "objective; ONNX-model inputs, transformers and --objective max-latency run in-process",
+                "drop --executor ray")
         if self.calibration_images < 256:
             bad("calibration_images", "static quantization calibrates on at least 256 images",
                 "use calibration_images = 256 or more")

@@ -58,6 +58,10 @@ class PolicyEvaluator(TargetBuilder):
         return {**fidelity(self.reference_out, out), "on": self.data_name,
                 "computed_with": self.target.accuracy_backend}
 
+    def search_quality(self, candidate: Candidate) -> float:
+        """What :meth:`evaluate` records as its quality (the fidelity score), computed again from the file."""
+        return self.quality(candidate)["score"]
+
     def test_quality(self, candidate: Candidate) -> tuple[float, dict]:
         from edgec.pipeline import DEVICE_CHECK_SAMPLES
 

@@ -25,6 +25,7 @@ import edgec
 from edgec.config import CompileConfig
 from edgec.data import Dataset, load_dataset
 from edgec.errors import ConfigError, EdgecError, ModelError, NoQualifyingCandidate, OutputDirError
+from edgec.executor import InProcessExecutor, open_executor
 from edgec.records import Artifact, Evaluation
 from edgec.rundir import EvaluationStore, RunDir
 from edgec.search.pareto import pareto_front
@@ -45,7 +46,11 @@ DEFAULT_TRAINING = {
 RESUME_KEYS = ("model", "dataset", "data_dir", "target", "objective", "seed", "strategy", "population_size", "threads",
                "train_epochs", "calibration_images", "input_shape", "dataset_fingerprint")
 PARITY_IMAGES = 64
+EVAL_BATCH = 4  # proposals asked, evaluated (in parallel under Ray) and told together; the same for every executor
 REMEASURE_ROUNDS = 3  # interleaved latency rounds over the finalists before choosing
+# Publication gate (every artifact, on the target it is built for, just before it is published):
+GATE_MAX_QUALITY_GAP_PP = 0.5   # the file's validation quality, computed again, vs the search's figure
+GATE_MIN_DEVICE_AGREEMENT = 0.9  # top-1 agreement of the device's outputs with the emulation (where emulated)
 DEVICE_CHECK_SAMPLES = 16  # test images run on a device whose accuracy was emulated (the HTP simulator: ~0.2 s each)
 
 
@@ -249,6 +254,10 @@ class Evaluator(TargetBuilder):
         import numpy as np
 
         return float(np.mean(np.argmax(self.outputs(candidate, x), axis=1) == y)) if len(x) else 0.0
+
+    def search_quality(self, candidate: Candidate) -> float:
+        """What :meth:`evaluate` records as ``val_accuracy``, computed again from the model file."""
+        return self.accuracy(candidate, self.ds.val_x, self.ds.val_y)
 
     @property
     def data_name(self) -> str:
@@ -478,6 +487,7 @@ def run_compile(cfg: CompileConfig, progress: Progress | None = None) -> RunResu
 
     progress = progress or Progress()
     targets = open_targets(cfg)
+    closers: list = list(targets)  # targets and the executor, closed however the run ends
     with RunDir(Path(cfg.out), resume=cfg.resume, force=cfg.force) as run:
         try:
             ds = load_dataset(cfg.dataset, cfg.data_dir)
@@ -496,7 +506,13 @@ def run_compile(cfg: CompileConfig, progress: Progress | None = None) -> RunResu
             fp32_logits: dict = {}
             evaluators = [Evaluator(supernet, ds, t, run.study / "models", cfg, fp32_logits) for t in targets]
             searcher = MaxLatencyEvaluator(evaluators) if cfg.objective == "max-latency" else evaluators[0]
-            reference, evals, failed, searched = _search(cfg, spec, store, searcher, progress)
+            if cfg.executor == "ray":
+                progress.stage("starting Ray" + (f" at {cfg.ray_address}" if cfg.ray_address else " (local)"), None)
+            executor = open_executor(cfg.executor, cfg.ray_address, [t.name for t in targets],
+                                     {"supernet": supernet, "dataset": ds, "config": cfg}, cfg.threads)
+            closers.append(executor)
+            reference, evals, failed, searched = _search(cfg, spec, store, searcher, progress, executor)
+            searched["executor"] = executor.info()
             model_info = {"supernet": supernet_info}
             if cfg.finetune_epochs:
                 reference, evals, model_info["finetune"] = finetune_front(
@@ -505,7 +521,7 @@ def run_compile(cfg: CompileConfig, progress: Progress | None = None) -> RunResu
                        "model_info": model_info, "search_info": searched}
             if targets[0].recipe.startswith("qnn-"):  # the HTP has no FP32 path: "FP32" layers get 16-bit activations
                 context["reference_description"] = "largest subnet, all layers at 16-bit activations"
-            result = _publish(cfg, run.path, evaluators, reference, evals, failed, progress, context)
+            result = _publish(cfg, run.path, evaluators, reference, evals, failed, progress, context, executor)
             if cfg.prune_flops_target:
                 result.report["pruning"] = prune_chosen(cfg, run.path, supernet, ds, result.chosen, progress)
                 from edgec.compile.package import write_atomic
@@ -517,8 +533,8 @@ def run_compile(cfg: CompileConfig, progress: Progress | None = None) -> RunResu
                              page.replace("</body>", pruning_html(result.report["pruning"]) + "</body>", 1))
             return result
         finally:
-            for t in targets:
-                t.close()
+            for c in closers:
+                c.close()
 
 
 def prune_chosen(cfg: CompileConfig, out: Path, supernet, ds: Dataset, chosen: Evaluation, progress: Progress) -> dict:
@@ -572,7 +588,7 @@ def check_resume(run: RunDir, state: dict, keys, resume: bool, job: str = "compi
 
     path = run.study / "config.json"
     state = json.loads(json.dumps({**state, "job": job}))  # tuples → lists, as stored
-    if resume:
+    if resume and (path.exists() or path.is_symlink()):  # else a run killed before it stored this: start afresh
         try:
             stored = json.loads(path.read_text())
             if not isinstance(stored, dict):
@@ -591,28 +607,33 @@ def check_resume(run: RunDir, state: dict, keys, resume: bool, job: str = "compi
     write_atomic(path, json.dumps(state, indent=2))
 
 
+def _record(candidate: Candidate, result: "Evaluation | EdgecError", progress: Progress) -> dict:
+    """The store's record of one evaluation's result (a failure keeps its one-line reason)."""
+    if isinstance(result, EdgecError):
+        progress.log(f"candidate {candidate.id} failed: {result.line()}")
+        return {"candidate_id": candidate.id, "candidate": candidate.to_dict(), "failed": result.line()}
+    return result.to_dict()
+
+
 def _evaluate_cached(candidate: Candidate, role: str, store: EvaluationStore, evaluator,
-                     progress: Progress) -> Evaluation | str:
-    """The stored evaluation of ``candidate``, or a new one (stored at once); a str is a failure reason."""
+                     progress: Progress, executor=None) -> Evaluation | str:
+    """The stored evaluation of ``candidate``, or a new one (stored at once); a str is a failure reason.
+    The reference's failure is raised (nothing can be compared without it)."""
     rec = store.get(candidate.id)
     if rec is None:
-        try:
-            ev = evaluator.evaluate(candidate, role)
-            rec = ev.to_dict()
-        except EdgecError as e:
-            if role == "reference":
-                raise
-            rec = {"candidate_id": candidate.id, "candidate": candidate.to_dict(), "failed": e.line()}
-            progress.log(f"candidate {candidate.id} failed: {e.line()}")
+        (result,) = (executor or InProcessExecutor()).evaluate_many(evaluator, [candidate], role)
+        if isinstance(result, EdgecError) and role == "reference":
+            raise result
+        rec = _record(candidate, result, progress)
         store.add(rec)
     if "failed" in rec:
         return rec["failed"]
     return Evaluation.from_dict({**rec, "role": role})
 
 
-def _search(cfg, spec, store, evaluator, progress):
+def _search(cfg, spec, store, evaluator, progress, executor=None):
     reference = _evaluate_cached(make_candidate(spec, spec.largest(), QuantPolicy()), "reference", store,
-                                 evaluator, progress)
+                                 evaluator, progress, executor)
     assert isinstance(reference, Evaluation)
     if isinstance(evaluator, MaxLatencyEvaluator):
         evaluator.use_reference(reference)
@@ -631,7 +652,8 @@ def _search(cfg, spec, store, evaluator, progress):
     else:
         strategy = RandomSearch(spec, cfg.seed)
     evals, failed = search_loop(strategy, cfg.budget_evals, lambda c: c, reference, store, evaluator, progress,
-                                f"searching ({cfg.strategy}, {cfg.budget_evals} evaluations on {cfg.target})")
+                                f"searching ({cfg.strategy}, {cfg.budget_evals} evaluations on {cfg.target})",
+                                executor)
     return reference, evals, failed, search_info(cfg.strategy, strategy, evals)
 
 
@@ -684,32 +706,49 @@ def search_info(name: str, strategy, evals: list[Evaluation]) -> dict:
 
 
 def search_loop(strategy, budget: int, to_candidate: Callable, reference: Evaluation, store: EvaluationStore,
-                evaluator, progress: Progress, label: str) -> tuple[list[Evaluation], dict[str, str]]:
-    """Ask ``strategy`` for proposals until ``budget`` distinct candidates were evaluated (stored ones
-    are replayed, not recomputed), telling it each result; ``to_candidate(proposal)`` gives the
-    :class:`Candidate` to evaluate. Returns (evaluations, {candidate id: failure})."""
+                evaluator, progress: Progress, label: str, executor=None) -> tuple[list[Evaluation], dict[str, str]]:
+    """Ask ``strategy`` for proposals until ``budget`` distinct candidates were evaluated, telling it
+    each result; ``to_candidate(proposal)`` gives the :class:`Candidate` to evaluate. Returns
+    (evaluations, {candidate id: failure}).
+
+    Proposals are asked :data:`EVAL_BATCH` at a time; the batch's candidates not stored yet are
+    evaluated together by ``executor`` (in parallel under Ray), stored in the order asked, then every
+    proposal is told its result in that order. The batching is the same for every executor, so a
+    seed gives the same search in-process and through Ray, and a resumed run replays stored results
+    instead of recomputing them."""
+    executor = executor or InProcessExecutor()
     evals: dict[str, Evaluation] = {}
     failed: dict[str, str] = {}
     seen: set[str] = set()
     asks = 0
     progress.stage(label, budget)
     while len(seen) < budget and asks < 50 * budget:
-        asks += 1
-        proposal = strategy.ask()
-        candidate = to_candidate(proposal)
-        if candidate.id == reference.candidate_id:
-            strategy.tell(proposal, reference.objectives())
-            continue
-        result = _evaluate_cached(candidate, "search", store, evaluator, progress)
-        if isinstance(result, str):
-            failed[candidate.id] = result
-            strategy.tell(proposal, None)
-        else:
-            evals[candidate.id] = result
-            strategy.tell(proposal, result.objectives())
-        if candidate.id not in seen:
-            seen.add(candidate.id)
-            progress.advance(len(seen), budget, f"{len(evals)} ok, {len(failed)} failed")
+        batch, fresh = [], []
+        while len(batch) < EVAL_BATCH and len(seen) + len(fresh) < budget and asks < 50 * budget:
+            asks += 1
+            proposal = strategy.ask()
+            candidate = to_candidate(proposal)
+            batch.append((proposal, candidate))
+            if candidate.id != reference.candidate_id and candidate.id not in seen and \
+                    candidate.id not in {c.id for c in fresh}:
+                fresh.append(candidate)
+        todo = [c for c in fresh if store.get(c.id) is None]
+        for c, result in zip(todo, executor.evaluate_many(evaluator, todo, "search")):
+            store.add(_record(c, result, progress))
+        for proposal, candidate in batch:
+            if candidate.id == reference.candidate_id:
+                strategy.tell(proposal, reference.objectives())
+                continue
+            rec = store.get(candidate.id)
+            if "failed" in rec:
+                failed[candidate.id] = rec["failed"]
+                strategy.tell(proposal, None)
+            else:
+                evals[candidate.id] = evals.get(candidate.id) or Evaluation.from_dict({**rec, "role": "search"})
+                strategy.tell(proposal, evals[candidate.id].objectives())
+            if candidate.id not in seen:
+                seen.add(candidate.id)
+                progress.advance(len(seen), budget, f"{len(evals)} ok, {len(failed)} failed")
     return list(evals.values()), failed
 
 
@@ -718,23 +757,22 @@ def _front_ids(evals: list[Evaluation]) -> list[str]:
     return list(dict.fromkeys(evals[i].candidate_id for i in idx))
 
 
-def remeasure(evals: list[Evaluation], target: Target, evaluator: Evaluator, rounds: int,
-              on_round: Callable[[int], None] | None = None) -> list[Evaluation]:
-    """Measure ``evals``' models again in ``rounds`` interleaved rounds; each gets the stats of its
-    median-p50 round, with every round's p50 in ``latency.extra["round_p50_ms"]``."""
-    from edgec.targets.base import measure_interleaved
-
+def remeasure(evals: list[Evaluation], evaluator: Evaluator, rounds: int,
+              on_round: Callable[[int], None] | None = None, executor=None) -> list[Evaluation]:
+    """Measure ``evals``' models again on the evaluator's target in ``rounds`` interleaved rounds (one
+    task on one device under Ray); each gets the stats of its median-p50 round, with every round's p50
+    in ``latency.extra["round_p50_ms"]``."""
     for e in evals:
         if not evaluator.model_path(e.candidate).is_file():  # a resumed run whose work files were removed
             evaluator.compile(e.candidate)                     # (compilation is deterministic)
-    stats = measure_interleaved(target, {e.candidate_id: evaluator.model_path(e.candidate) for e in evals},
-                                evaluator.input_shape, rounds, on_round)
+    stats = (executor or InProcessExecutor()).measure_interleaved(
+        evaluator, {e.candidate_id: evaluator.model_path(e.candidate) for e in evals}, rounds, on_round)
     return [replace(e, latency=replace(stats[e.candidate_id], extra={
         **stats[e.candidate_id].extra, "search_p50_ms": e.latency.p50_ms, "rounds": rounds})) for e in evals]
 
 
 def _publish(cfg, out: Path, evaluators: list, reference: Evaluation, evals: list[Evaluation], failed: dict,
-             progress: Progress, context: dict) -> RunResult:
+             progress: Progress, context: dict, executor=None) -> RunResult:
     """Re-measure the finalists, choose, then build, measure and publish the Pareto front and the
     reference for every target (the first is the one searched and chosen on).
 
@@ -753,31 +791,39 @@ def _publish(cfg, out: Path, evaluators: list, reference: Evaluation, evals: lis
     finalists = [reference] + [e for e in evals if e.candidate_id in front_ids]
     progress.stage(f"re-measuring {len(finalists)} finalist(s) side by side ({REMEASURE_ROUNDS} rounds)",
                    REMEASURE_ROUNDS)
-    finalists = remeasure(finalists, target, evaluator, REMEASURE_ROUNDS,
-                          on_round=lambda r: progress.advance(r, REMEASURE_ROUNDS))
+    executor = executor or InProcessExecutor()
+    finalists = remeasure(finalists, evaluator, REMEASURE_ROUNDS,
+                          on_round=lambda r: progress.advance(r, REMEASURE_ROUNDS), executor=executor)
     reference = finalists[0]
     front_ids = _front_ids(finalists)
     everything = finalists + [e for e in evals if e.candidate_id not in {f.candidate_id for f in finalists}]
     evals = everything[1:]
     to_publish = [reference] + [e for e in finalists[1:] if e.candidate_id in front_ids]
-    published = _publish_target(out, evaluator, to_publish, reference.candidate_id, progress)
-    chosen, selection = select_chosen(everything, front_ids, reference, cfg,
+    blocked: list[dict] = []
+    published = _publish_target(out, evaluator, to_publish, reference.candidate_id, progress, blocked)
+    passed = {ev.candidate_id for ev, _ in published}  # a candidate whose artifact was blocked is not chosen
+    chosen, selection = select_chosen(everything, [i for i in front_ids if i in passed], reference, cfg,
                                       {ev.candidate_id: art.size_bytes for ev, art in published})
     per_target = {target.name: published}
     for extra in evaluators[1:]:
         progress.stage(f"building {len(to_publish)} candidates for {extra.target.name}", len(to_publish))
         built = []
-        for i, ev in enumerate(to_publish, 1):
-            built.append(extra.evaluate(ev.candidate, ev.role))
-            progress.advance(i, len(to_publish), ev.candidate_id)
-        per_target[extra.target.name] = _publish_target(out, extra, built, reference.candidate_id, progress)
+        for ev, result in zip(to_publish, executor.evaluate_many(extra, [ev.candidate for ev in to_publish])):
+            if isinstance(result, EdgecError):
+                raise result
+            built.append(replace(result, role=ev.role))
+            progress.advance(len(built), len(to_publish), ev.candidate_id)
+        per_target[extra.target.name] = _publish_target(out, extra, built, reference.candidate_id, progress,
+                                                        blocked)
     chosen_id = chosen.candidate_id if chosen else None
     artifacts = [replace(art, chosen=art.id == chosen_id) for pubs in per_target.values() for _, art in pubs]
-    devices = _device_reports(out, evaluators, per_target, {reference.candidate_id, chosen_id} - {None}, progress)
+    devices = _device_reports(out, evaluators, per_target, {reference.candidate_id, chosen_id} - {None}, progress,
+                              executor)
     target_evals = {name: [ev for ev, _ in pubs] for name, pubs in per_target.items()}
     report = write_reports(out, cfg, targets=[e.target for e in evaluators], reference=reference, evals=evals,
                            failed=failed, front_ids=front_ids, chosen=chosen, selection=selection,
-                           artifacts=artifacts, target_evals=target_evals, devices=devices, **context)
+                           artifacts=artifacts, target_evals=target_evals, devices=devices,
+                           publication_gate=gate_info(blocked), **context)
     result = RunResult(out, reference, evals, front_ids, chosen, artifacts, report)
     if chosen is None:
         raise NoQualifyingCandidate(
@@ -789,10 +835,43 @@ def _publish(cfg, out: Path, evaluators: list, reference: Evaluation, evals: lis
     return result
 
 
+def publication_gate(evaluator, ev: Evaluation, quality: dict) -> dict:
+    """The gate an artifact passes before it is published, on the target it is built for.
+
+    Two checks: the file about to be published gives, computed again now, the validation quality the
+    search recorded for it (within :data:`GATE_MAX_QUALITY_GAP_PP` points: what is published is what was
+    measured and chosen — a stale, damaged or swapped work file fails); and, where accuracy was
+    emulated on the CPU (the HTP simulator), the device's own outputs agree with the emulation on
+    top-1 (≥ :data:`GATE_MIN_DEVICE_AGREEMENT` of the device-check samples).
+    Returns {"passed": bool, "quality_now", "quality_searched", "gap_pp", "device_agreement", "why"}."""
+    now = evaluator.search_quality(ev.candidate)
+    gap_pp = abs(now - ev.val_accuracy) * 100
+    agreement = (quality.get("device_check") or {}).get("top1_agreement")
+    why = []
+    if not gap_pp <= GATE_MAX_QUALITY_GAP_PP:
+        why.append(f"its validation quality is {100 * now:.2f} % now vs {100 * ev.val_accuracy:.2f} % in the "
+                   f"search ({gap_pp:.2f} points apart, at most {GATE_MAX_QUALITY_GAP_PP} allowed)")
+    if agreement is not None and agreement < GATE_MIN_DEVICE_AGREEMENT:
+        why.append(f"the device agrees with the emulation on top-1 for {100 * agreement:.0f} % of "
+                   f"{quality['device_check']['samples']} samples ({100 * GATE_MIN_DEVICE_AGREEMENT:.0f} % needed)")
+    return {"passed": not why, "quality_now": now, "quality_searched": ev.val_accuracy, "gap_pp": gap_pp,
+            "device_agreement": agreement, "why": "; ".join(why)}
+
+
+def gate_info(blocked: list[dict]) -> dict:
+    """The report's ``publication_gate`` section: the rule and the artifacts it blocked."""
+    return {"rule": f"every artifact, on its target, before publication: its validation quality computed again "
+                    f"from the file within {GATE_MAX_QUALITY_GAP_PP} points of the search's figure, and where "
+                    f"accuracy was emulated, device top-1 agreement ≥ {GATE_MIN_DEVICE_AGREEMENT:.0%}",
+            "blocked": blocked}
+
+
 def _publish_target(out: Path, evaluator, evals: list[Evaluation], reference_id: str,
-                    progress: Progress) -> list[tuple[Evaluation, Artifact]]:
+                    progress: Progress, blocked: list | None = None) -> list[tuple[Evaluation, Artifact]]:
     """Publish ``evals``' models for the evaluator's target under ``artifacts/<target>/<id>/``
-    (with the target's extra files) and return them with their manifest entries."""
+    (with the target's extra files) and return them with their manifest entries. A model that fails
+    :func:`publication_gate` is not published: it is appended to ``blocked`` ({target, id, role, why,
+    …}) and said in one line."""
     from edgec.compile.package import publish_model, sha256_file
 
     target = evaluator.target
@@ -805,6 +884,15 @@ def _publish_target(out: Path, evaluator, evals: list[Evaluation], reference_id:
         model = evaluator.model_path(ev.candidate)
         io = evaluator.io_params(ev.candidate)
         test_acc, quality = evaluator.test_quality(ev.candidate)
+        gate = publication_gate(evaluator, ev, quality)
+        if not gate["passed"]:
+            role = "reference" if ev.candidate_id == reference_id else "pareto"
+            progress.log(f"NOT published: {target.name} artifact {ev.candidate_id} ({role}) failed its gate: "
+                         f"{gate['why']}")
+            if blocked is not None:
+                blocked.append({"target": target.name, "id": ev.candidate_id, "role": role, **gate})
+            progress.advance(i, len(evals), ev.candidate_id)
+            continue
         role = "reference" if ev.candidate_id == reference_id else "pareto"
         metadata = {"edgec_version": edgec.__version__, "candidate_id": ev.candidate_id, "role": role,
                     "config": ev.candidate.subnet.to_dict(), "policy": ev.candidate.policy.to_dict(),
@@ -823,23 +911,23 @@ def _publish_target(out: Path, evaluator, evals: list[Evaluation], reference_id:
         published.append((ev, art))
         progress.advance(i, len(evals), ev.candidate_id)
     keep = {ev.candidate_id for ev, _ in published}
-    for stale in folder.iterdir():  # left by an earlier publish of a resumed run
-        if stale.is_dir() and not stale.name.startswith(".") and stale.name not in keep:
+    for stale in folder.iterdir() if folder.is_dir() else ():  # left by an earlier publish of a resumed
+        if stale.is_dir() and stale.name not in keep:         # run, or half-made by a killed one
             shutil.rmtree(stale)
     return published
 
 
-def _device_reports(out: Path, evaluators: list[Evaluator], per_target: dict, ids: set[str], progress: Progress) -> dict:
+def _device_reports(out: Path, evaluators: list[Evaluator], per_target: dict, ids: set[str], progress: Progress,
+                    executor) -> dict:
     """{target: {candidate id: device report}} for ``ids`` (reference and chosen) on every target,
-    from each target's :meth:`~edgec.targets.base.Target.profile_model` on the published file."""
+    from each target's :meth:`~edgec.targets.base.Target.profile_model` on the published file (on a
+    node with the device under Ray)."""
     reports: dict = {}
     for evaluator in evaluators:
         name = evaluator.target.name
         todo = [(ev, art) for ev, art in per_target[name] if ev.candidate_id in ids]
         progress.stage(f"profiling {len(todo)} artifacts on {name}", len(todo))
-        for i, (ev, art) in enumerate(todo, 1):
-            path = out / art.path
-            reports.setdefault(name, {})[ev.candidate_id] = evaluator.target.profile_model(
-                path, evaluator.input_shape, batch=1)
-            progress.advance(i, len(todo), ev.candidate_id)
+        for (ev, _), report in zip(todo, executor.profile_many(evaluator, [out / art.path for _, art in todo])):
+            reports.setdefault(name, {})[ev.candidate_id] = report
+        progress.advance(len(todo), len(todo))
     return reports

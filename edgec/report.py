@@ -29,7 +29,7 @@ def write_reports(out: Path, cfg, dataset_info: dict, model_info: dict, targets:
                   selection: dict, artifacts: list[Artifact], target_evals: dict[str, list[Evaluation]],
                   devices: dict[str, dict], quality: str = "validation accuracy",
                   reference_description: str = "largest subnet, all layers FP32",
-                  search_info: dict | None = None) -> dict:
+                  search_info: dict | None = None, publication_gate: dict | None = None) -> dict:
     """Write the four run outputs into ``out``; returns the report dict.
 
     ``dataset_info``: name, fingerprint, source, preprocessing, test_split, val_split;
@@ -72,6 +72,8 @@ def write_reports(out: Path, cfg, dataset_info: dict, model_info: dict, targets:
     }
     if search_info:
         report["search"] = search_info
+    if publication_gate:
+        report["publication_gate"] = publication_gate
     write_atomic(out / "report.json", json.dumps(report, indent=2))
     write_atomic(out / "manifest.json", json.dumps({
         "schema_version": MANIFEST_SCHEMA_VERSION, "edgec_version": edgec.__version__, "created_at": created,
@@ -81,6 +83,17 @@ def write_reports(out: Path, cfg, dataset_info: dict, model_info: dict, targets:
     write_atomic(out / "report.html", _html(report, reference, evals, front_ids, chosen, artifacts, target,
                                             quality, reference_description))
     return report
+
+
+def _gate_html(gate: dict | None) -> str:
+    """The publication gate's rule and, in red, every artifact it kept from publication."""
+    if not gate:
+        return ""
+    e = html.escape
+    items = "".join(f"<li>{e(b['target'])} / {e(b['id'])} ({e(b['role'])}): {e(b['why'])}</li>" for b in gate["blocked"])
+    blocked = (f"<p style='color:#b00'><b>{len(gate['blocked'])} artifact(s) NOT published</b> (gate failed):</p>"
+               f"<ul>{items}</ul>") if gate["blocked"] else ""
+    return f"<p>Publication gate: {e(gate['rule'])}.</p>{blocked}"
 
 
 def _compare_devices(artifacts: list[Artifact], target_evals: dict, devices: dict) -> list[dict]:
@@ -276,7 +289,7 @@ def _html(report: dict, reference: Evaluation, evals: list[Evaluation], front_id
 ({e(report['targets'][target.name]['runtime'])}, {e(report['targets'][target.name]['device'])},
 {report['targets'][target.name].get('threads', '?')} threads).</p>
 <img alt="Pareto front" src="data:image/png;base64,{png}">
-<h2>Published artifacts</h2>
+<h2>Published artifacts</h2>{_gate_html(report.get("publication_gate"))}
 <p>Accuracy columns: {e(quality)}.</p>
 <table><tr><th>target</th><th>id</th><th>role</th><th>val acc %</th><th>test acc %</th><th>p50 µs</th><th>p90 µs</th><th>kind</th>
 <th>size KiB</th><th>INT8 layers</th><th>fidelity vs FP32</th><th>architecture</th><th>path</th></tr>{rows}</table>

@@ -31,8 +31,17 @@ class RunDir:
         self.resumable = resumable
         self._lock_fd: int | None = None
         self._created = not path.exists()
-        self._fresh = self._created or (path.is_dir() and not any(path.iterdir()))
+        self._fresh = self._created or (path.is_dir() and (not any(path.iterdir()) or self._skeleton_only(path)))
         self._prepare(resume, force)
+
+    @staticmethod
+    def _skeleton_only(p: Path) -> bool:
+        """``p`` holds only what a run killed before it stored its settings leaves: the lock and an
+        empty ``study/models`` (such a folder counts as empty, so neither a new run nor ``--resume`` is refused)."""
+        study = p / "study"
+        return ({c.name for c in p.iterdir()} <= {LOCK, "study"} and study.is_dir() and not study.is_symlink()
+                and {c.name for c in study.iterdir()} <= {"models"}
+                and not any((study / "models").iterdir() if (study / "models").is_dir() else ()))
 
     def _remove_outputs(self) -> None:
         for name in OUTPUTS:
@@ -46,8 +55,9 @@ class RunDir:
         p = self.path
         if p.exists() and not p.is_dir():
             raise OutputDirError(f"output {p} is a file", "a run directory is needed", "pass another --out")
-        contents = [c.name for c in p.iterdir() if c.name != LOCK] if p.is_dir() else []
-        if resume and not (p / "study" / "config.json").is_file():
+        skeleton = p.is_dir() and self._skeleton_only(p)
+        contents = [c.name for c in p.iterdir() if c.name != LOCK] if p.is_dir() and not skeleton else []
+        if resume and not skeleton and not (p / "study" / "config.json").is_file():
             raise OutputDirError(f"nothing to resume in {p}", "it holds no edgec study",
                                  "drop --resume to start a new run")
         if contents and not resume and not force:

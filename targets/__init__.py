@@ -1,7 +1,7 @@
 """Targets: devices + runtimes edgec compiles for and profiles on (see :mod:`edgec.targets.base`)."""
 
 from edgec.targets.base import LatencyStats, Target, get_target, register, target_names
-from edgec.targets import cpu_ort, openvino, qnn_htp  # noqa: F401  (register the built-in targets)
+from edgec.targets import cpu_ort, macs_proxy, openvino, qnn_htp  # noqa: F401  (register the built-in targets)
 
 __all__ = ["LatencyStats", "Target", "get_target", "open_target", "register", "target_names"]
 

@@ -6,6 +6,7 @@ a model that crashes the runtime takes down only this process.
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -88,6 +89,21 @@ def peak_rss_bytes() -> int:
     return 0
 
 
+def check_not_cut_short(path: str) -> None:
+    """Raise the :class:`OSError` a native writer swallowed when ``path`` (a file it wrote) is unreadable
+    because the disk filled up or the file reached the process's file-size limit."""
+    import errno
+    import resource
+    import shutil
+
+    size = os.path.getsize(path)
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY and size >= soft:
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG), path)
+    if shutil.disk_usage(os.path.dirname(path)).free < 1 << 20:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
 def profile_ort(model_path: str, input_shape: tuple[int, ...], batch: int, threads: int, runs: int,
                 providers: list[str]) -> dict:
     """Per-node kernel times from ONNX Runtime's profiler over ``runs`` runs (after one warm-up):
@@ -106,8 +122,13 @@ def profile_ort(model_path: str, input_shape: tuple[int, ...], batch: int, threa
         feed = make_feed(sess, input_shape, batch)
         for _ in range(runs + 1):
             sess.run(None, feed)
-        with open(sess.end_profiling()) as f:
-            events = json.load(f)
+        path = sess.end_profiling()
+        try:
+            with open(path) as f:
+                events = json.load(f)
+        except ValueError:
+            check_not_cut_short(path)
+            raise
     total: dict[str, list] = {}
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
@@ -137,8 +158,10 @@ def serve(functions: dict) -> None:
         request = json.loads(line)
         try:
             reply = {"ok": functions[request["fn"]](**request["kwargs"])}
-        except Exception as e:  # reported to the parent, which raises TargetError
+        except Exception as e:  # reported to the parent, which raises TargetError (OSError for a full disk)
             reply = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"}  # one line, bounded
+            if isinstance(e, OSError) and e.errno is not None:
+                reply.update(errno=e.errno, filename=e.filename)
         replies.write(json.dumps(reply) + "\n")
         replies.flush()
 

@@ -8,11 +8,16 @@ next request. Unlike multiprocessing's spawn, it never re-imports the caller's
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import select
 import subprocess
 import sys
 import time
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space, quota, file-size limit
 
 
 class WorkerCrashed(RuntimeError):
@@ -58,6 +63,8 @@ class Worker:
             self._proc = None
             raise WorkerCrashed(f"worker exited with code {code}")
         reply = json.loads(line)
+        if reply.get("errno") in DISK_FULL_ERRNOS:  # the machine's problem, not the model's: raised as the
+            raise OSError(reply["errno"], os.strerror(reply["errno"]), reply.get("filename"))  # OSError it is
         if "error" in reply:
             raise WorkerFailed(reply["error"])
         return reply["ok"]

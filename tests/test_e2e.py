@@ -114,6 +114,40 @@ def test_resume_skips_damaged_records_and_refuses_damaged_state(run, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
 
 
+def test_a_damaged_work_model_fails_the_publication_gate_and_is_not_published(run, tmp_path):
+    """The reference's work file is swapped for a wrong model (weights negated) after the search: the
+    resumed run's gate finds its accuracy off by many points, publishes it nowhere and says by how much."""
+    import shutil
+
+    import numpy as np
+    from onnx import numpy_helper
+
+    out, _ = run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    ref_id = json.loads((out / "report.json").read_text())["reference"]["candidate_id"]
+    work = copy / "study" / "models" / ref_id / "cpu-ort.onnx"
+    model = onnx.load(str(work))
+    for init in model.graph.initializer:
+        w = numpy_helper.to_array(init)
+        if w.dtype == np.float32 and w.ndim >= 2:
+            init.CopyFrom(numpy_helper.from_array(-w, init.name))
+    onnx.save(model, str(work))
+    proc = compile_("--budget-evals", "6", "--out", str(copy), "--resume")
+    assert proc.returncode in (0, 3), proc.stderr[-2000:]
+    assert f"NOT published: cpu-ort artifact {ref_id} (reference) failed its gate" in proc.stderr
+    report = json.loads((copy / "report.json").read_text())
+    blocked = report["publication_gate"]["blocked"]
+    assert [b["id"] for b in blocked] == [ref_id] and blocked[0]["gap_pp"] > 10
+    assert ref_id not in {a["id"] for a in report["artifacts"]}
+    assert not (copy / "artifacts" / "cpu-ort" / ref_id).exists()
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert ref_id not in {a["id"] for a in manifest["artifacts"]}
+    assert "NOT published" in (copy / "report.html").read_text()
+    # the untouched run passed every gate
+    assert json.loads((out / "report.json").read_text())["publication_gate"]["blocked"] == []
+
+
 def test_finalists_are_remeasured_side_by_side(run):
     out, _ = run
     report = json.loads((out / "report.json").read_text())
