@@ -80,6 +80,10 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executor", help="in-process (default) | ray: candidate builds as Ray tasks, latency and "
                                       "device profiles on Ray nodes advertising the resource target:<name>")
     p.add_argument("--ray-address", help="with --executor ray: the cluster to join (default: start a local Ray)")
+    p.add_argument("--storage", help="keep the NSGA-II search state in an Optuna RDB that several searches share: "
+                                     "sqlite:///FILE.db or postgresql://USER@HOST/DB")
+    p.add_argument("--study-name", help="with --storage: the shared study (default: derived from the settings "
+                                        "searches must agree on)")
     p.add_argument("--prune-flops-target", type=float,
                    help="after the search, PAGCP-prune the chosen subnet (FP32) by this fraction of its FLOPs, "
                         "fine-tune and measure it; outputs in OUT/pruned/")

@@ -54,6 +54,8 @@ class CompileConfig:
     sequence_length: int = 128             # transformers: tokens per input when measuring latency (batch 1)
     max_ppl_increase: float = 0.10         # causal LMs (text generation): perplexity ≤ FP32's × (1 + this)
     executor: str = "in-process"           # where evaluations and device profiles run: in-process | ray
+    storage: str | None = None             # NSGA-II state in an Optuna RDB (sqlite:///f.db, postgresql://…), shared
+    study_name: str | None = None          # with --storage: the study searches share (default: from the settings)
     ray_address: str | None = None         # --executor ray: a running cluster's address (default: start a local one)
 
     def __post_init__(self) -> None:
@@ -181,6 +183,13 @@ class CompileConfig:
             bad("executor", "Ray runs the built-in supernet's search with the primary target's latency as "
                 "objective; ONNX-model inputs, transformers and --objective max-latency run in-process",
                 "drop --executor ray")
+        if self.storage is not None and (not self.storage.strip() or self.strategy != "nsga2"
+                                         or self.model != "fbnet-supernet"):
+            bad("storage", "shared search storage holds the NSGA-II study of the built-in supernet's search",
+                "drop --storage, or use it with --strategy nsga2 on the built-in supernet")
+        if self.study_name is not None and (self.storage is None or not self.study_name.strip()):
+            bad("study_name", "a study name applies only with --storage and must not be empty",
+                "pass --storage URL too, or drop it")
         if self.calibration_images < 256:
             bad("calibration_images", "static quantization calibrates on at least 256 images",
                 "use calibration_images = 256 or more")

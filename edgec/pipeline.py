@@ -44,7 +44,7 @@ DEFAULT_TRAINING = {
 }
 # Settings that change what a resumed run would compute; the rest (budgets, drop) may change on --resume.
 RESUME_KEYS = ("model", "dataset", "data_dir", "target", "objective", "seed", "strategy", "population_size", "threads",
-               "train_epochs", "calibration_images", "input_shape", "dataset_fingerprint")
+               "train_epochs", "calibration_images", "input_shape", "dataset_fingerprint", "storage", "study_name")
 PARITY_IMAGES = 64
 EVAL_BATCH = 4  # proposals asked, evaluated (in parallel under Ray) and told together; the same for every executor
 REMEASURE_ROUNDS = 3  # interleaved latency rounds over the finalists before choosing
@@ -640,7 +640,15 @@ def _search(cfg, spec, store, evaluator, progress, executor=None):
     int8 = QuantPolicy.uniform(spec.quantizable_layers(), "int8")
     initial = [make_candidate(spec, spec.largest(), int8), make_candidate(spec, spec.smallest(), QuantPolicy()),
                make_candidate(spec, spec.smallest(), int8)]
-    if cfg.strategy == "nsga2":
+    if cfg.strategy == "nsga2" and cfg.storage:
+        run_id = _run_id(store.path.parent)
+        study_name = cfg.study_name or shared_study_name(cfg, spec)
+        # each search of a shared study samples with its own seed, else all would propose the same candidates
+        strategy = NSGA2Search(spec, (cfg.seed + int(run_id[:8], 16)) % 2**32, cfg.population_size, initial=initial,
+                               storage=cfg.storage, study_name=study_name, run_id=run_id)
+        progress.log(f"search state shared in {cfg.storage}, study {study_name!r} "
+                     f"({len(strategy.study.trials)} trials there already)")
+    elif cfg.strategy == "nsga2":
         strategy = NSGA2Search(spec, cfg.seed, cfg.population_size, initial=initial)
     elif cfg.strategy == "linas":
         from edgec.search.linas import LINASSearch
@@ -654,7 +662,34 @@ def _search(cfg, spec, store, evaluator, progress, executor=None):
     evals, failed = search_loop(strategy, cfg.budget_evals, lambda c: c, reference, store, evaluator, progress,
                                 f"searching ({cfg.strategy}, {cfg.budget_evals} evaluations on {cfg.target})",
                                 executor)
-    return reference, evals, failed, search_info(cfg.strategy, strategy, evals)
+    info = search_info(cfg.strategy, strategy, evals)
+    if cfg.storage:
+        info["shared_storage"] = {"storage": cfg.storage, "study_name": strategy.study.study_name,
+                                  "run_id": strategy.run_id, "trials": len(strategy.study.trials),
+                                  "taken_from_other_runs": sum(1 for e in evals if store.get(e.candidate_id).get(
+                                      "shared_from_run"))}
+    return reference, evals, failed, info
+
+
+def _run_id(study: Path) -> str:
+    """This run's id (``study/run_id``, made once): its trials' mark in a shared study."""
+    import uuid
+
+    path = study / "run_id"
+    if not path.is_file():
+        from edgec.compile.package import write_atomic
+
+        write_atomic(path, uuid.uuid4().hex)
+    return path.read_text().strip()
+
+
+def shared_study_name(cfg: CompileConfig, spec: SupernetSpec) -> str:
+    """The default ``--study-name``: what searches must agree on to share one study — the dataset,
+    the searched target, the supernet's space and training (the seed trains its weights) and the
+    NSGA-II generation size."""
+    key = hashlib.sha256(json.dumps([cfg.dataset, cfg.target, spec.to_dict(), cfg.seed, cfg.train_epochs,
+                                     cfg.population_size, cfg.calibration_images], sort_keys=True).encode())
+    return f"edgec-{cfg.dataset}-{cfg.target}-{key.hexdigest()[:12]}"
 
 
 def latency_prior(cfg, spec, evaluator, reference: Evaluation, progress: Progress | None = None) -> tuple[list, str]:
@@ -715,11 +750,26 @@ def search_loop(strategy, budget: int, to_candidate: Callable, reference: Evalua
     evaluated together by ``executor`` (in parallel under Ray), stored in the order asked, then every
     proposal is told its result in that order. The batching is the same for every executor, so a
     seed gives the same search in-process and through Ray, and a resumed run replays stored results
-    instead of recomputing them."""
+    instead of recomputing them.
+
+    A strategy whose state lives in shared storage (``strategy.storage``, :class:`NSGA2Search` with
+    ``--storage``) is not replayed: the run's stored evaluations count toward ``budget`` from the
+    start, a candidate another search already evaluated is taken from the storage
+    (``strategy.shared_record``; stored with ``shared_from_run``), and every result is attached to its
+    trial (``strategy.share``) for the other searches."""
     executor = executor or InProcessExecutor()
     evals: dict[str, Evaluation] = {}
     failed: dict[str, str] = {}
     seen: set[str] = set()
+    shared = getattr(strategy, "storage", None) is not None
+    if shared:  # the study already holds what this run told before it was interrupted
+        for cid, rec in store.records.items():
+            if cid != reference.candidate_id:
+                seen.add(cid)
+                if "failed" in rec:
+                    failed[cid] = rec["failed"]
+                else:
+                    evals[cid] = Evaluation.from_dict({**rec, "role": "search"})
     asks = 0
     progress.stage(label, budget)
     while len(seen) < budget and asks < 50 * budget:
@@ -733,6 +783,19 @@ def search_loop(strategy, budget: int, to_candidate: Callable, reference: Evalua
                     candidate.id not in {c.id for c in fresh}:
                 fresh.append(candidate)
         todo = [c for c in fresh if store.get(c.id) is None]
+        if shared:
+            for c in list(todo):
+                rec = strategy.shared_record(c.id)
+                try:
+                    if rec is not None and rec.get("target") != reference.target:
+                        rec = None  # measured on another target: nothing to take
+                    if rec is not None and store.validate:
+                        store.validate(rec)
+                except Exception:  # a damaged record in the shared storage: evaluate the candidate here
+                    rec = None
+                if rec is not None:
+                    store.add(rec)
+                    todo.remove(c)
         for c, result in zip(todo, executor.evaluate_many(evaluator, todo, "search")):
             store.add(_record(c, result, progress))
         for proposal, candidate in batch:
@@ -740,6 +803,8 @@ def search_loop(strategy, budget: int, to_candidate: Callable, reference: Evalua
                 strategy.tell(proposal, reference.objectives())
                 continue
             rec = store.get(candidate.id)
+            if shared:
+                strategy.share(proposal, rec)
             if "failed" in rec:
                 failed[candidate.id] = rec["failed"]
                 strategy.tell(proposal, None)

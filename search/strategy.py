@@ -65,14 +65,19 @@ class _OptunaNSGA2:
 
     directions = SearchStrategy.directions
 
-    def __init__(self, seed: int, population_size: int) -> None:
+    def __init__(self, seed: int, population_size: int, storage: str | None = None,
+                 study_name: str | None = None) -> None:
         import optuna
 
         if population_size < 2:
             raise ConfigError(f"population_size must be ≥ 2, got {population_size}")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         sampler = optuna.samplers.NSGAIISampler(population_size=population_size, seed=seed)
-        self.study = optuna.create_study(directions=list(self.directions), sampler=sampler)
+        self.storage = storage
+        if storage is None:
+            self.study = optuna.create_study(directions=list(self.directions), sampler=sampler)
+        else:
+            self.study = open_shared_study(storage, study_name or "edgec", list(self.directions), sampler)
         self._open: dict = {}  # proposal key → asked trials not yet told
 
     def _asked(self, key, trial) -> None:
@@ -88,6 +93,25 @@ class _OptunaNSGA2:
             self.study.tell(trial, list(values))
 
 
+def open_shared_study(storage: str, study_name: str, directions: list[str], sampler):
+    """An Optuna study in RDB storage (``sqlite:///file.db``, ``postgresql://user@host/db``) that several
+    searches share: created if missing, else loaded. Raises :class:`ConfigError` in one line when the
+    URL is unusable or the stored study optimizes other objectives."""
+    import optuna
+
+    try:
+        study = optuna.create_study(storage=storage, study_name=study_name, directions=directions, sampler=sampler,
+                                    load_if_exists=True)
+    except Exception as e:  # sqlalchemy / optuna errors of many types: bad URL, no driver, unreachable
+        raise ConfigError(f"cannot open the search storage {storage!r}", " ".join(str(e).split())[:200] or
+                          type(e).__name__, "pass an Optuna RDB URL such as sqlite:///runs/search.db") from None
+    if [d.name.lower() for d in study.directions] != directions:
+        raise ConfigError(f"study {study_name!r} in {storage} optimizes other objectives",
+                          f"{[d.name.lower() for d in study.directions]} vs {directions}",
+                          "pass another --study-name")
+    return study
+
+
 class NSGA2Search(_OptunaNSGA2, SearchStrategy):
     """NSGA-II over the joint space via Optuna's ask/tell API.
 
@@ -97,11 +121,17 @@ class NSGA2Search(_OptunaNSGA2, SearchStrategy):
     """
 
     def __init__(self, spec: SupernetSpec, seed: int = 0, population_size: int = 16,
-                 initial: Sequence[Candidate] = ()) -> None:
-        super().__init__(seed, population_size)
-        self.spec = spec
-        for c in initial:
-            self.study.enqueue_trial(self._params(c))
+                 initial: Sequence[Candidate] = (), storage: str | None = None, study_name: str | None = None,
+                 run_id: str = "") -> None:
+        """``storage``/``study_name``: share the study with other searches through Optuna's RDB storage
+        (each asked trial is claimed with its candidate id and ``run_id``; each told one carries its
+        evaluation record, see :meth:`shared_record`). The ``initial`` candidates are enqueued only
+        into a study that has no trials yet."""
+        super().__init__(seed, population_size, storage, study_name)
+        self.spec, self.run_id = spec, run_id
+        if storage is None or not self.study.trials:
+            for c in initial:
+                self.study.enqueue_trial(self._params(c))
 
     def _params(self, c: Candidate) -> dict:
         params = {}
@@ -124,11 +154,35 @@ class NSGA2Search(_OptunaNSGA2, SearchStrategy):
         policy = QuantPolicy(tuple((layer, trial.suggest_categorical(f"q:{layer}", PRECISIONS))
                                    for layer in self.spec.quantizable_layers()))
         candidate = make_candidate(self.spec, SubnetConfig(tuple(blocks), widths), policy)
+        if self.storage is not None:  # a claim other searches can see
+            trial.set_user_attr("candidate_id", candidate.id)
+            trial.set_user_attr("run_id", self.run_id)
         self._asked(candidate.id, trial)
         return candidate
 
     def tell(self, candidate: Candidate, values: Sequence[float] | None) -> None:
         self._tell(candidate.id, values)
+
+    def share(self, candidate: Candidate, record: dict) -> None:
+        """With shared storage: attach ``candidate``'s evaluation record to its next trial to be told."""
+        if self.storage is not None and self._open.get(candidate.id):
+            import json
+
+            self._open[candidate.id][0].set_user_attr("record", json.dumps(record, sort_keys=True))
+
+    def shared_record(self, candidate_id: str) -> dict | None:
+        """With shared storage: the evaluation record another search told for ``candidate_id``, if any."""
+        if self.storage is None:
+            return None
+        import json
+
+        import optuna
+
+        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if t.user_attrs.get("candidate_id") == candidate_id and "record" in t.user_attrs \
+                    and t.user_attrs.get("run_id") != self.run_id:
+                return {**json.loads(t.user_attrs["record"]), "shared_from_run": t.user_attrs.get("run_id") or "?"}
+        return None
 
 
 class PolicySearch(_OptunaNSGA2):
