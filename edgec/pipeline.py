@@ -6,6 +6,11 @@ targets (``edgec.targets``) know no search. The first ``--target`` is searched a
 chosen on; after the search the Pareto front and the reference are built with every
 target's recipe, measured there and published per target (:func:`_publish`).
 :mod:`edgec.onnx_input` reuses the same search loop and publishing for a user's ONNX model.
+
+Where the work runs is the executor's business (:mod:`edgec.executor`: in this process, or Ray tasks
+on nodes that have the devices); the search asks :data:`EVAL_BATCH` candidates at a time either way
+and stays the single writer of the study. Every artifact passes :func:`publication_gate` before it
+is published.
 """
 
 from __future__ import annotations
