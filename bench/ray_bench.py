@@ -27,10 +27,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profiles", type=int, default=50)
-    ap.add_argument("--target", default="cpu-ort")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--profiles", type=int, default=50, help="distinct candidates to profile (default 50)")
+    ap.add_argument("--target", default="cpu-ort", help="target to profile on (default cpu-ort)")
+    ap.add_argument("--threads", type=int, default=2, help="runtime threads (default 2)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random candidates (default 0)")
     args = ap.parse_args()
 
     import numpy as np
@@ -70,7 +70,7 @@ def main() -> int:
 
     in_s, in_reports = run(InProcessExecutor())
     t0 = time.perf_counter()
-    ray_exec = RayExecutor(None, [args.target], {"supernet": supernet, "dataset": ds, "config": cfg}, args.threads)
+    ray_exec = RayExecutor(None, [args.target], args.threads, {"supernet": supernet, "dataset": ds, "config": cfg})
     start_s = time.perf_counter() - t0
     try:
         ray_s, ray_reports = run(ray_exec)

@@ -20,6 +20,7 @@ import onnx
 import torch
 
 from edgec.errors import ExportError
+from edgec.targets.worker import DISK_FULL_ERRNOS
 
 OPSET = 17
 INPUT_NAME = "input"
@@ -48,6 +49,8 @@ def export_onnx(net: torch.nn.Module, input_shape: tuple[int, ...], path: Path,
             torch.onnx.export(net.eval(), (x,), str(path), input_names=[INPUT_NAME], output_names=list(output_names),
                               dynamic_axes=axes, opset_version=OPSET, dynamo=False)
     except Exception as e:  # the exporter raises many unrelated types
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            raise  # the machine's problem, not the candidate's: the CLI says so in one line
         raise ExportError("ONNX export failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                           "report this with the candidate config") from None
     model = onnx.load(str(path))

@@ -22,6 +22,7 @@ import onnx
 
 from edgec.compile.export import INPUT_NAME, layer_nodes
 from edgec.errors import DataError, ExportError
+from edgec.targets.worker import DISK_FULL_ERRNOS
 
 MIN_CALIBRATION_IMAGES = 256
 
@@ -65,6 +66,8 @@ def quantizer_errors(what: str, fix: str = "report this with the candidate confi
         with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
             yield
     except Exception as e:  # the libraries raise assorted types
+        if isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS:
+            raise  # the machine's problem, not the candidate's: the CLI says so in one line
         raise ExportError(f"{what} failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
                           fix) from None
 

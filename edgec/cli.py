@@ -645,8 +645,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     for r in rows:
         s, cov = r["latency"], r["npu_coverage"]
         table.add_row(r["target"], s["kind"], f"{s['p50_ms']:.4f}", f"{s['p90_ms']:.4f}", f"{s['p99_ms']:.4f}",
-                      f"{r['throughput_per_s']:.0f}", f"{r['session_ms']:.1f}", f"{r['first_inference_ms']:.2f}",
-                      f"{(r['peak_rss_bytes'] or 0) / 2**20:.0f}", f"{r['size_bytes'] / 1024:.1f}",
+                      f"{r['throughput_per_s']:.0f}", _num(r["session_ms"], ".1f"), _num(r["first_inference_ms"], ".2f"),
+                      _num(r["peak_rss_bytes"] and r["peak_rss_bytes"] / 2**20, ".0f"), f"{r['size_bytes'] / 1024:.1f}",
                       "" if cov is None else f"{cov['npu_node_share'] * 100:.0f}% ({cov['nodes'] - cov['npu_nodes']} on CPU)")
     console.print(table)
     for r in rows:
@@ -809,6 +809,11 @@ class _RichProgress:
 
     def log(self, text: str) -> None:
         self.console.print(text)
+
+
+def _num(value, spec: str) -> str:
+    """``value`` formatted, or "-" where the target has no such figure (a predicted latency has no session)."""
+    return "-" if value is None else format(value, spec)
 
 
 def _print_summary(result, console) -> None:

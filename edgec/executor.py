@@ -37,6 +37,7 @@ from typing import Any, Callable, Mapping, Sequence
 from edgec.errors import ConfigError, EdgecError
 
 MAX_RETRIES = 2  # times Ray reruns a task whose worker process died (SIGKILL, OOM, a lost node)
+CONNECT_TIMEOUT_S = 5.0  # for the head's port to answer before Ray is asked to connect
 EXECUTORS = ("in-process", "ray")
 
 
@@ -64,6 +65,9 @@ class InProcessExecutor:
     def profile_many(self, evaluator, model_paths: Sequence[Path]) -> list[dict]:
         """The target's device report (:meth:`~edgec.targets.base.Target.profile_model`) of each model, in order."""
         return [evaluator.target.profile_model(p, evaluator.input_shape, batch=1) for p in model_paths]
+
+    def bind(self, state: dict) -> None:
+        """Nothing to ship: evaluations run on the evaluator given."""
 
     def info(self) -> dict:
         return {"executor": self.name}
@@ -156,17 +160,35 @@ def device_task(target_name: str, options: dict, kind: str, models: dict, input_
 
 # ---- the driver side ------------------------------------------------------------------------------
 
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse, in one line and within ``timeout_s``, a ``host[:port]`` nothing answers on (``ray.init``
+    itself retries for minutes)."""
+    import socket
+
+    host, _, port = address.rpartition(":") if ":" in address else (address, "", "6379")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except ValueError:
+        raise ConfigError(f"bad --ray-address {address!r}", "it is HOST:PORT of the cluster's head",
+                          "e.g. --ray-address 10.0.0.5:6379 ('ray status' on the head shows it)") from None
+    except OSError as e:
+        raise ConfigError(f"cannot reach Ray at {address}", f"no answer within {timeout_s:.0f} s "
+                          f"({e.strerror or type(e).__name__})",
+                          "check --ray-address ('ray status' on the head shows it) and that the head is up") from None
+
+
 class RayExecutor:
     """Candidate builds as Ray tasks on any node, measurements as tasks on nodes advertising
-    ``target:<name>`` (see the module docstring). ``state``: what build tasks need (supernet,
-    dataset, config), put in Ray's object store once.
+    ``target:<name>`` (see the module docstring). Connects when made, so a bad address or a missing
+    device fails before any work; :meth:`bind` then puts what build tasks need (supernet, dataset,
+    config) in Ray's object store once.
 
     Raises :class:`ConfigError` when Ray is not installed, the address cannot be reached, or no node
     advertises a target the run needs."""
 
     name = "ray"
 
-    def __init__(self, address: str | None, targets: Sequence[str], state: dict, threads: int) -> None:
+    def __init__(self, address: str | None, targets: Sequence[str], threads: int, state: dict | None = None) -> None:
         try:
             import ray
         except ImportError:
@@ -175,18 +197,25 @@ class RayExecutor:
         self.ray, self.threads = ray, threads
         self.address = address
         self._owns = not ray.is_initialized()  # a library caller already connected to Ray keeps its connection
+        if self._owns and address:
+            check_reachable(address)
         try:
             if not self._owns:
                 pass
             elif address:
                 ray.init(address=address, log_to_driver=False, include_dashboard=False)
-            else:
-                ray.init(num_cpus=os.cpu_count() or 1, resources={f"target:{t}": 1 for t in targets},
+            else:  # "local": a new instance even where another cluster runs on this machine
+                ray.init(address="local", num_cpus=os.cpu_count() or 1, resources={f"target:{t}": 1 for t in targets},
                          log_to_driver=False, include_dashboard=False)
         except Exception as e:  # ConnectionError, RuntimeError, ValueError, depending on the failure
+            text = " ".join(str(e).split())
+            auth = "auth" in text.lower() or "unauthenticated" in text.lower()
             raise ConfigError(f"cannot start or reach Ray{f' at {address}' if address else ''}",
-                              " ".join(str(e).split())[:200] or type(e).__name__,
-                              "check --ray-address (ray status shows it) or drop it to start a local Ray") from None
+                              text[:200] or type(e).__name__,
+                              "the cluster uses token authentication (Ray ≥ 2.59 starts clusters with it): export "
+                              "RAY_AUTH_MODE=token, and RAY_AUTH_TOKEN from 'ray get-auth-token' on the head, then "
+                              "rerun" if auth or address else
+                              "drop --executor ray, or start Ray yourself and pass --ray-address") from None
         have = ray.cluster_resources()
         missing = [t for t in targets if have.get(f"target:{t}", 0) < 1]
         if missing:
@@ -195,12 +224,24 @@ class RayExecutor:
                               "device tasks run only on nodes that have the device",
                               f"on the device's machine: ray start --address {address or 'ADDR'} "
                               f"--resources '{{\"target:{missing[0]}\": 1}}'")
-        cpus = max(1, min(threads, int(have.get("CPU", 1))))
         self._build = ray.remote(num_cpus=1, max_retries=MAX_RETRIES)(build_task)
-        self._device = {t: ray.remote(num_cpus=cpus, resources={f"target:{t}": 1}, max_retries=MAX_RETRIES)(device_task)
-                        for t in targets}
-        self._state = ray.put(state)
+        self._device = {t: ray.remote(num_cpus=self._device_cpus(t, threads), resources={f"target:{t}": 1},
+                                      max_retries=MAX_RETRIES)(device_task) for t in targets}
+        self._state = None
         self.nodes: dict[str, int] = {}  # node name → tasks run there
+        if state is not None:
+            self.bind(state)
+
+    def bind(self, state: dict) -> None:
+        """What build tasks need — {"supernet", "dataset", "config"} — into Ray's object store, once."""
+        self._state = self.ray.put(state)
+
+    def _device_cpus(self, target: str, threads: int) -> float:
+        """CPUs a measurement holds: the runtime's threads, but no more than the largest node that has the
+        device offers (a task asking for more than any such node has would wait forever)."""
+        offered = [n.get("Resources", {}).get("CPU", 0) for n in self.ray.nodes()
+                   if n.get("Alive") and n.get("Resources", {}).get(f"target:{target}", 0) >= 1]
+        return float(min(threads, max(offered, default=0)))
 
     def _options(self, evaluator) -> dict:
         cfg = evaluator.cfg
@@ -291,10 +332,11 @@ class RayExecutor:
             self.ray.shutdown()
 
 
-def open_executor(name: str, address: str | None, targets: Sequence[str], state: dict, threads: int):
-    """The executor for ``--executor NAME``; :class:`ConfigError` for an unknown name."""
+def open_executor(name: str, address: str | None, targets: Sequence[str], threads: int):
+    """The executor for ``--executor NAME``, connected (bind its state before evaluating);
+    :class:`ConfigError` for an unknown name."""
     if name == "in-process":
         return InProcessExecutor()
     if name == "ray":
-        return RayExecutor(address, targets, state, threads)
+        return RayExecutor(address, targets, threads)
     raise ConfigError(f"unknown executor {name!r}", f"known: {', '.join(EXECUTORS)}", "use --executor ray or drop it")

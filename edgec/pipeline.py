@@ -35,7 +35,7 @@ from edgec.records import Artifact, Evaluation
 from edgec.rundir import EvaluationStore, RunDir
 from edgec.search.pareto import pareto_front
 from edgec.search.space import Candidate, QuantPolicy, SupernetSpec, fbnet_space
-from edgec.search.strategy import NSGA2Search, RandomSearch, make_candidate
+from edgec.search.strategy import NSGA2Search, RandomSearch, make_candidate, shown_url
 from edgec.targets import Target, open_target
 
 # Supernet training per dataset (seed comes from the config). Measured on 2 cores:
@@ -49,7 +49,7 @@ DEFAULT_TRAINING = {
 }
 # Settings that change what a resumed run would compute; the rest (budgets, drop) may change on --resume.
 RESUME_KEYS = ("model", "dataset", "data_dir", "target", "objective", "seed", "strategy", "population_size", "threads",
-               "train_epochs", "calibration_images", "input_shape", "dataset_fingerprint", "storage", "study_name")
+               "train_epochs", "calibration_images", "input_shape", "dataset_fingerprint")
 PARITY_IMAGES = 64
 EVAL_BATCH = 4  # proposals asked, evaluated (in parallel under Ray) and told together; the same for every executor
 REMEASURE_ROUNDS = 3  # interleaved latency rounds over the finalists before choosing
@@ -86,12 +86,17 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgec"
 
 
+def supernet_spec(ds: Dataset) -> SupernetSpec:
+    """The built-in supernet's space for ``ds``'s images and classes."""
+    c, h, _ = ds.input_shape
+    return fbnet_space(c, h, ds.num_classes)
+
+
 def get_supernet(ds: Dataset, cfg: CompileConfig, progress: Progress):
     """The trained supernet for ``ds``: from the cache when its key matches, else trained and cached."""
     from edgec.search.train import TrainSettings, cache_key, load_checkpoint, save_checkpoint, train_supernet
 
-    c, h, _ = ds.input_shape
-    spec = fbnet_space(c, h, ds.num_classes)
+    spec = supernet_spec(ds)
     defaults = DEFAULT_TRAINING[ds.name]
     settings = TrainSettings(epochs=cfg.train_epochs or defaults["epochs"], batch_size=defaults["batch_size"],
                              lr=defaults["lr"], seed=cfg.seed)
@@ -493,9 +498,21 @@ def run_compile(cfg: CompileConfig, progress: Progress | None = None) -> RunResu
     progress = progress or Progress()
     targets = open_targets(cfg)
     closers: list = list(targets)  # targets and the executor, closed however the run ends
+    try:  # what can be refused without any work is refused before the run folder is touched
+        ds = load_dataset(cfg.dataset, cfg.data_dir)
+        if cfg.storage:
+            open_storage(cfg, supernet_spec(ds))
+        if cfg.executor == "ray":
+            progress.stage(f"connecting to Ray at {cfg.ray_address}" if cfg.ray_address else "starting a local Ray",
+                           None)
+        executor = open_executor(cfg.executor, cfg.ray_address, [t.name for t in targets], cfg.threads)
+        closers.append(executor)
+    except BaseException:
+        for c in closers:
+            c.close()
+        raise
     with RunDir(Path(cfg.out), resume=cfg.resume, force=cfg.force) as run:
         try:
-            ds = load_dataset(cfg.dataset, cfg.data_dir)
             check_resume(run, {**cfg.to_dict(), "dataset_fingerprint": ds.fingerprint()}, RESUME_KEYS, cfg.resume)
             torch.set_num_threads(cfg.threads)
             supernet, supernet_info = get_supernet(ds, cfg, progress)
@@ -504,6 +521,12 @@ def run_compile(cfg: CompileConfig, progress: Progress | None = None) -> RunResu
             if store.skipped:
                 progress.log(f"{store.skipped} damaged line(s) in {store.path} ignored; those candidates are re-evaluated")
             stored = len(store.records) - (1 if store.get(make_candidate(spec, spec.largest(), QuantPolicy()).id) else 0)
+            if cfg.resume:
+                retried = [cid for cid, rec in store.records.items() if "failed" in rec]
+                for cid in retried:  # a failure may have been the machine's (a full disk, a killed worker)
+                    del store.records[cid]
+                progress.log(f"resuming: {len(store.records)} evaluation(s) stored in {store.path} are replayed, "
+                             f"not repeated" + (f"; {len(retried)} failed one(s) are tried again" if retried else ""))
             if cfg.resume and cfg.budget_evals < stored:
                 raise ConfigError(f"--budget-evals {cfg.budget_evals} is below the {stored} evaluations already stored",
                                   "--resume continues a search, it cannot shrink it",
@@ -511,11 +534,7 @@ def run_compile(cfg: CompileConfig, progress: Progress | None = None) -> RunResu
             fp32_logits: dict = {}
             evaluators = [Evaluator(supernet, ds, t, run.study / "models", cfg, fp32_logits) for t in targets]
             searcher = MaxLatencyEvaluator(evaluators) if cfg.objective == "max-latency" else evaluators[0]
-            if cfg.executor == "ray":
-                progress.stage("starting Ray" + (f" at {cfg.ray_address}" if cfg.ray_address else " (local)"), None)
-            executor = open_executor(cfg.executor, cfg.ray_address, [t.name for t in targets],
-                                     {"supernet": supernet, "dataset": ds, "config": cfg}, cfg.threads)
-            closers.append(executor)
+            executor.bind({"supernet": supernet, "dataset": ds, "config": cfg})
             reference, evals, failed, searched = _search(cfg, spec, store, searcher, progress, executor)
             searched["executor"] = executor.info()
             model_info = {"supernet": supernet_info}
@@ -571,6 +590,14 @@ def prune_chosen(cfg: CompileConfig, out: Path, supernet, ds: Dataset, chosen: E
             "speedup_p50_fp32": result["latency"]["speedup_p50"], "drops_test": result["drops"]["test"],
             "drops_val": result["drops"]["val"], "within_max_accuracy_drop": result["max_task_drop"]["met"],
             "note": "FP32 subnet pruned; the chosen quantization policy is not re-applied"}
+
+
+def _valid_record(rec: dict) -> bool:
+    try:
+        _check_record(rec)
+        return "failed" not in rec
+    except Exception:
+        return False
 
 
 def _check_record(rec: dict) -> None:
@@ -651,8 +678,8 @@ def _search(cfg, spec, store, evaluator, progress, executor=None):
         # each search of a shared study samples with its own seed, else all would propose the same candidates
         strategy = NSGA2Search(spec, (cfg.seed + int(run_id[:8], 16)) % 2**32, cfg.population_size, initial=initial,
                                storage=cfg.storage, study_name=study_name, run_id=run_id)
-        progress.log(f"search state shared in {cfg.storage}, study {study_name!r} "
-                     f"({len(strategy.study.trials)} trials there already)")
+        progress.log(f"search state shared in {shown_url(cfg.storage)}, study {study_name!r} "
+                     f"({len(strategy.shared_records())} evaluations told there by other searches)")
     elif cfg.strategy == "nsga2":
         strategy = NSGA2Search(spec, cfg.seed, cfg.population_size, initial=initial)
     elif cfg.strategy == "linas":
@@ -667,9 +694,15 @@ def _search(cfg, spec, store, evaluator, progress, executor=None):
     evals, failed = search_loop(strategy, cfg.budget_evals, lambda c: c, reference, store, evaluator, progress,
                                 f"searching ({cfg.strategy}, {cfg.budget_evals} evaluations on {cfg.target})",
                                 executor)
+    if cfg.storage:  # the run reports, chooses and publishes from the whole shared study, not its own part only
+        for rec in strategy.shared_records():
+            if store.get(rec["candidate_id"]) is None and rec.get("target") == reference.target \
+                    and rec["candidate_id"] != reference.candidate_id and _valid_record(rec):
+                store.add(rec)
+                evals.append(Evaluation.from_dict({**rec, "role": "search"}))
     info = search_info(cfg.strategy, strategy, evals)
     if cfg.storage:
-        info["shared_storage"] = {"storage": cfg.storage, "study_name": strategy.study.study_name,
+        info["shared_storage"] = {"storage": shown_url(cfg.storage), "study_name": strategy.study.study_name,
                                   "run_id": strategy.run_id, "trials": len(strategy.study.trials),
                                   "taken_from_other_runs": sum(1 for e in evals if store.get(e.candidate_id).get(
                                       "shared_from_run"))}
@@ -677,15 +710,30 @@ def _search(cfg, spec, store, evaluator, progress, executor=None):
 
 
 def _run_id(study: Path) -> str:
-    """This run's id (``study/run_id``, made once): its trials' mark in a shared study."""
+    """This run's id (``study/run_id``, made once; made anew if damaged): its trials' mark in a shared study."""
+    import re
     import uuid
 
     path = study / "run_id"
-    if not path.is_file():
+    try:
+        text = path.read_text().strip() if path.is_file() and not path.is_symlink() else ""
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    if not re.fullmatch(r"[0-9a-f]{32}", text):
         from edgec.compile.package import write_atomic
 
-        write_atomic(path, uuid.uuid4().hex)
-    return path.read_text().strip()
+        text = uuid.uuid4().hex
+        write_atomic(path, text)
+    return text
+
+
+def open_storage(cfg: CompileConfig, spec: SupernetSpec):
+    """Open (or create) the shared study of ``--storage`` before any work, so a bad URL, an in-memory
+    database or a study of other objectives is refused in one line with nothing written; returns it."""
+    from edgec.search.strategy import SearchStrategy, open_shared_study
+
+    return open_shared_study(cfg.storage, cfg.study_name or shared_study_name(cfg, spec),
+                             list(SearchStrategy.directions))
 
 
 def shared_study_name(cfg: CompileConfig, spec: SupernetSpec) -> str:
@@ -827,14 +875,27 @@ def _front_ids(evals: list[Evaluation]) -> list[str]:
     return list(dict.fromkeys(evals[i].candidate_id for i in idx))
 
 
+def ensure_work_model(evaluator, candidate: Candidate) -> Path:
+    """The candidate's work model for the evaluator's target, built again when it is missing or not a
+    readable ONNX file (a resumed run whose work files were removed or damaged; compilation is
+    deterministic, and the publication gate checks the result against the search's figures)."""
+    import onnx
+
+    path = evaluator.model_path(candidate)
+    try:
+        onnx.load(str(path), load_external_data=False)
+    except Exception:  # missing, truncated, garbage: protobuf and OS errors of assorted types
+        evaluator.compile(candidate)
+    return path
+
+
 def remeasure(evals: list[Evaluation], evaluator: Evaluator, rounds: int,
               on_round: Callable[[int], None] | None = None, executor=None) -> list[Evaluation]:
     """Measure ``evals``' models again on the evaluator's target in ``rounds`` interleaved rounds (one
     task on one device under Ray); each gets the stats of its median-p50 round, with every round's p50
     in ``latency.extra["round_p50_ms"]``."""
     for e in evals:
-        if not evaluator.model_path(e.candidate).is_file():  # a resumed run whose work files were removed
-            evaluator.compile(e.candidate)                     # (compilation is deterministic)
+        ensure_work_model(evaluator, e.candidate)
     stats = (executor or InProcessExecutor()).measure_interleaved(
         evaluator, {e.candidate_id: evaluator.model_path(e.candidate) for e in evals}, rounds, on_round)
     return [replace(e, latency=replace(stats[e.candidate_id], extra={
@@ -949,9 +1010,7 @@ def _publish_target(out: Path, evaluator, evals: list[Evaluation], reference_id:
     published = []
     folder = out / "artifacts" / target.name
     for i, ev in enumerate(evals, 1):
-        if not evaluator.model_path(ev.candidate).is_file():  # a resumed run whose work files were removed
-            evaluator.compile(ev.candidate)
-        model = evaluator.model_path(ev.candidate)
+        model = ensure_work_model(evaluator, ev.candidate)
         io = evaluator.io_params(ev.candidate)
         test_acc, quality = evaluator.test_quality(ev.candidate)
         gate = publication_gate(evaluator, ev, quality)

@@ -50,7 +50,7 @@ def write_reports(out: Path, cfg, dataset_info: dict, model_info: dict, targets:
     report = {
         "schema_version": SCHEMA_VERSION, "edgec_version": edgec.__version__, "created_at": created,
         "host": {"python": platform.python_version(), "machine": platform.machine()},
-        "config": cfg.to_dict(),
+        "config": _shown_config(cfg),
         "dataset": dataset_info,
         **model_info,
         "quality": quality,
@@ -83,6 +83,16 @@ def write_reports(out: Path, cfg, dataset_info: dict, model_info: dict, targets:
     write_atomic(out / "report.html", _html(report, reference, evals, front_ids, chosen, artifacts, target,
                                             quality, reference_description))
     return report
+
+
+def _shown_config(cfg) -> dict:
+    """The settings as reported: a password in the search storage's URL hidden."""
+    from edgec.search.strategy import shown_url
+
+    d = cfg.to_dict()
+    if d.get("storage"):
+        d["storage"] = shown_url(d["storage"])
+    return d
 
 
 def _gate_html(gate: dict | None) -> str:

@@ -15,11 +15,14 @@ same candidates as an uninterrupted one would have.
 from __future__ import annotations
 
 import abc
+import contextlib
+import errno
+import os
 from typing import Sequence
 
 import numpy as np
 
-from edgec.errors import ConfigError
+from edgec.errors import ConfigError, OutputDirError
 from edgec.search.space import BLOCK_OPS, PRECISIONS, Candidate, QuantPolicy, SubnetConfig, SupernetSpec, BlockConfig
 
 
@@ -60,6 +63,23 @@ class RandomSearch(SearchStrategy):
         pass
 
 
+@contextlib.contextmanager
+def storage_errors(storage: str | None):
+    """Optuna's storage failures during a search, as one line: a full disk as the :class:`OSError` the
+    CLI reports as such, anything else as :class:`OutputDirError` (rerun with --resume)."""
+    import optuna
+
+    try:
+        yield
+    except optuna.exceptions.StorageInternalError as e:
+        cause = " ".join(str(e.__cause__ or e).split())
+        if "full" in cause.lower() or "too large" in cause.lower():
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({cause[:120]})",
+                          shown_url(storage or "")) from None
+        raise OutputDirError(f"the search storage {shown_url(storage or '')} failed", cause[:200],
+                             "check the database, then rerun the same command with --resume") from None
+
+
 class _OptunaNSGA2:
     """Optuna's NSGA-II study with ask/tell bookkeeping; subclasses turn trials into proposals."""
 
@@ -87,26 +107,53 @@ class _OptunaNSGA2:
         import optuna
 
         trial = self._open[key].pop(0)
-        if values is None:
-            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        else:
-            self.study.tell(trial, list(values))
+        with storage_errors(self.storage):
+            if values is None:
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            else:
+                self.study.tell(trial, list(values))
 
 
-def open_shared_study(storage: str, study_name: str, directions: list[str], sampler):
+def shown_url(storage: str) -> str:
+    """``storage`` as it may be printed and reported: any password hidden."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(storage).render_as_string(hide_password=True)
+    except Exception:
+        return storage.split("@")[-1] if "@" in storage else storage
+
+
+def open_shared_study(storage: str, study_name: str, directions: list[str], sampler=None):
     """An Optuna study in RDB storage (``sqlite:///file.db``, ``postgresql://user@host/db``) that several
-    searches share: created if missing, else loaded. Raises :class:`ConfigError` in one line when the
-    URL is unusable or the stored study optimizes other objectives."""
+    searches share: created if missing, else loaded (two searches creating it at once: retried). Raises
+    :class:`ConfigError` in one line when the URL is unusable, in-memory, or the stored study optimizes
+    other objectives."""
+    import time
+
     import optuna
 
-    try:
-        study = optuna.create_study(storage=storage, study_name=study_name, directions=directions, sampler=sampler,
-                                    load_if_exists=True)
-    except Exception as e:  # sqlalchemy / optuna errors of many types: bad URL, no driver, unreachable
-        raise ConfigError(f"cannot open the search storage {storage!r}", " ".join(str(e).split())[:200] or
-                          type(e).__name__, "pass an Optuna RDB URL such as sqlite:///runs/search.db") from None
+    shown = shown_url(storage)
+    if storage.strip().rstrip("/") in ("sqlite:", "sqlite://") or ":memory:" in storage:
+        raise ConfigError(f"search storage {shown!r} is in memory", "nothing another search could share",
+                          "pass a file, e.g. --storage sqlite:///runs/search.db")
+    for attempt in range(3):
+        try:
+            study = optuna.create_study(storage=storage, study_name=study_name, directions=directions,
+                                        sampler=sampler, load_if_exists=True)
+            break
+        except Exception as e:  # sqlalchemy / optuna errors of many types: bad URL, no driver, unreachable
+            text = " ".join(str(e).split())
+            if ("UNIQUE constraint" in text or "IntegrityError" in type(e).__name__) and attempt < 2:
+                time.sleep(0.5 + attempt)  # another search is creating the same tables or study right now
+                continue
+            fix = ("install its driver (postgresql://: pip install psycopg2-binary)" if isinstance(e, ImportError)
+                   else "check that the folder exists and is writable" if "unable to open database" in text
+                   else "pass an Optuna RDB URL such as sqlite:///runs/search.db")
+            raise ConfigError(f"cannot open the search storage {shown!r}", text.replace(storage, shown)[:200] or
+                              type(e).__name__, fix) from None
     if [d.name.lower() for d in study.directions] != directions:
-        raise ConfigError(f"study {study_name!r} in {storage} optimizes other objectives",
+        raise ConfigError(f"study {study_name!r} in {shown} optimizes other objectives",
                           f"{[d.name.lower() for d in study.directions]} vs {directions}",
                           "pass another --study-name")
     return study
@@ -144,6 +191,17 @@ class NSGA2Search(_OptunaNSGA2, SearchStrategy):
         return params
 
     def ask(self) -> Candidate:
+        try:
+            with storage_errors(self.storage):
+                return self._ask()
+        except ValueError as e:  # optuna: the shared study's trials were asked over other choices
+            if self.storage is None or "dynamic value space" not in str(e):
+                raise
+            raise ConfigError(f"study {self.study.study_name!r} in {shown_url(self.storage)} searched another space",
+                              "its trials offer other choices for the same parameters",
+                              "pass another --study-name") from None
+
+    def _ask(self) -> Candidate:
         trial = self.study.ask()
         blocks = []
         for i, (_, bi) in enumerate(self.spec.block_positions()):
@@ -168,21 +226,34 @@ class NSGA2Search(_OptunaNSGA2, SearchStrategy):
         if self.storage is not None and self._open.get(candidate.id):
             import json
 
-            self._open[candidate.id][0].set_user_attr("record", json.dumps(record, sort_keys=True))
+            with storage_errors(self.storage):
+                self._open[candidate.id][0].set_user_attr("record", json.dumps(record, sort_keys=True))
 
-    def shared_record(self, candidate_id: str) -> dict | None:
-        """With shared storage: the evaluation record another search told for ``candidate_id``, if any."""
+    def shared_records(self) -> list[dict]:
+        """With shared storage: every evaluation record other searches told, in trial order."""
         if self.storage is None:
-            return None
+            return []
         import json
 
         import optuna
 
-        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            if t.user_attrs.get("candidate_id") == candidate_id and "record" in t.user_attrs \
-                    and t.user_attrs.get("run_id") != self.run_id:
-                return {**json.loads(t.user_attrs["record"]), "shared_from_run": t.user_attrs.get("run_id") or "?"}
-        return None
+        records = []
+        with storage_errors(self.storage):
+            trials = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        for t in trials:
+            if "record" not in t.user_attrs or t.user_attrs.get("run_id") == self.run_id:
+                continue
+            try:
+                rec = json.loads(t.user_attrs["record"])
+            except (TypeError, ValueError):  # damaged in the storage: that candidate is evaluated here if asked
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("candidate_id"), str):
+                records.append({**rec, "shared_from_run": t.user_attrs.get("run_id") or "?"})
+        return records
+
+    def shared_record(self, candidate_id: str) -> dict | None:
+        """With shared storage: the evaluation record another search told for ``candidate_id``, if any."""
+        return next((r for r in self.shared_records() if r.get("candidate_id") == candidate_id), None)
 
 
 class PolicySearch(_OptunaNSGA2):

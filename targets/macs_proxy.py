@@ -32,9 +32,15 @@ FREE_OPS = frozenset({"QuantizeLinear", "DequantizeLinear", "Identity", "Reshape
 
 
 def _dims(vi: onnx.ValueInfoProto) -> list[int] | None:
-    shape = vi.type.tensor_type.shape
-    dims = [d.dim_value if d.HasField("dim_value") else 1 for d in shape.dim]  # symbolic dims: batch 1
-    return dims or None
+    """The static shape, the first (batch) dimension taken as 1 when symbolic; None when any other
+    dimension is unknown (then the MACs cannot be counted, and are not guessed)."""
+    tt = vi.type.tensor_type
+    if not tt.HasField("shape"):
+        return None
+    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
+    if dims and dims[0] is None:
+        dims[0] = 1
+    return None if not dims or any(d is None for d in dims) else dims
 
 
 def count_macs(model: onnx.ModelProto) -> dict[str, int]:

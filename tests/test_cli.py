@@ -107,4 +107,26 @@ def test_force_removes_a_symlinked_output_without_following_it(tmp_path):
     proc = edgec("compile", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "nowhere"), "--out", str(out),
                  "--force")
     assert_one_line_error(proc, "apt-get install")
+    assert (out / "artifacts").is_symlink()  # bad input is refused before --force touches the folder
+    from edgec.rundir import RunDir
+
+    with RunDir(out, force=True):
+        pass
     assert (precious / "data.txt").read_text() == "keep" and not (out / "artifacts").exists()
+
+
+def test_profile_on_the_mac_count_target_shows_what_it_has(tmp_path):
+    """cpu-macs times nothing: the table shows '-' for session time and memory instead of crashing."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    from test_corpus import _mlp
+
+    model = _mlp(tmp_path / "m.onnx", batch=1, weight=numpy_helper.from_array(np.ones((64, 3), np.float32), "w"))
+    proc = edgec("profile", str(model), "--target", "cpu-macs")
+    assert proc.returncode == 0, proc.stderr
+    assert "predicted" in proc.stdout and "Traceback" not in proc.stderr
+    from edgec.targets.macs_proxy import count_macs
+    import onnx
+
+    assert count_macs(onnx.load(str(model))) == {"fp32_macs": 192, "int8_macs": 0, "nodes": 1}

@@ -73,7 +73,7 @@ def test_a_worker_killed_mid_build_is_retried(local_ray, tmp_path):
     spec = fbnet_space(1, 8, 10)
     torch.manual_seed(0)
     cfg = CompileConfig(target="cpu-macs", executor="ray")
-    executor = RayExecutor(None, ["cpu-macs"], {"supernet": Supernet(spec).eval(), "dataset": ds, "config": cfg}, 2)
+    executor = RayExecutor(None, ["cpu-macs"], 2, {"supernet": Supernet(spec).eval(), "dataset": ds, "config": cfg})
     killed = []
 
     def kill_first_build():
@@ -101,4 +101,16 @@ def test_ray_needs_a_node_with_the_target(local_ray):
 
     address = ray.get_runtime_context().gcs_address
     with pytest.raises(ConfigError, match=r"no Ray node advertises target:npu-qnn-htp.*ray start --address"):
-        RayExecutor(address, ["npu-qnn-htp"], {}, 2)
+        RayExecutor(address, ["npu-qnn-htp"], 2)
+
+
+def test_an_address_nothing_answers_on_is_refused_quickly():
+    from edgec.errors import ConfigError
+    from edgec.executor import check_reachable
+
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match="cannot reach Ray at 127.0.0.1:1"):
+        check_reachable("127.0.0.1:1", timeout_s=2)
+    assert time.perf_counter() - t0 < 10
+    with pytest.raises(ConfigError, match="bad --ray-address"):
+        check_reachable("host:port")
