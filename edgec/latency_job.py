@@ -62,9 +62,9 @@ class ModelTarget:
 MODEL_TARGETS = {
     "cpu-ort": ModelTarget(runs=200, rounds=ROUNDS, anchor="largest-fp32", lut=True),
     # The HTP simulator takes ~0.5 s per run of the largest subnet (16-bit activations) on this host
-    # and its cycle counts follow host load, so: its own 5 runs, 3 rounds, a cheap anchor, no table
-    # (356 parts × 3 rounds × 3 graphs would take hours).
-    "npu-qnn-htp": ModelTarget(runs=5, rounds=3, anchor="smallest-int8", lut=False),
+    # and its cycle counts follow host load, so: its own 5 runs, 3 rounds, a cheap anchor. Its table's
+    # 356 parts, each alone, take ~1.2 s apiece (3 rounds × part, anchor and null graph).
+    "npu-qnn-htp": ModelTarget(runs=5, rounds=3, anchor="smallest-int8", lut=True),
 }
 VALIDATION_SEED_OFFSET = 10_000  # held-out candidates come from another stream than the training ones
 
@@ -79,7 +79,7 @@ class LatencySettings:
     subnets: int = 100
     seed: int = 0
     runs: int | None = None  # timed runs per measurement; None: the target's own (MODEL_TARGETS)
-    lut: bool = True  # build: also measure FBNet's per-block lookup table (cpu-ort only)
+    lut: bool = True  # build: also measure FBNet's per-block lookup table
 
     def check(self) -> None:
         if not 10 <= self.samples <= 100_000:
@@ -347,18 +347,27 @@ def measure_lut(spec, ds, target, settings: LatencySettings, progress, keys: lis
     rng = np.random.default_rng(settings.seed)
     work = Path(tempfile.mkdtemp(prefix="edgec-lut-"))
     entries = {}
-    quiet = QuietRounds(ROUNDS)
+    quiet = QuietRounds(MODEL_TARGETS[target.name].rounds)
     progress.stage(f"measuring {len(keys)} lookup-table parts on {settings.target}", len(keys))
     try:
-        fp32 = export_onnx(extract_subnet(supernet, anchor_candidate(spec).subnet).fused(), ds.input_shape,
-                           work / "anchor-fp32.onnx")
+        anchor_c = anchor_candidate(spec, target.name)  # the same anchor as the kernel model's samples
+        fp32 = export_onnx(extract_subnet(supernet, anchor_c.subnet).fused(), ds.input_shape, work / "anchor-fp32.onnx")
         anchor = work / "anchor.onnx"
-        build(target.recipe, fp32, anchor, (), ds.train_x[:CALIBRATION_IMAGES])
+        build(target.recipe, fp32, anchor, anchor_c.policy.int8_layers(), ds.train_x[:CALIBRATION_IMAGES])
         nulls: dict[tuple, Path] = {}
         for i, key in enumerate(keys):
             module, shape, layers = part(key)
-            if shape not in nulls:
+            if shape not in nulls and not target.static_batch:
                 nulls[shape] = export_onnx(torch.nn.ReLU(), shape, work / f"null-{len(nulls)}.onnx")
+            elif shape not in nulls:  # the HTP runs only what its recipe made (batch fixed, QDQ, quantized
+                # I/O), which a lone Relu does not survive: the cheapest op that does, a 1×1 depthwise conv
+                null = torch.nn.Conv2d(shape[0], shape[0], 1, groups=shape[0], bias=False) if len(shape) == 3 \
+                    else torch.nn.Linear(shape[-1], shape[-1], bias=False)
+                torch.nn.init.ones_(null.weight) if len(shape) == 3 else torch.nn.init.eye_(null.weight)
+                built = work / f"null-{len(nulls)}.onnx"
+                build(target.recipe, export_onnx(null, shape, work / "null-fp32.onnx"), built, (),
+                      rng.random((CALIBRATION_IMAGES, *shape), dtype=np.float32))
+                nulls[shape] = built
             fp32 = export_onnx(module, shape, work / "part-fp32.onnx")
             calib = rng.random((CALIBRATION_IMAGES, *shape), dtype=np.float32)
             path = work / "part.onnx"

@@ -388,12 +388,12 @@ def _npu_available():
 @pytest.mark.skipif(not _npu_available(), reason="onnxruntime-qnn's HTP simulator is not installed")
 def test_npu_cycle_model_builds_and_validates_on_simulated_cycles(tmp_path):
     """The same kernel-level model over the HTP simulator's cycles: labelled simulated, its own anchor,
-    no lookup table, and the LINAS prior does not read it as ratios to the compile's reference."""
+    and the LINAS prior does not read it as ratios to the compile's reference (its table is measured
+    in the next test; --no-lut keeps this one short)."""
     env = {**os.environ, "EDGEC_CACHE_DIR": str(tmp_path / "cache")}
     p = _edgec("latency", "build", "--target", "npu-qnn-htp", "--dataset", "digits", "--samples", "10", "--runs", "3",
-               env=env)
+               "--no-lut", env=env)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "No lookup table on npu-qnn-htp" in p.stdout
     models = list((tmp_path / "cache" / "latency").glob("npu-qnn-htp-digits-*"))
     assert len(models) == 1  # the model alone: no table next to it
     meta = json.loads(models[0].read_text())["meta"]
@@ -406,6 +406,28 @@ def test_npu_cycle_model_builds_and_validates_on_simulated_cycles(tmp_path):
     v = json.loads(out.read_text())
     assert v["latency_kind"] == "predicted vs simulated" and v["n"] == 10 and v["built_here"] is True
     assert all(r["ratio"] > 1 and r["predicted_ratio"] > 0 for r in v["rows"])  # the anchor is the smallest graph
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _npu_available(), reason="onnxruntime-qnn's HTP simulator is not installed")
+def test_npu_lookup_table_parts_run_on_the_simulator_next_to_its_anchor():
+    """The HTP takes only what its recipe made, so each part, its anchor (the smallest subnet in INT8)
+    and its null graph (a 1×1 depthwise conv, the cheapest op a quantized-I/O graph keeps) are built
+    with the QNN recipe; a 6×-expanded 5×5 block in 16-bit costs more cycles than a 1×-expanded 3×3 one."""
+    from edgec.latency_job import LatencySettings, _open, _space, lut_keys, measure_lut
+    from edgec.pipeline import Progress
+
+    settings = LatencySettings(target="npu-qnn-htp", dataset="digits", runs=3)
+    ds, spec = _space(settings)
+    small = ["block|k3_e1|in16|out16|hw8|s1|fp32", "block|k5_e6|in32|out128|hw4|s2|fp32", "stem|int8"]
+    assert set(small) <= set(lut_keys(spec))
+    target = _open(settings)
+    try:
+        entries = measure_lut(spec, ds, target, settings, Progress(), keys=small)
+    finally:
+        target.close()
+    assert set(entries) == set(small) and all(v >= 0 for v in entries.values())
+    assert entries["block|k5_e6|in32|out128|hw4|s2|fp32"] > entries["block|k3_e1|in16|out16|hw8|s1|fp32"]
 
 
 def test_damaged_model_files_and_validation_records_are_refused_or_redone(tmp_path, monkeypatch, spec8):
