@@ -331,9 +331,11 @@ class _Part:
 def measure_lut(spec, ds, target, settings: LatencySettings, progress, keys: list[str] | None = None) -> dict:
     """FBNet's table: each part (:func:`lut_keys`) exported alone from an untrained supernet, compiled
     with the target's recipe (INT8 parts: every layer INT8, calibrated on uniform [0, 1) inputs, which
-    fix no timing) and measured at batch 1 in :data:`ROUNDS` quiet rounds (:class:`QuietRounds`) interleaved with the anchor. A
-    graph's own per-run cost (session call, input copy) is not the part's: each entry is the part's
-    p50 minus that of a one-Relu graph of the same input shape, measured in the same rounds.
+    fix no timing) and measured at batch 1 in the target's quiet rounds (:data:`MODEL_TARGETS`,
+    :class:`QuietRounds`) interleaved with the target's anchor (:func:`anchor_candidate`). A graph's own
+    per-run cost (session call, input copy) is not the part's: each entry is the part's p50 minus that
+    of a null graph of the same input shape measured in the same rounds — one Relu, or on a target whose
+    recipe fixes the batch and quantizes the I/O (the HTP), a 1×1 depthwise conv built with that recipe.
     Returns {key: median over rounds of that difference / the anchor's p50, at least 0}."""
     import torch
 
