@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "build":
             q.add_argument("--samples", type=int, default=300, help="measured candidates to fit on (default 300)")
             q.add_argument("--no-lut", action="store_true",
-                           help="skip FBNet's per-block lookup table (every block choice measured alone; ≈ 4–6 min); "
+                           help="skip FBNet's per-block lookup table (every block choice measured alone; 356 parts, ≈ 5 min on "
+                                "cpu-ort, ≈ 8 min on npu-qnn-htp); "
                                 "a table built with an earlier model is removed, as it no longer matches")
         else:
             q.add_argument("--subnets", type=int, default=100, help="held-out candidates (default 100)")

