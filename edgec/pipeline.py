@@ -595,12 +595,14 @@ def prune_chosen(cfg: CompileConfig, out: Path, supernet, ds: Dataset, chosen: E
             "note": "FP32 subnet pruned; the chosen quantization policy is not re-applied"}
 
 
-def _valid_record(rec: dict) -> bool:
+def _usable_shared(rec: dict | None, reference: Evaluation) -> bool:
+    """A record from shared storage may be taken: a well-formed success, measured on the run's target,
+    not of the reference (each run evaluates its own)."""
     try:
         _check_record(rec)
-        return "failed" not in rec
-    except Exception:
+    except Exception:  # None, or damaged in the storage: that candidate is evaluated here instead
         return False
+    return "failed" not in rec and rec.get("target") == reference.target and rec["candidate_id"] != reference.candidate_id
 
 
 def _check_record(rec: dict) -> None:
@@ -699,8 +701,7 @@ def _search(cfg, spec, store, evaluator, progress, executor=None):
                                 executor)
     if cfg.storage:  # the run reports, chooses and publishes from the whole shared study, not its own part only
         for rec in strategy.shared_records():
-            if store.get(rec["candidate_id"]) is None and rec.get("target") == reference.target \
-                    and rec["candidate_id"] != reference.candidate_id and _valid_record(rec):
+            if store.get(rec["candidate_id"]) is None and _usable_shared(rec, reference):
                 store.add(rec)
                 evals.append(Evaluation.from_dict({**rec, "role": "search"}))
     info = search_info(cfg.strategy, strategy, evals)
@@ -842,14 +843,7 @@ def search_loop(strategy, budget: int, to_candidate: Callable, reference: Evalua
         if shared:
             for c in list(todo):
                 rec = strategy.shared_record(c.id)
-                try:
-                    if rec is not None and rec.get("target") != reference.target:
-                        rec = None  # measured on another target: nothing to take
-                    if rec is not None and store.validate:
-                        store.validate(rec)
-                except Exception:  # a damaged record in the shared storage: evaluate the candidate here
-                    rec = None
-                if rec is not None:
+                if _usable_shared(rec, reference):
                     store.add(rec)
                     todo.remove(c)
         for c, result in zip(todo, executor.evaluate_many(evaluator, todo, "search")):

@@ -118,7 +118,6 @@ class EvaluationStore:
     def __init__(self, path: Path, validate: Callable[[dict], None] | None = None) -> None:
         """``validate(record)`` raises on a malformed record; such lines are skipped (and re-evaluated)."""
         self.path = path
-        self.validate = validate
         self.records: dict[str, dict[str, Any]] = {}
         self.skipped = 0
         if path.is_file():

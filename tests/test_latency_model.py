@@ -258,21 +258,31 @@ def test_lookup_table_parts_sum_and_round_trip(spec8, tmp_path):
             BlockLUT.load(tmp_path / "bad.json")
 
 
-@pytest.mark.slow
-def test_lookup_table_parts_are_measured_alone_minus_a_graphs_own_cost():
+def _measure_parts(target_name: str, runs: int, keys: list[str]) -> dict:
+    """Lookup-table entries of ``keys`` (digits space) measured on the target; checks they are all there
+    and non-negative."""
     from edgec.latency_job import LatencySettings, _open, _space, lut_keys, measure_lut
     from edgec.pipeline import Progress
 
-    settings = LatencySettings(dataset="digits", runs=30)
+    settings = LatencySettings(target=target_name, dataset="digits", runs=runs)
     ds, spec = _space(settings)
-    keys = lut_keys(spec)
-    small = [k for k in keys if "k3_e1|in16|out16" in k] + [k for k in keys if "k5_e6|in32|out128" in k][:2]
+    assert set(keys) <= set(lut_keys(spec))
     target = _open(settings)
     try:
-        entries = measure_lut(spec, ds, target, settings, Progress(), keys=small)
+        entries = measure_lut(spec, ds, target, settings, Progress(), keys=keys)
     finally:
         target.close()
-    assert set(entries) == set(small) and all(v >= 0 for v in entries.values())
+    assert set(entries) == set(keys) and all(v >= 0 for v in entries.values())
+    return entries
+
+
+@pytest.mark.slow
+def test_lookup_table_parts_are_measured_alone_minus_a_graphs_own_cost():
+    from edgec.latency_job import LatencySettings, _space, lut_keys
+
+    keys = lut_keys(_space(LatencySettings(dataset="digits"))[1])
+    small = [k for k in keys if "k3_e1|in16|out16" in k] + [k for k in keys if "k5_e6|in32|out128" in k][:2]
+    entries = _measure_parts("cpu-ort", 30, small)
     # FP32 against FP32: a tiny INT8 block alone is mostly its own quantize/dequantize (CI measured the
     # INT8 k3_e1 part at 0.064 anchors vs 0.062 for the INT8 k5_e6 one), so INT8 sizes do not order
     big, tiny = entries["block|k5_e6|in32|out128|hw4|s2|fp32"], entries["block|k3_e1|in16|out16|hw8|s1|fp32"]
@@ -414,19 +424,8 @@ def test_npu_lookup_table_parts_run_on_the_simulator_next_to_its_anchor():
     """The HTP takes only what its recipe made, so each part, its anchor (the smallest subnet in INT8)
     and its null graph (a 1×1 depthwise conv, the cheapest op a quantized-I/O graph keeps) are built
     with the QNN recipe; a 6×-expanded 5×5 block in 16-bit costs more cycles than a 1×-expanded 3×3 one."""
-    from edgec.latency_job import LatencySettings, _open, _space, lut_keys, measure_lut
-    from edgec.pipeline import Progress
-
-    settings = LatencySettings(target="npu-qnn-htp", dataset="digits", runs=3)
-    ds, spec = _space(settings)
     small = ["block|k3_e1|in16|out16|hw8|s1|fp32", "block|k5_e6|in32|out128|hw4|s2|fp32", "stem|int8"]
-    assert set(small) <= set(lut_keys(spec))
-    target = _open(settings)
-    try:
-        entries = measure_lut(spec, ds, target, settings, Progress(), keys=small)
-    finally:
-        target.close()
-    assert set(entries) == set(small) and all(v >= 0 for v in entries.values())
+    entries = _measure_parts("npu-qnn-htp", 3, small)
     assert entries["block|k5_e6|in32|out128|hw4|s2|fp32"] > entries["block|k3_e1|in16|out16|hw8|s1|fp32"]
 
 
