@@ -170,19 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("build", "measure random candidates of the space on the target and fit the model"),
                        ("validate", "measure held-out random candidates and compare them with the model")):
         q = lat.add_parser(name, help=text, allow_abbrev=False)
-        q.add_argument("--target", default="cpu-ort", help="target (default cpu-ort)")
+        q.add_argument("--target", default="cpu-ort", help="target: cpu-ort (default), cpu-openvino or npu-qnn-htp")
         q.add_argument("--dataset", default="fashion-mnist",
                        help="the FBNet space sized for this dataset: fashion-mnist (default) | digits")
         q.add_argument("--data-dir", help="folder of the Fashion-MNIST IDX files")
         q.add_argument("--threads", type=int, default=2, help="runtime threads (default 2)")
-        q.add_argument("--runs", type=int, help="timed runs per measurement (default: 200 on cpu-ort, the "
-                                                "simulator's 5 on npu-qnn-htp)")
+        q.add_argument("--runs", type=int, help="timed runs per measurement (default: 200 on cpu-ort and "
+                                                "cpu-openvino, the simulator's 5 on npu-qnn-htp)")
         q.add_argument("--seed", type=int, default=0, help="seed of the random candidates (default 0)")
         if name == "build":
             q.add_argument("--samples", type=int, default=300, help="measured candidates to fit on (default 300)")
             q.add_argument("--no-lut", action="store_true",
                            help="skip FBNet's per-block lookup table (every block choice measured alone; 356 parts, ≈ 5 min on "
-                                "cpu-ort, ≈ 8 min on npu-qnn-htp); "
+                                "cpu-ort, ≈ 8 min on npu-qnn-htp, ≈ 10 min on cpu-openvino); "
                                 "a table built with an earlier model is removed, as it no longer matches")
         else:
             q.add_argument("--subnets", type=int, default=100, help="held-out candidates (default 100)")

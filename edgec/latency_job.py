@@ -65,6 +65,8 @@ MODEL_TARGETS = {
     # and its cycle counts follow host load, so: its own 5 runs, 3 rounds, a cheap anchor. Its table's
     # 356 parts, each alone, take ~1.2 s apiece (3 rounds × part, anchor and null graph).
     "npu-qnn-htp": ModelTarget(runs=5, rounds=3, anchor="smallest-int8", lut=True),
+    # OpenVINO's CPU plugin times like ONNX Runtime's CPU provider (tenths of a ms a graph here)
+    "cpu-openvino": ModelTarget(runs=200, rounds=ROUNDS, anchor="largest-fp32", lut=True),
 }
 VALIDATION_SEED_OFFSET = 10_000  # held-out candidates come from another stream than the training ones
 
@@ -154,13 +156,14 @@ def anchor_candidate(spec, target_name: str = "cpu-ort"):
 
 def candidate_kernels(target_name: str, model: Path, fp32: Path, int8_layers, threads: int) -> list:
     """The kernels of a compiled candidate as the target runs them: ONNX Runtime CPU's own optimized
-    graph (:func:`~edgec.targets.latency_model.runtime_view`), or the HTP's ops from the FP32 export
-    and the policy (:func:`~edgec.targets.latency_model.npu_kernels`)."""
-    from edgec.targets.latency_model import graph_kernels, npu_kernels, runtime_view
+    graph (:func:`~edgec.targets.latency_model.runtime_view`), OpenVINO's compiled runtime graph
+    (:func:`~edgec.targets.latency_model.openvino_kernels`), or the HTP's ops from the FP32 export and
+    the policy (:func:`~edgec.targets.latency_model.npu_kernels`)."""
+    from edgec.targets.latency_model import model_kernels, npu_kernels
 
     if target_name == "npu-qnn-htp":
         return npu_kernels(fp32, int8_layers)
-    return graph_kernels(model, runtime_view(model, threads))
+    return model_kernels(target_name, model, threads)
 
 
 def representative_supernet(spec, seed: int):

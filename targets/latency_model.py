@@ -17,7 +17,9 @@ and sums them. Here, for ONNX Runtime's CPU provider:
    weight DequantizeLinear before a float kernel is a kernel (ORT does not fold it), and its
    layout conversions (Transpose, ReorderInput/Output) are ``layout`` kernels. The latency job uses
    this view (measured on 200 fashion-mnist candidates, 5-fold cross-validation of an earlier fit:
-   within ±10 % 36 % → 42 %, RMSPE 26 % → 20 %).
+   within ±10 % 36 % → 42 %, RMSPE 26 % → 20 %). OpenVINO's CPU plugin needs no rules:
+   :func:`openvino_kernels` reads its compiled runtime graph, which is the fused graph with each
+   node's precision; the HTP's kernels follow the FP32 export and the policy (:func:`npu_kernels`).
 2. **Kernel class** = op family × precision: ``conv1x1``, ``dwconv`` (depthwise), ``conv`` (other
    kernel sizes), ``gemm``, ``add``, ``pool``, ``quantize``, ``dequantize``, ``layout``, ``other``; each
    kernel's features are its count (1), multiply-accumulates and elements moved (inputs + output).
@@ -283,6 +285,98 @@ def npu_kernels(fp32_model, int8_layers) -> list[Kernel]:
     return kernels + switches
 
 
+OV_CLASSES = {"Eltwise": "add", "Reduce": "pool", "Pooling": "pool", "Reorder": "layout",
+              "FullyConnected": "gemm", "MatMul": "gemm"}
+
+
+def openvino_kernels(path: Path, threads: int = 2, device: str = "CPU") -> list[Kernel]:
+    """The kernels of an ONNX model as OpenVINO's ``device`` plugin really runs it at batch 1: the
+    nodes of the compiled model's runtime graph (``CompiledModel.get_runtime_model()``), which *is*
+    the fused graph — a Convolution node carries its bias, Relu, the residual Add and the
+    FakeQuantize after it in ``originalLayersNames`` — each with its ``layerType`` and
+    ``runtimePrecision`` (``u8``/``i8`` → ``int8``). Classes: ``Convolution`` → ``conv1x1`` /
+    ``conv`` / ``dwconv`` (5-D grouped weights with one channel a group), ``FullyConnected`` →
+    ``gemm``, ``Eltwise`` → ``add``, ``Reduce``/``Pooling`` → ``pool``, ``Reorder`` (layout and
+    precision conversions) → ``layout``, a ``Subgraph``/``FakeQuantize`` made of a QuantizeLinear →
+    ``quantize`` (of a DequantizeLinear → ``dequantize``), anything else that runs → ``other``.
+    Nodes computed once at compile time (inputs all constant) and the graph's I/O are not kernels.
+    Elements = the non-constant inputs' + the output's. Compiles in this process (with the target's
+    settings, :func:`edgec.targets.ov_worker.compile_ov`): for graphs edgec compiled itself.
+    Raises :class:`ModelError` when OpenVINO cannot compile the graph."""
+    from edgec.targets.ov_worker import compile_ov
+
+    try:
+        _, compiled = compile_ov(str(path), device, threads, None, perf_count=False)
+        first = compiled.inputs[0].get_partial_shape()
+        if first.is_dynamic:  # batch 1 for a symbolic batch dimension
+            _, compiled = compile_ov(str(path), device, threads, [1, *[d.get_length() for d in list(first)[1:]]],
+                                     perf_count=False)
+        ops = compiled.get_runtime_model().get_ordered_ops()
+    except Exception as e:  # OpenVINO raises RuntimeError and its own types
+        raise ModelError(f"OpenVINO cannot compile {Path(path).name}", " ".join(str(e).split())[:200],
+                         "check the model with 'edgec profile MODEL --target cpu-openvino'") from None
+
+    def info(op, key: str) -> str:
+        rt = op.get_rt_info()
+        return rt[key].astype(str) if key in rt else ""
+
+    def dims(shape) -> tuple[int, ...]:
+        return tuple(d.get_length() for d in shape) if shape.is_static else ()
+
+    kernels, constant = [], set()  # names of nodes whose value is fixed at compile time
+    for op in ops:
+        layer = info(op, "layerType")
+        sources = [op.input_value(i).get_node() for i in range(op.get_input_size())]
+        const = [s.get_friendly_name() in constant for s in sources]
+        if layer in ("Const", "Constant") or (sources and all(const)):
+            constant.add(op.get_friendly_name())  # folded when the model was compiled
+            continue
+        if layer in ("Input", "Parameter", "Output", "Result"):
+            continue
+        in_shapes = [dims(op.get_input_partial_shape(i)) for i in range(op.get_input_size())]
+        out = dims(op.get_output_partial_shape(0)) if op.get_output_size() else ()
+        elements = sum(int(np.prod(s)) for s, c in zip(in_shapes, const) if s and not c) \
+            + (int(np.prod(out)) if out else 0)
+        prec = "int8" if info(op, "runtimePrecision") in ("u8", "i8") else "fp32"
+        name, macs = op.get_friendly_name(), 0
+        if layer == "Convolution":
+            w = in_shapes[1] if len(in_shapes) > 1 else ()
+            if len(w) == 5:  # grouped: [groups, out/group, in/group, kh, kw]
+                cls = "dwconv" if w[1] == 1 and w[2] == 1 else "conv"
+                macs = int(np.prod(out)) * w[2] * w[3] * w[4]
+            elif len(w) == 4:
+                cls = "conv1x1" if w[2] * w[3] == 1 else "conv"
+                macs = int(np.prod(out)) * w[1] * w[2] * w[3]
+            else:
+                raise ModelError(f"cannot size OpenVINO's Convolution {name!r}", f"its weight shape is {w}",
+                                 "export with static shapes")
+        elif layer in OV_CLASSES:
+            cls = OV_CLASSES[layer]
+            if cls == "gemm":
+                macs = int(np.prod(out)) * (in_shapes[0][-1] if in_shapes and in_shapes[0] else 0)
+        elif layer in ("Subgraph", "FakeQuantize"):
+            names = info(op, "originalLayersNames")
+            cls = "quantize" if "QuantizeLinear" in names.replace("DequantizeLinear", "") else \
+                "dequantize" if "DequantizeLinear" in names else "other"
+        else:
+            cls = "other"
+        kernels.append(Kernel(name, cls, prec, macs, elements))
+    return kernels
+
+
+def model_kernels(target_name: str, path: Path, threads: int = 2) -> list[Kernel]:
+    """The kernels of a compiled ONNX model file as ``target_name``'s runtime runs it: OpenVINO's runtime
+    graph on ``cpu-openvino`` (:func:`openvino_kernels`), ONNX Runtime's optimized graph otherwise
+    (:func:`graph_kernels` with :func:`runtime_view`). The HTP's kernels need the FP32 export and the
+    policy instead (:func:`npu_kernels`): raises :class:`ConfigError` for ``npu-qnn-htp``."""
+    if target_name == "cpu-openvino":
+        return openvino_kernels(path, threads)
+    if target_name == "npu-qnn-htp":
+        raise ConfigError("the NPU's kernels are not read from a compiled model",
+                          "they follow the candidate's FP32 export and policy", "use npu_kernels(fp32, int8_layers)")
+    return graph_kernels(path, runtime_view(path, threads))
+
+
 def feature_columns() -> list[str]:
     """Names of the aggregated feature vector: ``<class>.<precision>.<feature>``."""
     return [f"{c}.{p}.{f}" for c in CLASSES for p in PRECISIONS for f in FEATURES]
@@ -351,10 +445,10 @@ class KernelPredictor:
                                   [self.predict_ratio_from_features(s["features"]) for s in self.samples])
 
     def predict_ratio(self, path: Path) -> float:
-        """Predicted p50 of an ONNX model file (batch 1) / the anchor's p50; the kernels are read with
-        :func:`runtime_view`, as at build time."""
-        view = runtime_view(path, int(self.meta.get("threads", 2)))
-        return self.overhead_ratio + float(sum(self.predict_kernels(graph_kernels(path, view))))
+        """Predicted p50 of a compiled ONNX model file (batch 1) / the anchor's p50; the kernels are read
+        from the model's target's runtime as at build time (:func:`model_kernels`)."""
+        kernels = model_kernels(str(self.meta.get("target", "cpu-ort")), path, int(self.meta.get("threads", 2)))
+        return self.overhead_ratio + float(sum(self.predict_kernels(kernels)))
 
     def predict_ms(self, path: Path, anchor_p50_ms: float | None = None) -> float:
         """Predicted p50 latency, ms: :meth:`predict_ratio` × ``anchor_p50_ms`` (default: the anchor's

@@ -12,7 +12,9 @@ import numpy as np
 from edgec.targets.ort_worker import peak_rss_bytes
 
 
-def _compile(model_path: str, device: str, threads: int, shape: list[int] | None, perf_count: bool):
+def compile_ov(model_path: str, device: str, threads: int, shape: list[int] | None, perf_count: bool):
+    """``(openvino module, CompiledModel)`` of ``model_path`` on ``device`` as the targets run it: the
+    LATENCY hint, and on the CPU a fixed thread count and FP32 kept FP32; ``shape`` reshapes the first input."""
     import openvino as ov
 
     core = ov.Core()
@@ -31,7 +33,7 @@ def measure_ov(model_path: str, input_shape: list[int], batch: int, device: str,
     """Time ``runs`` synchronous inferences (LATENCY hint) after ``warmup_runs``; per-op times from the
     runtime's profiling info of the last run; session = read + compile."""
     t0 = time.perf_counter()
-    ov, compiled = _compile(model_path, device, threads, [batch, *input_shape], perf_count=True)
+    ov, compiled = compile_ov(model_path, device, threads, [batch, *input_shape], perf_count=True)
     session_ms = (time.perf_counter() - t0) * 1e3
     req = compiled.create_infer_request()
     x = np.random.default_rng(0).random((batch, *input_shape), dtype=np.float32)
@@ -57,7 +59,7 @@ def predict_ov(model_path: str, inputs_npy: str, device: str, threads: int) -> d
     """Outputs of the model's first output for every sample of ``inputs_npy`` (N, ...), in one batch;
     written next to it as ``.out.npy``."""
     x = np.load(inputs_npy, allow_pickle=False)
-    _, compiled = _compile(model_path, device, threads, list(x.shape), perf_count=False)
+    _, compiled = compile_ov(model_path, device, threads, list(x.shape), perf_count=False)
     out = compiled({0: x})[compiled.outputs[0]]
     out_path = inputs_npy.removesuffix(".npy") + ".out.npy"
     np.save(out_path, np.asarray(out), allow_pickle=False)

@@ -9,6 +9,17 @@ import torch
 from edgec.search.space import fbnet_space
 
 
+def needs_target(*names: str):
+    """A skip marker for a test that runs on these targets, naming the first one missing and why."""
+    from edgec.targets import get_target
+
+    for name in names:
+        ok, why = get_target(name).availability()
+        if not ok:
+            return pytest.mark.skipif(True, reason=f"{name}: {why}")
+    return pytest.mark.skipif(False, reason="")
+
+
 def pytest_configure(config):
     """Trained supernets go to a per-session temporary cache, never the user's (set before any fixture)."""
     import tempfile

@@ -9,6 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from conftest import needs_target
 from edgec.compile.export import export_onnx, layer_nodes
 from edgec.errors import ConfigError, ModelError
 from edgec.search.space import BlockConfig, SubnetConfig
@@ -20,13 +21,8 @@ from edgec.targets import get_target
 HTP_TOLERANCE_STEPS = 3
 
 
-def _available(name):
-    ok, why = get_target(name).availability()
-    return pytest.mark.skipif(not ok, reason=f"{name}: {why}")
-
-
-needs_htp = _available("npu-qnn-htp")
-needs_openvino = _available("cpu-openvino")
+needs_htp = needs_target("npu-qnn-htp")
+needs_openvino = needs_target("cpu-openvino")
 
 
 @pytest.fixture

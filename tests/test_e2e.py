@@ -8,6 +8,7 @@ import sys
 
 import onnx
 import pytest
+from conftest import needs_target
 
 pytestmark = pytest.mark.slow
 
@@ -165,14 +166,7 @@ def test_resume_cannot_shrink_the_budget(run):
     assert proc.returncode == 2 and "already stored" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def _available(name):
-    from edgec.targets import get_target
-
-    return get_target(name).availability()[0]
-
-
-@pytest.mark.skipif(not (_available("npu-qnn-htp") and _available("cpu-openvino")),
-                    reason="needs the npu-qnn-htp and cpu-openvino targets")
+@needs_target("npu-qnn-htp", "cpu-openvino")
 def test_compile_for_three_targets_with_the_max_latency_objective(tmp_path):
     out = tmp_path / "devices"
     proc = compile_("--budget-evals", "3", "--out", str(out), "--target", "cpu-ort", "--target", "npu-qnn-htp",

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
+from conftest import needs_target
 from edgec.compile.export import export_onnx
 from edgec.compile.quantize import quantize_qdq
 from edgec.errors import ConfigError
@@ -388,44 +389,100 @@ def test_npu_kernels_follow_the_policy_activation_precision_and_count_requantiza
     assert f[cols.index("conv1x1.int8.count")] == 1 and f[cols.index("quantize.int16.count")] == 2
 
 
-def _npu_available():
-    from edgec.targets import get_target
-
-    return get_target("npu-qnn-htp").availability()[0]
+def _build_and_validate(target: str, tmp_path, samples: int, subnets: int, runs: int) -> tuple[dict, dict]:
+    """``edgec latency build --no-lut`` then ``validate`` on the digits space: (the model's meta, the
+    validation's JSON); checks that one model and no table were written and every row was validated."""
+    env = {**os.environ, "EDGEC_CACHE_DIR": str(tmp_path / "cache")}
+    p = _edgec("latency", "build", "--target", target, "--dataset", "digits", "--samples", str(samples),
+               "--runs", str(runs), "--no-lut", env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    models = list((tmp_path / "cache" / "latency").glob(f"{target}-digits-*"))
+    assert len(models) == 1  # the model alone: no table next to it
+    out = tmp_path / "v.json"
+    p = _edgec("latency", "validate", "--target", target, "--dataset", "digits", "--subnets", str(subnets),
+               "--runs", str(runs), "--json", str(out), "--html", str(tmp_path / "v.html"), env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    v = json.loads(out.read_text())
+    assert v["n"] == subnets and v["built_here"] is True
+    return json.loads(models[0].read_text())["meta"], v
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _npu_available(), reason="onnxruntime-qnn's HTP simulator is not installed")
+@needs_target("npu-qnn-htp")
 def test_npu_cycle_model_builds_and_validates_on_simulated_cycles(tmp_path):
     """The same kernel-level model over the HTP simulator's cycles: labelled simulated, its own anchor,
     and the LINAS prior does not read it as ratios to the compile's reference (its table is measured
     in the next test; --no-lut keeps this one short)."""
-    env = {**os.environ, "EDGEC_CACHE_DIR": str(tmp_path / "cache")}
-    p = _edgec("latency", "build", "--target", "npu-qnn-htp", "--dataset", "digits", "--samples", "10", "--runs", "3",
-               "--no-lut", env=env)
-    assert p.returncode == 0, p.stderr[-2000:]
-    models = list((tmp_path / "cache" / "latency").glob("npu-qnn-htp-digits-*"))
-    assert len(models) == 1  # the model alone: no table next to it
-    meta = json.loads(models[0].read_text())["meta"]
+    meta, v = _build_and_validate("npu-qnn-htp", tmp_path, samples=10, subnets=10, runs=3)
     assert meta["latency_kind"] == "simulated" and meta["anchor"]["what"] == "smallest subnet, all INT8"
     assert "HTP simulator" in meta["device"] and meta["rounds"] == 3
-    out = tmp_path / "v.json"
-    p = _edgec("latency", "validate", "--target", "npu-qnn-htp", "--dataset", "digits", "--subnets", "10",
-               "--runs", "3", "--json", str(out), "--html", str(tmp_path / "v.html"), env=env)
-    assert p.returncode == 0, p.stderr[-2000:]
-    v = json.loads(out.read_text())
-    assert v["latency_kind"] == "predicted vs simulated" and v["n"] == 10 and v["built_here"] is True
+    assert v["latency_kind"] == "predicted vs simulated"
     assert all(r["ratio"] > 1 and r["predicted_ratio"] > 0 for r in v["rows"])  # the anchor is the smallest graph
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _npu_available(), reason="onnxruntime-qnn's HTP simulator is not installed")
+@needs_target("npu-qnn-htp")
 def test_npu_lookup_table_parts_run_on_the_simulator_next_to_its_anchor():
     """The HTP takes only what its recipe made, so each part, its anchor (the smallest subnet in INT8)
     and its null graph (a 1×1 depthwise conv, the cheapest op a quantized-I/O graph keeps) are built
     with the QNN recipe; a 6×-expanded 5×5 block in 16-bit costs more cycles than a 1×-expanded 3×3 one."""
     small = ["block|k3_e1|in16|out16|hw8|s1|fp32", "block|k5_e6|in32|out128|hw4|s2|fp32", "stem|int8"]
     entries = _measure_parts("npu-qnn-htp", 3, small)
+    assert entries["block|k5_e6|in32|out128|hw4|s2|fp32"] > entries["block|k3_e1|in16|out16|hw8|s1|fp32"]
+
+
+@needs_target("cpu-openvino")
+def test_openvino_kernels_are_the_nodes_of_its_compiled_runtime_graph(randomized_supernet, spec8, images8, tmp_path):
+    """OpenVINO's CPU plugin fuses Conv + bias + Relu (+ the residual Add) into one node and says at
+    which precision each node runs; the NNCF recipe's INT8 layers run as u8/i8 convolutions."""
+    from edgec.compile.nncf_ptq import quantize_nncf
+    from edgec.targets.latency_model import model_kernels, openvino_kernels
+
+    k3e6, k5e1 = BlockConfig(3, 6), BlockConfig(5, 1)
+    config = SubnetConfig((k3e6, k5e1, k3e6, BlockConfig(), k3e6, k3e6, BlockConfig(), k3e6), (16, 32, 64))
+    fp32 = export_onnx(extract_subnet(randomized_supernet, config).fused(), (1, 8, 8), tmp_path / "fp32.onnx")
+    layers = spec8.layers_of(config)
+    dw = sum(1 for n in layers if n.endswith(".dw"))
+    k = openvino_kernels(fp32)
+    assert _count(k, "dwconv", "fp32") == dw and _count(k, "conv", "fp32") == 1  # the 3×3 stem
+    assert _count(k, "conv1x1", "fp32") == len(layers) - 1 - dw - 1 and _count(k, "gemm", "fp32") == 1
+    assert not any(x.precision == "int8" for x in k) and not any(x.cls == "add" for x in k)  # Adds fused
+    # the stem's MACs: 16 output channels × 8×8 pixels × 1 input channel × 3×3; elements: 64 in + 1024 out
+    stem = next(x for x in k if x.cls == "conv")
+    assert stem.macs == 16 * 64 * 9 and stem.elements == 64 + 16 * 64
+    assert [x.macs for x in k if x.macs] == [x.macs for x in graph_kernels(fp32) if x.macs]
+
+    int8 = quantize_nncf(fp32, tmp_path / "int8.onnx", tuple(layers), images8[:256])
+    k8 = openvino_kernels(int8)
+    convs = [x for x in k8 if x.cls in ("conv1x1", "dwconv", "conv")]
+    assert len(convs) == len(layers) - 1 and sum(x.precision == "int8" for x in convs) >= len(convs) - 1
+    mixed = quantize_nncf(fp32, tmp_path / "mixed.onnx", tuple(n for n in layers if n.startswith("stages.1")), images8[:256])
+    km = openvino_kernels(mixed)
+    n_int8 = sum(x.precision == "int8" for x in km if x.cls in ("conv1x1", "dwconv", "conv"))
+    assert 0 < n_int8 < len(convs) and any(x.cls == "layout" for x in km)  # precision switches reorder
+    assert [(x.cls, x.precision, x.macs) for x in model_kernels("cpu-openvino", mixed)] == \
+        [(x.cls, x.precision, x.macs) for x in km]  # names OpenVINO generates differ between compilations
+    model = KernelPredictor({"conv1x1.int8.count": 0.5}, 0.25, {"anchor_p50_ms": 2.0, "target": "cpu-openvino"})
+    assert model.predict_ratio(mixed) == pytest.approx(0.25 + 0.5 * _count(km, "conv1x1", "int8"))
+    from edgec.errors import ModelError
+
+    (tmp_path / "bad.onnx").write_bytes(b"not a model")
+    with pytest.raises(ModelError, match="OpenVINO cannot compile bad.onnx"):
+        openvino_kernels(tmp_path / "bad.onnx")
+
+
+@pytest.mark.slow
+@needs_target("cpu-openvino")
+def test_openvino_model_and_lookup_table_build_and_validate(tmp_path):
+    """Both latency models on cpu-openvino: NNCF-built candidates measured next to the largest FP32
+    subnet, a fit, held-out figures; and table parts measured alone next to the same anchor."""
+    meta, v = _build_and_validate("cpu-openvino", tmp_path, samples=12, subnets=10, runs=20)
+    assert meta["latency_kind"] == "measured" and meta["runtime"].startswith("openvino ")
+    assert meta["anchor"]["what"] == "largest subnet, all FP32"
+    assert v["latency_kind"] == "predicted vs measured"
+    assert all(0 < r["ratio"] and r["predicted_ratio"] > 0 for r in v["rows"])
+    small = ["block|k3_e1|in16|out16|hw8|s1|fp32", "block|k5_e6|in32|out128|hw4|s2|fp32", "stem|int8"]
+    entries = _measure_parts("cpu-openvino", 30, small)
     assert entries["block|k5_e6|in32|out128|hw4|s2|fp32"] > entries["block|k3_e1|in16|out16|hw8|s1|fp32"]
 
 
