@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "build":
             q.add_argument("--samples", type=int, default=300, help="measured candidates to fit on (default 300)")
             q.add_argument("--no-lut", action="store_true",
-                           help="skip FBNet's per-block lookup table (every block choice measured alone; 356 parts, ≈ 5 min on "
+                           help="skip FBNet's per-block lookup table (every block choice measured alone; 356 parts, ≈ 6 min on "
                                 "cpu-ort, ≈ 8 min on npu-qnn-htp, ≈ 10 min on cpu-openvino); "
                                 "a table built with an earlier model is removed, as it no longer matches")
         else:
@@ -242,8 +242,21 @@ def _context_args(sub) -> None:
     q.add_argument("--html", metavar="FILE", help="write the report here (default <folder>/report.html)")
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is so that cleanups (``finally``, temporary folders) run as on Ctrl-C."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.command == "compile":
             return cmd_compile(args)
@@ -269,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"edgec: error: the disk is full{where}: {e.strerror} — free space (or raise the file-size "
                          f"limit) and rerun the same command{resume}; nothing half-written was kept\n")
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        code = 143 if isinstance(e, _Terminated) else 130
         if args.command == "compile":
             sys.stderr.write("edgec: interrupted — rerun the same command with --resume to continue\n")
         elif args.command == "context" and args.context_command == "train":
@@ -277,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(one every 25 steps; none before step 25)\n")
         else:
             sys.stderr.write("edgec: interrupted\n")
-        return 130
+        return code
 
 
 def _check_writable(*paths: Path | None, protect: tuple[Path, ...] = ()) -> None:
@@ -393,7 +407,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from edgec.latency_job import LatencySettings, build_model, validate_model
+    from edgec.latency_job import SMALL_FIT_SAMPLES, LatencySettings, build_model, command_line, validate_model
     from edgec.report import latency_validation_html
 
     settings = LatencySettings(target=args.target, dataset=args.dataset, data_dir=args.data_dir,
@@ -409,11 +423,18 @@ def cmd_latency(args: argparse.Namespace) -> int:
         out.print(f"Latency model for {fit['target']} ({fit['space']}, {fit['device']}, {fit['runtime']}, "
                   f"{fit['threads']} threads) fit on {fit['samples']} measured candidates in "
                   f"{fit['build_s'] / 60:.1f} min: {path}")
+        if isinstance(fit.get("replaced"), dict):
+            out.print(f"It replaced the model fit on {fit['replaced'].get('samples')} candidates "
+                      f"(built {fit['replaced'].get('built_at')}) for the same target, space and machine.")
         if fit.get("samples_noisy_left_out"):
             out.print(f"{len(fit['samples_noisy_left_out'])} candidate(s) never measured quietly (the anchor over "
                       f"{fit['quiet_tolerance']}× its fastest p50, even when measured again) were left out of the fit.")
         own = model.fit_metrics()
         out.print(f"On its own samples: {own['within_10pct'] * 100:.0f} % within ±10 %, RMSPE {own['rmspe'] * 100:.1f} %.")
+        if fit["samples"] < SMALL_FIT_SAMPLES:
+            out.print(f"[yellow]Only {fit['samples']} candidates for up to {len(model.coef) + 1} fitted coefficients: "
+                      "its fit on its own samples says little. Only held-out candidates ('edgec latency validate') "
+                      f"tell how far to trust it; {SMALL_FIT_SAMPLES}+ samples are usual.[/yellow]")
         if own["within_10pct"] < 0.8 and model.meta.get("latency_kind") == "simulated":
             out.print("[yellow]That is low for a fit on its own samples: the kernels' MACs and sizes explain the HTP "
                       "simulator's cycles poorly (its repeated runs agree within ~1 %, so it is not noise) — trust "
@@ -428,7 +449,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
         elif settings.lut:
             out.print(f"No lookup table on {settings.target}: edgec does not measure one there; the kernel-level "
                       "model is built.")
-        out.print(f"Next: edgec latency validate --target {settings.target} --dataset {settings.dataset}")
+        out.print(f"Next: {command_line('validate', settings)}")
         return 0
     json_path = Path(args.json) if args.json else None
     html_path = Path(args.html or f"latency-{settings.target}-{settings.dataset}.html")
@@ -457,6 +478,15 @@ def cmd_latency(args: argparse.Namespace) -> int:
         out.print(f"The model was built on another machine ({b['runtime']}, {b['device']}, {b['threads']} threads); "
                   f"these figures are for this one ({h['runtime']}, {h['device']}, {h['threads']} threads) and are "
                   "recorded next to the model, where LINAS's latency prior looks for them.")
+    from edgec.latency_job import PRIOR_MIN_SPEARMAN
+
+    linas = f"edgec compile --strategy linas --target {settings.target} --dataset {settings.dataset}"
+    if result["spearman"] >= PRIOR_MIN_SPEARMAN:
+        out.print(f"Spearman {result['spearman']:.3f} ≥ {PRIOR_MIN_SPEARMAN}: '{linas}' uses this model's measured "
+                  "candidates as its latency prior (these figures are recorded next to the model).")
+    else:
+        out.print(f"[yellow]Spearman {result['spearman']:.3f} < {PRIOR_MIN_SPEARMAN}: '{linas}' will not use this "
+                  f"model; build it again on a quiet machine, with more --samples.[/yellow]")
     _write_reports(out, html_path, latency_validation_html(result), json_path, result)
     return 0
 

@@ -68,6 +68,7 @@ MODEL_TARGETS = {
     # OpenVINO's CPU plugin times like ONNX Runtime's CPU provider (tenths of a ms a graph here)
     "cpu-openvino": ModelTarget(runs=200, rounds=ROUNDS, anchor="largest-fp32", lut=True),
 }
+SMALL_FIT_SAMPLES = 100  # below this many measured candidates `latency build` says its own fit means little
 VALIDATION_SEED_OFFSET = 10_000  # held-out candidates come from another stream than the training ones
 
 
@@ -98,6 +99,15 @@ class LatencySettings:
         if not 0 <= self.seed <= 2**31 - 1 - VALIDATION_SEED_OFFSET:
             raise ConfigError(f"bad value for --seed: {self.seed}",
                               f"between 0 and {2**31 - 1 - VALIDATION_SEED_OFFSET}", "e.g. --seed 0")
+
+
+def command_line(verb: str, settings: LatencySettings) -> str:
+    """``edgec latency <verb>`` for the same target, space and machine settings as ``settings``
+    (what a hint tells the user to run: the thread count and data folder key the model too)."""
+    line = f"edgec latency {verb} --target {settings.target} --dataset {settings.dataset}"
+    if settings.data_dir:
+        line += f" --data-dir {settings.data_dir}"
+    return line + ("" if settings.threads == 2 else f" --threads {settings.threads}")
 
 
 def _machine(target) -> dict:
@@ -447,8 +457,13 @@ def build_model(settings: LatencySettings, progress):
                 "samples": len(rows), "samples_noisy_left_out": noisy, "quiet_tolerance": QUIET_TOLERANCE,
                 "seed": settings.seed, "runs_per_sample": target.runs,
                 "build_s": time.perf_counter() - t0, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        model = KernelPredictor.fit(rows, meta)
         path = model_path(settings, spec, target)
+        try:  # the same key (target, space, machine) replaces it: say which one was replaced
+            before = KernelPredictor.load(path).meta
+            meta["replaced"] = {"samples": before.get("samples"), "built_at": before.get("built_at")}
+        except ConfigError:
+            pass  # none, or not a model
+        model = KernelPredictor.fit(rows, meta)
         lut = None
         if settings.lut and how.lut:
             t1 = time.perf_counter()
@@ -531,7 +546,7 @@ def _machine_key(target) -> str:
 
 def revalidation_path(model: Path, target) -> Path:
     """Where the validation of the model at ``model`` on this machine (``target``'s runtime, device and
-    threads) is recorded when the model was built on another one."""
+    threads) is recorded (:func:`recorded_validation`)."""
     return model.with_name(f"{model.stem}.validated-{_machine_key(target)}.json")
 
 
@@ -544,9 +559,17 @@ def load_model(settings: LatencySettings, spec, target) -> tuple:
     from edgec.targets.latency_model import KernelPredictor
 
     path = model_path(settings, spec, target)
+
+    def of_target(p: Path) -> KernelPredictor:
+        model = KernelPredictor.load(p)
+        if model.meta.get("target") != settings.target:
+            raise ConfigError(f"{p} is a latency model of {model.meta.get('target')!r}, not {settings.target}",
+                              "its file name and its contents disagree (copied or edited?)",
+                              f"remove it and run '{command_line('build', settings)}'")
+        return model
     try:
         if path.is_file():
-            return KernelPredictor.load(path), path, True
+            return of_target(path), path, True
         others = sorted((p for p in path.parent.glob(f"{settings.target}-{settings.dataset}-*.json")
                          if p.name.count(".") == 1), key=lambda p: p.stat().st_mtime) if path.parent.is_dir() else []
     except OSError as e:
@@ -554,13 +577,12 @@ def load_model(settings: LatencySettings, spec, target) -> tuple:
                           "check EDGEC_CACHE_DIR and its permissions") from None
     why = "none was built here"
     for other in reversed(others):
-        model = KernelPredictor.load(other)
+        model = of_target(other)
         if model.meta.get("spec") == spec.to_dict():
             return model, other, False
         why = f"the one in {other.parent} was built for another space"
-    threads = f" --threads {settings.threads}" if settings.threads != 2 else ""
     raise ConfigError(f"no latency model for {settings.target} on {settings.dataset}", why,
-                      f"run 'edgec latency build --target {settings.target} --dataset {settings.dataset}{threads}'")
+                      f"run '{command_line('build', settings)}'")
 
 
 def machine_difference(meta: dict, target) -> str:
@@ -583,6 +605,10 @@ def validate_model(settings: LatencySettings, progress) -> dict:
             progress.log(f"the latency model {path} was built on another machine "
                          f"({machine_difference(model.meta, target)}): validating it here")
         lut = _load_lut(lut_path(path), spec)
+        _, damaged = measured_candidates(path, spec)  # before any measuring: samples the table would read
+        if damaged:
+            raise ConfigError(f"the latency model {path} cannot be validated", damaged,
+                              f"rebuild it with '{command_line('build', settings)}'")
         trained = {s["id"] for s in model.samples}
         # held out: never one the model was fit on (drawn on until there are enough, or refused)
         pool = random_candidates(spec, 10 * settings.subnets, settings.seed + VALIDATION_SEED_OFFSET)
@@ -636,15 +662,14 @@ def validate_model(settings: LatencySettings, progress) -> dict:
             "validated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "rows": [{k: r[k] for k in ("id", "ratio", "predicted_ratio", "lut_predicted_ratio", "p50_ms",
                                         "predicted_ms", "anchor_p50_ms", "kernels") if k in r} for r in rows]}
-    if not built_here:  # what trusted_model reads instead of validating again
-        record = revalidation_path(path, target)
-        try:
-            tmp = record.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"model_sha256": _sha256(path), **result}, indent=1))
-            tmp.replace(record)
-        except OSError as e:
-            raise ConfigError(f"cannot record the validation in {record}", e.strerror or str(e),
-                              "free some space or set EDGEC_CACHE_DIR to a writable folder") from None
+    record = revalidation_path(path, target)  # what trusted_model reads (and does not measure again)
+    try:
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"model_sha256": _sha256(path), **result}, indent=1))
+        tmp.replace(record)
+    except OSError as e:
+        raise ConfigError(f"cannot record the validation in {record}", e.strerror or str(e),
+                          "free some space or set EDGEC_CACHE_DIR to a writable folder") from None
     return result
 
 
@@ -656,14 +681,31 @@ PRIOR_MIN_SPEARMAN = 0.9  # a model from another machine ranks candidates at lea
 AUTO_VALIDATION_SUBNETS = 100
 
 
+def recorded_validation(path: Path, target) -> dict | None:
+    """The figures of the last ``edgec latency validate`` of the model at ``path`` on this machine
+    (``target``'s runtime, device and threads), or None when there is none, the model changed since or
+    the record is damaged (never raises)."""
+    try:
+        v = json.loads(revalidation_path(path, target).read_bytes().decode("utf-8", errors="replace"))
+        if not isinstance(v, dict) or v.get("model_sha256") != _sha256(path):
+            return None  # the model changed since, or the record is not one
+        for key in ("spearman", "within_10pct", "n"):  # what is read: numbers, or validate again
+            if not isinstance(v.get(key), (int, float)) or isinstance(v.get(key), bool):
+                return None
+        return v
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
 def trusted_model(settings: LatencySettings, spec, target, progress) -> tuple:
     """The model for this target and space with how far to trust it here: ``(model, path, trust)``,
-    or ``(None, None, why not)``. A model built on this machine is used as built (its ``edgec latency
-    validate`` figures hold here). One built on another machine (other runtime version, device or
-    threads) is validated here automatically on :data:`AUTO_VALIDATION_SUBNETS` held-out candidates
-    (measured with this machine's ``target``; once per model and machine, recorded next to the model
-    by :func:`validate_model`) and used only when its Spearman rank correlation here is at least
-    :data:`PRIOR_MIN_SPEARMAN`. Never raises for a missing or unusable model."""
+    or ``(None, None, why not)``. Its last validation on this machine (:func:`recorded_validation`,
+    written by every :func:`validate_model`) decides: the model is used only when its Spearman rank
+    correlation there is at least :data:`PRIOR_MIN_SPEARMAN`. A model built on another machine (other
+    runtime version, device or threads) and never validated here is validated automatically on
+    :data:`AUTO_VALIDATION_SUBNETS` held-out candidates (measured with this machine's ``target``, once
+    per model and machine); one built here and not validated yet is used, and ``trust`` says so.
+    Never raises for a missing or unusable model."""
     from edgec.errors import EdgecError
 
     try:
@@ -672,25 +714,19 @@ def trusted_model(settings: LatencySettings, spec, target, progress) -> tuple:
         if e.what.startswith("no latency model"):
             return None, None, f"{e.what} ({e.why})"
         return None, None, f"the latency model is unusable: {e.what} ({e.why})"
-    if built_here:
-        return model, path, "built on this machine"
-    record = revalidation_path(path, target)
-    try:
-        v = json.loads(record.read_bytes().decode("utf-8", errors="replace"))
-        if not isinstance(v, dict) or v.get("model_sha256") != _sha256(path):
-            raise ValueError("the model changed since, or the record is not one")
-        for key in ("spearman", "within_10pct", "n"):  # what is read below: numbers, or validate again
-            if not isinstance(v.get(key), (int, float)) or isinstance(v.get(key), bool):
-                raise ValueError(f"no number {key!r}")
-    except (OSError, ValueError, RecursionError):
+    v = recorded_validation(path, target)
+    if v is None and built_here:
+        return model, path, (f"built on this machine, not validated yet ('{command_line('validate', settings)}' "
+                             "measures how far to trust it)")
+    if v is None:
         try:
             v = validate_model(replace(settings, subnets=AUTO_VALIDATION_SUBNETS), progress)
         except EdgecError as e:
             return None, None, f"the model built on another machine could not be validated here: {e.what}"
-    diff = machine_difference(model.meta, target)
+    where = "built on this machine" if built_here else f"built on another machine ({machine_difference(model.meta, target)})"
     figures = (f"validated here on {v['n']} held-out candidates: {v['within_10pct'] * 100:.0f} % within ±10 %, "
                f"Spearman {v['spearman']:.3f}")
     if not v["spearman"] >= PRIOR_MIN_SPEARMAN:
-        return None, None, (f"the model in {path} was built on another machine ({diff}) and, {figures}, ranks "
-                            f"candidates worse than Spearman {PRIOR_MIN_SPEARMAN}; build one here")
-    return model, path, f"built on another machine ({diff}), {figures}"
+        return None, None, (f"the model in {path} was {where} and, {figures}, ranks candidates worse than "
+                            f"Spearman {PRIOR_MIN_SPEARMAN}")
+    return model, path, f"{where}, {figures}"

@@ -755,12 +755,13 @@ def latency_prior(cfg, spec, evaluator, reference: Evaluation, progress: Progres
     here first, :func:`edgec.latency_job.trusted_model`), each as (candidate, its p50 / anchor p50 ×
     this run's reference p50 ms) — the anchor *is* the reference, the largest subnet in FP32. Empty
     (and why) when there is no usable model or the objective is not one target's p50."""
-    from edgec.latency_job import LatencySettings, anchor_candidate, measured_candidates, trusted_model
+    from edgec.latency_job import (LatencySettings, anchor_candidate, command_line, measured_candidates,
+                                   trusted_model)
 
     if cfg.objective != "primary":
         return [], "none (the max-latency objective is a ratio over targets, not one target's p50)"
-    build = f"'edgec latency build --target {cfg.target} --dataset {cfg.dataset}'"
     settings = LatencySettings(target=cfg.target, dataset=cfg.dataset, data_dir=cfg.data_dir, threads=cfg.threads)
+    build = f"'{command_line('build', settings)}'"
     model, path, trust = trusted_model(settings, spec, evaluator.target, progress or Progress())
     if model is None:
         if trust.startswith("no latency model"):

@@ -289,92 +289,102 @@ OV_CLASSES = {"Eltwise": "add", "Reduce": "pool", "Pooling": "pool", "Reorder": 
               "FullyConnected": "gemm", "MatMul": "gemm"}
 
 
+_OV_WORKER = None  # one OpenVINO worker process per edgec process, for the runtime graphs
+
+
+def _ov_worker():
+    global _OV_WORKER
+    if _OV_WORKER is None:
+        import atexit
+
+        from edgec.targets.worker import Worker
+
+        _OV_WORKER = Worker("edgec.targets.ov_worker")
+        atexit.register(_OV_WORKER.close)
+    return _OV_WORKER
+
+
 def openvino_kernels(path: Path, threads: int = 2, device: str = "CPU") -> list[Kernel]:
     """The kernels of an ONNX model as OpenVINO's ``device`` plugin really runs it at batch 1: the
-    nodes of the compiled model's runtime graph (``CompiledModel.get_runtime_model()``), which *is*
-    the fused graph — a Convolution node carries its bias, Relu, the residual Add and the
-    FakeQuantize after it in ``originalLayersNames`` — each with its ``layerType`` and
-    ``runtimePrecision`` (``u8``/``i8`` → ``int8``). Classes: ``Convolution`` → ``conv1x1`` /
-    ``conv`` / ``dwconv`` (5-D grouped weights with one channel a group), ``FullyConnected`` →
-    ``gemm``, ``Eltwise`` → ``add``, ``Reduce``/``Pooling`` → ``pool``, ``Reorder`` (layout and
-    precision conversions) → ``layout``, a ``Subgraph``/``FakeQuantize`` made of a QuantizeLinear →
-    ``quantize`` (of a DequantizeLinear → ``dequantize``), anything else that runs → ``other``.
-    Nodes computed once at compile time (inputs all constant) and the graph's I/O are not kernels.
-    Elements = the non-constant inputs' + the output's. Compiles in this process (with the target's
-    settings, :func:`edgec.targets.ov_worker.compile_ov`): for graphs edgec compiled itself.
-    Raises :class:`ModelError` when OpenVINO cannot compile the graph."""
-    from edgec.targets.ov_worker import compile_ov
+    nodes of the compiled model's runtime graph (``CompiledModel.get_runtime_model()``, read in
+    OpenVINO's worker process: :func:`edgec.targets.ov_worker.runtime_graph`), which *is* the fused
+    graph — a Convolution node carries its bias, Relu, the residual Add and the FakeQuantize after it
+    in ``originalLayersNames`` — each with its ``layerType`` and ``runtimePrecision`` (``u8``/``i8`` →
+    ``int8``). Classes: ``Convolution`` → ``conv1x1`` / ``conv`` / ``dwconv`` (grouped weights, one
+    rank above the output, with one channel a group), ``FullyConnected``/``MatMul`` → ``gemm``,
+    ``Eltwise`` → ``add``, ``Reduce``/``Pooling`` → ``pool``, ``Reorder`` (layout and precision
+    conversions) → ``layout``, a ``Subgraph``/``FakeQuantize`` made of a QuantizeLinear → ``quantize``
+    (of a DequantizeLinear → ``dequantize``), anything else that runs → ``other``. Nodes computed once
+    at compile time (inputs all constant) and the graph's I/O are not kernels. Elements = the
+    non-constant inputs' + the output's. Raises :class:`ModelError` when OpenVINO cannot compile the
+    graph or a dimension other than the batch is dynamic."""
+    from edgec.errors import TargetError
+    from edgec.targets.worker import call_for_target
 
+    name = Path(path).name
+    if not Path(path).is_file():
+        raise ModelError(f"no model file {path}", "it does not exist or is not a file", "check the path")
     try:
-        _, compiled = compile_ov(str(path), device, threads, None, perf_count=False)
-        first = compiled.inputs[0].get_partial_shape()
-        if first.is_dynamic:  # batch 1 for a symbolic batch dimension
-            _, compiled = compile_ov(str(path), device, threads, [1, *[d.get_length() for d in list(first)[1:]]],
-                                     perf_count=False)
-        ops = compiled.get_runtime_model().get_ordered_ops()
-    except Exception as e:  # OpenVINO raises RuntimeError and its own types
-        raise ModelError(f"OpenVINO cannot compile {Path(path).name}", " ".join(str(e).split())[:200],
-                         "check the model with 'edgec profile MODEL --target cpu-openvino'") from None
-
-    def info(op, key: str) -> str:
-        rt = op.get_rt_info()
-        return rt[key].astype(str) if key in rt else ""
-
-    def dims(shape) -> tuple[int, ...]:
-        return tuple(d.get_length() for d in shape) if shape.is_static else ()
-
+        nodes = call_for_target(_ov_worker(), "cpu-openvino", name, "runtime_graph", 120.0, model_path=str(path),
+                                device=device, threads=threads)["nodes"]
+    except TargetError as e:
+        why = e.why.split(": ", 1)[-1]
+        raise ModelError(f"OpenVINO cannot compile {name}", why[:200],
+                         "give it static shapes (batch aside)" if "dynamic" in why
+                         else "check it with 'edgec profile MODEL --target cpu-openvino'") from None
     kernels, constant = [], set()  # names of nodes whose value is fixed at compile time
-    for op in ops:
-        layer = info(op, "layerType")
-        sources = [op.input_value(i).get_node() for i in range(op.get_input_size())]
-        const = [s.get_friendly_name() in constant for s in sources]
-        if layer in ("Const", "Constant") or (sources and all(const)):
-            constant.add(op.get_friendly_name())  # folded when the model was compiled
+    for n in nodes:
+        layer = n["layer"]
+        const = [i in constant for i in n["inputs"]]
+        if layer in ("Const", "Constant") or (const and all(const)):
+            constant.add(n["name"])  # folded when the model was compiled
             continue
         if layer in ("Input", "Parameter", "Output", "Result"):
             continue
-        in_shapes = [dims(op.get_input_partial_shape(i)) for i in range(op.get_input_size())]
-        out = dims(op.get_output_partial_shape(0)) if op.get_output_size() else ()
-        elements = sum(int(np.prod(s)) for s, c in zip(in_shapes, const) if s and not c) \
-            + (int(np.prod(out)) if out else 0)
-        prec = "int8" if info(op, "runtimePrecision") in ("u8", "i8") else "fp32"
-        name, macs = op.get_friendly_name(), 0
+        ins, out = n["input_shapes"], n["output_shape"]
+        elements = sum(int(np.prod(s)) for s, c in zip(ins, const) if s and not c) + (int(np.prod(out)) if out else 0)
+        prec = "int8" if n["precision"] in ("u8", "i8") else "fp32"
+        macs = 0
         if layer == "Convolution":
-            w = in_shapes[1] if len(in_shapes) > 1 else ()
-            if len(w) == 5:  # grouped: [groups, out/group, in/group, kh, kw]
+            w = ins[1] if len(ins) > 1 else []
+            if out and len(w) == len(out) + 1:  # grouped: [groups, out/group, in/group, *kernel]
                 cls = "dwconv" if w[1] == 1 and w[2] == 1 else "conv"
-                macs = int(np.prod(out)) * w[2] * w[3] * w[4]
-            elif len(w) == 4:
-                cls = "conv1x1" if w[2] * w[3] == 1 else "conv"
-                macs = int(np.prod(out)) * w[1] * w[2] * w[3]
+                macs = int(np.prod(out)) * int(np.prod(w[2:]))
+            elif out and len(w) == len(out) >= 3:  # [out, in, *kernel]
+                cls = "conv1x1" if int(np.prod(w[2:])) == 1 else "conv"
+                macs = int(np.prod(out)) * int(np.prod(w[1:]))
             else:
-                raise ModelError(f"cannot size OpenVINO's Convolution {name!r}", f"its weight shape is {w}",
-                                 "export with static shapes")
+                raise ModelError(f"cannot size OpenVINO's Convolution {n['name']!r} in {name}",
+                                 f"its weight shape {w} does not fit its output shape {out}",
+                                 "export it with static shapes")
         elif layer in OV_CLASSES:
             cls = OV_CLASSES[layer]
             if cls == "gemm":
-                macs = int(np.prod(out)) * (in_shapes[0][-1] if in_shapes and in_shapes[0] else 0)
+                macs = int(np.prod(out)) * (ins[0][-1] if ins and ins[0] else 0) if out else 0
         elif layer in ("Subgraph", "FakeQuantize"):
-            names = info(op, "originalLayersNames")
-            cls = "quantize" if "QuantizeLinear" in names.replace("DequantizeLinear", "") else \
-                "dequantize" if "DequantizeLinear" in names else "other"
+            cls = "quantize" if "QuantizeLinear" in n["original"].replace("DequantizeLinear", "") else \
+                "dequantize" if "DequantizeLinear" in n["original"] else "other"
         else:
             cls = "other"
-        kernels.append(Kernel(name, cls, prec, macs, elements))
+        kernels.append(Kernel(n["name"], cls, prec, macs, elements))
     return kernels
 
 
 def model_kernels(target_name: str, path: Path, threads: int = 2) -> list[Kernel]:
     """The kernels of a compiled ONNX model file as ``target_name``'s runtime runs it: OpenVINO's runtime
-    graph on ``cpu-openvino`` (:func:`openvino_kernels`), ONNX Runtime's optimized graph otherwise
+    graph on ``cpu-openvino`` (:func:`openvino_kernels`), ONNX Runtime's optimized graph on ``cpu-ort``
     (:func:`graph_kernels` with :func:`runtime_view`). The HTP's kernels need the FP32 export and the
-    policy instead (:func:`npu_kernels`): raises :class:`ConfigError` for ``npu-qnn-htp``."""
+    policy instead (:func:`npu_kernels`): raises :class:`ConfigError` for ``npu-qnn-htp`` and any other
+    target."""
     if target_name == "cpu-openvino":
         return openvino_kernels(path, threads)
+    if target_name == "cpu-ort":
+        return graph_kernels(path, runtime_view(path, threads))
     if target_name == "npu-qnn-htp":
         raise ConfigError("the NPU's kernels are not read from a compiled model",
                           "they follow the candidate's FP32 export and policy", "use npu_kernels(fp32, int8_layers)")
-    return graph_kernels(path, runtime_view(path, threads))
+    raise ConfigError(f"no kernel-level latency model for {target_name}",
+                      "edgec reads the kernels of cpu-ort, cpu-openvino and npu-qnn-htp only", "use one of those")
 
 
 def feature_columns() -> list[str]:
@@ -487,6 +497,8 @@ class KernelPredictor:
             meta, samples = d["meta"], d["samples"]
             if not isinstance(meta, dict) or not all(k in meta for k in ("target", "threads", "anchor_p50_ms")):
                 raise ValueError("'meta' lacks the target, threads or anchor p50")
+            if not isinstance(meta.get("anchor", {}), dict) or not isinstance(meta.get("target"), str):
+                raise ValueError("'meta' has a target that is not a name or an anchor that is not an object")
             if not isinstance(samples, list) or not samples or not all(
                     isinstance(s, dict) and isinstance(s.get("id"), str) and isinstance(s.get("features"), list)
                     and len(s["features"]) == len(cols)

@@ -66,10 +66,45 @@ def predict_ov(model_path: str, inputs_npy: str, device: str, threads: int) -> d
     return {"outputs": out_path}
 
 
+def runtime_graph(model_path: str, device: str, threads: int) -> dict:
+    """The nodes of the runtime graph OpenVINO compiles ``model_path`` into at batch 1 (a symbolic batch
+    dimension set to 1, compiled once), in execution order: ``{"nodes": [{"name", "layer" (layerType),
+    "precision" (runtimePrecision), "original" (originalLayersNames), "inputs" (names of the producing
+    nodes), "input_shapes", "output_shape"}]}`` (shapes [] where not static). Raises ``ValueError`` for a
+    model with no input or a dynamic dimension other than the first input's batch."""
+    import openvino as ov
+
+    model = ov.Core().read_model(model_path)
+    if not model.inputs:
+        raise ValueError("the model has no inputs")
+    first = model.inputs[0].get_partial_shape()
+    if first.rank.is_dynamic or any(d.is_dynamic for d in list(first)[1:]):
+        raise ValueError(f"its input has the shape {first}: only the batch dimension may be dynamic")
+    shape = [1, *[d.get_length() for d in list(first)[1:]]] if first.rank.get_length() and first[0].is_dynamic \
+        else None
+    del model
+    _, compiled = compile_ov(model_path, device, threads, shape, perf_count=False)
+
+    def info(op, key: str) -> str:
+        rt = op.get_rt_info()
+        return rt[key].astype(str) if key in rt else ""
+
+    def dims(ps) -> list[int]:
+        return [d.get_length() for d in ps] if ps.is_static else []
+
+    nodes = [{"name": op.get_friendly_name(), "layer": info(op, "layerType"), "precision": info(op, "runtimePrecision"),
+              "original": info(op, "originalLayersNames"),
+              "inputs": [op.input_value(i).get_node().get_friendly_name() for i in range(op.get_input_size())],
+              "input_shapes": [dims(op.get_input_partial_shape(i)) for i in range(op.get_input_size())],
+              "output_shape": dims(op.get_output_partial_shape(0)) if op.get_output_size() else []}
+             for op in compiled.get_runtime_model().get_ordered_ops()]
+    return {"nodes": nodes}
+
+
 def main() -> None:
     from edgec.targets.ort_worker import serve
 
-    serve({"measure_ov": measure_ov, "predict_ov": predict_ov})
+    serve({"measure_ov": measure_ov, "predict_ov": predict_ov, "runtime_graph": runtime_graph})
 
 
 if __name__ == "__main__":

@@ -166,25 +166,32 @@ def test_a_damaged_latency_model_gives_no_prior_and_says_why(monkeypatch, tmp_pa
     monkeypatch.setattr(edgec.latency_job, "model_path", lambda settings, spec, target: path)
     cfg = CompileConfig(dataset="digits")
     reference = SimpleNamespace(latency=SimpleNamespace(p50_ms=2.0))
-    assert latency_prior(cfg, spec8, SimpleNamespace(target=None), reference)[1].startswith("none (no latency model")
+    evaluator = SimpleNamespace(target=SimpleNamespace(name="cpu-ort", threads=2, latency_kind="measured",
+                                                       describe=lambda: {"runtime": "test", "device": "test cpu"}))
+    assert latency_prior(cfg, spec8, evaluator, reference)[1].startswith("none (no latency model")
     good = [{"id": c.id, "candidate": c.to_dict(), "features": [0.0] * len(feature_columns()), "ratio": 0.5}
             for c in random_candidates(spec8, 3, 0)]
     doc = {"format": FORMAT, "coef": {}, "overhead_ratio": 0.1,
            "meta": {"target": "cpu-ort", "threads": 2, "anchor_p50_ms": 1.0,
                     "anchor": {"candidate": anchor_candidate(spec8).to_dict()}}}
     path.write_text(json.dumps({**doc, "samples": good}))
-    prior, info = latency_prior(cfg, spec8, SimpleNamespace(target=None), reference)
+    prior, info = latency_prior(cfg, spec8, evaluator, reference)
     assert len(prior) == 3 and all(ms == 1.0 for _, ms in prior) and "3 measured candidates" in info
     for damage in ("abc", {"policy": {}}, {**good[0]["candidate"], "subnet": {"blocks": ["k9_e9"], "widths": []}}):
         path.write_text(json.dumps({**doc, "samples": [{**good[0], "candidate": damage}]}))
-        prior, info = latency_prior(cfg, spec8, SimpleNamespace(target=None), reference)
+        prior, info = latency_prior(cfg, spec8, evaluator, reference)
         assert prior == [] and "damaged sample" in info and str(path) in info
     path.write_text(json.dumps({**doc, "samples": [{**good[0], "ratio": -0.3}]}))  # refused when loaded
-    assert "is unusable" in latency_prior(cfg, spec8, SimpleNamespace(target=None), reference)[1]
+    assert "is unusable" in latency_prior(cfg, spec8, evaluator, reference)[1]
     other_anchor = {**doc, "meta": {**doc["meta"], "anchor": {"candidate": anchor_candidate(spec8, "npu-qnn-htp").to_dict(),
                                                             "what": "smallest subnet, all INT8"}}}
     path.write_text(json.dumps({**other_anchor, "samples": good}))
-    prior, info = latency_prior(cfg, spec8, SimpleNamespace(target=None), reference)
+    prior, info = latency_prior(cfg, spec8, evaluator, reference)
     assert prior == [] and "next to smallest subnet, all INT8, not this run's reference" in info
     path.write_text("not json")
-    assert "is unusable" in latency_prior(cfg, spec8, SimpleNamespace(target=None), reference)[1]
+    assert "is unusable" in latency_prior(cfg, spec8, evaluator, reference)[1]
+    path.write_text(json.dumps({**doc, "meta": {**doc["meta"], "anchor": "largest"}, "samples": good}))
+    assert "is unusable" in latency_prior(cfg, spec8, evaluator, reference)[1]
+    path.write_text(json.dumps({**doc, "meta": {**doc["meta"], "target": "npu-qnn-htp"}, "samples": good}))
+    prior, info = latency_prior(cfg, spec8, evaluator, reference)  # another target's model under this one's name
+    assert "is a latency model of 'npu-qnn-htp', not cpu-ort" in info and prior == []
