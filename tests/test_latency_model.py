@@ -159,9 +159,12 @@ def test_an_interrupted_build_says_so_and_leaves_nothing_behind(tmp_path, sig, c
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     env = {**os.environ, "EDGEC_CACHE_DIR": str(tmp_path / "cache"), "TMPDIR": str(scratch)}
+    import signal
+
+    # a test run in the background (nohup, CI) ignores SIGINT, and its children would inherit that
     proc = subprocess.Popen([sys.executable, "-m", "edgec.cli", "latency", "build", "--dataset", "digits", "--samples",
                              "40", "--runs", "30", "--no-lut"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not list(scratch.glob("edgec-latency-*")) and time.monotonic() < deadline:
         time.sleep(0.2)
