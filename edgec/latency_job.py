@@ -677,7 +677,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-PRIOR_MIN_SPEARMAN = 0.9  # a model from another machine ranks candidates at least this well here, or is not used
+PRIOR_MIN_SPEARMAN = 0.9  # LINAS uses a model only if its last validation on this machine ranks at least this well
 AUTO_VALIDATION_SUBNETS = 100
 
 
