@@ -483,7 +483,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
     linas = f"edgec compile --strategy linas --target {settings.target} --dataset {settings.dataset}"
     if result["spearman"] >= PRIOR_MIN_SPEARMAN:
         out.print(f"Spearman {result['spearman']:.3f} ≥ {PRIOR_MIN_SPEARMAN}: '{linas}' uses this model's measured "
-                  "candidates as its latency prior (these figures are recorded next to the model).")
+                  "candidates as its latency prior.")
     else:
         out.print(f"[yellow]Spearman {result['spearman']:.3f} < {PRIOR_MIN_SPEARMAN}: '{linas}' will not use this "
                   f"model; build it again on a quiet machine, with more --samples.[/yellow]")

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgec.compile.package import sha256_file
 from edgec.errors import ConfigError
 
 CALIBRATION_IMAGES = 256
@@ -501,8 +502,6 @@ def measured_candidates(path: Path, spec) -> tuple[list, str | None]:
     """The (candidate, p50 / anchor p50) pairs the latency model at ``path`` was fit on, for
     ``spec``'s space — LINAS's latency prior. Returns ([], why) when the file is missing, unreadable
     or holds a sample that is not a valid measured candidate of ``spec`` (never raises)."""
-    from edgec.errors import EdgecError
-    from edgec.search.space import Candidate
     from edgec.targets.latency_model import KernelPredictor
 
     if not path.exists():
@@ -511,6 +510,14 @@ def measured_candidates(path: Path, spec) -> tuple[list, str | None]:
         model = KernelPredictor.load(path)
     except ConfigError as e:
         return [], f"the latency model {path} is unusable: {e.why}"
+    return sample_pairs(model, path, spec)
+
+
+def sample_pairs(model, path: Path, spec) -> tuple[list, str | None]:
+    """:func:`measured_candidates` of a model already loaded (from ``path``, named in the reason)."""
+    from edgec.errors import EdgecError
+    from edgec.search.space import Candidate
+
     pairs = []
     for s in model.samples:
         try:  # the file is ours, but hand-edited or damaged samples must not end a search
@@ -605,7 +612,7 @@ def validate_model(settings: LatencySettings, progress) -> dict:
             progress.log(f"the latency model {path} was built on another machine "
                          f"({machine_difference(model.meta, target)}): validating it here")
         lut = _load_lut(lut_path(path), spec)
-        _, damaged = measured_candidates(path, spec)  # before any measuring: samples the table would read
+        pairs, damaged = sample_pairs(model, path, spec)  # before any measuring: samples the table reads
         if damaged:
             raise ConfigError(f"the latency model {path} cannot be validated", damaged,
                               f"rebuild it with '{command_line('build', settings)}'")
@@ -644,7 +651,7 @@ def validate_model(settings: LatencySettings, progress) -> dict:
         **validation_metrics([r["ratio"] for r in rows], [r["lut_predicted_ratio"] for r in rows]),
         "path": str(lut_path(path)), "entries": len(lut.entries), "overhead_ratio": lut.overhead_ratio,
         "fit": validation_metrics([s["ratio"] for s in model.samples],
-                                  [lut.predict_ratio(spec, Candidate.from_dict(s["candidate"])) for s in model.samples])}
+                                  [lut.predict_ratio(spec, c) for c, _ in pairs])}
     train = model.fit_metrics()
     drift = [r["anchor_p50_ms"] for r in rows]
     here = _machine(target)
@@ -665,16 +672,12 @@ def validate_model(settings: LatencySettings, progress) -> dict:
     record = revalidation_path(path, target)  # what trusted_model reads (and does not measure again)
     try:
         tmp = record.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"model_sha256": _sha256(path), **result}, indent=1))
+        tmp.write_text(json.dumps({"model_sha256": sha256_file(path), **result}, indent=1))
         tmp.replace(record)
     except OSError as e:
         raise ConfigError(f"cannot record the validation in {record}", e.strerror or str(e),
                           "free some space or set EDGEC_CACHE_DIR to a writable folder") from None
     return result
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 PRIOR_MIN_SPEARMAN = 0.9  # LINAS uses a model only if its last validation on this machine ranks at least this well
@@ -687,7 +690,7 @@ def recorded_validation(path: Path, target) -> dict | None:
     the record is damaged (never raises)."""
     try:
         v = json.loads(revalidation_path(path, target).read_bytes().decode("utf-8", errors="replace"))
-        if not isinstance(v, dict) or v.get("model_sha256") != _sha256(path):
+        if not isinstance(v, dict) or v.get("model_sha256") != sha256_file(path):
             return None  # the model changed since, or the record is not one
         for key in ("spearman", "within_10pct", "n"):  # what is read: numbers, or validate again
             if not isinstance(v.get(key), (int, float)) or isinstance(v.get(key), bool):

@@ -755,8 +755,7 @@ def latency_prior(cfg, spec, evaluator, reference: Evaluation, progress: Progres
     here first, :func:`edgec.latency_job.trusted_model`), each as (candidate, its p50 / anchor p50 ×
     this run's reference p50 ms) — the anchor *is* the reference, the largest subnet in FP32. Empty
     (and why) when there is no usable model or the objective is not one target's p50."""
-    from edgec.latency_job import (LatencySettings, anchor_candidate, command_line, measured_candidates,
-                                   trusted_model)
+    from edgec.latency_job import LatencySettings, anchor_candidate, command_line, sample_pairs, trusted_model
 
     if cfg.objective != "primary":
         return [], "none (the max-latency objective is a ratio over targets, not one target's p50)"
@@ -770,7 +769,7 @@ def latency_prior(cfg, spec, evaluator, reference: Evaluation, progress: Progres
     if model.meta.get("anchor", {}).get("candidate") != anchor_candidate(spec).to_dict():
         return [], (f"none (the latency model {path} measured its candidates next to "
                     f"{model.meta.get('anchor', {}).get('what', 'another graph')}, not this run's reference)")
-    pairs, why = measured_candidates(path, spec)
+    pairs, why = sample_pairs(model, path, spec)  # the model trusted_model loaded, not read again
     if why:
         return [], f"none ({why}; rebuild it with {build})"
     ref_ms = reference.latency.p50_ms

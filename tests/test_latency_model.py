@@ -241,7 +241,7 @@ def test_latency_build_then_validate_on_digits(tmp_path, monkeypatch):
         before = records[0].read_text()
         model, path, trust = lj.trusted_model(settings, spec, target, Progress())
         assert model is not None and records[0].read_text() != before
-        assert json.loads(records[0].read_text())["model_sha256"] == lj._sha256(foreign)
+        assert json.loads(records[0].read_text())["model_sha256"] == lj.sha256_file(foreign)
         # the model built here again: its own recorded validation decides, as for a foreign one
         models[0].write_text(original)
         model, path, trust = lj.trusted_model(settings, spec, target, Progress())
@@ -567,7 +567,7 @@ def test_damaged_model_files_and_validation_records_are_refused_or_redone(tmp_pa
     monkeypatch.setattr(lj, "validate_model", lambda settings, progress: calls.append(1) or
                         {"n": 12, "spearman": 0.97, "within_10pct": 0.9})
     settings = lj.LatencySettings(dataset="digits")
-    for damage in ("[]", '{"spearman": "high"}', "{}", "\xff", json.dumps({"model_sha256": lj._sha256(foreign),
+    for damage in ("[]", '{"spearman": "high"}', "{}", "\xff", json.dumps({"model_sha256": lj.sha256_file(foreign),
                                                                            "spearman": None, "n": 3})):
         record.write_text(damage)
         model, used, trust = lj.trusted_model(settings, spec8, target, Progress())
