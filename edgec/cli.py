@@ -73,10 +73,11 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
                    help="--model smollm2: perplexity on the evaluation text may rise at most this much above FP32's, "
                         "as a fraction or percentage (default 10%%)")
     p.add_argument("--finetune-epochs", type=int,
-                   help="after the search, fine-tune the reference and the --finetune-top fastest Pareto architectures "
-                        "within --max-accuracy-drop + 3 points of its accuracy alone for this many epochs (distilled from the fine-tuned "
-                        "reference), then measure and choose again (default 0: off)")
-    p.add_argument("--finetune-top", type=int, help="how many architectures --finetune-epochs fine-tunes (default 4)")
+                   help="after the search, fine-tune alone for this many epochs the reference, then Pareto architectures "
+                        "picked by bisection for the fastest that comes within --max-accuracy-drop of it (distilled from "
+                        "the fine-tuned reference), then measure and choose again (default 0: off)")
+    p.add_argument("--finetune-top", type=int,
+                   help="at most this many architectures besides the reference are fine-tuned (default 4)")
     p.add_argument("--executor", help="in-process (default) | ray: candidate builds as Ray tasks, latency and "
                                       "device profiles on Ray nodes advertising the resource target:<name>")
     p.add_argument("--ray-address", help="with --executor ray: the cluster to join (default: start a local Ray)")

@@ -47,7 +47,7 @@ class CompileConfig:
     input_shape: tuple[int, ...] | None = None  # .onnx model input: full input shape where dims are dynamic
     prune_flops_target: float | None = None  # after the search: PAGCP-prune the chosen subnet by this FLOPs share
     finetune_epochs: int = 0               # after the search: fine-tune alone for this many epochs (0 = off) the
-    finetune_top: int = 4                  # reference and this many of the fastest promising Pareto architectures
+    finetune_top: int = 4                  # reference and at most this many Pareto architectures (a bisection)
     max_fidelity_drop: float = 0.02        # transformers (feature extraction): mean cosine to FP32 ≥ 1 - this
     recovery_steps: int = 0                # transformers: distillation steps after least squares (0 = none)
     recovery_candidates: int = 2           # transformers: how many of the fastest pruned sub-networks to recover (0 = none)

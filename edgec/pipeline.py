@@ -346,9 +346,6 @@ def select_chosen(evals: list[Evaluation], front_ids: list[str], reference: Eval
     return chosen, rule
 
 
-FINETUNE_MARGIN_PP = 3.0  # fine-tune Pareto architectures down to this many points below what may qualify
-
-
 class FinetunedWeights:
     """The fine-tuned weights of a run's architectures: ``study/finetuned/<arch>.safetensors``, where
     ``<arch>`` is the first 12 hex digits of the SHA-256 of the subnet's JSON; each file's metadata is
@@ -387,18 +384,57 @@ class FinetunedWeights:
         return cls(out / "study" / "finetuned", info["weights_meta"]) if info else None
 
 
+def finetune_pool(spec: SupernetSpec, evals: list[Evaluation]) -> list:
+    """The architectures :func:`finetune_front` may fine-tune: the Pareto front of the search's architectures
+    over (validation accuracy with the supernet's weights ↑, fastest measured p50 of any of its policies ↓),
+    fastest first, the largest left out (it is the reference). Each appears once."""
+    best: dict = {}
+    for e in evals:
+        arch = e.candidate.subnet
+        if arch == spec.largest():
+            continue
+        acc, p50 = best.get(arch, (-1.0, float("inf")))
+        best[arch] = (max(acc, e.val_accuracy), min(p50, e.objectives()[1]))
+    archs = list(best)
+    front = pareto_front([(best[a][0], best[a][1]) for a in archs], maximize=[True, False])
+    return sorted((archs[i] for i in front), key=lambda a: (best[a][1], -best[a][0]))
+
+
+def bisect_fastest(n: int, budget: int, qualifies: Callable[[int], bool]) -> list[tuple[int, bool]]:
+    """Binary search for the lowest index in ``range(n)`` (items sorted fastest first) for which
+    ``qualifies`` holds, assuming it holds for every index above that one; at most ``budget`` calls.
+    Returns the (index, qualified) pairs tried, in order."""
+    tried: list[tuple[int, bool]] = []
+    lo, hi = 0, n - 1
+    while lo <= hi and len(tried) < budget:
+        mid = (lo + hi) // 2
+        ok = qualifies(mid)
+        tried.append((mid, ok))
+        lo, hi = (lo, mid - 1) if ok else (mid + 1, hi)
+    return tried
+
+
 def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dict, ds: Dataset, searcher,
                    evaluators: list, reference: Evaluation, evals: list[Evaluation],
                    progress: Progress) -> tuple[Evaluation, list[Evaluation], dict]:
-    """``--finetune-epochs``: fine-tune the reference and the ``--finetune-top`` fastest architectures of the
-    Pareto front within ``--max-accuracy-drop`` + :data:`FINETUNE_MARGIN_PP` points of the reference's
-    validation accuracy (those fine-tuning may bring within the drop), each
-    alone (:func:`edgec.search.train.finetune_subnet`): the reference on the labels, the others distilled
-    from the fine-tuned reference. Every evaluation of those architectures is then compiled and measured
-    again with the fine-tuned weights (role ``finetuned``; the reference keeps its role), and every later
-    build of them (publishing, other targets) uses them. Weights are kept in ``study/finetuned/`` so a
-    resumed run does not train them again. Returns (reference, evaluations, the report's ``finetune``
-    section with each one's validation accuracy before and after)."""
+    """``--finetune-epochs``: fine-tune the reference, then up to ``--finetune-top`` architectures of the
+    search's Pareto front (:func:`finetune_pool`), each alone (:func:`edgec.search.train.finetune_subnet`): the
+    reference on the labels, the others distilled from the fine-tuned reference.
+
+    The architectures are picked by bisection over the front, fastest first: fine-tune the middle one; if its
+    validation accuracy (PyTorch, FP32) is then within ``--max-accuracy-drop`` of the fine-tuned reference's,
+    look among the faster half, else among the slower. Fine-tuning reorders the front (a child that sat
+    6 points below the largest with shared weights came within 0.2 of it), so the supernet's accuracies
+    cannot say how fast a qualifying model can be; the bisection finds the fastest that qualifies in
+    log2(front) fine-tunings, assuming that faster architectures of the front do not fine-tune better.
+
+    Every evaluation of a fine-tuned architecture is then compiled and measured again with the fine-tuned
+    weights (role ``finetuned``; the reference keeps its role), together with its all-FP32 and all-INT8
+    policies when the search had not tried them (a tiny model's FP32 form is often its fastest on a CPU);
+    every later build of them (publishing, other targets) uses the new weights. Weights are kept in
+    ``study/finetuned/`` so a resumed run does not train them again. Returns (reference, evaluations with
+    the new ones appended, the report's ``finetune`` section: each step of the bisection and each candidate's
+    validation accuracy before (None for a policy the search had not tried) and after)."""
     from edgec.search.supernet import extract_subnet
     from edgec.search.train import FinetuneSettings, finetune_subnet, predict_logits, recalibrate_bn
 
@@ -406,53 +442,80 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
     settings = FinetuneSettings(epochs=cfg.finetune_epochs, seed=cfg.seed)
     weights = FinetunedWeights(study / "finetuned", {"finetune": settings.to_dict(),
                                                       "supernet": supernet_info.get("cache_key")})
-    front = set(_front_ids([reference] + evals))
-    floor = reference.val_accuracy - (cfg.max_accuracy_drop + FINETUNE_MARGIN_PP) / 100
-    archs = []
-    for e in sorted((e for e in evals if e.candidate_id in front and e.val_accuracy >= floor),
-                    key=lambda e: (e.objectives()[1], e.size_bytes)):
-        if e.candidate.subnet != spec.largest() and e.candidate.subnet not in archs:
-            archs.append(e.candidate.subnet)
-    archs = [spec.largest()] + archs[:cfg.finetune_top]
+    pool = finetune_pool(spec, evals)
+    budget = min(cfg.finetune_top, len(pool))
     steps = settings.epochs * max(1, len(ds.train_x) // settings.batch_size)
-    progress.stage(f"fine-tuning the reference and {len(archs) - 1} architecture(s), {settings.epochs} epochs each",
-                   steps * len(archs))
-    teacher, trained = None, []
-    for i, arch in enumerate(archs):
+    progress.stage(f"fine-tuning the reference and up to {budget} of {len(pool)} Pareto architecture(s) "
+                   f"(bisection), {settings.epochs} epochs each", steps * (budget + 1))
+    state = {"teacher": None, "done": 0}
+
+    def tune(arch) -> tuple[float, dict]:
+        """Fine-tune ``arch`` (or load its stored weights); its validation accuracy (FP32) and its record."""
+        i = state["done"]
         static = extract_subnet(supernet, arch)
         t0 = time.perf_counter()
         cached = weights.apply(static, arch)
         if not cached:
             static = recalibrate_bn(static, ds.train_x)
-            finetune_subnet(static, ds.train_x, ds.train_y, settings, teacher_logits=teacher,
-                            on_step=lambda step, total, loss: progress.advance(i * steps + step, steps * len(archs),
+            finetune_subnet(static, ds.train_x, ds.train_y, settings, teacher_logits=state["teacher"],
+                            on_step=lambda step, total, loss: progress.advance(i * steps + step,
+                                                                               steps * (budget + 1),
                                                                                f"loss {loss:.3f}"))
             weights.save(static, arch)
-        progress.advance((i + 1) * steps, steps * len(archs))
-        if i == 0:
-            teacher = predict_logits(recalibrate_bn(static, ds.train_x), ds.train_x)
-        trained.append({"arch": weights.key(arch), "subnet": arch.to_dict(), "cached": cached,
-                        "train_s": None if cached else time.perf_counter() - t0,
-                        "teacher": "labels" if i == 0 else "the fine-tuned reference (KD) + labels"})
+        state["done"] += 1
+        progress.advance(state["done"] * steps, steps * (budget + 1))
+        static = recalibrate_bn(static, ds.train_x)
+        if state["teacher"] is None:
+            state["teacher"] = predict_logits(static, ds.train_x)
+        accuracy = float((predict_logits(static, ds.val_x).argmax(1) == ds.val_y).mean())
+        return accuracy, {"arch": weights.key(arch), "subnet": arch.to_dict(), "cached": cached,
+                          "train_s": None if cached else time.perf_counter() - t0, "val_accuracy_fp32": accuracy,
+                          "teacher": "labels" if i == 0 else "the fine-tuned reference (KD) + labels"}
+
+    ref_accuracy, ref_record = tune(spec.largest())
+    bar = ref_accuracy - cfg.max_accuracy_drop / 100
+    trained = [ref_record]
+
+    def qualifies(index: int) -> bool:
+        accuracy, record = tune(pool[index])
+        trained.append({**record, "qualifies": accuracy >= bar})
+        return accuracy >= bar
+
+    archs = [pool[i] for i, _ in bisect_fastest(len(pool), budget, qualifies)]
     for ev in evaluators:
         ev.finetuned = weights
     todo = [reference] + [e for e in evals if e.candidate.subnet in archs]
-    progress.stage(f"evaluating {len(todo)} fine-tuned candidate(s) again", len(todo))
+    known = {e.candidate_id for e in todo}
+    extra = []
+    for arch in archs:
+        for policy in (QuantPolicy(), QuantPolicy.uniform(spec.layers_of(arch), "int8")):
+            candidate = make_candidate(spec, arch, policy)
+            if candidate.id not in known:
+                known.add(candidate.id)
+                extra.append(candidate)
+    progress.stage(f"evaluating {len(todo) + len(extra)} fine-tuned candidate(s)", len(todo) + len(extra))
     after = {}
-    for i, e in enumerate(todo, 1):
+    for i, item in enumerate([*todo, *extra], 1):
         # the reference first: under --objective max-latency it sets the denominators anew
-        after[e.candidate_id] = searcher.evaluate(e.candidate, "reference" if e is reference else "finetuned")
-        progress.advance(i, len(todo), e.candidate_id)
-    info = {"epochs": settings.epochs, "settings": settings.to_dict(), "margin_pp": FINETUNE_MARGIN_PP,
-            "weights_meta": weights.meta, "folder": str(weights.folder), "architectures": trained,
-            "rule": f"the reference, then the {cfg.finetune_top} fastest Pareto architectures within "
-                    f"{cfg.max_accuracy_drop} + {FINETUNE_MARGIN_PP} points of its validation accuracy; every "
-                    "evaluation of them measured again",
+        candidate = item.candidate if isinstance(item, Evaluation) else item
+        after[candidate.id] = searcher.evaluate(candidate, "reference" if item is reference else "finetuned")
+        progress.advance(i, len(todo) + len(extra), candidate.id)
+    info = {"epochs": settings.epochs, "settings": settings.to_dict(), "weights_meta": weights.meta,
+            "folder": str(weights.folder), "architectures": trained, "pool": len(pool),
+            "bar_val_accuracy_fp32": bar,
+            "rule": f"the reference, then up to {cfg.finetune_top} of the search's {len(pool)} Pareto architectures, "
+                    f"picked by bisection for the fastest whose FP32 validation accuracy comes within "
+                    f"{cfg.max_accuracy_drop} points of the fine-tuned reference's; every evaluation of them "
+                    "measured again, with their all-FP32 and all-INT8 policies",
             "candidates": [{"candidate_id": e.candidate_id, "val_accuracy_before": e.val_accuracy,
                             "val_accuracy_after": after[e.candidate_id].val_accuracy,
                             "p50_ms_before": e.latency.p50_ms, "p50_ms_after": after[e.candidate_id].latency.p50_ms}
-                           for e in todo]}
-    return after[reference.candidate_id], [after.get(e.candidate_id, e) for e in evals], info
+                           for e in todo]
+                          + [{"candidate_id": c.id, "val_accuracy_before": None,
+                              "val_accuracy_after": after[c.id].val_accuracy, "p50_ms_before": None,
+                              "p50_ms_after": after[c.id].latency.p50_ms} for c in extra]}
+    return (after[reference.candidate_id], [after.get(e.candidate_id, e) for e in evals] + [after[c.id] for c in extra],
+            info)
 
 
 class MaxLatencyEvaluator:

@@ -343,9 +343,14 @@ def _finetune_html(info: dict | None) -> str:
     """``--finetune-epochs``: which architectures were fine-tuned and each candidate's accuracy before/after."""
     if not info:
         return ""
-    rows = "".join(f"<tr><td>{html.escape(c['candidate_id'])}</td><td>{c['val_accuracy_before'] * 100:.2f}</td>"
-                   f"<td>{c['val_accuracy_after'] * 100:.2f}</td><td>{(c['val_accuracy_after'] - c['val_accuracy_before']) * 100:+.2f}</td></tr>"
-                   for c in info["candidates"])
+    def row(c: dict) -> str:
+        before, after = c["val_accuracy_before"], c["val_accuracy_after"]
+        if before is None:  # a policy the search had not tried
+            return f"<tr><td>{html.escape(c['candidate_id'])}</td><td>—</td><td>{after * 100:.2f}</td><td>—</td></tr>"
+        return (f"<tr><td>{html.escape(c['candidate_id'])}</td><td>{before * 100:.2f}</td>"
+                f"<td>{after * 100:.2f}</td><td>{(after - before) * 100:+.2f}</td></tr>")
+
+    rows = "".join(row(c) for c in info["candidates"])
     return (f"<h2>Fine-tuning</h2><p>{html.escape(info['rule'])}: {len(info['architectures'])} architectures, "
             f"{info['epochs']} epochs each (the reference on the labels, the others distilled from it). The "
             "accuracies above are after fine-tuning; before and after (validation, %):</p>"

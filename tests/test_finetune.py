@@ -78,7 +78,7 @@ def test_finetune_settings_are_checked():
 
 
 @pytest.mark.slow
-def test_compile_finetunes_the_reference_and_the_fastest_front_and_resumes_without_training(tmp_path):
+def test_compile_finetunes_the_reference_and_a_bisection_of_the_front_and_resumes_without_training(tmp_path):
     out = tmp_path / "out"
     args = [sys.executable, "-m", "edgec.cli", "compile", "--dataset", "digits", "--train-epochs", "1",
             "--population-size", "4", "--budget-evals", "6", "--finetune-epochs", "1", "--finetune-top", "2",
@@ -91,6 +91,8 @@ def test_compile_finetunes_the_reference_and_the_fastest_front_and_resumes_witho
     largest = report["reference"]["candidate"]["subnet"]
     assert archs[0]["subnet"] == largest and archs[0]["teacher"] == "labels" and 2 <= len(archs) <= 3
     assert all(not a["cached"] and a["train_s"] > 0 for a in archs)
+    assert all(isinstance(a["qualifies"], bool) for a in archs[1:]) and "qualifies" not in archs[0]
+    assert all((a["val_accuracy_fp32"] >= ft["bar_val_accuracy_fp32"]) == a["qualifies"] for a in archs[1:])
     assert len(list((out / "study" / "finetuned").glob("*.safetensors"))) == len(archs)
     by_id = {e["candidate_id"]: e for e in report["evaluations"]}
     tuned = {json.dumps(a["subnet"], sort_keys=True) for a in archs}
@@ -98,6 +100,11 @@ def test_compile_finetunes_the_reference_and_the_fastest_front_and_resumes_witho
         e = by_id[c["candidate_id"]]
         assert e["val_accuracy"] == c["val_accuracy_after"] and json.dumps(e["candidate"]["subnet"], sort_keys=True) in tuned
         assert e["role"] in ("reference", "finetuned")
+    # each fine-tuned architecture is also measured in all-FP32 and all-INT8, tried by the search or not
+    for a in archs[1:]:
+        policies = [by_id[c["candidate_id"]]["candidate"]["policy"] for c in ft["candidates"]
+                    if by_id[c["candidate_id"]]["candidate"]["subnet"] == a["subnet"]]
+        assert {"fp32"} in [set(p.values()) for p in policies] and {"int8"} in [set(p.values()) for p in policies]
     # the digits supernet trained 1 epoch is far from converged: fine-tuning its reference must help
     ref = next(c for c in ft["candidates"] if c["candidate_id"] == report["reference"]["candidate_id"])
     assert ref["val_accuracy_after"] > ref["val_accuracy_before"]
@@ -119,3 +126,40 @@ def test_compile_finetunes_the_reference_and_the_fastest_front_and_resumes_witho
     manifest = json.loads((out / "manifest.json").read_text())
     ref_art = next(a for a in manifest["artifacts"] if a["role"] == "reference" and a["target"] == "cpu-ort")
     assert ref_art["val_accuracy"] == ref["val_accuracy_before"]
+
+
+@pytest.mark.parametrize("n, first_ok", [(1, 0), (7, 0), (7, 3), (7, 6), (7, 7), (16, 5), (16, 16)])
+def test_bisection_finds_the_fastest_qualifying_architecture(n, first_ok):
+    from edgec.pipeline import bisect_fastest
+
+    calls = []
+
+    def qualifies(i):
+        calls.append(i)
+        return i >= first_ok
+
+    tried = bisect_fastest(n, n, qualifies)
+    assert [i for i, _ in tried] == calls and len(set(calls)) == len(calls)
+    assert len(tried) <= int(np.ceil(np.log2(n + 1)))  # a bisection, not a scan
+    found = [i for i, ok in tried if ok]
+    assert (min(found) if found else n) == first_ok  # first_ok == n: nothing qualifies
+    assert all(ok == (i >= first_ok) for i, ok in tried)
+    assert len(bisect_fastest(n, 1, qualifies)) == 1 and bisect_fastest(0, 4, qualifies) == []
+
+
+def test_finetune_pool_is_the_architectures_front_fastest_first_without_the_largest(spec8):
+    from types import SimpleNamespace
+
+    from edgec.pipeline import finetune_pool
+
+    rng = np.random.default_rng(0)
+    a, b, c, d = [spec8.sample(rng) for _ in range(4)]
+    assert len({a, b, c, d, spec8.largest()}) == 5
+
+    def ev(arch, acc, p50):
+        return SimpleNamespace(candidate=SimpleNamespace(subnet=arch), val_accuracy=acc,
+                               objectives=lambda: (acc, p50, 1000))
+
+    evals = [ev(spec8.largest(), 0.99, 9.0), ev(a, 0.90, 2.0), ev(a, 0.91, 3.0),  # a: best of both policies
+             ev(b, 0.80, 1.0), ev(c, 0.85, 2.5), ev(d, 0.95, 4.0)]                 # c: dominated by a
+    assert finetune_pool(spec8, evals) == [b, a, d]
