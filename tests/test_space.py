@@ -60,3 +60,25 @@ def test_validate_refuses_misfits(spec8):
 def test_bad_precision_is_refused():
     with pytest.raises(ConfigError, match="int4"):
         QuantPolicy((("stem", "int4"),))
+
+
+def test_growth_ladder_grows_the_smallest_subnet_one_elastic_dimension_at_a_time(spec8):
+    small = spec8.smallest()
+    ladder = spec8.growth_ladder()
+    assert len(ladder) == len(set(ladder)) and small not in ladder and spec8.largest() not in ladder
+    kinds = set()
+    for arch in ladder:
+        spec8.validate(arch)
+        changed_blocks = [(a, b) for a, b in zip(small.blocks, arch.blocks) if a != b]
+        if arch.widths != small.widths:  # wider: same blocks, every stage at a larger choice
+            assert not changed_blocks and all(w > v for w, v in zip(arch.widths, small.widths))
+            kinds.add("width")
+        elif all(a.skip for a, _ in changed_blocks):  # deeper: the skipped blocks kept, as the smallest op
+            assert all(b.name == "k3_e1" for b in arch.blocks)
+            kinds.add("depth")
+        else:  # the kept blocks changed, one of kernel / expansion
+            assert all(not a.skip and not b.skip for a, b in changed_blocks)
+            assert len({(b.kernel != a.kernel, b.expansion != a.expansion) for a, b in changed_blocks}) == 1
+            kinds.add("kernel" if changed_blocks[0][1].kernel != changed_blocks[0][0].kernel else "expansion")
+    assert kinds == {"width", "depth", "kernel", "expansion"}
+    assert sorted(b.expansion for b in (a.blocks[0] for a in ladder) if b.kernel == 3 and b.expansion > 1) == [3, 6]
