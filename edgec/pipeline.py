@@ -419,17 +419,20 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
                    progress: Progress) -> tuple[Evaluation, list[Evaluation], dict]:
     """``--finetune-epochs``: fine-tune the reference, then up to ``--finetune-top`` architectures of the
     search's Pareto front (:func:`finetune_pool`), each alone (:func:`edgec.search.train.finetune_subnet`): the
-    reference on the labels, the others distilled from the fine-tuned reference.
+    reference on the labels, the others distilled from the reference. The reference's fine-tuning is kept
+    only when it raises its FP32 validation accuracy (else it keeps the supernet's weights), so neither the
+    bar nor the teacher is lowered by it.
 
     The architectures are picked by bisection over the front, fastest first: fine-tune the middle one; if its
-    validation accuracy (PyTorch, FP32) is then within ``--max-accuracy-drop`` of the fine-tuned reference's,
+    validation accuracy (PyTorch, FP32) is then within ``--max-accuracy-drop`` of the reference's,
     look among the faster half, else among the slower. Fine-tuning reorders the front (a child that sat
     6 points below the largest with shared weights came within 0.2 of it), so the supernet's accuracies
     cannot say how fast a qualifying model can be; the bisection finds the fastest that qualifies in
     log2(front) fine-tunings, assuming that faster architectures of the front do not fine-tune better.
 
-    Every evaluation of a fine-tuned architecture is then compiled and measured again with the fine-tuned
-    weights (role ``finetuned``; the reference keeps its role), together with its all-FP32 and all-INT8
+    Every evaluation of a fine-tuned architecture, the reference's included (e.g. its INT8 form), is then
+    compiled and measured again with the fine-tuned weights (role ``finetuned``; the reference keeps its
+    role; these are not stored, so ``--resume`` measures them again), together with its all-FP32 and all-INT8
     policies when the search had not tried them (a tiny model's FP32 form is often its fastest on a CPU);
     every later build of them (publishing, other targets) uses the new weights. Weights are kept in
     ``study/finetuned/`` so a resumed run does not train them again. Returns (reference, evaluations with
@@ -449,28 +452,47 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
                    f"(bisection), {settings.epochs} epochs each", steps * (budget + 1))
     state = {"teacher": None, "done": 0}
 
+    def val_accuracy(net) -> float:
+        return float((predict_logits(net, ds.val_x).argmax(1) == ds.val_y).mean())
+
     def tune(arch) -> tuple[float, dict]:
-        """Fine-tune ``arch`` (or load its stored weights); its validation accuracy (FP32) and its record."""
+        """Fine-tune ``arch`` (or load its stored weights); its validation accuracy (FP32) and its record.
+        The first call is the reference: its fine-tuning is kept only when it raises that accuracy (else
+        the supernet's weights are stored in its place, so the bar and the teacher never get worse)."""
         i = state["done"]
         static = extract_subnet(supernet, arch)
         t0 = time.perf_counter()
         cached = weights.apply(static, arch)
-        if not cached:
+        record: dict = {"arch": weights.key(arch), "subnet": arch.to_dict(), "cached": cached}
+        if cached:
+            progress.log(f"fine-tuning: {'the reference' if i == 0 else weights.key(arch)}'s stored weights "
+                         "are used (not trained again)")
+        else:
             static = recalibrate_bn(static, ds.train_x)
+            if i == 0:
+                before = val_accuracy(static)
+                original = {k: v.clone() for k, v in static.state_dict().items()}
             finetune_subnet(static, ds.train_x, ds.train_y, settings, teacher_logits=state["teacher"],
                             on_step=lambda step, total, loss: progress.advance(i * steps + step,
                                                                                steps * (budget + 1),
                                                                                f"loss {loss:.3f}"))
+            if i == 0:
+                after = val_accuracy(recalibrate_bn(static, ds.train_x))
+                record.update(val_accuracy_fp32_before=before, val_accuracy_fp32_tuned=after, kept=after > before)
+                if not record["kept"]:
+                    static.load_state_dict(original)
+                    progress.log(f"fine-tuning: the reference's validation accuracy fell ({before * 100:.2f} → "
+                                 f"{after * 100:.2f} %); it keeps the supernet's weights")
             weights.save(static, arch)
         state["done"] += 1
         progress.advance(state["done"] * steps, steps * (budget + 1))
         static = recalibrate_bn(static, ds.train_x)
         if state["teacher"] is None:
             state["teacher"] = predict_logits(static, ds.train_x)
-        accuracy = float((predict_logits(static, ds.val_x).argmax(1) == ds.val_y).mean())
-        return accuracy, {"arch": weights.key(arch), "subnet": arch.to_dict(), "cached": cached,
-                          "train_s": None if cached else time.perf_counter() - t0, "val_accuracy_fp32": accuracy,
-                          "teacher": "labels" if i == 0 else "the fine-tuned reference (KD) + labels"}
+        accuracy = val_accuracy(static)
+        return accuracy, {**record, "train_s": None if cached else time.perf_counter() - t0,
+                          "val_accuracy_fp32": accuracy,
+                          "teacher": "labels" if i == 0 else "the reference (KD) + labels"}
 
     ref_accuracy, ref_record = tune(spec.largest())
     bar = ref_accuracy - cfg.max_accuracy_drop / 100
@@ -482,9 +504,11 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
         return accuracy >= bar
 
     archs = [pool[i] for i, _ in bisect_fastest(len(pool), budget, qualifies)]
+    progress.advance(steps * (budget + 1), steps * (budget + 1))  # the bisection may end before its budget
     for ev in evaluators:
         ev.finetuned = weights
-    todo = [reference] + [e for e in evals if e.candidate.subnet in archs]
+    tuned = {spec.largest(), *archs}  # the reference's other policies (its INT8 form) have new weights too
+    todo = [reference] + [e for e in evals if e.candidate.subnet in tuned and e.candidate_id != reference.candidate_id]
     known = {e.candidate_id for e in todo}
     extra = []
     for arch in archs:
@@ -505,7 +529,8 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
             "bar_val_accuracy_fp32": bar,
             "rule": f"the reference, then up to {cfg.finetune_top} of the search's {len(pool)} Pareto architectures, "
                     f"picked by bisection for the fastest whose FP32 validation accuracy comes within "
-                    f"{cfg.max_accuracy_drop} points of the fine-tuned reference's; every evaluation of them "
+                    f"{cfg.max_accuracy_drop} points of the reference's (fine-tuned when that raised it); every "
+                    "evaluation of them and of the reference's architecture "
                     "measured again, with their all-FP32 and all-INT8 policies",
             "candidates": [{"candidate_id": e.candidate_id, "val_accuracy_before": e.val_accuracy,
                             "val_accuracy_after": after[e.candidate_id].val_accuracy,
@@ -1097,7 +1122,8 @@ def _publish_target(out: Path, evaluator, evals: list[Evaluation], reference_id:
         art = Artifact(ev.candidate_id, str(path.relative_to(out)), sha256_file(path), target.name, role, False,
                        test_acc, ev.val_accuracy, ev.latency.p50_ms, ev.latency.p90_ms, ev.latency.kind,
                        path.stat().st_size, ev.candidate.subnet.to_dict(), ev.candidate.policy.to_dict(), input_spec,
-                       recipe=target.recipe, files=extra_files, quality=quality)
+                       recipe=target.recipe, files=extra_files, quality=quality,
+                       finetuned=evaluator.finetuned is not None and evaluator.finetuned.has(ev.candidate.subnet))
         published.append((ev, art))
         progress.advance(i, len(evals), ev.candidate_id)
     keep = {ev.candidate_id for ev, _ in published}

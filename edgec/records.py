@@ -82,6 +82,7 @@ class Artifact:
     recipe: str = ""                            # the target's quantization recipe
     files: list = field(default_factory=list)   # further files next to the model (e.g. an EPContext binary)
     quality: dict = field(default_factory=dict)  # ONNX-model input: fidelity on the evaluation data
+    finetuned: bool = False                     # built from --finetune-epochs weights, not the supernet's
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

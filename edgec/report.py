@@ -343,6 +343,7 @@ def _finetune_html(info: dict | None) -> str:
     """``--finetune-epochs``: which architectures were fine-tuned and each candidate's accuracy before/after."""
     if not info:
         return ""
+
     def row(c: dict) -> str:
         before, after = c["val_accuracy_before"], c["val_accuracy_after"]
         if before is None:  # a policy the search had not tried
@@ -351,9 +352,20 @@ def _finetune_html(info: dict | None) -> str:
                 f"<td>{after * 100:.2f}</td><td>{(after - before) * 100:+.2f}</td></tr>")
 
     rows = "".join(row(c) for c in info["candidates"])
+    def step(i: int, a: dict) -> str:
+        qualifies = "—" if "qualifies" not in a else ("yes" if a["qualifies"] else "no")
+        trained = "stored" if a["cached"] else f"{a['train_s']:.0f} s"
+        return (f"<tr><td>{html.escape(a['arch'])}</td><td>{'reference' if i == 0 else i}</td>"
+                f"<td>{a['val_accuracy_fp32'] * 100:.2f}</td><td>{qualifies}</td><td>{trained}</td></tr>")
+
+    steps = "".join(step(i, a) for i, a in enumerate(info["architectures"]))
     return (f"<h2>Fine-tuning</h2><p>{html.escape(info['rule'])}: {len(info['architectures'])} architectures, "
-            f"{info['epochs']} epochs each (the reference on the labels, the others distilled from it). The "
-            "accuracies above are after fine-tuning; before and after (validation, %):</p>"
+            f"{info['epochs']} epochs each (the reference on the labels, the others distilled from it).</p>"
+            "<table><tr><th>architecture</th><th>step</th><th>val acc % (FP32)</th><th>qualifies</th>"
+            f"<th>trained</th></tr>{steps}</table>"
+            "<p>The candidates of those architectures (role <code>finetuned</code> in the tables above; the other "
+            "candidates keep the supernet's weights), validation accuracy before and after (%; — : a policy the "
+            "search had not tried):</p>"
             f"<table><tr><th>candidate</th><th>before</th><th>after</th><th>Δ pp</th></tr>{rows}</table>")
 
 

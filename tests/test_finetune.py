@@ -92,6 +92,10 @@ def test_compile_finetunes_the_reference_and_a_bisection_of_the_front_and_resume
     assert archs[0]["subnet"] == largest and archs[0]["teacher"] == "labels" and 2 <= len(archs) <= 3
     assert all(not a["cached"] and a["train_s"] > 0 for a in archs)
     assert all(isinstance(a["qualifies"], bool) for a in archs[1:]) and "qualifies" not in archs[0]
+    # the reference's fine-tuning is kept only when it helped: the bar never falls below the supernet's
+    ref_arch = archs[0]
+    assert ref_arch["kept"] == (ref_arch["val_accuracy_fp32_tuned"] > ref_arch["val_accuracy_fp32_before"])
+    assert ref_arch["val_accuracy_fp32"] >= ref_arch["val_accuracy_fp32_before"] - 0.02  # BN re-estimated, else equal
     assert all((a["val_accuracy_fp32"] >= ft["bar_val_accuracy_fp32"]) == a["qualifies"] for a in archs[1:])
     assert len(list((out / "study" / "finetuned").glob("*.safetensors"))) == len(archs)
     by_id = {e["candidate_id"]: e for e in report["evaluations"]}
@@ -100,6 +104,9 @@ def test_compile_finetunes_the_reference_and_a_bisection_of_the_front_and_resume
         e = by_id[c["candidate_id"]]
         assert e["val_accuracy"] == c["val_accuracy_after"] and json.dumps(e["candidate"]["subnet"], sort_keys=True) in tuned
         assert e["role"] in ("reference", "finetuned")
+    # every evaluation of the reference's architecture (its INT8 form too) was measured with the new weights
+    assert all(e["role"] in ("reference", "finetuned") for e in report["evaluations"]
+               if e["candidate"]["subnet"] == largest)
     # each fine-tuned architecture is also measured in all-FP32 and all-INT8, tried by the search or not
     for a in archs[1:]:
         policies = [by_id[c["candidate_id"]]["candidate"]["policy"] for c in ft["candidates"]
@@ -111,11 +118,15 @@ def test_compile_finetunes_the_reference_and_a_bisection_of_the_front_and_resume
     manifest = json.loads((out / "manifest.json").read_text())
     ref_art = next(a for a in manifest["artifacts"] if a["role"] == "reference" and a["target"] == "cpu-ort")
     assert ref_art["val_accuracy"] == ref["val_accuracy_after"]
+    assert all(a["finetuned"] == (json.dumps(a["config"], sort_keys=True) in tuned) for a in manifest["artifacts"])
+    html = (out / "report.html").read_text()
+    assert all(a["arch"] in html for a in archs) and "qualifies" in html
     # resumed: the weights are reused, not trained again, and give the same models
     p = subprocess.run(args[:-2] + ["--out", str(out), "--resume"], capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-2000:]
     again = json.loads((out / "report.json").read_text())["finetune"]
     assert all(a["cached"] for a in again["architectures"])
+    assert "stored weights are used (not trained again)" in p.stdout + p.stderr
     assert [c["val_accuracy_after"] for c in again["candidates"]] == [c["val_accuracy_after"] for c in ft["candidates"]]
     # resumed without fine-tuning: the models published are the supernet's again, with their own figures
     i = args.index("--finetune-epochs")
