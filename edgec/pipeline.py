@@ -350,10 +350,15 @@ class FinetunedWeights:
     """The fine-tuned weights of a run's architectures: ``study/finetuned/<arch>.safetensors``, where
     ``<arch>`` is the first 12 hex digits of the SHA-256 of the subnet's JSON; each file's metadata is
     ``meta`` (the fine-tuning settings and the supernet's cache key), so weights from other settings or
-    another supernet are never loaded."""
+    another supernet are never loaded. ``only``: the architecture keys this run fine-tuned; other files in
+    the folder (left by an earlier attempt of a resumed run whose bisection went elsewhere) are ignored."""
 
-    def __init__(self, folder: Path, meta: dict) -> None:
-        self.folder, self.meta = folder, meta
+    def __init__(self, folder: Path, meta: dict, only: frozenset[str] | None = None) -> None:
+        self.folder, self.meta, self.only = folder, meta, only
+
+    def restricted(self, subnets) -> "FinetunedWeights":
+        """The same weights, used only for ``subnets``."""
+        return FinetunedWeights(self.folder, self.meta, frozenset(self.key(s) for s in subnets))
 
     @staticmethod
     def key(subnet) -> str:
@@ -364,13 +369,13 @@ class FinetunedWeights:
 
     def has(self, subnet) -> bool:
         """Whether ``subnet`` has fine-tuned weights here (of these settings, checked when loaded)."""
-        return self.path(subnet).is_file()
+        return (self.only is None or self.key(subnet) in self.only) and self.path(subnet).is_file()
 
     def apply(self, static, subnet) -> bool:
         """Load the fine-tuned weights of ``subnet`` into ``static`` (its extracted net); False if none."""
         from edgec.search.train import load_weights
 
-        return load_weights(static, self.path(subnet), self.meta)
+        return self.has(subnet) and load_weights(static, self.path(subnet), self.meta)
 
     def save(self, static, subnet) -> None:
         from edgec.search.train import save_weights
@@ -381,7 +386,9 @@ class FinetunedWeights:
     def of_run(cls, out: Path, report: dict) -> "FinetunedWeights | None":
         """The weights a finished run in ``out`` published with (None when it fine-tuned nothing)."""
         info = report.get("finetune")
-        return cls(out / "study" / "finetuned", info["weights_meta"]) if info else None
+        if not info:
+            return None
+        return cls(out / "study" / "finetuned", info["weights_meta"], frozenset(a["arch"] for a in info["architectures"]))
 
 
 def finetune_pool(spec: SupernetSpec, evals: list[Evaluation]) -> list:
@@ -457,8 +464,8 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
 
     def tune(arch) -> tuple[float, dict]:
         """Fine-tune ``arch`` (or load its stored weights); its validation accuracy (FP32) and its record.
-        The first call is the reference: its fine-tuning is kept only when it raises that accuracy (else
-        the supernet's weights are stored in its place, so the bar and the teacher never get worse)."""
+        The fine-tuning is kept only when it raises that accuracy (else the supernet's weights are stored in
+        its place: the reference's bar and teacher, and no architecture, get worse by it)."""
         i = state["done"]
         static = extract_subnet(supernet, arch)
         t0 = time.perf_counter()
@@ -469,20 +476,19 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
                          "are used (not trained again)")
         else:
             static = recalibrate_bn(static, ds.train_x)
-            if i == 0:
-                before = val_accuracy(static)
-                original = {k: v.clone() for k, v in static.state_dict().items()}
+            before = val_accuracy(static)
+            original = {k: v.clone() for k, v in static.state_dict().items()}
             finetune_subnet(static, ds.train_x, ds.train_y, settings, teacher_logits=state["teacher"],
                             on_step=lambda step, total, loss: progress.advance(i * steps + step,
                                                                                steps * (budget + 1),
                                                                                f"loss {loss:.3f}"))
-            if i == 0:
-                after = val_accuracy(recalibrate_bn(static, ds.train_x))
-                record.update(val_accuracy_fp32_before=before, val_accuracy_fp32_tuned=after, kept=after > before)
-                if not record["kept"]:
-                    static.load_state_dict(original)
-                    progress.log(f"fine-tuning: the reference's validation accuracy fell ({before * 100:.2f} → "
-                                 f"{after * 100:.2f} %); it keeps the supernet's weights")
+            after = val_accuracy(recalibrate_bn(static, ds.train_x))
+            record.update(val_accuracy_fp32_before=before, val_accuracy_fp32_tuned=after, kept=after > before)
+            if not record["kept"]:
+                static.load_state_dict(original)
+                progress.log(f"fine-tuning: {'the reference' if i == 0 else weights.key(arch)}'s validation "
+                             f"accuracy did not rise ({before * 100:.2f} → {after * 100:.2f} %); it keeps the "
+                             "supernet's weights")
             weights.save(static, arch)
         state["done"] += 1
         progress.advance(state["done"] * steps, steps * (budget + 1))
@@ -506,7 +512,7 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
     archs = [pool[i] for i, _ in bisect_fastest(len(pool), budget, qualifies)]
     progress.advance(steps * (budget + 1), steps * (budget + 1))  # the bisection may end before its budget
     for ev in evaluators:
-        ev.finetuned = weights
+        ev.finetuned = weights.restricted([spec.largest(), *archs])
     tuned = {spec.largest(), *archs}  # the reference's other policies (its INT8 form) have new weights too
     todo = [reference] + [e for e in evals if e.candidate.subnet in tuned and e.candidate_id != reference.candidate_id]
     known = {e.candidate_id for e in todo}
@@ -527,7 +533,7 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
     info = {"epochs": settings.epochs, "settings": settings.to_dict(), "weights_meta": weights.meta,
             "folder": str(weights.folder), "architectures": trained, "pool": len(pool),
             "bar_val_accuracy_fp32": bar,
-            "rule": f"the reference, then up to {cfg.finetune_top} of the search's {len(pool)} Pareto architectures, "
+            "rule": f"the reference, then up to {budget} of the search's {len(pool)} Pareto architecture(s), "
                     f"picked by bisection for the fastest whose FP32 validation accuracy comes within "
                     f"{cfg.max_accuracy_drop} points of the reference's (fine-tuned when that raised it); every "
                     "evaluation of them and of the reference's architecture "

@@ -261,16 +261,20 @@ def fit_minibatches(net: torch.nn.Module, n: int, epochs: int, batch_size: int, 
 def save_weights(net: torch.nn.Module, path: Path, meta: dict) -> Path:
     """``net``'s state as ``path`` (safetensors, metadata = ``meta`` as JSON), written atomically.
     Raises :class:`ModelError` when it cannot be written (nothing is left behind)."""
+    from safetensors import SafetensorError
+
     tmp = path.with_name(f".tmp-{path.name}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp),
                   metadata={"edgec": json.dumps(meta, sort_keys=True)})
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # an interrupt included: nothing half-written is left
         tmp.unlink(missing_ok=True)
-        raise ModelError(f"cannot write the fine-tuned weights {path}", e.strerror or str(e),
-                         "remove what is in the way, or free some space") from None
+        if isinstance(e, (OSError, SafetensorError)):  # safetensors reports I/O errors as its own type
+            raise ModelError(f"cannot write the fine-tuned weights {path}", getattr(e, "strerror", None) or str(e),
+                             "make that folder writable or remove what is in the way, or free some space") from None
+        raise
     return path
 
 
@@ -279,6 +283,8 @@ def load_weights(net: torch.nn.Module, path: Path, meta: dict) -> bool:
     the file is missing, damaged, of another shape or written with other settings (never unpickles)."""
     from safetensors import safe_open
 
+    if not path.is_file():  # missing, or a folder / FIFO / device in its place: never opened
+        return False
     try:
         with safe_open(str(path), framework="pt") as f:
             if json.loads((f.metadata() or {}).get("edgec", "null")) != json.loads(json.dumps(meta, sort_keys=True)):
