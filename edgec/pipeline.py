@@ -771,7 +771,8 @@ def _search(cfg, spec, store, evaluator, progress, executor=None):
     int8 = QuantPolicy.uniform(spec.quantizable_layers(), "int8")
     initial = [make_candidate(spec, spec.largest(), int8), make_candidate(spec, spec.smallest(), QuantPolicy()),
                make_candidate(spec, spec.smallest(), int8)]
-    initial += [make_candidate(spec, arch, QuantPolicy()) for arch in spec.growth_ladder()]  # the fast end
+    # the fast end, on at most a quarter of the budget (a small search keeps room for its own proposals)
+    initial += [make_candidate(spec, arch, QuantPolicy()) for arch in spec.growth_ladder()[:cfg.budget_evals // 4]]
     if cfg.strategy == "nsga2" and cfg.storage:
         run_id = _run_id(store.path.parent)
         study_name = cfg.study_name or shared_study_name(cfg, spec)

@@ -37,10 +37,15 @@ class RunDir:
     @staticmethod
     def _skeleton_only(p: Path) -> bool:
         """``p`` holds only what a run killed before it stored its settings leaves: the lock and an
-        empty ``study/models`` (such a folder counts as empty, so neither a new run nor ``--resume`` is refused)."""
+        empty ``study/models``, or the lock alone when it was killed between the two (such a folder counts
+        as empty, so neither a new run nor ``--resume`` is refused)."""
         study = p / "study"
-        return ({c.name for c in p.iterdir()} <= {LOCK, "study"} and study.is_dir() and not study.is_symlink()
-                and {c.name for c in study.iterdir()} <= {"models"}
+        names = {c.name for c in p.iterdir()}
+        if not names <= {LOCK, "study"}:
+            return False
+        if "study" not in names:
+            return True
+        return (study.is_dir() and not study.is_symlink() and {c.name for c in study.iterdir()} <= {"models"}
                 and not any((study / "models").iterdir() if (study / "models").is_dir() else ()))
 
     def _remove_outputs(self) -> None:

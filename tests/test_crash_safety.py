@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edgec.rundir import RunDir
+from edgec.rundir import LOCK, RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,6 +44,14 @@ def test_a_folder_killed_before_its_settings_were_stored_is_not_refused(tmp_path
     (out / "study" / "notes.txt").write_text("the user's")
     with pytest.raises(Exception, match="nothing to resume"):
         RunDir(out, resume=True)
+    only_lock = tmp_path / "killed-earlier"  # killed after taking the lock, before making study/
+    only_lock.mkdir()
+    (only_lock / LOCK).touch()
+    with RunDir(only_lock, resume=True):
+        pass
+    (only_lock / "study" / "models" / "x").mkdir()  # a stored model: that is no longer an empty folder
+    with pytest.raises(Exception, match="not empty"):
+        RunDir(only_lock)
 
 
 def test_the_trial_script_catches_a_repeated_evaluation(tmp_path):
