@@ -426,9 +426,9 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
                    progress: Progress) -> tuple[Evaluation, list[Evaluation], dict]:
     """``--finetune-epochs``: fine-tune the reference, then up to ``--finetune-top`` architectures of the
     search's Pareto front (:func:`finetune_pool`), each alone (:func:`edgec.search.train.finetune_subnet`): the
-    reference on the labels, the others distilled from the reference. The reference's fine-tuning is kept
-    only when it raises its FP32 validation accuracy (else it keeps the supernet's weights), so neither the
-    bar nor the teacher is lowered by it.
+    reference on the labels, the others distilled from the reference. A fine-tuning is kept only when it
+    raises the architecture's FP32 validation accuracy (else the supernet's weights stay), so neither the
+    bar, the teacher nor any architecture is lowered by it.
 
     The architectures are picked by bisection over the front, fastest first: fine-tune the middle one; if its
     validation accuracy (PyTorch, FP32) is then within ``--max-accuracy-drop`` of the reference's,
