@@ -145,10 +145,14 @@ class TargetBuilder:
     cfg: CompileConfig
     finetuned: "FinetunedWeights | None" = None  # set after the search when --finetune-epochs is on
 
+    def is_finetuned(self, subnet) -> bool:
+        """Whether models of ``subnet`` are built from this run's fine-tuned weights."""
+        return self.finetuned is not None and self.finetuned.has(subnet)
+
     def folder(self, candidate: Candidate) -> Path:
         """Where the candidate's models are built: ``models_dir/<id>/``, or ``models_dir/<id>/finetuned/`` once
         its architecture has fine-tuned weights (so a resumed run without fine-tuning never ships them)."""
-        if self.finetuned is not None and self.finetuned.has(candidate.subnet):
+        if self.is_finetuned(candidate.subnet):
             return self.models_dir / candidate.id / "finetuned"
         return self.models_dir / candidate.id
 
@@ -457,7 +461,7 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
     steps = settings.epochs * max(1, len(ds.train_x) // settings.batch_size)
     progress.stage(f"fine-tuning the reference and up to {budget} of {len(pool)} Pareto architecture(s) "
                    f"(bisection), {settings.epochs} epochs each", steps * (budget + 1))
-    state = {"teacher": None, "done": 0}
+    teacher, done = None, 0
 
     def val_accuracy(net) -> float:
         return float((predict_logits(net, ds.val_x).argmax(1) == ds.val_y).mean())
@@ -466,36 +470,37 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
         """Fine-tune ``arch`` (or load its stored weights); its validation accuracy (FP32) and its record.
         The fine-tuning is kept only when it raises that accuracy (else the supernet's weights are stored in
         its place: the reference's bar and teacher, and no architecture, get worse by it)."""
-        i = state["done"]
+        nonlocal teacher, done
+        i = done
         static = extract_subnet(supernet, arch)
         t0 = time.perf_counter()
         cached = weights.apply(static, arch)
         record: dict = {"arch": weights.key(arch), "subnet": arch.to_dict(), "cached": cached}
+        static = recalibrate_bn(static, ds.train_x)  # in place; the stored weights carry these statistics
+        accuracy = val_accuracy(static)
         if cached:
             progress.log(f"fine-tuning: {'the reference' if i == 0 else weights.key(arch)}'s stored weights "
                          "are used (not trained again)")
         else:
-            static = recalibrate_bn(static, ds.train_x)
-            before = val_accuracy(static)
             original = {k: v.clone() for k, v in static.state_dict().items()}
-            finetune_subnet(static, ds.train_x, ds.train_y, settings, teacher_logits=state["teacher"],
+            finetune_subnet(static, ds.train_x, ds.train_y, settings, teacher_logits=teacher,
                             on_step=lambda step, total, loss: progress.advance(i * steps + step,
                                                                                steps * (budget + 1),
                                                                                f"loss {loss:.3f}"))
-            after = val_accuracy(recalibrate_bn(static, ds.train_x))
-            record.update(val_accuracy_fp32_before=before, val_accuracy_fp32_tuned=after, kept=after > before)
-            if not record["kept"]:
+            tuned = val_accuracy(recalibrate_bn(static, ds.train_x))
+            record.update(val_accuracy_fp32_before=accuracy, val_accuracy_fp32_tuned=tuned, kept=tuned > accuracy)
+            if record["kept"]:
+                accuracy = tuned
+            else:
                 static.load_state_dict(original)
                 progress.log(f"fine-tuning: {'the reference' if i == 0 else weights.key(arch)}'s validation "
-                             f"accuracy did not rise ({before * 100:.2f} → {after * 100:.2f} %); it keeps the "
+                             f"accuracy did not rise ({accuracy * 100:.2f} → {tuned * 100:.2f} %); it keeps the "
                              "supernet's weights")
             weights.save(static, arch)
-        state["done"] += 1
-        progress.advance(state["done"] * steps, steps * (budget + 1))
-        static = recalibrate_bn(static, ds.train_x)
-        if state["teacher"] is None:
-            state["teacher"] = predict_logits(static, ds.train_x)
-        accuracy = val_accuracy(static)
+        done += 1
+        progress.advance(done * steps, steps * (budget + 1))
+        if teacher is None:
+            teacher = predict_logits(static, ds.train_x)
         return accuracy, {**record, "train_s": None if cached else time.perf_counter() - t0,
                           "val_accuracy_fp32": accuracy,
                           "teacher": "labels" if i == 0 else "the reference (KD) + labels"}
@@ -1130,7 +1135,7 @@ def _publish_target(out: Path, evaluator, evals: list[Evaluation], reference_id:
                        test_acc, ev.val_accuracy, ev.latency.p50_ms, ev.latency.p90_ms, ev.latency.kind,
                        path.stat().st_size, ev.candidate.subnet.to_dict(), ev.candidate.policy.to_dict(), input_spec,
                        recipe=target.recipe, files=extra_files, quality=quality,
-                       finetuned=evaluator.finetuned is not None and evaluator.finetuned.has(ev.candidate.subnet))
+                       finetuned=evaluator.is_finetuned(ev.candidate.subnet))
         published.append((ev, art))
         progress.advance(i, len(evals), ev.candidate_id)
     keep = {ev.candidate_id for ev, _ in published}

@@ -352,6 +352,7 @@ def _finetune_html(info: dict | None) -> str:
                 f"<td>{after * 100:.2f}</td><td>{(after - before) * 100:+.2f}</td></tr>")
 
     rows = "".join(row(c) for c in info["candidates"])
+
     def step(i: int, a: dict) -> str:
         qualifies = "—" if "qualifies" not in a else ("yes" if a["qualifies"] else "no")
         trained = "stored" if a["cached"] else f"{a['train_s']:.0f} s"
