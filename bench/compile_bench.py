@@ -43,6 +43,7 @@ def main() -> int:
     ap.add_argument("--target", action="append", help="target to bench on (repeatable; default: the run's)")
     ap.add_argument("--finetune-epochs", type=int, default=0, help="a new compile's --finetune-epochs (default 0)")
     ap.add_argument("--finetune-top", type=int, default=4, help="a new compile's --finetune-top (default 4)")
+    ap.add_argument("--finetune-child-epochs", type=int, help="a new compile's --finetune-child-epochs")
     args = ap.parse_args()
 
     from rich.console import Console
@@ -64,7 +65,7 @@ def main() -> int:
         out = Path(args.out or f"runs/bench-{args.dataset}")
         cfg = CompileConfig(dataset=args.dataset, budget_evals=args.budget_evals, seed=args.seed, out=str(out),
                             force=out.exists(), finetune_epochs=args.finetune_epochs,
-                            finetune_top=args.finetune_top)
+                            finetune_top=args.finetune_top, finetune_child_epochs=args.finetune_child_epochs)
         with _RichProgress(Console(stderr=True)) as progress:
             run_compile(cfg, progress)
     report = json.loads((out / "report.json").read_text())

@@ -48,6 +48,7 @@ class CompileConfig:
     prune_flops_target: float | None = None  # after the search: PAGCP-prune the chosen subnet by this FLOPs share
     finetune_epochs: int = 0               # after the search: fine-tune alone for this many epochs (0 = off) the
     finetune_top: int = 4                  # reference and at most this many Pareto architectures (a bisection)
+    finetune_child_epochs: int | None = None  # epochs for the architectures other than the reference (None = as above)
     max_fidelity_drop: float = 0.02        # transformers (feature extraction): mean cosine to FP32 ≥ 1 - this
     recovery_steps: int = 0                # transformers: distillation steps after least squares (0 = none)
     recovery_candidates: int = 2           # transformers: how many of the fastest pruned sub-networks to recover (0 = none)
@@ -69,6 +70,7 @@ class CompileConfig:
             unused = {"dataset": self.dataset != "digits", "data_dir": bool(self.data_dir),
                       "train_epochs": bool(self.train_epochs), "prune_flops_target": self.prune_flops_target is not None,
                       "finetune_epochs": self.finetune_epochs != 0, "finetune_top": self.finetune_top != 4,
+                      "finetune_child_epochs": self.finetune_child_epochs is not None,
                       "latency_budget_ms": self.latency_budget_ms is not None,
                       "size_budget_kb": self.size_budget_kb is not None, "strategy": self.strategy != "nsga2",
                       "max_accuracy_drop": self.max_accuracy_drop != 1.0, "npu_cpu_fallback": self.npu_cpu_fallback,
@@ -174,6 +176,11 @@ class CompileConfig:
         if self.finetune_top != 4 and not self.finetune_epochs:
             bad("finetune_top", "it picks the architectures to fine-tune, and fine-tuning is off",
                 "pass --finetune-epochs N too, or drop it")
+        if self.finetune_child_epochs is not None and not 1 <= self.finetune_child_epochs <= 100:
+            bad("finetune_child_epochs", "between 1 and 100 epochs", "e.g. --finetune-child-epochs 15")
+        if self.finetune_child_epochs is not None and not self.finetune_epochs:
+            bad("finetune_child_epochs", "it sets how long the architectures besides the reference are fine-tuned, "
+                "and fine-tuning is off", "pass --finetune-epochs N too, or drop it")
         if self.executor not in ("in-process", "ray"):
             bad("executor", "known executors: in-process (default), ray", "use --executor ray or drop it")
         if self.ray_address is not None and (self.executor != "ray" or not self.ray_address.strip()):

@@ -353,16 +353,22 @@ def select_chosen(evals: list[Evaluation], front_ids: list[str], reference: Eval
 class FinetunedWeights:
     """The fine-tuned weights of a run's architectures: ``study/finetuned/<arch>.safetensors``, where
     ``<arch>`` is the first 12 hex digits of the SHA-256 of the subnet's JSON; each file's metadata is
-    ``meta`` (the fine-tuning settings and the supernet's cache key), so weights from other settings or
-    another supernet are never loaded. ``only``: the architecture keys this run fine-tuned; other files in
-    the folder (left by an earlier attempt of a resumed run whose bisection went elsewhere) are ignored."""
+    ``meta`` (the fine-tuning settings and the supernet's cache key), or ``metas[<arch>]`` for an architecture
+    fine-tuned with other settings (the reference, under ``--finetune-child-epochs``), so weights from other
+    settings or another supernet are never loaded. ``only``: the architecture keys this run fine-tuned; other
+    files in the folder (left by an earlier attempt of a resumed run whose bisection went elsewhere) are ignored."""
 
-    def __init__(self, folder: Path, meta: dict, only: frozenset[str] | None = None) -> None:
-        self.folder, self.meta, self.only = folder, meta, only
+    def __init__(self, folder: Path, meta: dict, only: frozenset[str] | None = None,
+                 metas: dict[str, dict] | None = None) -> None:
+        self.folder, self.meta, self.only, self.metas = folder, meta, only, dict(metas or {})
 
     def restricted(self, subnets) -> "FinetunedWeights":
         """The same weights, used only for ``subnets``."""
-        return FinetunedWeights(self.folder, self.meta, frozenset(self.key(s) for s in subnets))
+        return FinetunedWeights(self.folder, self.meta, frozenset(self.key(s) for s in subnets), self.metas)
+
+    def meta_of(self, subnet) -> dict:
+        """The metadata ``subnet``'s weights file must carry."""
+        return self.metas.get(self.key(subnet), self.meta)
 
     @staticmethod
     def key(subnet) -> str:
@@ -379,12 +385,12 @@ class FinetunedWeights:
         """Load the fine-tuned weights of ``subnet`` into ``static`` (its extracted net); False if none."""
         from edgec.search.train import load_weights
 
-        return self.has(subnet) and load_weights(static, self.path(subnet), self.meta)
+        return self.has(subnet) and load_weights(static, self.path(subnet), self.meta_of(subnet))
 
     def save(self, static, subnet) -> None:
         from edgec.search.train import save_weights
 
-        save_weights(static, self.path(subnet), self.meta)
+        save_weights(static, self.path(subnet), self.meta_of(subnet))
 
     @classmethod
     def of_run(cls, out: Path, report: dict) -> "FinetunedWeights | None":
@@ -392,7 +398,8 @@ class FinetunedWeights:
         info = report.get("finetune")
         if not info:
             return None
-        return cls(out / "study" / "finetuned", info["weights_meta"], frozenset(a["arch"] for a in info["architectures"]))
+        return cls(out / "study" / "finetuned", info["weights_meta"], frozenset(a["arch"] for a in info["architectures"]),
+                   info.get("weights_meta_by_arch"))
 
 
 def finetune_pool(spec: SupernetSpec, evals: list[Evaluation]) -> list:
@@ -430,7 +437,8 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
                    progress: Progress) -> tuple[Evaluation, list[Evaluation], dict]:
     """``--finetune-epochs``: fine-tune the reference, then up to ``--finetune-top`` architectures of the
     search's Pareto front (:func:`finetune_pool`), each alone (:func:`edgec.search.train.finetune_subnet`): the
-    reference on the labels, the others distilled from the reference. A fine-tuning is kept only when it
+    reference on the labels, the others distilled from the reference, for ``--finetune-child-epochs`` (default:
+    as many as the reference; a small child trains 10-25× faster than the largest, so it can afford more). A fine-tuning is kept only when it
     raises the architecture's FP32 validation accuracy (else the supernet's weights stay), so neither the
     bar, the teacher nor any architecture is lowered by it.
 
@@ -453,14 +461,21 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
     from edgec.search.train import FinetuneSettings, finetune_subnet, predict_logits, recalibrate_bn
 
     spec = supernet.spec
-    settings = FinetuneSettings(epochs=cfg.finetune_epochs, seed=cfg.seed)
-    weights = FinetunedWeights(study / "finetuned", {"finetune": settings.to_dict(),
-                                                      "supernet": supernet_info.get("cache_key")})
+    ref_settings = FinetuneSettings(epochs=cfg.finetune_epochs, seed=cfg.seed)
+    settings = FinetuneSettings(epochs=cfg.finetune_child_epochs or cfg.finetune_epochs, seed=cfg.seed)
+    cache_key = supernet_info.get("cache_key")
+    weights = FinetunedWeights(study / "finetuned", {"finetune": settings.to_dict(), "supernet": cache_key},
+                               metas={FinetunedWeights.key(spec.largest()): {"finetune": ref_settings.to_dict(),
+                                                                             "supernet": cache_key}})
     pool = finetune_pool(spec, evals)
     budget = min(cfg.finetune_top, len(pool))
-    steps = settings.epochs * max(1, len(ds.train_x) // settings.batch_size)
+    per_epoch = max(1, len(ds.train_x) // settings.batch_size)
+    steps = [ref_settings.epochs * per_epoch] + [settings.epochs * per_epoch] * budget  # of each fine-tuning
+    total = sum(steps)
+    epochs = (f"{settings.epochs} epochs each" if settings == ref_settings
+              else f"{ref_settings.epochs} epochs for the reference, {settings.epochs} for the others")
     progress.stage(f"fine-tuning the reference and up to {budget} of {len(pool)} Pareto architecture(s) "
-                   f"(bisection), {settings.epochs} epochs each", steps * (budget + 1))
+                   f"(bisection), {epochs}", total)
     teacher, done = None, 0
 
     def val_accuracy(net) -> float:
@@ -483,10 +498,10 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
                          "are used (not trained again)")
         else:
             original = {k: v.clone() for k, v in static.state_dict().items()}
-            finetune_subnet(static, ds.train_x, ds.train_y, settings, teacher_logits=teacher,
-                            on_step=lambda step, total, loss: progress.advance(i * steps + step,
-                                                                               steps * (budget + 1),
-                                                                               f"loss {loss:.3f}"))
+            finetune_subnet(static, ds.train_x, ds.train_y, ref_settings if i == 0 else settings,
+                            teacher_logits=teacher,
+                            on_step=lambda step, _, loss: progress.advance(sum(steps[:i]) + step, total,
+                                                                           f"loss {loss:.3f}"))
             tuned = val_accuracy(recalibrate_bn(static, ds.train_x))
             record.update(val_accuracy_fp32_before=accuracy, val_accuracy_fp32_tuned=tuned, kept=tuned > accuracy)
             if record["kept"]:
@@ -498,7 +513,7 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
                              "supernet's weights")
             weights.save(static, arch)
         done += 1
-        progress.advance(done * steps, steps * (budget + 1))
+        progress.advance(sum(steps[:done]), total)
         if teacher is None:
             teacher = predict_logits(static, ds.train_x)
         return accuracy, {**record, "train_s": None if cached else time.perf_counter() - t0,
@@ -515,7 +530,7 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
         return accuracy >= bar
 
     archs = [pool[i] for i, _ in bisect_fastest(len(pool), budget, qualifies)]
-    progress.advance(steps * (budget + 1), steps * (budget + 1))  # the bisection may end before its budget
+    progress.advance(total, total)  # the bisection may end before its budget
     for ev in evaluators:
         ev.finetuned = weights.restricted([spec.largest(), *archs])
     tuned = {spec.largest(), *archs}  # the reference's other policies (its INT8 form) have new weights too
@@ -535,7 +550,8 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
         candidate = item.candidate if isinstance(item, Evaluation) else item
         after[candidate.id] = searcher.evaluate(candidate, "reference" if item is reference else "finetuned")
         progress.advance(i, len(todo) + len(extra), candidate.id)
-    info = {"epochs": settings.epochs, "settings": settings.to_dict(), "weights_meta": weights.meta,
+    info = {"epochs": ref_settings.epochs, "child_epochs": settings.epochs, "settings": ref_settings.to_dict(),
+            "child_settings": settings.to_dict(), "weights_meta": weights.meta, "weights_meta_by_arch": weights.metas,
             "folder": str(weights.folder), "architectures": trained, "pool": len(pool),
             "bar_val_accuracy_fp32": bar,
             "rule": f"the reference, then up to {budget} of the search's {len(pool)} Pareto architecture(s), "

@@ -361,7 +361,8 @@ def _finetune_html(info: dict | None) -> str:
 
     steps = "".join(step(i, a) for i, a in enumerate(info["architectures"]))
     return (f"<h2>Fine-tuning</h2><p>{html.escape(info['rule'])}: {len(info['architectures'])} architectures, "
-            f"{info['epochs']} epochs each (the reference on the labels, the others distilled from it).</p>"
+            f"the reference {info['epochs']} epochs on the labels, the others {info.get('child_epochs', info['epochs'])} "
+            "epochs distilled from it.</p>"
             "<table><tr><th>architecture</th><th>step</th><th>val acc % (FP32)</th><th>qualifies</th>"
             f"<th>trained</th></tr>{steps}</table>"
             "<p>The candidates of those architectures (role <code>finetuned</code> in the tables above; the other "

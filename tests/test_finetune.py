@@ -111,6 +111,23 @@ def test_finetuned_weights_are_used_only_for_the_architectures_of_this_run(rando
     assert again.only == used.only
 
 
+def test_the_reference_keeps_its_own_settings_when_children_train_longer(randomized_supernet, spec8, tmp_path):
+    from edgec.pipeline import FinetunedWeights
+
+    largest, child = spec8.largest(), spec8.smallest()
+    first = FinetunedWeights(tmp_path, {"epochs": 6})
+    for arch in (largest, child):
+        first.save(extract_subnet(randomized_supernet, arch), arch)
+    longer = FinetunedWeights(tmp_path, {"epochs": 15}, metas={FinetunedWeights.key(largest): {"epochs": 6}})
+    assert longer.meta_of(largest) == {"epochs": 6} and longer.meta_of(child) == {"epochs": 15}
+    assert longer.apply(extract_subnet(randomized_supernet, largest), largest)  # reused
+    assert not longer.apply(extract_subnet(randomized_supernet, child), child)  # other settings: trained again
+    assert longer.restricted([largest, child]).metas == longer.metas
+    report = {"finetune": {"weights_meta": longer.meta, "weights_meta_by_arch": longer.metas,
+                           "architectures": [{"arch": longer.key(largest)}]}}
+    assert FinetunedWeights.of_run(tmp_path.parent, report).meta_of(largest) == {"epochs": 6}
+
+
 def test_finetune_settings_are_checked():
     from edgec.config import CompileConfig
 
@@ -118,10 +135,14 @@ def test_finetune_settings_are_checked():
                              ({"finetune_epochs": 2, "finetune_top": 0}, "finetune_top"),
                              ({"finetune_top": 2}, "fine-tuning is off"),
                              ({"model": "m.onnx", "calib_data": "c.npz", "finetune_epochs": 2}, "built-in supernet"),
-                             ({"model": "minilm", "finetune_epochs": 2}, "does not apply")):
+                             ({"model": "minilm", "finetune_epochs": 2}, "does not apply"),
+                             ({"finetune_child_epochs": 4}, "fine-tuning is off"),
+                             ({"finetune_epochs": 2, "finetune_child_epochs": 0}, "finetune_child_epochs"),
+                             ({"finetune_epochs": 2, "finetune_child_epochs": 101}, "finetune_child_epochs")):
         with pytest.raises(ConfigError, match=fragment):
             CompileConfig(**kwargs)
     assert CompileConfig(finetune_epochs=2, finetune_top=1).finetune_top == 1
+    assert CompileConfig(finetune_epochs=2, finetune_child_epochs=5).finetune_child_epochs == 5
 
 
 @pytest.mark.slow
@@ -175,6 +196,13 @@ def test_compile_finetunes_the_reference_and_a_bisection_of_the_front_and_resume
     assert all(a["cached"] for a in again["architectures"])
     assert "stored weights are used (not trained again)" in p.stdout + p.stderr
     assert [c["val_accuracy_after"] for c in again["candidates"]] == [c["val_accuracy_after"] for c in ft["candidates"]]
+    # children trained longer: the reference's weights (its settings unchanged) are reused, the children's are not
+    p = subprocess.run(args[:-2] + ["--finetune-child-epochs", "2", "--out", str(out), "--resume"],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    longer = json.loads((out / "report.json").read_text())["finetune"]
+    assert (longer["epochs"], longer["child_epochs"]) == (1, 2)
+    assert longer["architectures"][0]["cached"] and not any(a["cached"] for a in longer["architectures"][1:])
     # resumed without fine-tuning: the models published are the supernet's again, with their own figures
     i = args.index("--finetune-epochs")
     plain = args[:i] + args[i + 4:-2]  # without "--finetune-epochs 1 --finetune-top 2" and "--out OUT"
