@@ -63,6 +63,7 @@ def main() -> int:
     ap.add_argument("--loss-budget", type=float, default=0.3)
     ap.add_argument("--finetune-epochs", type=int, help="default per dataset (as edgec prune)")
     ap.add_argument("--recovery-epochs", type=int, default=1, help="fine-tuning between PAGCP passes (as edgec prune)")
+    ap.add_argument("--max-passes", type=int, default=30, help="PAGCP passes at most (as edgec prune)")
     ap.add_argument("--max-budget-growth", type=float, default=32.0,
                     help="how far PAGCP may double its loss budget (as edgec prune: 32)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
@@ -94,7 +95,7 @@ def main() -> int:
         macs0 = count_macs(model, example)[0]
         results["unpruned"] = {"model": model, "macs": macs0, "before_ft": task_metrics(model, data),
                                "prune_s": 0.0}
-        settings = PagcpSettings(flops_target=args.flops_target, loss_budget=args.loss_budget, max_passes=10,
+        settings = PagcpSettings(flops_target=args.flops_target, loss_budget=args.loss_budget, max_passes=args.max_passes,
                                  max_budget_growth=args.max_budget_growth)
         for name, watch in (("PAGCP (both tasks)", ()), ("PAGCP, classification loss only", ("classification",))):
             progress.stage(f"{name}: pruning")

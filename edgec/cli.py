@@ -129,6 +129,9 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs after pruning (default per dataset)")
     p.add_argument("--recovery-epochs", type=int, default=1,
                    help="with --flops-target: fine-tuning epochs between pruning passes (default 1; 0 = none)")
+    p.add_argument("--max-passes", type=int, default=30,
+                   help="with --flops-target: at most this many passes over all layers (default 30; the loss "
+                        "budget's growth cap usually ends them first)")
     p.add_argument("--train-epochs", type=int, help="training epochs of the built-in model (default per dataset)")
     p.add_argument("--threads", type=int, default=2, help="threads for training and the runtime (default 2)")
     p.add_argument("--runs", type=int, default=300, help="timed runs per latency measurement (default 300)")
@@ -601,6 +604,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                       flops_target=args.flops_target, loss_budget=args.loss_budget, max_task_drop=drops,
                       watch=tuple(args.watch or ()), importance=args.importance, step=args.step,
                       finetune_epochs=args.finetune_epochs, recovery_epochs=args.recovery_epochs,
+                      max_passes=args.max_passes,
                       train_epochs=args.train_epochs, threads=args.threads,
                       runs=args.runs, seed=args.seed, force=args.force)
     with _RichProgress(Console(stderr=True)) as progress:

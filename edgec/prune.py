@@ -97,6 +97,7 @@ class PruneConfig:
     step: float = 0.05
     finetune_epochs: int | None = None
     recovery_epochs: int = 1                   # fine-tuning between PAGCP passes (with --flops-target)
+    max_passes: int = 30                       # with --flops-target: at most this many passes over all layers
     train_epochs: int | None = None
     threads: int = 2
     runs: int = 300
@@ -160,6 +161,7 @@ class PruneConfig:
         for name, value, low, high in (("finetune-epochs", self.finetune_epochs, 0, 1000),
                                        ("train-epochs", self.train_epochs, 1, 1000),
                                        ("recovery-epochs", self.recovery_epochs, 0, 100),
+                                       ("max-passes", self.max_passes, 1, 1000),
                                        ("threads", self.threads, 1, 256), ("runs", self.runs, 10, 100_000)):
             if value is not None and not low <= value <= high:
                 raise ConfigError(f"bad value for --{name}: {value}", f"it must be between {low} and {high}",
@@ -177,7 +179,7 @@ class PruneConfig:
         from edgec.search.pagcp import PagcpSettings
 
         return PagcpSettings(step=self.step, loss_budget=self.loss_budget, flops_target=self.flops_target,
-                             importance=self.importance, max_passes=10 if self.flops_target else 1)
+                             importance=self.importance, max_passes=self.max_passes if self.flops_target else 1)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -167,6 +167,15 @@ def test_bad_settings_are_config_errors(field, value):
         PagcpSettings(**{field: value})
 
 
+def test_max_passes_reaches_pagcp_and_is_checked(tmp_path):
+    from edgec.prune import PruneConfig
+
+    assert PruneConfig(out=tmp_path, flops_target=0.5, max_passes=7).pagcp_settings().max_passes == 7
+    assert PruneConfig(out=tmp_path, max_passes=7).pagcp_settings().max_passes == 1  # no target: one pass
+    with pytest.raises(ConfigError, match="--max-passes"):
+        PruneConfig(out=tmp_path, flops_target=0.5, max_passes=0)
+
+
 def test_task_metrics_are_accuracy_and_psnr(images8):
     net = _net()
     y = np.zeros(len(images8[:32]), dtype=np.int64)
