@@ -211,6 +211,8 @@ class TargetBuilder:
 
     def _input_spec(self, io: dict | None, name: str, shape: tuple, preprocessing: str, output: dict) -> dict:
         batch = 1 if self.target.static_batch else "batch"
+        if io:  # the float preprocessing comes first, then the quantization the graph expects at its input
+            preprocessing = f"{preprocessing}, then quantized to {io['input_dtype']} as quantized_io says"
         spec = {"name": name, "shape": [batch, *shape], "dtype": io["input_dtype"] if io else "float32",
                 "preprocessing": preprocessing,
                 "output": {**output, "dtype": io["output_dtype"] if io else "float32"}}

@@ -190,6 +190,7 @@ def test_compile_for_three_targets_with_the_max_latency_objective(tmp_path):
     for a in by_target["npu-qnn-htp"]:
         assert a["latency_kind"] == "simulated" and a["recipe"] == "qnn-qdq-u8s8-a16"
         assert a["input"]["shape"] == [1, 1, 8, 8] and a["input"]["quantized_io"]["input_dtype"] == "uint8"
+        assert a["input"]["dtype"] == "uint8" and a["input"]["preprocessing"].endswith("quantized to uint8 as quantized_io says")
         assert "model_ctx.onnx" in a["files"] and any(f.endswith(".bin") for f in a["files"])
         assert a["quality"]["device_check"]["samples"] == 16  # the simulator's own outputs were checked
         assert all((out / a["path"]).parent.joinpath(f).is_file() for f in a["files"])
