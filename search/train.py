@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -301,16 +302,30 @@ def load_weights(net: torch.nn.Module, path: Path, meta: dict) -> bool:
 
 
 def save_checkpoint(net: Supernet, settings: TrainSettings, directory: Path, extra: dict | None = None) -> Path:
-    """Write ``supernet.safetensors`` + ``supernet.json`` into ``directory`` atomically."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".tmp-"))
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp / "supernet.safetensors"))
-    meta = {"format": CHECKPOINT_FORMAT, "spec": net.spec.to_dict(), "train": settings.to_dict(), **(extra or {})}
-    (tmp / "supernet.json").write_text(json.dumps(meta, indent=2))
-    for name in ("supernet.safetensors", "supernet.json"):
-        os.chmod(tmp / name, 0o644)
-        os.replace(tmp / name, directory / name)
-    tmp.rmdir()
+    """Write ``supernet.safetensors`` + ``supernet.json`` into ``directory`` atomically. Raises
+    :class:`ModelError` when they cannot be written (a full disk, a read-only cache); no ``.tmp-`` folder
+    is left behind, an interrupt included."""
+    from safetensors import SafetensorError
+
+    tmp = None
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".tmp-"))
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp / "supernet.safetensors"))
+        meta = {"format": CHECKPOINT_FORMAT, "spec": net.spec.to_dict(), "train": settings.to_dict(), **(extra or {})}
+        (tmp / "supernet.json").write_text(json.dumps(meta, indent=2))
+        for name in ("supernet.safetensors", "supernet.json"):
+            os.chmod(tmp / name, 0o644)
+            os.replace(tmp / name, directory / name)
+        tmp.rmdir()
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, SafetensorError)):  # safetensors reports I/O errors as its own type
+            raise ModelError(f"cannot write the supernet checkpoint into {directory}",
+                             getattr(e, "strerror", None) or str(e),
+                             "free some space or set EDGEC_CACHE_DIR to a writable folder") from None
+        raise
     return directory
 
 

@@ -88,6 +88,12 @@ def test_weights_are_never_half_written_and_odd_files_are_not_opened(randomized_
         if expected is not KeyboardInterrupt:
             assert "cannot write the fine-tuned weights" in str(caught.value)
         assert list(tmp_path.iterdir()) == []  # nothing left behind, nothing published
+        with pytest.raises(expected) as caught:  # the supernet's checkpoint likewise
+            train.save_checkpoint(randomized_supernet, train.TrainSettings(), tmp_path / "ckpt")
+        if expected is not KeyboardInterrupt:
+            assert "cannot write the supernet checkpoint" in str(caught.value)
+        assert list((tmp_path / "ckpt").iterdir()) == []
+        (tmp_path / "ckpt").rmdir()
     os.mkfifo(tmp_path / "fifo.safetensors")  # opening a FIFO would block for ever
     assert not load_weights(net, tmp_path / "fifo.safetensors", {"epochs": 2})
     (tmp_path / "dir.safetensors").mkdir()
