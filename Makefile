@@ -33,7 +33,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 bench: setup
-	$(PY) bench/compile_bench.py --dataset digits
+	$(PY) bench/compile_bench.py --dataset digits --finetune-epochs 10
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
