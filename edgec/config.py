@@ -170,8 +170,10 @@ class CompileConfig:
             bad("finetune_epochs", "between 0 (no fine-tuning) and 100 epochs", "e.g. --finetune-epochs 6")
         if not 1 <= self.finetune_top <= 50:
             bad("finetune_top", "between 1 and 50 architectures", "e.g. --finetune-top 4")
-        if (self.finetune_epochs or self.finetune_top != 4) and self.is_onnx_input:
-            bad("finetune_epochs" if self.finetune_epochs else "finetune_top",
+        given = [n for n, on in (("finetune_epochs", self.finetune_epochs), ("finetune_top", self.finetune_top != 4),
+                                 ("finetune_child_epochs", self.finetune_child_epochs is not None)) if on]
+        if given and self.is_onnx_input:
+            bad(given[0],
                 "fine-tuning applies to subnets of the built-in supernet", "drop it")
         if self.finetune_top != 4 and not self.finetune_epochs:
             bad("finetune_top", "it picks the architectures to fine-tune, and fine-tuning is off",

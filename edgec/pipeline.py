@@ -389,10 +389,17 @@ class FinetunedWeights:
 
         return self.has(subnet) and load_weights(static, self.path(subnet), self.meta_of(subnet))
 
-    def save(self, static, subnet) -> None:
+    def save(self, static, subnet, record: dict | None = None) -> None:
         from edgec.search.train import save_weights
 
-        save_weights(static, self.path(subnet), self.meta_of(subnet))
+        save_weights(static, self.path(subnet), self.meta_of(subnet), record)
+
+    def record_of(self, subnet) -> dict:
+        """What :meth:`save` stored with ``subnet``'s weights: ``kept`` (whether they are fine-tuned, or the
+        supernet's kept because fine-tuning did not raise the accuracy) and the accuracies before and after."""
+        from edgec.search.train import weights_record
+
+        return weights_record(self.path(subnet)) if self.has(subnet) else {}
 
     @classmethod
     def of_run(cls, out: Path, report: dict) -> "FinetunedWeights | None":
@@ -400,7 +407,8 @@ class FinetunedWeights:
         info = report.get("finetune")
         if not info:
             return None
-        return cls(out / "study" / "finetuned", info["weights_meta"], frozenset(a["arch"] for a in info["architectures"]),
+        return cls(out / "study" / "finetuned", info["weights_meta"],
+                   frozenset(a["arch"] for a in info["architectures"] if a.get("kept", True)),
                    info.get("weights_meta_by_arch"))
 
 
@@ -496,6 +504,9 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
         static = recalibrate_bn(static, ds.train_x)  # in place; the stored weights carry these statistics
         accuracy = val_accuracy(static)
         if cached:
+            stored = weights.record_of(arch)  # whether the stored weights are fine-tuned or the supernet's kept
+            record.update({k: stored[k] for k in ("val_accuracy_fp32_before", "val_accuracy_fp32_tuned", "kept")
+                           if k in stored})
             progress.log(f"fine-tuning: {'the reference' if i == 0 else weights.key(arch)}'s stored weights "
                          "are used (not trained again)")
         else:
@@ -513,7 +524,8 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
                 progress.log(f"fine-tuning: {'the reference' if i == 0 else weights.key(arch)}'s validation "
                              f"accuracy did not rise ({accuracy * 100:.2f} → {tuned * 100:.2f} %); it keeps the "
                              "supernet's weights")
-            weights.save(static, arch)
+            weights.save(static, arch, {k: record[k] for k in ("val_accuracy_fp32_before",
+                                                              "val_accuracy_fp32_tuned", "kept")})
         done += 1
         progress.advance(sum(steps[:done]), total)
         if teacher is None:
@@ -533,9 +545,11 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
 
     archs = [pool[i] for i, _ in bisect_fastest(len(pool), budget, qualifies)]
     progress.advance(total, total)  # the bisection may end before its budget
+    # only the architectures whose fine-tuning was kept get new weights (the others keep the supernet's, and
+    # their models and figures stay the search's); a file stored before records existed counts as kept
+    tuned = {a for a, r in zip([spec.largest(), *archs], trained) if r.get("kept", True)}
     for ev in evaluators:
-        ev.finetuned = weights.restricted([spec.largest(), *archs])
-    tuned = {spec.largest(), *archs}  # the reference's other policies (its INT8 form) have new weights too
+        ev.finetuned = weights.restricted(tuned)
     todo = [reference] + [e for e in evals if e.candidate.subnet in tuned and e.candidate_id != reference.candidate_id]
     known = {e.candidate_id for e in todo}
     extra = []
@@ -550,7 +564,9 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
     for i, item in enumerate([*todo, *extra], 1):
         # the reference first: under --objective max-latency it sets the denominators anew
         candidate = item.candidate if isinstance(item, Evaluation) else item
-        after[candidate.id] = searcher.evaluate(candidate, "reference" if item is reference else "finetuned")
+        role = ("reference" if item is reference else "finetuned" if candidate.subnet in tuned
+                else "search")  # a new policy of an architecture that kept the supernet's weights
+        after[candidate.id] = searcher.evaluate(candidate, role)
         progress.advance(i, len(todo) + len(extra), candidate.id)
     info = {"epochs": ref_settings.epochs, "child_epochs": settings.epochs, "settings": ref_settings.to_dict(),
             "child_settings": settings.to_dict(), "weights_meta": weights.meta, "weights_meta_by_arch": weights.metas,
@@ -559,8 +575,8 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
             "rule": f"the reference, then up to {budget} of the search's {len(pool)} Pareto architecture(s), "
                     f"picked by bisection for the fastest whose FP32 validation accuracy comes within "
                     f"{cfg.max_accuracy_drop} points of the reference's (fine-tuned when that raised it); every "
-                    "evaluation of them and of the reference's architecture "
-                    "measured again, with their all-FP32 and all-INT8 policies",
+                    "evaluation of those whose fine-tuning was kept and of the reference's architecture "
+                    "measured again, with all-FP32 and all-INT8 policies of each",
             "candidates": [{"candidate_id": e.candidate_id, "val_accuracy_before": e.val_accuracy,
                             "val_accuracy_after": after[e.candidate_id].val_accuracy,
                             "p50_ms_before": e.latency.p50_ms, "p50_ms_after": after[e.candidate_id].latency.p50_ms}

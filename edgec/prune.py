@@ -147,6 +147,14 @@ class PruneConfig:
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"bad value for --seed: {self.seed}", "seeds are integers in 0 .. 2**32 - 1",
                               "e.g. --seed 0")
+        for name, value, low, high in (("finetune-epochs", self.finetune_epochs, 0, 1000),
+                                       ("train-epochs", self.train_epochs, 1, 1000),
+                                       ("recovery-epochs", self.recovery_epochs, 0, 100),
+                                       ("max-passes", self.max_passes, 1, 1000),
+                                       ("threads", self.threads, 1, 256), ("runs", self.runs, 10, 100_000)):
+            if value is not None and not low <= value <= high:
+                raise ConfigError(f"bad value for --{name}: {value}", f"it must be between {low} and {high}",
+                                  f"pass --{name} {low} … {high}")
         try:
             self.pagcp_settings()  # validates flops_target, importance
         except ConfigError as e:  # "bad pruning setting NAME=VALUE": name the flag instead
@@ -158,14 +166,6 @@ class PruneConfig:
                 raise ConfigError(f"bad --max-task-drop {key}={value!r}", "the drop must be a number in 0 .. 1000 "
                                   "(accuracy points or dB)",
                                   "e.g. --max-task-drop classification=1.0 --max-task-drop reconstruction=0.5")
-        for name, value, low, high in (("finetune-epochs", self.finetune_epochs, 0, 1000),
-                                       ("train-epochs", self.train_epochs, 1, 1000),
-                                       ("recovery-epochs", self.recovery_epochs, 0, 100),
-                                       ("max-passes", self.max_passes, 1, 1000),
-                                       ("threads", self.threads, 1, 256), ("runs", self.runs, 10, 100_000)):
-            if value is not None and not low <= value <= high:
-                raise ConfigError(f"bad value for --{name}: {value}", f"it must be between {low} and {high}",
-                                  f"pass --{name} {max(low, 1)} or more")
 
     def check_task_names(self, names: list[str]) -> None:
         """--watch and --max-task-drop must name the model's tasks."""
@@ -425,7 +425,7 @@ def _report(cfg, data: TaskData, model_info, result, settings, reference, before
                                  "val_images": min(ORACLE_VAL_IMAGES, len(data.val_x)),
                                  "bn_recalibration_images": 0 if data.train_x is None else BN_RECAL_IMAGES,
                                  "evaluations": oracle_calls},
-                      "passes": result.passes, "recoveries": result.recoveries,
+                      "passes": result.passes, "stopped_by": result.stopped_by, "recoveries": result.recoveries,
                       "recovery_epochs": cfg.recovery_epochs, "prune_s": prune_s,
                       "reference_losses": result.reference_losses},
         "steps": [s.to_dict() for s in result.steps],

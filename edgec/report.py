@@ -355,7 +355,8 @@ def _finetune_html(info: dict | None) -> str:
 
     def step(i: int, a: dict) -> str:
         qualifies = "—" if "qualifies" not in a else ("yes" if a["qualifies"] else "no")
-        trained = "stored" if a["cached"] else f"{a['train_s']:.0f} s"
+        trained = ("stored" if a["cached"] else f"{a['train_s']:.0f} s") + (
+            "" if a.get("kept", True) else "; not kept: the supernet's weights stay")
         return (f"<tr><td>{html.escape(a['arch'])}</td><td>{'reference' if i == 0 else i}</td>"
                 f"<td>{a['val_accuracy_fp32'] * 100:.2f}</td><td>{qualifies}</td><td>{trained}</td></tr>")
 
@@ -365,8 +366,8 @@ def _finetune_html(info: dict | None) -> str:
             "epochs distilled from it.</p>"
             "<table><tr><th>architecture</th><th>step</th><th>val acc % (FP32)</th><th>qualifies</th>"
             f"<th>trained</th></tr>{steps}</table>"
-            "<p>The candidates of those architectures (role <code>finetuned</code> in the tables above; the other "
-            "candidates keep the supernet's weights), validation accuracy before and after (%; — : a policy the "
+            "<p>The candidates of those architectures (role <code>finetuned</code> in report.json and candidates.csv "
+            "where the fine-tuning was kept; the other candidates keep the supernet's weights), validation accuracy before and after (%; — : a policy the "
             "search had not tried):</p>"
             f"<table><tr><th>candidate</th><th>before</th><th>after</th><th>Δ pp</th></tr>{rows}</table>")
 

@@ -135,6 +135,9 @@ class PruneResult:
     reference_losses: dict[str, float] = field(default_factory=dict)
     passes: int = 0
     recoveries: int = 0       # fine-tunings between passes
+    # why the passes ended: "one_pass" (no FLOPs target) | "flops_target" (met) | "loss_budget" (its growth cap
+    # reached) | "max_passes"
+    stopped_by: str = "one_pass"
 
     @property
     def flops_reduction(self) -> float:
@@ -249,6 +252,8 @@ def pagcp(model: nn.Module, example_input: torch.Tensor, evaluate: Callable[[nn.
     result = PruneResult(current, macs0, macs0, params0, params0, reference_losses=dict(reference))
     target_macs = macs0 * (1 - settings.flops_target) if settings.flops_target else None
     budget, macs = settings.loss_budget, macs0
+    if settings.flops_target:
+        result.stopped_by = "max_passes"  # unless a reason below ends the passes first
     for pass_index in range(settings.max_passes if settings.flops_target else 1):
         contributions = group_macs(current, example_input, ignored_layers(current))
         if not contributions:
@@ -267,10 +272,14 @@ def pagcp(model: nn.Module, example_input: torch.Tensor, evaluate: Callable[[nn.
                 current, reference, pruned_any, macs = pruned, step.losses, True, step.macs_after
             if reached:
                 break
-        if target_macs is None or macs <= target_macs:
+        if target_macs is None:
+            break
+        if macs <= target_macs:
+            result.stopped_by = "flops_target"
             break
         if macs_at_start - macs < settings.min_pass_reduction * macs0:
             if budget * 2 > settings.loss_budget * settings.max_budget_growth:
+                result.stopped_by = "loss_budget"
                 break  # the loss budget may not grow further: the FLOPs target is out of reach
             budget *= 2  # (almost) nothing passed at this budget: allow more loss next pass
         if pruned_any and recover is not None:

@@ -114,8 +114,8 @@ def train_supernet(spec: SupernetSpec, train_x: np.ndarray, train_y: np.ndarray,
 
 def _save_train_state(state_dir: Path, epochs_done: int, net: Supernet, opt: torch.optim.Optimizer,
                       rng: np.random.Generator) -> None:
-    """Weights, AdamW moments and torch RNG as safetensors; the rest as JSON; written atomically."""
-    state_dir.mkdir(parents=True, exist_ok=True)
+    """Weights, AdamW moments and torch RNG as safetensors; the rest as JSON; written atomically
+    (:func:`_write_atomically`, which raises :class:`ModelError`)."""
     tensors = {f"model.{k}": v.contiguous() for k, v in net.state_dict().items()}
     opt_state = opt.state_dict()
     for idx, per_param in opt_state["state"].items():
@@ -124,12 +124,13 @@ def _save_train_state(state_dir: Path, epochs_done: int, net: Supernet, opt: tor
     tensors["torch_rng"] = torch.get_rng_state()
     meta = {"epochs_done": epochs_done, "param_groups": opt_state["param_groups"],
             "numpy_rng": rng.bit_generator.state}
-    tmp = Path(tempfile.mkdtemp(dir=state_dir, prefix=".tmp-"))
-    save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(meta))
-    os.replace(tmp / "state.safetensors", state_dir / "state.safetensors")  # tensors first, then the JSON
-    os.replace(tmp / "state.json", state_dir / "state.json")                # that says they are complete
-    tmp.rmdir()
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(meta))
+
+    # tensors first, then the JSON that says they are complete
+    _write_atomically(state_dir, ("state.safetensors", "state.json"), write, "the supernet's training state")
 
 
 def _load_train_state(state_dir: Path, net: Supernet, opt: torch.optim.Optimizer,
@@ -259,8 +260,9 @@ def fit_minibatches(net: torch.nn.Module, n: int, epochs: int, batch_size: int, 
     return net.eval()
 
 
-def save_weights(net: torch.nn.Module, path: Path, meta: dict) -> Path:
-    """``net``'s state as ``path`` (safetensors, metadata = ``meta`` as JSON), written atomically.
+def save_weights(net: torch.nn.Module, path: Path, meta: dict, record: dict | None = None) -> Path:
+    """``net``'s state as ``path`` (safetensors, metadata = ``meta`` as JSON, and ``record``, what to remember
+    of how they were made, read back by :func:`weights_record`), written atomically.
     Raises :class:`ModelError` when it cannot be written (nothing is left behind)."""
     from safetensors import SafetensorError
 
@@ -268,7 +270,7 @@ def save_weights(net: torch.nn.Module, path: Path, meta: dict) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp),
-                  metadata={"edgec": json.dumps(meta, sort_keys=True)})
+                  metadata={"edgec": json.dumps(meta, sort_keys=True), "edgec_record": json.dumps(record or {})})
         os.replace(tmp, path)
     except BaseException as e:  # an interrupt included: nothing half-written is left
         tmp.unlink(missing_ok=True)
@@ -277,6 +279,20 @@ def save_weights(net: torch.nn.Module, path: Path, meta: dict) -> Path:
                              "make that folder writable or remove what is in the way, or free some space") from None
         raise
     return path
+
+
+def weights_record(path: Path) -> dict:
+    """The ``record`` :func:`save_weights` stored with ``path`` ({} when there is none or it is unreadable)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            record = json.loads((f.metadata() or {}).get("edgec_record", "{}"))
+    except Exception:  # torn or foreign: nothing to remember
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def load_weights(net: torch.nn.Module, path: Path, meta: dict) -> bool:
@@ -301,31 +317,48 @@ def load_weights(net: torch.nn.Module, path: Path, meta: dict) -> bool:
     return True
 
 
-def save_checkpoint(net: Supernet, settings: TrainSettings, directory: Path, extra: dict | None = None) -> Path:
-    """Write ``supernet.safetensors`` + ``supernet.json`` into ``directory`` atomically. Raises
-    :class:`ModelError` when they cannot be written (a full disk, a read-only cache); no ``.tmp-`` folder
-    is left behind, an interrupt included."""
+def _write_atomically(directory: Path, names: tuple[str, ...], write: Callable[[Path], None], what: str) -> None:
+    """``write(tmp)`` into a fresh ``.tmp-`` folder of ``directory``, then move ``names`` into ``directory`` in
+    that order (the last says the others are complete). Raises :class:`ModelError` when they cannot be written
+    (a full disk, a read-only cache); no ``.tmp-`` folder is left behind, an interrupt included, nor
+    ``directory`` when this call created it and it stayed empty."""
     from safetensors import SafetensorError
 
-    tmp = None
+    created, tmp = not directory.exists(), None
     try:
         directory.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".tmp-"))
-        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp / "supernet.safetensors"))
-        meta = {"format": CHECKPOINT_FORMAT, "spec": net.spec.to_dict(), "train": settings.to_dict(), **(extra or {})}
-        (tmp / "supernet.json").write_text(json.dumps(meta, indent=2))
-        for name in ("supernet.safetensors", "supernet.json"):
+        write(tmp)
+        for name in names:
             os.chmod(tmp / name, 0o644)
             os.replace(tmp / name, directory / name)
-        tmp.rmdir()
     except BaseException as e:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+            tmp = None
+        if created:
+            try:
+                directory.rmdir()
+            except OSError:
+                pass  # not empty (or never made): leave it
         if isinstance(e, (OSError, SafetensorError)):  # safetensors reports I/O errors as its own type
-            raise ModelError(f"cannot write the supernet checkpoint into {directory}",
-                             getattr(e, "strerror", None) or str(e),
+            raise ModelError(f"cannot write {what} into {directory}", getattr(e, "strerror", None) or str(e),
                              "free some space or set EDGEC_CACHE_DIR to a writable folder") from None
         raise
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_checkpoint(net: Supernet, settings: TrainSettings, directory: Path, extra: dict | None = None) -> Path:
+    """Write ``supernet.safetensors`` + ``supernet.json`` into ``directory`` atomically
+    (:func:`_write_atomically`, which raises :class:`ModelError`)."""
+    def write(tmp: Path) -> None:
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp / "supernet.safetensors"))
+        meta = {"format": CHECKPOINT_FORMAT, "spec": net.spec.to_dict(), "train": settings.to_dict(), **(extra or {})}
+        (tmp / "supernet.json").write_text(json.dumps(meta, indent=2))
+
+    _write_atomically(directory, ("supernet.safetensors", "supernet.json"), write, "the supernet checkpoint")
     return directory
 
 

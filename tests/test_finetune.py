@@ -92,8 +92,11 @@ def test_weights_are_never_half_written_and_odd_files_are_not_opened(randomized_
             train.save_checkpoint(randomized_supernet, train.TrainSettings(), tmp_path / "ckpt")
         if expected is not KeyboardInterrupt:
             assert "cannot write the supernet checkpoint" in str(caught.value)
-        assert list((tmp_path / "ckpt").iterdir()) == []
-        (tmp_path / "ckpt").rmdir()
+        assert not (tmp_path / "ckpt").exists()  # made by the failed call, so removed with it
+        opt = torch.optim.AdamW(randomized_supernet.parameters())  # the per-epoch training state likewise
+        with pytest.raises(expected):
+            train._save_train_state(tmp_path / "partial", 1, randomized_supernet, opt, np.random.default_rng(0))
+        assert not (tmp_path / "partial").exists()
     os.mkfifo(tmp_path / "fifo.safetensors")  # opening a FIFO would block for ever
     assert not load_weights(net, tmp_path / "fifo.safetensors", {"epochs": 2})
     (tmp_path / "dir.safetensors").mkdir()
@@ -128,6 +131,9 @@ def test_the_reference_keeps_its_own_settings_when_children_train_longer(randomi
     assert longer.meta_of(largest) == {"epochs": 6} and longer.meta_of(child) == {"epochs": 15}
     assert longer.apply(extract_subnet(randomized_supernet, largest), largest)  # reused
     assert not longer.apply(extract_subnet(randomized_supernet, child), child)  # other settings: trained again
+    assert longer.record_of(largest) == {} and longer.record_of(child) == {}  # saved without a record
+    longer.save(extract_subnet(randomized_supernet, child), child, {"kept": False})
+    assert longer.record_of(child) == {"kept": False}
     assert longer.restricted([largest, child]).metas == longer.metas
     report = {"finetune": {"weights_meta": longer.meta, "weights_meta_by_arch": longer.metas,
                            "architectures": [{"arch": longer.key(largest)}]}}
@@ -143,6 +149,7 @@ def test_finetune_settings_are_checked():
                              ({"model": "m.onnx", "calib_data": "c.npz", "finetune_epochs": 2}, "built-in supernet"),
                              ({"model": "minilm", "finetune_epochs": 2}, "does not apply"),
                              ({"finetune_child_epochs": 4}, "fine-tuning is off"),
+                             ({"model": "m.onnx", "calib_data": "c.npz", "finetune_child_epochs": 4}, "built-in supernet"),
                              ({"finetune_epochs": 2, "finetune_child_epochs": 0}, "finetune_child_epochs"),
                              ({"finetune_epochs": 2, "finetune_child_epochs": 101}, "finetune_child_epochs")):
         with pytest.raises(ConfigError, match=fragment):
@@ -173,11 +180,13 @@ def test_compile_finetunes_the_reference_and_a_bisection_of_the_front_and_resume
     assert all((a["val_accuracy_fp32"] >= ft["bar_val_accuracy_fp32"]) == a["qualifies"] for a in archs[1:])
     assert len(list((out / "study" / "finetuned").glob("*.safetensors"))) == len(archs)
     by_id = {e["candidate_id"]: e for e in report["evaluations"]}
-    tuned = {json.dumps(a["subnet"], sort_keys=True) for a in archs}
+    tried = {json.dumps(a["subnet"], sort_keys=True) for a in archs}
+    tuned = {json.dumps(a["subnet"], sort_keys=True) for a in archs if a["kept"]}  # the others keep the supernet's
     for c in ft["candidates"]:
         e = by_id[c["candidate_id"]]
-        assert e["val_accuracy"] == c["val_accuracy_after"] and json.dumps(e["candidate"]["subnet"], sort_keys=True) in tuned
-        assert e["role"] in ("reference", "finetuned")
+        subnet = json.dumps(e["candidate"]["subnet"], sort_keys=True)
+        assert e["val_accuracy"] == c["val_accuracy_after"] and subnet in tried
+        assert e["role"] == "reference" or e["role"] == ("finetuned" if subnet in tuned else "search")
     # every evaluation of the reference's architecture (its INT8 form too) was measured with the new weights
     assert all(e["role"] in ("reference", "finetuned") for e in report["evaluations"]
                if e["candidate"]["subnet"] == largest)
@@ -200,6 +209,7 @@ def test_compile_finetunes_the_reference_and_a_bisection_of_the_front_and_resume
     assert p.returncode == 0, p.stderr[-2000:]
     again = json.loads((out / "report.json").read_text())["finetune"]
     assert all(a["cached"] for a in again["architectures"])
+    assert [a["kept"] for a in again["architectures"]] == [a["kept"] for a in archs]  # remembered with the weights
     assert "stored weights are used (not trained again)" in p.stdout + p.stderr
     assert [c["val_accuracy_after"] for c in again["candidates"]] == [c["val_accuracy_after"] for c in ft["candidates"]]
     # children trained longer: the reference's weights (its settings unchanged) are reused, the children's are not

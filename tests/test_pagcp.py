@@ -151,6 +151,20 @@ def test_flops_target_stops_pruning_once_met():
     assert result.flops_reduction >= 0.2
     assert result.steps[-1].stopped_by == "flops_target"
     assert result.flops_reduction < 0.3  # stopped at the first step past the target, not at max_ratio
+    assert result.stopped_by == "flops_target"
+
+
+def test_passes_say_why_they_ended_short_of_the_target():
+    x, out = torch.zeros(1, 1, 4, 4), (lambda m: [m.out])
+    capped = pagcp(_OneConv(), x, lambda m: {"cls": 1.0}, out,
+                   PagcpSettings(step=0.05, flops_target=0.95, max_passes=1, round_to=1))
+    assert capped.flops_reduction < 0.95 and capped.passes == 1 and capped.stopped_by == "max_passes"
+    steep = lambda m: {"cls": 1.0 + 100 * (1 - m.conv.out_channels / 20)}  # noqa: E731  any step breaks it
+    starved = pagcp(_OneConv(), x, steep, out, PagcpSettings(step=0.05, flops_target=0.5, max_passes=10,
+                                                             round_to=1, max_budget_growth=2.0))
+    assert starved.flops_reduction == 0 and starved.passes == 2 and starved.stopped_by == "loss_budget"
+    one = pagcp(_OneConv(), x, lambda m: {"cls": 1.0}, out, PagcpSettings(step=0.05, round_to=1))
+    assert one.stopped_by == "one_pass"
 
 
 def test_kept_widths_are_multiples_of_round_to():
