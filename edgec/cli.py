@@ -80,7 +80,7 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
                    help="at most this many architectures besides the reference are fine-tuned (default 4)")
     p.add_argument("--finetune-child-epochs", type=int,
                    help="epochs for each architecture besides the reference (default: --finetune-epochs); small "
-                        "children train 10-25x faster than the largest, so they can afford more")
+                        "children train 6-25x faster than the largest, so they can afford more")
     p.add_argument("--executor", help="in-process (default) | ray: candidate builds as Ray tasks, latency and "
                                       "device profiles on Ray nodes advertising the resource target:<name>")
     p.add_argument("--ray-address", help="with --executor ray: the cluster to join (default: start a local Ray)")

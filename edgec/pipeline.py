@@ -448,9 +448,9 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
     """``--finetune-epochs``: fine-tune the reference, then up to ``--finetune-top`` architectures of the
     search's Pareto front (:func:`finetune_pool`), each alone (:func:`edgec.search.train.finetune_subnet`): the
     reference on the labels, the others distilled from the reference, for ``--finetune-child-epochs`` (default:
-    as many as the reference; a small child trains 10-25× faster than the largest, so it can afford more). A fine-tuning is kept only when it
-    raises the architecture's FP32 validation accuracy (else the supernet's weights stay), so neither the
-    bar, the teacher nor any architecture is lowered by it.
+    as many as the reference; a small child trains 6-25× faster than the largest, so it can afford more). A
+    fine-tuning is kept only when it raises the architecture's FP32 validation accuracy (else the supernet's
+    weights stay), so neither the bar, the teacher nor any architecture is lowered by it.
 
     The architectures are picked by bisection over the front, fastest first: fine-tune the middle one; if its
     validation accuracy (PyTorch, FP32) is then within ``--max-accuracy-drop`` of the reference's,
