@@ -487,6 +487,7 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
     progress.stage(f"fine-tuning the reference and up to {budget} of {len(pool)} Pareto architecture(s) "
                    f"(bisection), {epochs}", total)
     teacher, done = None, 0
+    remembered = ("val_accuracy_fp32_before", "val_accuracy_fp32_tuned", "kept")  # stored with each weights file
 
     def val_accuracy(net) -> float:
         return float((predict_logits(net, ds.val_x).argmax(1) == ds.val_y).mean())
@@ -505,8 +506,7 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
         accuracy = val_accuracy(static)
         if cached:
             stored = weights.record_of(arch)  # whether the stored weights are fine-tuned or the supernet's kept
-            record.update({k: stored[k] for k in ("val_accuracy_fp32_before", "val_accuracy_fp32_tuned", "kept")
-                           if k in stored})
+            record.update({k: stored[k] for k in remembered if k in stored})
             progress.log(f"fine-tuning: {'the reference' if i == 0 else weights.key(arch)}'s stored weights "
                          "are used (not trained again)")
         else:
@@ -524,8 +524,7 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
                 progress.log(f"fine-tuning: {'the reference' if i == 0 else weights.key(arch)}'s validation "
                              f"accuracy did not rise ({accuracy * 100:.2f} → {tuned * 100:.2f} %); it keeps the "
                              "supernet's weights")
-            weights.save(static, arch, {k: record[k] for k in ("val_accuracy_fp32_before",
-                                                              "val_accuracy_fp32_tuned", "kept")})
+            weights.save(static, arch, {k: record[k] for k in remembered})
         done += 1
         progress.advance(sum(steps[:done]), total)
         if teacher is None:

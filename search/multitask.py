@@ -23,9 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -37,7 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from edgec.errors import ModelError
-from edgec.search.train import fit_minibatches
+from edgec.search.train import fit_minibatches, write_atomically
 
 # Output width of every conv whose width is free to prune. Residual partners take
 # their width from the layer they add to (res.conv2 = down1, mbconv.project = down2).
@@ -234,18 +231,15 @@ CHECKPOINT_FORMAT = 1
 
 
 def save_multitask(model: MultiTaskNet, directory: Path, meta: dict) -> Path:
-    """Write ``model.safetensors`` + ``model.json`` (channels, classes, ``meta``) into ``directory`` atomically."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".tmp-"))
-    try:
+    """Write ``model.safetensors`` + ``model.json`` (channels, classes, ``meta``) into ``directory`` atomically
+    (:func:`edgec.search.train.write_atomically`, which raises :class:`ModelError`)."""
+    def write(tmp: Path) -> None:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
         info = {"format": CHECKPOINT_FORMAT, "channels": model.channels, "num_classes": model.num_classes, **meta}
         (tmp / "model.json").write_text(json.dumps(info, indent=2))
-        for name in ("model.safetensors", "model.json"):  # weights first, then the JSON that says they are complete
-            os.chmod(tmp / name, 0o644)
-            os.replace(tmp / name, directory / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    # weights first, then the JSON that says they are complete
+    write_atomically(directory, ("model.safetensors", "model.json"), write, "the multi-task model")
     return directory
 
 

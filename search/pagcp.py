@@ -249,11 +249,11 @@ def pagcp(model: nn.Module, example_input: torch.Tensor, evaluate: Callable[[nn.
     current = copy.deepcopy(model).eval()
     macs0, params0 = count_macs(current, example_input)
     reference = evaluate(current)
-    result = PruneResult(current, macs0, macs0, params0, params0, reference_losses=dict(reference))
+    # stopped_by: what ends the passes unless a reason below comes first
+    result = PruneResult(current, macs0, macs0, params0, params0, reference_losses=dict(reference),
+                         stopped_by="max_passes" if settings.flops_target else "one_pass")
     target_macs = macs0 * (1 - settings.flops_target) if settings.flops_target else None
     budget, macs = settings.loss_budget, macs0
-    if settings.flops_target:
-        result.stopped_by = "max_passes"  # unless a reason below ends the passes first
     for pass_index in range(settings.max_passes if settings.flops_target else 1):
         contributions = group_macs(current, example_input, ignored_layers(current))
         if not contributions:

@@ -115,7 +115,7 @@ def train_supernet(spec: SupernetSpec, train_x: np.ndarray, train_y: np.ndarray,
 def _save_train_state(state_dir: Path, epochs_done: int, net: Supernet, opt: torch.optim.Optimizer,
                       rng: np.random.Generator) -> None:
     """Weights, AdamW moments and torch RNG as safetensors; the rest as JSON; written atomically
-    (:func:`_write_atomically`, which raises :class:`ModelError`)."""
+    (:func:`write_atomically`, which raises :class:`ModelError`)."""
     tensors = {f"model.{k}": v.contiguous() for k, v in net.state_dict().items()}
     opt_state = opt.state_dict()
     for idx, per_param in opt_state["state"].items():
@@ -130,7 +130,7 @@ def _save_train_state(state_dir: Path, epochs_done: int, net: Supernet, opt: tor
         (tmp / "state.json").write_text(json.dumps(meta))
 
     # tensors first, then the JSON that says they are complete
-    _write_atomically(state_dir, ("state.safetensors", "state.json"), write, "the supernet's training state")
+    write_atomically(state_dir, ("state.safetensors", "state.json"), write, "the supernet's training state")
 
 
 def _load_train_state(state_dir: Path, net: Supernet, opt: torch.optim.Optimizer,
@@ -317,10 +317,10 @@ def load_weights(net: torch.nn.Module, path: Path, meta: dict) -> bool:
     return True
 
 
-def _write_atomically(directory: Path, names: tuple[str, ...], write: Callable[[Path], None], what: str) -> None:
+def write_atomically(directory: Path, names: tuple[str, ...], write: Callable[[Path], None], what: str) -> None:
     """``write(tmp)`` into a fresh ``.tmp-`` folder of ``directory``, then move ``names`` into ``directory`` in
     that order (the last says the others are complete). Raises :class:`ModelError` when they cannot be written
-    (a full disk, a read-only cache); no ``.tmp-`` folder is left behind, an interrupt included, nor
+    (a full disk, a read-only folder); no ``.tmp-`` folder is left behind, an interrupt included, nor
     ``directory`` when this call created it and it stayed empty."""
     from safetensors import SafetensorError
 
@@ -332,10 +332,10 @@ def _write_atomically(directory: Path, names: tuple[str, ...], write: Callable[[
         for name in names:
             os.chmod(tmp / name, 0o644)
             os.replace(tmp / name, directory / name)
+        tmp.rmdir()
     except BaseException as e:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp = None
         if created:
             try:
                 directory.rmdir()
@@ -343,22 +343,19 @@ def _write_atomically(directory: Path, names: tuple[str, ...], write: Callable[[
                 pass  # not empty (or never made): leave it
         if isinstance(e, (OSError, SafetensorError)):  # safetensors reports I/O errors as its own type
             raise ModelError(f"cannot write {what} into {directory}", getattr(e, "strerror", None) or str(e),
-                             "free some space or set EDGEC_CACHE_DIR to a writable folder") from None
+                             "free some space or make that folder writable (the cache: set EDGEC_CACHE_DIR)") from None
         raise
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_checkpoint(net: Supernet, settings: TrainSettings, directory: Path, extra: dict | None = None) -> Path:
     """Write ``supernet.safetensors`` + ``supernet.json`` into ``directory`` atomically
-    (:func:`_write_atomically`, which raises :class:`ModelError`)."""
+    (:func:`write_atomically`, which raises :class:`ModelError`)."""
     def write(tmp: Path) -> None:
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp / "supernet.safetensors"))
         meta = {"format": CHECKPOINT_FORMAT, "spec": net.spec.to_dict(), "train": settings.to_dict(), **(extra or {})}
         (tmp / "supernet.json").write_text(json.dumps(meta, indent=2))
 
-    _write_atomically(directory, ("supernet.safetensors", "supernet.json"), write, "the supernet checkpoint")
+    write_atomically(directory, ("supernet.safetensors", "supernet.json"), write, "the supernet checkpoint")
     return directory
 
 
