@@ -628,7 +628,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     why = (f"within --max-passes {r['config']['max_passes']}" if r["algorithm"].get("stopped_by") == "max_passes"
            else "within the loss budget")
     console.print(f"Metrics on {r['dataset'].get('test_split', 'the test split')}. FLOPs removed: "
-                  f"{r['flops_reduction'] * 100:.1f}%"
+                  f"{r['flops_reduction'] * 100:.1f}% in {r['algorithm']['passes']} pass(es)"
                   + ("" if r["flops_target_met"] is not False else f" (the --flops-target was not reached {why})")
                   + f"; cpu-ort p50 {speed_text(lat['speedup_p50'])}. "
                   f"Outputs: {result.out}/report.html, report.json, manifest.json")

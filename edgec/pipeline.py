@@ -558,7 +558,7 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
             if candidate.id not in known:
                 known.add(candidate.id)
                 extra.append(candidate)
-    progress.stage(f"evaluating {len(todo) + len(extra)} fine-tuned candidate(s)", len(todo) + len(extra))
+    progress.stage(f"evaluating {len(todo) + len(extra)} candidate(s) after fine-tuning", len(todo) + len(extra))
     after = {}
     for i, item in enumerate([*todo, *extra], 1):
         # the reference first: under --objective max-latency it sets the denominators anew
@@ -574,8 +574,8 @@ def finetune_front(cfg: CompileConfig, study: Path, supernet, supernet_info: dic
             "rule": f"the reference, then up to {budget} of the search's {len(pool)} Pareto architecture(s), "
                     f"picked by bisection for the fastest whose FP32 validation accuracy comes within "
                     f"{cfg.max_accuracy_drop} points of the reference's (fine-tuned when that raised it); every "
-                    "evaluation of those whose fine-tuning was kept and of the reference's architecture "
-                    "measured again, with all-FP32 and all-INT8 policies of each",
+                    "evaluation of those whose fine-tuning was kept measured again (and the reference, always), "
+                    "with all-FP32 and all-INT8 policies of each",
             "candidates": [{"candidate_id": e.candidate_id, "val_accuracy_before": e.val_accuracy,
                             "val_accuracy_after": after[e.candidate_id].val_accuracy,
                             "p50_ms_before": e.latency.p50_ms, "p50_ms_after": after[e.candidate_id].latency.p50_ms}

@@ -218,7 +218,7 @@ def test_prune_cli_on_digits(tmp_path):
     back, _ = load_multitask((out / chosen[0]["path"]).parent)
     assert conv_widths(back) == report["channels"]["after"]
     assert "kept channels" in (out / "report.html").read_text()
-    assert "FLOPs removed" in stdout
+    assert "FLOPs removed" in stdout and f"in {report['algorithm']['passes']} pass(es)" in stdout
 
 
 USER_MODULE = '''
