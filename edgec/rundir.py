@@ -19,6 +19,11 @@ from edgec.errors import OutputDirError
 
 OUTPUTS = ("report.json", "report.html", "candidates.csv", "manifest.json", "artifacts", "study", "pruned")
 LOCK = ".edgec.lock"
+TMP_PREFIX = ".tmp-"  # what a write through a temporary file and a rename leaves when it is killed mid-write
+
+
+def _leftover(child: Path) -> bool:
+    return child.name.startswith(TMP_PREFIX)
 
 
 class RunDir:
@@ -37,16 +42,31 @@ class RunDir:
     @staticmethod
     def _skeleton_only(p: Path) -> bool:
         """``p`` holds only what a run killed before it stored its settings leaves: the lock and an
-        empty ``study/models``, or the lock alone when it was killed between the two (such a folder counts
-        as empty, so neither a new run nor ``--resume`` is refused)."""
+        empty ``study/models``, or the lock alone when it was killed between the two, and perhaps the
+        ``.tmp-`` file of a settings write it was killed in (such a folder counts as empty, so neither a new
+        run nor ``--resume`` is refused)."""
         study = p / "study"
         names = {c.name for c in p.iterdir()}
         if not names <= {LOCK, "study"}:
             return False
         if "study" not in names:
             return True
-        return (study.is_dir() and not study.is_symlink() and {c.name for c in study.iterdir()} <= {"models"}
+        return (study.is_dir() and not study.is_symlink()
+                and {c.name for c in study.iterdir() if not _leftover(c)} <= {"models"}
                 and not any((study / "models").iterdir() if (study / "models").is_dir() else ()))
+
+    def _sweep_leftovers(self) -> None:
+        """Remove the ``.tmp-`` files and folders a killed run's atomic writes left in the run folder and
+        ``study/`` (called with the lock held, so no live writer owns them)."""
+        for folder in (self.path, self.path / "study"):
+            if not folder.is_dir() or folder.is_symlink():
+                continue
+            for child in folder.iterdir():
+                if _leftover(child):
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child, ignore_errors=True)
+                    else:
+                        child.unlink(missing_ok=True)
 
     def _remove_outputs(self) -> None:
         for name in OUTPUTS:
@@ -85,6 +105,7 @@ class RunDir:
                                  "wait for it to finish or pass another --out") from None
         if force:
             self._remove_outputs()
+        self._sweep_leftovers()
         (p / "study" / "models").mkdir(parents=True, exist_ok=True)
 
     @property

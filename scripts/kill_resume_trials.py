@@ -5,7 +5,8 @@ One uninterrupted run first (the baseline); then, per trial, the same command in
 killed (SIGKILL to its whole process group) after a random delay drawn uniformly from the
 baseline's wall time, then run again with ``--resume`` until it completes. Each trial checks:
 
-- the resumed run exits 0;
+- the resumed run exits 0 (a run killed before it made its folder is refused by ``--resume`` with the
+  one-line "nothing to resume", exit 2, nothing written; the plain command, as that line says, then runs);
 - no completed evaluation was repeated: no candidate id appears twice among the complete records
   of ``study/evaluations.jsonl`` (a record torn by the kill is not a completed evaluation);
 - nothing was lost: the evaluated candidates, their objective values and the Pareto front are the
@@ -91,9 +92,19 @@ def trial(i: int, work: Path, extra: list[str], delay_s: float, baseline: dict, 
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     stored_at_kill = len(complete_records(out))
+    folder_at_kill = out.exists()
     resumed = run_to_completion(compile_cmd(out, extra, resume=True), env)
     result = {"trial": i, "kill_at_s": round(delay_s, 2), "killed": not finished_before_kill,
-              "stored_at_kill": stored_at_kill, "resume_rc": resumed.returncode, "problems": []}
+              "stored_at_kill": stored_at_kill, "folder_at_kill": folder_at_kill, "resume_rc": resumed.returncode,
+              "problems": []}
+    if not folder_at_kill:  # killed before it made its folder: --resume says so, and the plain command starts it
+        if resumed.returncode != 2 or "nothing to resume" not in resumed.stderr or out.exists():
+            result["problems"].append(f"--resume of a run killed before it made its folder exited "
+                                      f"{resumed.returncode} (expected the one-line 'nothing to resume', exit 2, "
+                                      f"nothing written): {resumed.stderr.strip()[-300:]}")
+            return result
+        resumed = run_to_completion(compile_cmd(out, extra), env)
+        result["resume_rc"] = resumed.returncode
     if resumed.returncode != 0:
         result["problems"].append(f"resume exited {resumed.returncode}: {resumed.stderr.strip()[-300:]}")
         return result
@@ -151,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     results = [trial(i, work, extra, rng.uniform(0.0, window_s), baseline, env) for i in range(args.trials)]
     print(f"{'trial':>5} {'kill at s':>9} {'killed':>6} {'stored':>6} {'repeated':>8} {'lost':>4} {'front':>6}  problems")
     for r in results:
-        print(f"{r['trial']:>5} {r['kill_at_s']:>9} {str(r['killed']):>6} {r['stored_at_kill']:>6} "
+        print(f"{r['trial']:>5} {r['kill_at_s']:>9} {str(r['killed']):>6} "
+              f"{r['stored_at_kill'] if r['folder_at_kill'] else 'no dir':>6} "
               f"{r.get('repeated', '-'):>8} {r.get('lost', '-'):>4} {'same' if r.get('same_front') else 'DIFF':>6}  "
               f"{'; '.join(r['problems']) or '-'}")
     killed = sum(r["killed"] for r in results)

@@ -41,6 +41,10 @@ def test_a_folder_killed_before_its_settings_were_stored_is_not_refused(tmp_path
         pass
     with RunDir(out):  # and so does a plain new run
         pass
+    leftover = out / "study" / ".tmp-config.json-k1ll3d"  # killed while writing its settings
+    leftover.write_text('{"job": "comp')
+    with RunDir(out, resume=True):
+        assert not leftover.exists()  # swept once the lock is held
     (out / "study" / "notes.txt").write_text("the user's")
     with pytest.raises(Exception, match="nothing to resume"):
         RunDir(out, resume=True)
