@@ -124,11 +124,15 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--watch", action="append", metavar="TASK",
                    help="tasks the pruning oracle checks (repeatable; default all; the built-in model's are "
                         "classification and reconstruction)")
-    p.add_argument("--importance", default="l1", help="channel importance within a group: l1 (default) | l2")
+    p.add_argument("--importance", default="l1", help="channel importance within a group: l1 (default) | l2 filter norm, or taylor "
+                        "(first-order loss change per task, from the gradients of 1024 training images)")
     p.add_argument("--step", type=float, default=0.05, help="pruning-ratio step per trial (default 0.05)")
     p.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs after pruning (default per dataset)")
     p.add_argument("--recovery-epochs", type=int, default=1,
                    help="with --flops-target: fine-tuning epochs between pruning passes (default 1; 0 = none)")
+    p.add_argument("--kd-weight", type=float, default=0.0,
+                   help="fine-tuning (after pruning and between passes): distill the classification tasks from the "
+                        "unpruned model with this weight, 0..1 (default 0 = cross-entropy only)")
     p.add_argument("--max-passes", type=int, default=30,
                    help="with --flops-target: at most this many passes over all layers (default 30; the loss "
                         "budget's growth cap usually ends them first)")
@@ -604,7 +608,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                       flops_target=args.flops_target, loss_budget=args.loss_budget, max_task_drop=drops,
                       watch=tuple(args.watch or ()), importance=args.importance, step=args.step,
                       finetune_epochs=args.finetune_epochs, recovery_epochs=args.recovery_epochs,
-                      max_passes=args.max_passes,
+                      kd_weight=args.kd_weight, max_passes=args.max_passes,
                       train_epochs=args.train_epochs, threads=args.threads,
                       runs=args.runs, seed=args.seed, force=args.force)
     with _RichProgress(Console(stderr=True)) as progress:

@@ -38,6 +38,8 @@ DEFAULT_FINETUNE_EPOCHS = {"digits": 10, "fashion-mnist": 3}
 FINETUNE_LR = 1e-3
 ORACLE_VAL_IMAGES = 1000   # validation images the pruning oracle reads per trial
 BN_RECAL_IMAGES = 512      # training images each trial's BN statistics are re-estimated on
+TAYLOR_IMAGES = 1024       # --importance taylor: the last training images, whose gradients rank channels
+TAYLOR_BATCH = 64          # ... in minibatches of this many (Molchanov et al. 2019 accumulate per minibatch)
 
 
 def get_multitask_model(ds: Dataset, progress, epochs: int | None = None):
@@ -97,6 +99,7 @@ class PruneConfig:
     step: float = 0.05
     finetune_epochs: int | None = None
     recovery_epochs: int = 1                   # fine-tuning between PAGCP passes (with --flops-target)
+    kd_weight: float = 0.0                     # fine-tuning: distill the classification tasks from the unpruned model
     max_passes: int = 30                       # with --flops-target: at most this many passes over all layers
     train_epochs: int | None = None
     threads: int = 2
@@ -141,6 +144,9 @@ class PruneConfig:
         if not (math.isfinite(self.loss_budget) and 0 < self.loss_budget <= 100):
             raise ConfigError(f"bad value for --loss-budget: {self.loss_budget}", "it is a relative loss rise, "
                               "> 0 and ≤ 100", "e.g. --loss-budget 0.3")
+        if not (math.isfinite(self.kd_weight) and 0 <= self.kd_weight <= 1):
+            raise ConfigError(f"bad value for --kd-weight: {self.kd_weight}", "it mixes cross-entropy and "
+                              "distillation, between 0 and 1", "e.g. --kd-weight 0.5")
         if not (math.isfinite(self.step) and 0.01 <= self.step <= 0.5):
             raise ConfigError(f"bad value for --step: {self.step}", "the pruning-ratio step is between 0.01 and 0.5",
                               "e.g. --step 0.05")
@@ -239,7 +245,30 @@ class TaskOracle:
         self.targets = {k: v[:ORACLE_VAL_IMAGES] for k, v in data.val_t.items()}
         self.tasks = tuple(t for t in data.tasks if not watch or t.name in watch)
         self.recal_x = None if data.train_x is None else data.train_x[:BN_RECAL_IMAGES]
+        if data.train_x is None:  # no training data: the gradients come from the validation images
+            self.grad_x, self.grad_t = self.x, self.targets
+        else:
+            window = slice(-TAYLOR_IMAGES, None)  # the last ones: apart from the BN images when there are enough
+            self.grad_x, self.grad_t = data.train_x[window], {k: v[window] for k, v in data.train_t.items()}
         self.calls = 0
+
+    def backward(self, model):
+        """:data:`edgec.search.pagcp.TaskBackward` for ``--importance taylor``: each watched task's mean
+        loss back-propagated on each minibatch of :data:`TAYLOR_BATCH` images, model in eval mode."""
+        import torch
+
+        from edgec.search.multitask import task_loss
+
+        model.eval()
+        for i in range(0, len(self.grad_x), TAYLOR_BATCH):
+            xb = torch.from_numpy(self.grad_x[i:i + TAYLOR_BATCH])
+            for task in self.tasks:
+                model.zero_grad(set_to_none=True)
+                outs = model(xb)
+                outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+                task_loss(task, outs[task.output], torch.from_numpy(self.grad_t[task.name][i:i + TAYLOR_BATCH])
+                          ).mean().backward()
+                yield task.name
 
     def __call__(self, model) -> dict[str, float]:
         from edgec.search.multitask import evaluate_tasks
@@ -251,16 +280,39 @@ class TaskOracle:
         return {k: v["loss"] for k, v in evaluate_tasks(model, self.x, self.targets, self.tasks).items()}
 
 
-def finetune(model, data: TaskData, epochs: int, seed: int, progress) -> None:
-    """Fine-tune a pruned multi-task model on the training split (all tasks), in place."""
+def teacher_logits(model, data: TaskData) -> dict:
+    """{classification task: (N, classes) float32 logits of ``model`` on the training images}, for
+    distillation from the unpruned model (empty without training data)."""
+    import torch
+
+    if data.train_x is None:
+        return {}
+    outs: dict[str, list] = {t.name: [] for t in data.tasks if t.kind == "classification"}
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(data.train_x), 1000):
+            o = model(torch.from_numpy(data.train_x[i:i + 1000]))
+            o = o if isinstance(o, (tuple, list)) else (o,)
+            for t in data.tasks:
+                if t.name in outs:
+                    outs[t.name].append(o[t.output].float().numpy())
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def finetune(model, data: TaskData, epochs: int, seed: int, progress, teacher: dict | None = None,
+             kd_weight: float = 0.0) -> None:
+    """Fine-tune a pruned multi-task model on the training split (all tasks), in place; with ``teacher``
+    (:func:`teacher_logits`) and ``kd_weight`` > 0 its classification tasks are distilled too."""
     from edgec.search.multitask import train_multitask
 
     if epochs and data.train_x is not None:
-        progress.stage(f"fine-tuning the pruned model ({epochs} epochs)")
+        progress.stage(f"fine-tuning the pruned model ({epochs} epochs" + (f", distilled {kd_weight:g}"
+                                                                           if teacher and kd_weight else "") + ")")
         try:
             train_multitask(model, data.train_x, data.train_t, data.tasks, epochs, lr=FINETUNE_LR,
                             batch_size=data.batch_size, seed=seed,
-                            on_step=lambda s, t, loss: progress.advance(s, t, f"loss {loss:.3f}"))
+                            on_step=lambda s, t, loss: progress.advance(s, t, f"loss {loss:.3f}"),
+                            teacher_logits=teacher, kd_weight=kd_weight)
         except (RuntimeError, ValueError, IndexError) as e:  # a user model that cannot train on its data
             raise ModelError("fine-tuning the pruned model failed", f"{type(e).__name__}: "
                              f"{(str(e).splitlines() or [''])[0][:200]}", "check the model and --train-data") from None
@@ -350,20 +402,27 @@ def prune_job(cfg: PruneConfig, model, data: TaskData, ignored, model_info: dict
         progress.stage("PAGCP: pruning layer by layer under each task's validation loss")
         started = time.perf_counter()
 
+        teacher = teacher_logits(model, data) if cfg.kd_weight else None
+
         def recover(m) -> None:
-            finetune(m, data, cfg.recovery_epochs, cfg.seed, progress)
+            finetune(m, data, cfg.recovery_epochs, cfg.seed, progress, teacher, cfg.kd_weight)
             progress.stage("PAGCP: next pass")
 
         result = pagcp(model, example, oracle, ignored, settings,
                        on_trial=lambda layer, ratio, losses: progress.advance(
                            oracle.calls, None, f"{layer} −{ratio * 100:.0f}%"),
-                       recover=recover if cfg.recovery_epochs and data.train_x is not None else None)
+                       recover=recover if cfg.recovery_epochs and data.train_x is not None else None,
+                       backward=oracle.backward)
         prune_s = time.perf_counter() - started
         pruned = result.model
+        if cfg.model == "multitask":  # the pruned weights before fine-tuning, to fine-tune them again another way
+            from edgec.search.multitask import save_multitask
+
+            save_multitask(pruned, run.study / "models" / "pruned-before-finetune", {"dataset": data.name})
         after_prune = task_metrics(pruned, data)
         epochs = cfg.finetune_epochs if cfg.finetune_epochs is not None else DEFAULT_FINETUNE_EPOCHS.get(data.name, 3)
         epochs = epochs if data.train_x is not None else 0
-        finetune(pruned, data, epochs, cfg.seed, progress)
+        finetune(pruned, data, epochs, cfg.seed, progress, teacher, cfg.kd_weight)
         after = task_metrics(pruned, data)
         progress.stage("exporting and measuring on cpu-ort")
         models_dir = run.study / "models"
@@ -424,7 +483,12 @@ def _report(cfg, data: TaskData, model_info, result, settings, reference, before
                       "oracle": {"watched_tasks": list(cfg.watch) or [t.name for t in data.tasks],
                                  "val_images": min(ORACLE_VAL_IMAGES, len(data.val_x)),
                                  "bn_recalibration_images": 0 if data.train_x is None else BN_RECAL_IMAGES,
-                                 "evaluations": oracle_calls},
+                                 "evaluations": oracle_calls,
+                                 **({"taylor_images": len(data.train_x[-TAYLOR_IMAGES:]) if data.train_x is not None
+                                     else len(data.val_x[:ORACLE_VAL_IMAGES]),
+                                     "taylor_batch": TAYLOR_BATCH,
+                                     "taylor_source": "Molchanov et al., CVPR 2019, §3 (per task, normalized, max)"}
+                                    if cfg.importance == "taylor" else {})},
                       "passes": result.passes, "stopped_by": result.stopped_by, "recoveries": result.recoveries,
                       "recovery_epochs": cfg.recovery_epochs, "prune_s": prune_s,
                       "reference_losses": result.reference_losses},
@@ -434,7 +498,9 @@ def _report(cfg, data: TaskData, model_info, result, settings, reference, before
         "params_before": result.params_before, "params_after": result.params_after,
         "flops_reduction": result.flops_reduction,
         "flops_target_met": None if cfg.flops_target is None else result.flops_reduction >= cfg.flops_target,
-        "finetune": {"epochs": epochs, "lr": FINETUNE_LR},
+        "finetune": {"epochs": epochs, "lr": FINETUNE_LR, "kd_weight": cfg.kd_weight,
+                     **({"kd_source": "Hinton et al. 2015, §2 (temperature 1), from the unpruned model"}
+                        if cfg.kd_weight else {})},
         "metrics": {"reference": before, "pruned_before_finetune": after_prune, "pruned": after},
         "drops": {"val": _drops(data.tasks, before, after, "val"), "test": _drops(data.tasks, before, after, "test")},
         "latency": latency, "target": {**target.describe(), "recipe": "fp32"},

@@ -160,7 +160,7 @@ METRIC_LABELS = {"accuracy_pct": "acc %", "psnr_db": "PSNR dB"}  # column labels
 BUILTIN_TASKS = (Task("classification", "classification", 0), Task("reconstruction", "dense", 1))
 
 
-def _task_loss(task: Task, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def task_loss(task: Task, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-sample loss (B,): cross-entropy, or the sample's mean squared error."""
     if task.kind == "classification":
         return F.cross_entropy(out, target, reduction="none")
@@ -184,7 +184,7 @@ def evaluate_tasks(model: nn.Module, x: np.ndarray, targets: dict[str, np.ndarra
         outs = outs if isinstance(outs, (tuple, list)) else (outs,)
         for t in tasks:
             tb = torch.from_numpy(targets[t.name][i:i + batch_size])
-            sums[t.name] += float(_task_loss(t, outs[t.output], tb).sum())
+            sums[t.name] += float(task_loss(t, outs[t.output], tb).sum())
             if t.kind == "classification":
                 correct[t.name] += int((outs[t.output].argmax(1) == tb).sum())
     result = {}
@@ -199,12 +199,17 @@ def evaluate_tasks(model: nn.Module, x: np.ndarray, targets: dict[str, np.ndarra
 def train_multitask(model: nn.Module, x: np.ndarray, targets: dict[str, np.ndarray], tasks: tuple[Task, ...],
                     epochs: int, lr: float = 3e-3, batch_size: int = 128, seed: int = 0,
                     weights: dict[str, float] | None = None,
-                    on_step: Callable[[int, int, float], None] | None = None) -> nn.Module:
+                    on_step: Callable[[int, int, float], None] | None = None,
+                    teacher_logits: dict[str, np.ndarray] | None = None, kd_weight: float = 0.0) -> nn.Module:
     """Train (or fine-tune) on the sum of the tasks' losses: AdamW, one-cycle cosine schedule.
 
     ``x``: (N, C, H, W) float32; ``weights[task]`` scales a task's loss (default 1, and
-    :data:`RECON_WEIGHT` for a dense task). Deterministic for a seed on one machine.
-    ``on_step(step, total_steps, loss)`` reports progress. Returns ``model`` in eval mode.
+    :data:`RECON_WEIGHT` for a dense task). ``teacher_logits[task]``: (N, classes) float32 of a
+    teacher (the unpruned model) on the same images, for classification tasks: their loss becomes
+    ``(1 − kd_weight) × cross-entropy + kd_weight × KL(teacher ‖ model)`` (knowledge distillation,
+    Hinton et al., "Distilling the Knowledge in a Neural Network", 2015, §2, at temperature 1).
+    Deterministic for a seed on one machine. ``on_step(step, total_steps, loss)`` reports progress.
+    Returns ``model`` in eval mode.
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -215,10 +220,19 @@ def train_multitask(model: nn.Module, x: np.ndarray, targets: dict[str, np.ndarr
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(total, 1), pct_start=0.1)
     x_all = torch.from_numpy(x)
     t_all = {name: torch.from_numpy(v) for name, v in targets.items()}
+    soft = {name: F.softmax(torch.from_numpy(v), dim=1) for name, v in (teacher_logits or {}).items()}
+
+    def one(t: Task, out: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        loss = task_loss(t, out, t_all[t.name][idx]).mean()
+        if kd_weight and t.name in soft:
+            kl = F.kl_div(F.log_softmax(out, dim=1), soft[t.name][idx], reduction="batchmean")
+            loss = (1 - kd_weight) * loss + kd_weight * kl
+        return loss
+
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
         outs = model(x_all[idx])
         outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-        return sum(w[t.name] * _task_loss(t, outs[t.output], t_all[t.name][idx]).mean() for t in tasks)
+        return sum(w[t.name] * one(t, outs[t.output], idx) for t in tasks)
     return fit_minibatches(model, len(x), epochs, batch_size, rng, batch_loss, opt, sched, on_step)
 
 

@@ -18,7 +18,13 @@ performance oracle, §3.2–3.3):
    per-layer budgets meets the global loss budget.
 5. Within a group the channels with the smallest importance go first: the group's
    L1 (or L2) filter norm summed over its coupled layers (Torch-Pruning's
-   ``GroupMagnitudeImportance``).
+   ``GroupMagnitudeImportance``), or ``taylor``: the first-order Taylor estimate of the
+   loss change when the whole channel is removed, ``(Σ_params w·∂L/∂w)²`` accumulated over
+   minibatches (Molchanov et al., "Importance Estimation for Neural Network Pruning", CVPR
+   2019, §3; Torch-Pruning's ``GroupTaylorImportance(multivariable=True)`` per minibatch),
+   computed for each task on its own, normalized by its mean over the group's channels, and
+   the largest over the tasks kept — a channel one task needs is important, whatever the
+   others say (the per-task view of step 3).
 
 Kept channel counts are multiples of ``round_to`` (default 8): ONNX Runtime's CPU
 convolutions run in a channel-blocked layout (NCHWc, 8 or 16 channels a block) only
@@ -47,14 +53,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 
 from edgec.errors import ConfigError
 
-IMPORTANCES = ("l1", "l2")
+IMPORTANCES = ("l1", "l2", "taylor")
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,7 @@ class PagcpSettings:
     max_passes: int = 4                # with flops_target: passes over all groups (see above)
     min_pass_reduction: float = 0.05   # a pass removing less than this share of the FLOPs doubles the loss budget
     max_budget_growth: float = 32.0    # ... up to this multiple of loss_budget; then pruning stops short of the target
-    importance: str = "l1"             # l1 | l2 filter norm of the coupled group
+    importance: str = "l1"             # l1 | l2 filter norm of the coupled group | taylor (needs gradients)
     round_to: int = 8                  # kept channels are a multiple of this (runtime-friendly widths, see above)
 
     def __post_init__(self) -> None:
@@ -183,23 +189,59 @@ def group_macs(model: nn.Module, example_input: torch.Tensor, ignored_layers: li
     return out
 
 
+TaskBackward = Callable[[nn.Module], Iterator[str]]
+"""``backward(model)`` for Taylor importance: for each (minibatch, task) it zeroes ``model``'s gradients,
+back-propagates that task's loss on that minibatch (model in eval mode) and yields the task's name."""
+
+
+def channel_importance(model: nn.Module, layer: str, example_input: torch.Tensor, importance: str = "l1",
+                       backward: TaskBackward | None = None) -> torch.Tensor:
+    """Importance of each output channel of ``layer``'s coupled group, shape (out_channels,) float32
+    (higher = keep); see the module docstring, step 5. ``taylor`` needs ``backward`` (raises
+    :class:`ConfigError` without it) and leaves ``model``'s gradients cleared."""
+    import torch_pruning as tp
+
+    module = dict(model.named_modules())[layer]
+    dg = _dependency_graph(model, example_input)
+    group = dg.get_pruning_group(module, tp.prune_conv_out_channels, idxs=list(range(module.out_channels)))
+    if importance != "taylor":
+        return tp.importance.GroupMagnitudeImportance(p=1 if importance == "l1" else 2)(group).float()
+    if backward is None:
+        raise ConfigError("taylor importance needs gradients", "the caller gave no task losses to back-propagate",
+                          "pass backward=… or use importance l1")
+    taylor = tp.importance.GroupTaylorImportance(multivariable=True, normalizer=None)
+    per_task: dict[str, torch.Tensor] = {}
+    try:
+        for task in backward(model):
+            for p in model.parameters():  # a layer off this task's path (another task's head) has no gradient
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            score = taylor(group).detach().double() ** 2
+            per_task[task] = per_task.get(task, 0) + score
+    finally:
+        model.zero_grad(set_to_none=True)
+    if not per_task:
+        raise ConfigError("taylor importance got no gradients", "backward(model) yielded no task", "check backward")
+    normalized = [s / s.mean().clamp_min(1e-30) for s in per_task.values()]
+    return torch.stack(normalized).max(0).values.float()
+
+
 def prune_group(model: nn.Module, layer: str, n_remove: int, example_input: torch.Tensor,
-                importance: str = "l1") -> nn.Module:
+                importance: str = "l1", order: list[int] | None = None) -> nn.Module:
     """Remove ``n_remove`` output channels of ``layer``'s group from ``model`` in place, physically.
 
-    The channels with the smallest group importance (L1/L2 norm summed over the coupled
-    layers) go. Returns ``model``.
+    The first ``n_remove`` of ``order`` (channel indices, least important first) go; without it,
+    the channels with the smallest L1/L2 group norm (:func:`channel_importance`). Returns ``model``.
     """
     import torch_pruning as tp
 
     if n_remove <= 0:
         return model
+    if order is None:
+        order = torch.argsort(channel_importance(model, layer, example_input, importance)).tolist()
     module = dict(model.named_modules())[layer]
-    dg = _dependency_graph(model, example_input)
-    group = dg.get_pruning_group(module, tp.prune_conv_out_channels, idxs=list(range(module.out_channels)))
-    scores = tp.importance.GroupMagnitudeImportance(p=1 if importance == "l1" else 2)(group)
-    idxs = torch.argsort(scores)[:n_remove].tolist()
-    group = dg.get_pruning_group(module, tp.prune_conv_out_channels, idxs=idxs)
+    group = _dependency_graph(model, example_input).get_pruning_group(module, tp.prune_conv_out_channels,
+                                                                     idxs=list(order[:n_remove]))
     group.prune()
     return model
 
@@ -236,7 +278,7 @@ def layers_named(names: set[str]) -> Callable[[nn.Module], list[nn.Module]]:
 def pagcp(model: nn.Module, example_input: torch.Tensor, evaluate: Callable[[nn.Module], dict[str, float]],
           ignored_layers: Callable[[nn.Module], list[nn.Module]], settings: PagcpSettings,
           on_trial: Callable[[str, float, dict[str, float]], None] | None = None,
-          recover: Callable[[nn.Module], None] | None = None) -> PruneResult:
+          recover: Callable[[nn.Module], None] | None = None, backward: TaskBackward | None = None) -> PruneResult:
     """Prune ``model`` (left untouched; a copy is pruned) with PAGCP; see the module docstring.
 
     ``example_input``: one batch-1 input, e.g. (1, 1, 28, 28) float32. ``evaluate(m)``:
@@ -244,8 +286,13 @@ def pagcp(model: nn.Module, example_input: torch.Tensor, evaluate: Callable[[nn.
     layers of ``m`` whose output width must stay (the task heads' last layers).
     ``on_trial(layer, ratio, losses)`` sees every trial. ``recover(m)``, when given, trains
     ``m`` in place between passes (a short fine-tuning) before the next pass measures its
-    reference losses anew. Raises :class:`ConfigError` for a model with nothing to prune.
+    reference losses anew. ``backward``: the tasks' gradients for ``importance="taylor"``
+    (:data:`TaskBackward`). Raises :class:`ConfigError` for a model with nothing to prune, or for
+    Taylor importance without ``backward``.
     """
+    if settings.importance == "taylor" and backward is None:
+        raise ConfigError("taylor importance needs gradients", "the caller gave no task losses to back-propagate",
+                          "pass backward=… or use importance l1")
     current = copy.deepcopy(model).eval()
     macs0, params0 = count_macs(current, example_input)
     reference = evaluate(current)
@@ -265,7 +312,7 @@ def pagcp(model: nn.Module, example_input: torch.Tensor, evaluate: Callable[[nn.
         pruned_any, macs_at_start = False, macs
         for layer, tau in zip(order, thresholds):
             step, pruned, reached = _prune_layer(current, macs, layer, tau, example_input, evaluate, reference,
-                                                 settings, target_macs, pass_index, on_trial)
+                                                 settings, target_macs, pass_index, on_trial, backward)
             step.budget = budget
             result.steps.append(step)
             if pruned is not None:  # commit: the pruned model is the new reference
@@ -295,12 +342,13 @@ def pagcp(model: nn.Module, example_input: torch.Tensor, evaluate: Callable[[nn.
 def _prune_layer(current: nn.Module, current_macs: int, layer: str, tau: float, example_input: torch.Tensor,
                  evaluate: Callable[[nn.Module], dict[str, float]], reference: dict[str, float],
                  settings: PagcpSettings, target_macs: float | None, pass_index: int,
-                 on_trial) -> tuple[LayerStep, nn.Module | None, bool]:
-    """Raise ``layer``'s ratio step by step under the per-task oracle.
+                 on_trial, backward: TaskBackward | None = None) -> tuple[LayerStep, nn.Module | None, bool]:
+    """Raise ``layer``'s ratio step by step under the per-task oracle (channels ranked once, on ``current``).
 
     Returns the step's record, the pruned model to commit (None when no step passed) and
     whether the FLOPs target was reached."""
     channels = dict(current.named_modules())[layer].out_channels
+    order: list[int] | None = None  # ranked on the first trial, so a layer with no step left costs nothing
     best_model, best_losses, best_n, stopped_by, reached, trials = None, dict(reference), 0, "max_ratio", False, 0
     k = 1
     while True:
@@ -310,7 +358,10 @@ def _prune_layer(current: nn.Module, current_macs: int, layer: str, tau: float, 
                 k += 1
                 continue
             break  # no further step possible within max_ratio
-        trial = prune_group(copy.deepcopy(current), layer, n_remove, example_input, settings.importance)
+        if order is None:
+            order = torch.argsort(channel_importance(current, layer, example_input, settings.importance,
+                                                     backward)).tolist()
+        trial = prune_group(copy.deepcopy(current), layer, n_remove, example_input, order=order)
         losses = evaluate(trial)
         trials += 1
         if on_trial:

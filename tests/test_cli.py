@@ -45,7 +45,7 @@ def assert_one_line_error(proc, fragment):
     (["prune", "--max-task-drop", "accuracy"], "TASK=NUMBER"),
     (["prune", "--max-task-drop", "bleu=1"], "unknown task 'bleu'"),
     (["prune", "--watch", "depth"], "unknown task"),
-    (["prune", "--importance", "taylor"], "importance"),
+    (["prune", "--importance", "fisher"], "importance"),
     (["prune", "--finetune-epochs", "-1"], "finetune-epochs"),
     (["prune", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent"], "apt-get install"),
 ])

@@ -1,5 +1,6 @@
 """PAGCP pruning: physical channel removal through the dependency graph, the per-task oracle, the CLI."""
 
+import copy
 import json
 import math
 import subprocess
@@ -174,7 +175,7 @@ def test_kept_widths_are_multiples_of_round_to():
     assert result.model.conv.out_channels == 16 and result.steps[0].stopped_by == "dense"
 
 
-@pytest.mark.parametrize("field,value", [("flops_target", 1.5), ("step", 0.0), ("importance", "taylor"),
+@pytest.mark.parametrize("field,value", [("flops_target", 1.5), ("step", 0.0), ("importance", "l3"),
                                          ("loss_budget", -1.0)])
 def test_bad_settings_are_config_errors(field, value):
     with pytest.raises(ConfigError):
@@ -276,10 +277,12 @@ def _prune_cli(args, cwd):
 def test_prune_cli_on_a_user_model(tmp_path):
     args = _user_project(tmp_path)
     proc = _prune_cli([*args, "--train-data", "train.npz", "--flops-target", "0.3", "--finetune-epochs", "1",
-                       "--runs", "30", "--out", "run"], tmp_path)
+                       "--importance", "taylor", "--kd-weight", "0.5", "--runs", "30", "--out", "run"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["flops_reduction"] >= 0.3
+    # Taylor ranks on the gradients of the user's training images; the classifier is distilled
+    assert report["algorithm"]["oracle"]["taylor_images"] > 0 and report["finetune"]["kd_weight"] == 0.5
     assert [t["name"] for t in report["tasks"]] == ["labels", "depth"]
     # the conv feeding the 1-channel dense output and the classifier keep their widths
     assert report["channels"]["after"]["dense"] == 2
@@ -385,3 +388,82 @@ def test_each_classification_task_has_its_own_accuracy(images8):
     tasks = (Task("a", "classification", 0), Task("b", "classification", 0))
     m = evaluate_tasks(net, x, {"a": predicted, "b": (predicted + 1) % 10}, tasks)
     assert m["a"]["accuracy_pct"] == 100.0 and m["b"]["accuracy_pct"] == 0.0
+
+
+class _TwoTasks(nn.Module):
+    """conv 1→8; output 0 reads channels 0–3 only, output 1 reads channels 4–7 only."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 1, bias=False)
+        self.out = nn.Conv2d(8, 2, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([1.0, 0.1, 0.1, 0.1, 1.0, 0.1, 0.1, 0.1]).view(8, 1, 1, 1))
+            self.out.weight.zero_()
+            self.out.weight[0, :4] = 1.0
+            self.out.weight[1, 4:] = 1.0
+
+    def forward(self, x):
+        y = self.out(self.conv(x))
+        return y[:, :1], y[:, 1:]
+
+
+def _two_task_backward(scales, summed=False):
+    """TaskBackward: task t's loss is scales[t] · mean(output_t²) on 4 minibatches of random images
+    (``summed``: one loss, the sum of both, as a single-objective criterion would see it)."""
+    def backward(model):
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(4):
+            x = torch.randn(16, 1, 4, 4, generator=gen)
+            losses = {name: scales[name] * out.pow(2).mean() for name, out in zip(("a", "b"), model(x))}
+            for name, loss in ({"sum": sum(losses.values())} if summed else losses).items():
+                model.zero_grad(set_to_none=True)
+                loss.backward(retain_graph=True)
+                yield name
+    return backward
+
+
+def test_taylor_importance_keeps_the_channel_each_task_needs():
+    """Task a's loss is 10⁶× task b's: ranked on the summed gradient, b's one strong channel would go
+    before a's weak ones; per task, normalized, each task's strong channel is kept."""
+    from edgec.search.pagcp import channel_importance
+
+    net = _TwoTasks()
+    example = torch.zeros(1, 1, 4, 4)
+    backward = _two_task_backward({"a": 1e6, "b": 1.0})
+    scores = channel_importance(net, "conv", example, "taylor", backward)
+    assert scores.shape == (8,) and all(p.grad is None for p in net.parameters())  # gradients cleared
+    order = torch.argsort(scores).tolist()
+    assert set(order[-2:]) == {0, 4}  # each task's strong channel ranks above every weak one
+    pruned = prune_group(copy.deepcopy(net), "conv", 6, example, order=order)
+    kept = pruned.conv.weight.detach().flatten().tolist()
+    assert kept == [1.0, 1.0]
+    summed = _two_task_backward({"a": 1e6, "b": 1.0}, summed=True)  # for contrast: there b's channel is lost
+    assert 4 not in torch.argsort(channel_importance(net, "conv", example, "taylor", summed)).tolist()[-2:]
+
+
+def test_taylor_importance_without_gradients_is_refused():
+    with pytest.raises(ConfigError, match="taylor importance needs gradients"):
+        pagcp(_OneConv(), torch.zeros(1, 1, 4, 4), _constructed_oracle, lambda m: [m.out],
+              PagcpSettings(importance="taylor", round_to=1))
+
+
+def test_multitask_finetuning_distills_the_classification_task():
+    """kd_weight 1 and a teacher that knows a permuted labelling: the classification head follows the
+    teacher, not the labels; the reconstruction task still trains on its targets."""
+    from sklearn.datasets import load_digits
+    from edgec.search.multitask import train_multitask
+
+    digits = load_digits()
+    x = (digits.images[:600] / 16.0).astype(np.float32)[:, None]
+    y = digits.target[:600].astype(np.int64)
+    perm = np.roll(np.arange(10), 1)
+    teacher = {"classification": np.eye(10, dtype=np.float32)[perm[y]] * 10}
+    torch.manual_seed(0)
+    net = MultiTaskNet(10)
+    train_multitask(net, x, builtin_targets(x, y), BUILTIN_TASKS, 15, lr=3e-3, batch_size=64,
+                    teacher_logits=teacher, kd_weight=1.0)
+    with torch.no_grad():
+        pred = net(torch.from_numpy(x))[0].argmax(1).numpy()
+    assert np.mean(pred == perm[y]) > 0.8 and np.mean(pred == y) < 0.2
+    assert evaluate_tasks(net, x, builtin_targets(x, y), BUILTIN_TASKS)["reconstruction"]["psnr_db"] > 14
