@@ -3,7 +3,8 @@
 
 One uninterrupted run first (the baseline); then, per trial, the same command into a new folder,
 killed (SIGKILL to its whole process group) after a random delay drawn uniformly from the
-baseline's wall time, then run again with ``--resume`` until it completes. Each trial checks:
+baseline's wall time (narrowed to a trial's when one finishes before its kill: a shared host's
+speed changes), then run again with ``--resume`` until it completes. Each trial checks:
 
 - the resumed run exits 0 (a run killed before it made its folder is refused by ``--resume`` with the
   one-line "nothing to resume", exit 2, nothing written; the plain command, as that line says, then runs);
@@ -86,8 +87,13 @@ def trial(i: int, work: Path, extra: list[str], delay_s: float, baseline: dict, 
     out = work / f"trial-{i:02d}"
     proc = subprocess.Popen(compile_cmd(out, extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=env, start_new_session=True)
-    time.sleep(delay_s)
-    finished_before_kill = proc.poll() is not None
+    started = time.perf_counter()
+    try:
+        proc.wait(timeout=delay_s)
+        finished_before_kill = True
+    except subprocess.TimeoutExpired:
+        finished_before_kill = False
+    run_s = time.perf_counter() - started
     if not finished_before_kill:
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -96,7 +102,7 @@ def trial(i: int, work: Path, extra: list[str], delay_s: float, baseline: dict, 
     resumed = run_to_completion(compile_cmd(out, extra, resume=True), env)
     result = {"trial": i, "kill_at_s": round(delay_s, 2), "killed": not finished_before_kill,
               "stored_at_kill": stored_at_kill, "folder_at_kill": folder_at_kill, "resume_rc": resumed.returncode,
-              "problems": []}
+              "problems": [], **({"finished_after_s": round(run_s, 2)} if finished_before_kill else {})}
     if not folder_at_kill:  # killed before it made its folder: --resume says so, and the plain command starts it
         if resumed.returncode != 2 or "nothing to resume" not in resumed.stderr or out.exists():
             result["problems"].append(f"--resume of a run killed before it made its folder exited "
@@ -159,7 +165,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     rng = random.Random(args.seed)
-    results = [trial(i, work, extra, rng.uniform(0.0, window_s), baseline, env) for i in range(args.trials)]
+    results = []
+    for i in range(args.trials):
+        results.append(trial(i, work, extra, rng.uniform(0.0, window_s), baseline, env))
+        if "finished_after_s" in results[-1]:  # the host got faster than when the window was timed: narrow it
+            window_s = min(window_s, results[-1]["finished_after_s"])
     print(f"{'trial':>5} {'kill at s':>9} {'killed':>6} {'stored':>6} {'repeated':>8} {'lost':>4} {'front':>6}  problems")
     for r in results:
         print(f"{r['trial']:>5} {r['kill_at_s']:>9} {str(r['killed']):>6} "
