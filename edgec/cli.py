@@ -131,8 +131,8 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recovery-epochs", type=int, default=1,
                    help="with --flops-target: fine-tuning epochs between pruning passes (default 1; 0 = none)")
     p.add_argument("--kd-weight", type=float, default=0.0,
-                   help="fine-tuning (after pruning and between passes): distill the classification tasks from the "
-                        "unpruned model with this weight, 0..1 (default 0 = cross-entropy only)")
+                   help="the fine-tuning after pruning distills the classification tasks from the unpruned model with "
+                        "this weight, 0..1 (default 0 = cross-entropy only; the recovery epochs stay plain)")
     p.add_argument("--max-passes", type=int, default=30,
                    help="with --flops-target: at most this many passes over all layers (default 30; the loss "
                         "budget's growth cap usually ends them first)")

@@ -38,7 +38,7 @@ DEFAULT_FINETUNE_EPOCHS = {"digits": 10, "fashion-mnist": 3}
 FINETUNE_LR = 1e-3
 ORACLE_VAL_IMAGES = 1000   # validation images the pruning oracle reads per trial
 BN_RECAL_IMAGES = 512      # training images each trial's BN statistics are re-estimated on
-TAYLOR_IMAGES = 1024       # --importance taylor: the last training images, whose gradients rank channels
+TAYLOR_IMAGES = 1024       # --importance taylor: training images (after the BN ones) whose gradients rank channels
 TAYLOR_BATCH = 64          # ... in minibatches of this many (Molchanov et al. 2019 accumulate per minibatch)
 
 
@@ -99,7 +99,7 @@ class PruneConfig:
     step: float = 0.05
     finetune_epochs: int | None = None
     recovery_epochs: int = 1                   # fine-tuning between PAGCP passes (with --flops-target)
-    kd_weight: float = 0.0                     # fine-tuning: distill the classification tasks from the unpruned model
+    kd_weight: float = 0.0                     # final fine-tuning: distill the classification tasks from the unpruned model
     max_passes: int = 30                       # with --flops-target: at most this many passes over all layers
     train_epochs: int | None = None
     threads: int = 2
@@ -248,7 +248,9 @@ class TaskOracle:
         if data.train_x is None:  # no training data: the gradients come from the validation images
             self.grad_x, self.grad_t = self.x, self.targets
         else:
-            window = slice(-TAYLOR_IMAGES, None)  # the last ones: apart from the BN images when there are enough
+            n = len(data.train_x)  # the images after the BN ones; the last ones when there are too few
+            window = (slice(BN_RECAL_IMAGES, BN_RECAL_IMAGES + TAYLOR_IMAGES) if n >= BN_RECAL_IMAGES + TAYLOR_IMAGES
+                      else slice(-TAYLOR_IMAGES, None))
             self.grad_x, self.grad_t = data.train_x[window], {k: v[window] for k, v in data.train_t.items()}
         self.calls = 0
 
@@ -404,8 +406,8 @@ def prune_job(cfg: PruneConfig, model, data: TaskData, ignored, model_info: dict
 
         teacher = teacher_logits(model, data) if cfg.kd_weight else None
 
-        def recover(m) -> None:
-            finetune(m, data, cfg.recovery_epochs, cfg.seed, progress, teacher, cfg.kd_weight)
+        def recover(m) -> None:  # plain: distillation is for the final fine-tuning
+            finetune(m, data, cfg.recovery_epochs, cfg.seed, progress)
             progress.stage("PAGCP: next pass")
 
         result = pagcp(model, example, oracle, ignored, settings,
