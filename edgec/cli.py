@@ -125,7 +125,8 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
                    help="tasks the pruning oracle checks (repeatable; default all; the built-in model's are "
                         "classification and reconstruction)")
     p.add_argument("--importance", default="l1", help="channel importance within a group: l1 (default) | l2 filter norm, or taylor "
-                        "(first-order loss change per task, from the gradients of 1024 training images)")
+                        "(first-order loss change per task, from the gradients of up to 1024 training images — "
+                        "the oracle's validation images without --train-data)")
     p.add_argument("--step", type=float, default=0.05, help="pruning-ratio step per trial (default 0.05)")
     p.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs after pruning (default per dataset)")
     p.add_argument("--recovery-epochs", type=int, default=1,

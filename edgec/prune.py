@@ -147,6 +147,9 @@ class PruneConfig:
         if not (math.isfinite(self.kd_weight) and 0 <= self.kd_weight <= 1):
             raise ConfigError(f"bad value for --kd-weight: {self.kd_weight}", "it mixes cross-entropy and "
                               "distillation, between 0 and 1", "e.g. --kd-weight 0.5")
+        if self.kd_weight and self.finetune_epochs == 0:
+            raise ConfigError("--kd-weight with --finetune-epochs 0", "distillation happens in the fine-tuning",
+                              "drop --kd-weight or give --finetune-epochs 1 or more")
         if not (math.isfinite(self.step) and 0.01 <= self.step <= 0.5):
             raise ConfigError(f"bad value for --step: {self.step}", "the pruning-ratio step is between 0.01 and 0.5",
                               "e.g. --step 0.05")
@@ -253,23 +256,33 @@ class TaskOracle:
                       else slice(-TAYLOR_IMAGES, None))
             self.grad_x, self.grad_t = data.train_x[window], {k: v[window] for k, v in data.train_t.items()}
         self.calls = 0
+        self.backward_passes = 0  # (minibatch, task) losses back-propagated for --importance taylor
 
     def backward(self, model):
         """:data:`edgec.search.pagcp.TaskBackward` for ``--importance taylor``: each watched task's mean
-        loss back-propagated on each minibatch of :data:`TAYLOR_BATCH` images, model in eval mode."""
+        loss back-propagated on each minibatch of :data:`TAYLOR_BATCH` images (one forward pass per
+        minibatch), model in eval mode. A model that cannot back-propagate (frozen weights, a detached
+        output) raises :class:`ModelError`."""
         import torch
 
         from edgec.search.multitask import task_loss
 
         model.eval()
         for i in range(0, len(self.grad_x), TAYLOR_BATCH):
-            xb = torch.from_numpy(self.grad_x[i:i + TAYLOR_BATCH])
-            for task in self.tasks:
-                model.zero_grad(set_to_none=True)
-                outs = model(xb)
+            try:
+                outs = model(torch.from_numpy(self.grad_x[i:i + TAYLOR_BATCH]))
                 outs = outs if isinstance(outs, (tuple, list)) else (outs,)
-                task_loss(task, outs[task.output], torch.from_numpy(self.grad_t[task.name][i:i + TAYLOR_BATCH])
-                          ).mean().backward()
+                losses = [task_loss(t, outs[t.output], torch.from_numpy(self.grad_t[t.name][i:i + TAYLOR_BATCH]))
+                          .mean() for t in self.tasks]
+            except (RuntimeError, ValueError, IndexError) as e:
+                raise _gradient_error(e) from None
+            for k, (task, loss) in enumerate(zip(self.tasks, losses)):
+                model.zero_grad(set_to_none=True)
+                try:
+                    loss.backward(retain_graph=k < len(losses) - 1)
+                except RuntimeError as e:
+                    raise _gradient_error(e) from None
+                self.backward_passes += 1
                 yield task.name
 
     def __call__(self, model) -> dict[str, float]:
@@ -280,6 +293,12 @@ class TaskOracle:
         if self.recal_x is not None:
             recalibrate_bn(model, self.recal_x, max_images=BN_RECAL_IMAGES)
         return {k: v["loss"] for k, v in evaluate_tasks(model, self.x, self.targets, self.tasks).items()}
+
+
+def _gradient_error(e: Exception) -> ModelError:
+    return ModelError("--importance taylor cannot back-propagate the tasks' losses through the model",
+                      f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}",
+                      "make its weights trainable and its outputs differentiable, or use --importance l1")
 
 
 def teacher_logits(model, data: TaskData) -> dict:
@@ -388,6 +407,11 @@ def prune_job(cfg: PruneConfig, model, data: TaskData, ignored, model_info: dict
     target = open_target("cpu-ort", cfg.threads, cfg.runs)
     target.require_available()
     cfg.check_task_names([t.name for t in data.tasks])
+    if cfg.kd_weight and (data.train_x is None or not any(t.kind == "classification" for t in data.tasks)):
+        raise ConfigError("--kd-weight has nothing to distill", "it distills classification tasks in the "
+                          "fine-tuning, which needs training data" if data.train_x is None else
+                          "the model has no classification task", "drop --kd-weight"
+                          + (" or pass --train-data" if data.train_x is None else ""))
     if isinstance(model, nn.Module):
         from edgec.search.pagcp import prunable_groups
 
@@ -403,8 +427,6 @@ def prune_job(cfg: PruneConfig, model, data: TaskData, ignored, model_info: dict
         settings = cfg.pagcp_settings()
         progress.stage("PAGCP: pruning layer by layer under each task's validation loss")
         started = time.perf_counter()
-
-        teacher = teacher_logits(model, data) if cfg.kd_weight else None
 
         def recover(m) -> None:  # plain: distillation is for the final fine-tuning
             finetune(m, data, cfg.recovery_epochs, cfg.seed, progress)
@@ -424,6 +446,7 @@ def prune_job(cfg: PruneConfig, model, data: TaskData, ignored, model_info: dict
         after_prune = task_metrics(pruned, data)
         epochs = cfg.finetune_epochs if cfg.finetune_epochs is not None else DEFAULT_FINETUNE_EPOCHS.get(data.name, 3)
         epochs = epochs if data.train_x is not None else 0
+        teacher = teacher_logits(model, data) if cfg.kd_weight and epochs else {}
         finetune(pruned, data, epochs, cfg.seed, progress, teacher, cfg.kd_weight)
         after = task_metrics(pruned, data)
         progress.stage("exporting and measuring on cpu-ort")
@@ -434,7 +457,8 @@ def prune_job(cfg: PruneConfig, model, data: TaskData, ignored, model_info: dict
         latency["speedup_p50"] = latency["reference"]["p50_ms"] / latency["pruned"]["p50_ms"]
         target.close()
         report = _report(cfg, data, model_info, result, settings, model, before, after_prune, after, latency,
-                         prune_s, oracle.calls, epochs, target)
+                         prune_s, oracle, epochs, target)
+        report["finetune"]["distilled_tasks"] = sorted(teacher)
         gate = _gate(cfg, report)
         report["max_task_drop"] = gate
         _publish(run.path, report, paths, model, pruned, data, save_torch=cfg.model == "multitask",
@@ -473,7 +497,7 @@ def measure_side_by_side(target, paths: dict[str, Path], input_shape, rounds: in
 
 
 def _report(cfg, data: TaskData, model_info, result, settings, reference, before, after_prune, after, latency,
-            prune_s, oracle_calls, epochs, target) -> dict:
+            prune_s, oracle: TaskOracle, epochs, target) -> dict:
     return {
         "schema_version": 1, "job": "prune", "edgec_version": edgec.__version__,
         "config": cfg.to_dict(),
@@ -485,9 +509,10 @@ def _report(cfg, data: TaskData, model_info, result, settings, reference, before
                       "oracle": {"watched_tasks": list(cfg.watch) or [t.name for t in data.tasks],
                                  "val_images": min(ORACLE_VAL_IMAGES, len(data.val_x)),
                                  "bn_recalibration_images": 0 if data.train_x is None else BN_RECAL_IMAGES,
-                                 "evaluations": oracle_calls,
-                                 **({"taylor_images": len(data.train_x[-TAYLOR_IMAGES:]) if data.train_x is not None
-                                     else len(data.val_x[:ORACLE_VAL_IMAGES]),
+                                 "evaluations": oracle.calls,
+                                 **({"taylor_images": len(oracle.grad_x),
+                                     "taylor_split": "train" if data.train_x is not None else "val",
+                                     "taylor_backward_passes": oracle.backward_passes,
                                      "taylor_batch": TAYLOR_BATCH,
                                      "taylor_source": "Molchanov et al., CVPR 2019, §3 (per task, normalized, max)"}
                                     if cfg.importance == "taylor" else {})},

@@ -411,6 +411,12 @@ def _count(macs: int) -> str:
     return f"{macs / 1e6:.2f} M" if macs >= 1e6 else f"{macs / 1e3:.1f} k"
 
 
+def _distilled(finetune: dict) -> str:
+    """', classification distilled from the unpruned model (weight W)' when the fine-tuning distilled."""
+    tasks = finetune.get("distilled_tasks") or []
+    return f", {', '.join(tasks)} distilled from the unpruned model (weight {finetune['kd_weight']:g})" if tasks else ""
+
+
 def write_prune_html(report: dict) -> str:
     """``report.html`` of ``edgec prune``: kept channels per layer, FLOPs, per-task metrics, latency, steps."""
     e = html.escape
@@ -445,7 +451,8 @@ median of {len(lat['pruned']['p50_ms_rounds'])} alternating rounds): {lat['refer
 {lat['pruned']['p50_ms'] * 1e3:.1f} µs (<b>{speed_text(lat['speedup_p50'])}</b>).</p>{gate_line}
 <h2>Per-task metrics</h2>
 <table><tr><th>model</th>{metric_head}</tr>{metric_rows}</table>
-<p>Fine-tuning: {report['finetune']['epochs']} epochs at lr {report['finetune']['lr']}.</p>
+<p>Channel importance: {e(report['config']['importance'])}. Fine-tuning: {report['finetune']['epochs']} epochs at
+lr {report['finetune']['lr']}{e(_distilled(report['finetune']))}.</p>
 <h2>Kept channels per conv layer</h2><img alt="kept channels" src="data:image/png;base64,{png}">
 <h2>Pruning steps</h2><p>Each group's ratio rose in steps while every watched task
 ({e(', '.join(report['algorithm']['oracle']['watched_tasks']))}) kept its validation loss within

@@ -102,7 +102,8 @@ def trial(i: int, work: Path, extra: list[str], delay_s: float, baseline: dict, 
     resumed = run_to_completion(compile_cmd(out, extra, resume=True), env)
     result = {"trial": i, "kill_at_s": round(delay_s, 2), "killed": not finished_before_kill,
               "stored_at_kill": stored_at_kill, "folder_at_kill": folder_at_kill, "resume_rc": resumed.returncode,
-              "problems": [], **({"finished_after_s": round(run_s, 2)} if finished_before_kill else {})}
+              "problems": [], **({"finished_after_s": round(run_s, 2), "finished_rc": proc.returncode}
+                                 if finished_before_kill else {})}
     if not folder_at_kill:  # killed before it made its folder: --resume says so, and the plain command starts it
         if resumed.returncode != 2 or "nothing to resume" not in resumed.stderr or out.exists():
             result["problems"].append(f"--resume of a run killed before it made its folder exited "
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for i in range(args.trials):
         results.append(trial(i, work, extra, rng.uniform(0.0, window_s), baseline, env))
-        if "finished_after_s" in results[-1]:  # the host got faster than when the window was timed: narrow it
+        if results[-1].get("finished_rc") == 0:  # the host got faster than when the window was timed: narrow it
             window_s = min(window_s, results[-1]["finished_after_s"])
     print(f"{'trial':>5} {'kill at s':>9} {'killed':>6} {'stored':>6} {'repeated':>8} {'lost':>4} {'front':>6}  problems")
     for r in results:

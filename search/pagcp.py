@@ -19,12 +19,14 @@ performance oracle, §3.2–3.3):
 5. Within a group the channels with the smallest importance go first: the group's
    L1 (or L2) filter norm summed over its coupled layers (Torch-Pruning's
    ``GroupMagnitudeImportance``), or ``taylor``: the first-order Taylor estimate of the
-   loss change when the whole channel is removed, ``(Σ_params w·∂L/∂w)²`` accumulated over
-   minibatches (Molchanov et al., "Importance Estimation for Neural Network Pruning", CVPR
-   2019, §3; Torch-Pruning's ``GroupTaylorImportance(multivariable=True)`` per minibatch),
-   computed for each task on its own, normalized by its mean over the group's channels, and
-   the largest over the tasks kept — a channel one task needs is important, whatever the
-   others say (the per-task view of step 3).
+   loss change when the channel is removed (Molchanov et al., "Importance Estimation for
+   Neural Network Pruning", CVPR 2019, §3) — per minibatch, Torch-Pruning's
+   ``GroupTaylorImportance(multivariable=True)``: for each coupled conv/linear layer
+   ``|Σ w·∂L/∂w|`` over the channel's weights in that layer, averaged over the group's layers
+   (batch-norm parameters are not counted) — squared and summed over the minibatches; computed
+   for each task on its own, normalized by its mean over the group's channels, and the largest
+   over the tasks kept — a channel one task needs is important, whatever the others say (the
+   per-task view of step 3).
 
 Kept channel counts are multiples of ``round_to`` (default 8): ONNX Runtime's CPU
 convolutions run in a channel-blocked layout (NCHWc, 8 or 16 channels a block) only
@@ -194,6 +196,11 @@ TaskBackward = Callable[[nn.Module], Iterator[str]]
 back-propagates that task's loss on that minibatch (model in eval mode) and yields the task's name."""
 
 
+def _no_gradients() -> ConfigError:
+    return ConfigError("taylor importance needs gradients", "the caller gave no task losses to back-propagate",
+                       "pass backward=… or use importance l1")
+
+
 def channel_importance(model: nn.Module, layer: str, example_input: torch.Tensor, importance: str = "l1",
                        backward: TaskBackward | None = None) -> torch.Tensor:
     """Importance of each output channel of ``layer``'s coupled group, shape (out_channels,) float32
@@ -207,8 +214,7 @@ def channel_importance(model: nn.Module, layer: str, example_input: torch.Tensor
     if importance != "taylor":
         return tp.importance.GroupMagnitudeImportance(p=1 if importance == "l1" else 2)(group).float()
     if backward is None:
-        raise ConfigError("taylor importance needs gradients", "the caller gave no task losses to back-propagate",
-                          "pass backward=… or use importance l1")
+        raise _no_gradients()
     taylor = tp.importance.GroupTaylorImportance(multivariable=True, normalizer=None)
     per_task: dict[str, torch.Tensor] = {}
     try:
@@ -222,7 +228,7 @@ def channel_importance(model: nn.Module, layer: str, example_input: torch.Tensor
         model.zero_grad(set_to_none=True)
     if not per_task:
         raise ConfigError("taylor importance got no gradients", "backward(model) yielded no task", "check backward")
-    normalized = [s / s.mean().clamp_min(1e-30) for s in per_task.values()]
+    normalized = [torch.where(s.mean() > 0, s / s.mean(), torch.zeros_like(s)) for s in per_task.values()]
     return torch.stack(normalized).max(0).values.float()
 
 
@@ -291,8 +297,7 @@ def pagcp(model: nn.Module, example_input: torch.Tensor, evaluate: Callable[[nn.
     Taylor importance without ``backward``.
     """
     if settings.importance == "taylor" and backward is None:
-        raise ConfigError("taylor importance needs gradients", "the caller gave no task losses to back-propagate",
-                          "pass backward=… or use importance l1")
+        raise _no_gradients()
     current = copy.deepcopy(model).eval()
     macs0, params0 = count_macs(current, example_input)
     reference = evaluate(current)

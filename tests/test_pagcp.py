@@ -281,8 +281,13 @@ def test_prune_cli_on_a_user_model(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["flops_reduction"] >= 0.3
-    # Taylor ranks on the gradients of the user's training images; the classifier is distilled
-    assert report["algorithm"]["oracle"]["taylor_images"] > 0 and report["finetune"]["kd_weight"] == 0.5
+    # Taylor ranked on the gradients of the user's training images: one backward pass per minibatch and task
+    # for each group visit that tried a step; the classifier was distilled
+    oracle = report["algorithm"]["oracle"]
+    visits = sum(1 for s in report["steps"] if s["trials"])
+    assert oracle["taylor_split"] == "train" and oracle["taylor_images"] > 0
+    assert oracle["taylor_backward_passes"] == visits * 2 * math.ceil(oracle["taylor_images"] / 64) > 0
+    assert report["finetune"]["distilled_tasks"] == ["labels"]
     assert [t["name"] for t in report["tasks"]] == ["labels", "depth"]
     # the conv feeding the 1-channel dense output and the classifier keep their widths
     assert report["channels"]["after"]["dense"] == 2
@@ -467,3 +472,37 @@ def test_multitask_finetuning_distills_the_classification_task():
         pred = net(torch.from_numpy(x))[0].argmax(1).numpy()
     assert np.mean(pred == perm[y]) > 0.8 and np.mean(pred == y) < 0.2
     assert evaluate_tasks(net, x, builtin_targets(x, y), BUILTIN_TASKS)["reconstruction"]["psnr_db"] > 14
+
+
+def test_taylor_on_a_model_that_cannot_back_propagate_is_one_model_error():
+    from edgec.errors import ModelError
+    from edgec.prune import TaskData, TaskOracle
+    from edgec.search.multitask import Task
+
+    class Detached(_TwoTasks):
+        def forward(self, x):
+            a, b = super().forward(x)
+            return a, b.detach()  # the user's second output is computed outside autograd
+
+    x = np.random.default_rng(0).random((32, 1, 4, 4), dtype=np.float32)
+    targets = {"a": np.zeros((32, 1, 4, 4), np.float32), "b": np.zeros((32, 1, 4, 4), np.float32)}
+    tasks = (Task("a", "dense", 0), Task("b", "dense", 1))
+    data = TaskData("mine", tasks, ("a", "b"), x, targets, x, targets, x, targets, {})
+    oracle = TaskOracle(data, ())
+    assert [name for name in oracle.backward(_TwoTasks())] == ["a", "b"]  # one minibatch, both tasks
+    with pytest.raises(ModelError, match="cannot back-propagate"):
+        list(oracle.backward(Detached()))
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--kd-weight", "0.5", "--finetune-epochs", "0"], "--kd-weight with --finetune-epochs 0"),
+    (["--kd-weight", "0.5", "--task", "depth=dense:1"], "nothing to distill"),
+])
+def test_distillation_that_could_not_happen_is_refused(tmp_path, extra, fragment):
+    args = _user_project(tmp_path)
+    if "--task" in extra:  # one dense task only: no classification task to distill
+        args = [a for a in args if a not in ("--task", "labels=classification:0", "depth=dense:1")]
+    proc = _prune_cli([*args, "--train-data", "train.npz", *extra, "--out", "run"], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert fragment in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()
