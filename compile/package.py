@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgec.compile.export import set_metadata
+from edgec.rundir import TMP_PREFIX
 
 
 def _umask() -> int:
@@ -45,7 +46,7 @@ def publish_model(model_path: Path, dest_dir: Path, metadata: dict,
     replaced only once the new one is complete. Returns the published model's path.
     """
     dest_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest_dir.parent, prefix=f".tmp-{dest_dir.name}-"))
+    tmp = Path(tempfile.mkdtemp(dir=dest_dir.parent, prefix=f"{TMP_PREFIX}{dest_dir.name}-"))
     try:
         shutil.copyfile(model_path, tmp / "model.onnx")
         set_metadata(tmp / "model.onnx", metadata)
@@ -74,7 +75,7 @@ def write_atomic(path: Path, text: str) -> None:
 def write_atomic_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}-")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

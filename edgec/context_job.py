@@ -30,6 +30,7 @@ import numpy as np
 
 from edgec.compile.package import make_readable, sha256_file, write_atomic
 from edgec.errors import ConfigError, ModelError, OutputDirError
+from edgec.rundir import TMP_PREFIX
 
 DEFAULT_DIR = Path("runs") / "context"
 CONTEXT_CHOICES = (256, 512, 768, 1024)
@@ -159,7 +160,7 @@ def _lr_at(step: int, total: int, lr: float) -> float:
 def _atomic_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=metadata)
         make_readable(tmp)

@@ -19,7 +19,8 @@ from edgec.errors import OutputDirError
 
 OUTPUTS = ("report.json", "report.html", "candidates.csv", "manifest.json", "artifacts", "study", "pruned")
 LOCK = ".edgec.lock"
-TMP_PREFIX = ".tmp-"  # what a write through a temporary file and a rename leaves when it is killed mid-write
+TMP_PREFIX = ".tmp-"  # every write through a temporary file and a rename names its temporary this way, so what
+#                      a kill mid-write leaves is recognised (and swept) here
 
 
 def _leftover(child: Path) -> bool:

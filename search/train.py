@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from edgec.errors import ModelError
+from edgec.rundir import TMP_PREFIX
 from edgec.search.space import SupernetSpec
 from edgec.search.supernet import StaticNet, Supernet
 
@@ -266,7 +267,7 @@ def save_weights(net: torch.nn.Module, path: Path, meta: dict, record: dict | No
     Raises :class:`ModelError` when it cannot be written (nothing is left behind)."""
     from safetensors import SafetensorError
 
-    tmp = path.with_name(f".tmp-{path.name}")
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp),
@@ -327,7 +328,7 @@ def write_atomically(directory: Path, names: tuple[str, ...], write: Callable[[P
     created, tmp = not directory.exists(), None
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".tmp-"))
+        tmp = Path(tempfile.mkdtemp(dir=directory, prefix=TMP_PREFIX))
         write(tmp)
         for name in names:
             os.chmod(tmp / name, 0o644)
