@@ -265,13 +265,12 @@ class TaskOracle:
         output) raises :class:`ModelError`."""
         import torch
 
-        from edgec.search.multitask import task_loss
+        from edgec.search.multitask import as_outputs, task_loss
 
         model.eval()
         for i in range(0, len(self.grad_x), TAYLOR_BATCH):
             try:
-                outs = model(torch.from_numpy(self.grad_x[i:i + TAYLOR_BATCH]))
-                outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+                outs = as_outputs(model(torch.from_numpy(self.grad_x[i:i + TAYLOR_BATCH])))
                 losses = [task_loss(t, outs[t.output], torch.from_numpy(self.grad_t[t.name][i:i + TAYLOR_BATCH]))
                           .mean() for t in self.tasks]
             except (RuntimeError, ValueError, IndexError) as e:
@@ -306,17 +305,18 @@ def teacher_logits(model, data: TaskData) -> dict:
     distillation from the unpruned model (empty without training data)."""
     import torch
 
+    from edgec.search.multitask import as_outputs
+
     if data.train_x is None:
         return {}
-    outs: dict[str, list] = {t.name: [] for t in data.tasks if t.kind == "classification"}
+    tasks = [t for t in data.tasks if t.kind == "classification"]
+    outs: dict[str, list] = {t.name: [] for t in tasks}
     model.eval()
     with torch.no_grad():
         for i in range(0, len(data.train_x), 1000):
-            o = model(torch.from_numpy(data.train_x[i:i + 1000]))
-            o = o if isinstance(o, (tuple, list)) else (o,)
-            for t in data.tasks:
-                if t.name in outs:
-                    outs[t.name].append(o[t.output].float().numpy())
+            o = as_outputs(model(torch.from_numpy(data.train_x[i:i + 1000])))
+            for t in tasks:
+                outs[t.name].append(o[t.output].float().numpy())
     return {k: np.concatenate(v) for k, v in outs.items()}
 
 

@@ -182,6 +182,8 @@ def check_against_model(model, x: np.ndarray, targets: dict, tasks, flag: str) -
     """Run the model on two samples and check each task's output against its targets; returns the output count."""
     import torch
 
+    from edgec.search.multitask import as_outputs
+
     n = min(len(x), 2)
     try:
         with torch.no_grad():
@@ -189,7 +191,7 @@ def check_against_model(model, x: np.ndarray, targets: dict, tasks, flag: str) -
     except Exception as e:
         raise ModelError("the model fails on the data's x", f"{type(e).__name__}: {_plain(str(e))}",
                          f"check x's shape in {flag} ({tuple(x.shape[1:])} per sample)") from None
-    outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+    outs = as_outputs(outs)
     if not all(isinstance(o, torch.Tensor) and o.ndim >= 1 and o.shape[0] == n for o in outs):
         raise ModelError("the model's outputs are unusable", "forward must return a tensor or a tuple of tensors, "
                          "each with the batch as its first dimension", "return (batch, …) tensors from forward")

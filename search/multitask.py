@@ -160,6 +160,12 @@ METRIC_LABELS = {"accuracy_pct": "acc %", "psnr_db": "PSNR dB"}  # column labels
 BUILTIN_TASKS = (Task("classification", "classification", 0), Task("reconstruction", "dense", 1))
 
 
+def as_outputs(out) -> tuple:
+    """A model's forward result as a tuple of its outputs (a lone tensor becomes a 1-tuple), so
+    ``Task.output`` indexes it."""
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
 def task_loss(task: Task, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-sample loss (B,): cross-entropy, or the sample's mean squared error."""
     if task.kind == "classification":
@@ -180,8 +186,7 @@ def evaluate_tasks(model: nn.Module, x: np.ndarray, targets: dict[str, np.ndarra
     correct = {t.name: 0 for t in tasks}
     for i in range(0, len(x), batch_size):
         xb = torch.from_numpy(x[i:i + batch_size])
-        outs = model(xb)
-        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        outs = as_outputs(model(xb))
         for t in tasks:
             tb = torch.from_numpy(targets[t.name][i:i + batch_size])
             sums[t.name] += float(task_loss(t, outs[t.output], tb).sum())
@@ -230,8 +235,7 @@ def train_multitask(model: nn.Module, x: np.ndarray, targets: dict[str, np.ndarr
         return loss
 
     def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-        outs = model(x_all[idx])
-        outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+        outs = as_outputs(model(x_all[idx]))
         return sum(w[t.name] * one(t, outs[t.output], idx) for t in tasks)
     return fit_minibatches(model, len(x), epochs, batch_size, rng, batch_loss, opt, sched, on_step)
 

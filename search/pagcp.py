@@ -266,10 +266,12 @@ def _removable(channels: int, ratio: float, settings: PagcpSettings) -> int:
 def output_layer_names(model: nn.Module, example_input: torch.Tensor) -> set[str]:
     """Names of the group roots whose output width is a model output's width: pruning one channel of their
     group would change an output's shape (found by trying it on a copy), or they have one channel."""
+    from edgec.search.multitask import as_outputs
+
     def shapes(m: nn.Module) -> list:
         with torch.no_grad():
             out = m(example_input)
-        return [o.shape for o in (out if isinstance(out, (tuple, list)) else (out,))]
+        return [o.shape for o in as_outputs(out)]
 
     reference = shapes(model)
     return {name for name, channels in prunable_groups(model, example_input, []).items()
