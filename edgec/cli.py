@@ -69,6 +69,9 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
                         "fidelity floor to recover by least-squares reconstruction (about 75 s each on 2 cores; "
                         "default 2, 0 = none)")
     p.add_argument("--sequence-length", type=int, help="--model minilm: tokens per input for latency (default 128)")
+    p.add_argument("--no-graph-fusion", dest="graph_fusion", action="store_false", default=None,
+                   help="--model minilm: keep the exported graph's plain ONNX ops (default: fuse attention, "
+                        "LayerNorm and GELU into ONNX Runtime's contrib ops, which only ONNX Runtime runs)")
     p.add_argument("--max-ppl-increase", type=_relative,
                    help="--model smollm2: perplexity on the evaluation text may rise at most this much above FP32's, "
                         "as a fraction or percentage (default 10%%)")
@@ -91,6 +94,9 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prune-flops-target", type=float,
                    help="after the search, PAGCP-prune the chosen subnet (FP32) by this fraction of its FLOPs, "
                         "fine-tune and measure it; outputs in OUT/pruned/")
+    p.add_argument("--prune-round-to", type=int, metavar="N",
+                   help="with --prune-flops-target: kept channel counts are multiples of N (default: ONNX Runtime's "
+                        "NCHWc block on this CPU, 16 with AVX-512, else 8)")
 
 
 def _relative(text: str) -> float:
@@ -128,6 +134,10 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
                         "(first-order loss change per task, from the gradients of up to 1024 training images — "
                         "the oracle's validation images without --train-data)")
     p.add_argument("--step", type=float, default=0.05, help="pruning-ratio step per trial (default 0.05)")
+    p.add_argument("--round-to", type=int, metavar="N",
+                   help="kept channel counts are multiples of N (default: the channel block of ONNX Runtime's "
+                        "NCHWc convolutions on this CPU, 16 with AVX-512 and 8 otherwise; a conv of another width "
+                        "runs padded to the next multiple)")
     p.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs after pruning (default per dataset)")
     p.add_argument("--recovery-epochs", type=int, default=1,
                    help="with --flops-target: fine-tuning epochs between pruning passes (default 1; 0 = none)")
@@ -607,7 +617,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                       checkpoint=args.checkpoint, tasks=tuple(args.task or ()), train_data=args.train_data,
                       eval_data=args.eval_data,
                       flops_target=args.flops_target, loss_budget=args.loss_budget, max_task_drop=drops,
-                      watch=tuple(args.watch or ()), importance=args.importance, step=args.step,
+                      watch=tuple(args.watch or ()), importance=args.importance, step=args.step, round_to=args.round_to,
                       finetune_epochs=args.finetune_epochs, recovery_epochs=args.recovery_epochs,
                       kd_weight=args.kd_weight, max_passes=args.max_passes,
                       train_epochs=args.train_epochs, threads=args.threads,

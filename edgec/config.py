@@ -46,6 +46,7 @@ class CompileConfig:
     eval_data: str | None = None           # .onnx model input: .npz of inputs to measure fidelity on
     input_shape: tuple[int, ...] | None = None  # .onnx model input: full input shape where dims are dynamic
     prune_flops_target: float | None = None  # after the search: PAGCP-prune the chosen subnet by this FLOPs share
+    prune_round_to: int | None = None      # its kept widths a multiple of this (None: this CPU's NCHWc block)
     finetune_epochs: int = 0               # after the search: fine-tune alone for this many epochs (0 = off) the
     finetune_top: int = 4                  # reference and at most this many Pareto architectures (a bisection)
     finetune_child_epochs: int | None = None  # epochs for the architectures other than the reference (None = as above)
@@ -53,6 +54,7 @@ class CompileConfig:
     recovery_steps: int = 0                # transformers: distillation steps after least squares (0 = none)
     recovery_candidates: int = 2           # transformers: how many of the fastest pruned sub-networks to recover (0 = none)
     sequence_length: int = 128             # transformers: tokens per input when measuring latency (batch 1)
+    graph_fusion: bool = True              # transformers (encoders): fuse with ONNX Runtime's transformer optimizer
     max_ppl_increase: float = 0.10         # causal LMs (text generation): perplexity ≤ FP32's × (1 + this)
     executor: str = "in-process"           # where evaluations and device profiles run: in-process | ray
     storage: str | None = None             # NSGA-II state in an Optuna RDB (sqlite:///f.db, postgresql://…), shared
@@ -69,6 +71,7 @@ class CompileConfig:
         if self.is_transformer:
             unused = {"dataset": self.dataset != "digits", "data_dir": bool(self.data_dir),
                       "train_epochs": bool(self.train_epochs), "prune_flops_target": self.prune_flops_target is not None,
+                      "prune_round_to": self.prune_round_to is not None,
                       "finetune_epochs": self.finetune_epochs != 0, "finetune_top": self.finetune_top != 4,
                       "finetune_child_epochs": self.finetune_child_epochs is not None,
                       "latency_budget_ms": self.latency_budget_ms is not None,
@@ -87,7 +90,8 @@ class CompileConfig:
                                   "pretrained transformers are searched and measured on cpu-ort only so far",
                                   "drop --target or pass --target cpu-ort")
         encoder_only = {"recovery_steps": self.recovery_steps != 0, "recovery_candidates": self.recovery_candidates != 2,
-                        "max_fidelity_drop": self.max_fidelity_drop != 0.02, "sequence_length": self.sequence_length != 128}
+                        "max_fidelity_drop": self.max_fidelity_drop != 0.02, "sequence_length": self.sequence_length != 128,
+                        "graph_fusion": not self.graph_fusion}
         if not self.is_transformer or self.is_decoder:
             for name, given in encoder_only.items():
                 if given:
@@ -163,6 +167,9 @@ class CompileConfig:
         if self.prune_flops_target is not None and not 0 < self.prune_flops_target < 1:
             bad("prune_flops_target", "it is the fraction of FLOPs to remove, between 0 and 1",
                 "e.g. --prune-flops-target 0.3")
+        if self.prune_round_to is not None and not (self.prune_flops_target is not None and 1 <= self.prune_round_to <= 256):
+            bad("prune_round_to", "it sets the width multiple of --prune-flops-target's pruning, 1 to 256",
+                "pass it with --prune-flops-target, e.g. --prune-round-to 8")
         if self.prune_flops_target is not None and self.is_onnx_input:
             bad("prune_flops_target", "pruning applies to the built-in supernet's chosen subnet",
                 "drop it; prune a PyTorch model with 'edgec prune'")

@@ -97,6 +97,7 @@ class PruneConfig:
     watch: tuple[str, ...] = ()                # tasks the oracle checks (default: all)
     importance: str = "l1"
     step: float = 0.05
+    round_to: int | None = None                # kept widths a multiple of this; None = this CPU's NCHWc block
     finetune_epochs: int | None = None
     recovery_epochs: int = 1                   # fine-tuning between PAGCP passes (with --flops-target)
     kd_weight: float = 0.0                     # final fine-tuning: distill the classification tasks from the unpruned model
@@ -157,6 +158,7 @@ class PruneConfig:
             raise ConfigError(f"bad value for --seed: {self.seed}", "seeds are integers in 0 .. 2**32 - 1",
                               "e.g. --seed 0")
         for name, value, low, high in (("finetune-epochs", self.finetune_epochs, 0, 1000),
+                                       ("round-to", self.round_to, 1, 256),
                                        ("train-epochs", self.train_epochs, 1, 1000),
                                        ("recovery-epochs", self.recovery_epochs, 0, 100),
                                        ("max-passes", self.max_passes, 1, 1000),
@@ -187,8 +189,11 @@ class PruneConfig:
     def pagcp_settings(self):
         from edgec.search.pagcp import PagcpSettings
 
+        from edgec.targets.cpu_ort import nchwc_block_channels
+
         return PagcpSettings(step=self.step, loss_budget=self.loss_budget, flops_target=self.flops_target,
-                             importance=self.importance, max_passes=self.max_passes if self.flops_target else 1)
+                             importance=self.importance, max_passes=self.max_passes if self.flops_target else 1,
+                             round_to=self.round_to or nchwc_block_channels())
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -38,6 +38,8 @@ def assert_one_line_error(proc, fragment):
     (["prune", "--flops-target", "1.5"], "--flops-target"),
     (["prune", "--step", "1e-9"], "--step"),
     (["prune", "--seed", "-1"], "--seed"),
+    (["prune", "--round-to", "0"], "--round-to"),
+    (["compile", "--prune-round-to", "8"], "prune_round_to"),
     (["prune", "--loss-budget", "inf"], "--loss-budget"),
     (["prune", "--model", "resnet"], "unknown model"),
     (["prune", "--model", "os.path:join"], "needs --checkpoint"),
