@@ -4,12 +4,6 @@
   in-memory (possibly sliced) model; the graph keeps module paths in node names, so Linear
   ``encoder.layer.0.intermediate.dense`` becomes MatMul ``/encoder/layer.0/intermediate/dense/MatMul``
   and a precision policy keyed by module name survives export.
-- Fusion (:func:`fuse_encoder`): ONNX Runtime's transformer optimizer (``onnxruntime.transformers``,
-  model type ``bert``) merges each layer's Q/K/V projections and attention into one ``Attention`` node,
-  residual Add + LayerNorm into ``SkipLayerNormalization``, bias + GELU into ``BiasGelu`` and the
-  embeddings into ``EmbedLayerNormalization``; the other Linears keep their MatMul names. On MiniLM
-  (cpu-ort, 2 threads, 128 tokens) FP32 went 22.7 → 16.7 ms, and with INT8 (``QAttention``) the model
-  ran 1.64× faster than Optimum's dynamic INT8 of the unfused graph at the same cosine (0.993).
 - Precision per Linear and embedding table (:func:`quantize_policy`; a table takes ``int8`` only): ``int8`` → ONNX Runtime dynamic quantization
   (int8 weights per output channel — per tensor lost 3 points of cosine on MiniLM —, activations quantized at run time: ``MatMulInteger`` /
   ``DynamicQuantizeLinear``; on ``cpu-ort`` this measured faster than static QDQ for MiniLM);
@@ -25,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -41,9 +34,7 @@ def linear_matmuls(model) -> dict[str, str]:
     """{module name: node name} for the weight nodes of an exported graph: each Linear's MatMul and each
     embedding table's Gather. The exporter names them by module path, ``/encoder/layer.0/intermediate/
     dense/MatMul`` for module ``encoder.layer.0.intermediate.dense`` and ``/embeddings/word_embeddings/
-    Gather`` for ``embeddings.word_embeddings`` (ModuleList indices stay joined with a dot). In a graph
-    :func:`fuse_encoder` made, a layer's query, key and value map to its ``Attention`` node (which keeps
-    the layer's path in its output name) and the word-embedding table to ``EmbedLayerNormalization``."""
+    Gather`` for ``embeddings.word_embeddings`` (ModuleList indices stay joined with a dot)."""
     init = {t.name for t in model.graph.initializer}
     out = {}
     for n in model.graph.node:
@@ -51,17 +42,7 @@ def linear_matmuls(model) -> dict[str, str]:
             out[n.name.removesuffix("/MatMul").strip("/").replace("/", ".")] = n.name
         elif n.op_type == "Gather" and n.name.endswith("/Gather") and n.input and n.input[0] in init:
             out[n.name.removesuffix("/Gather").strip("/").replace("/", ".")] = n.name
-        elif n.op_type == "Attention" and n.output:  # fused Q/K/V of the layer its output is named after
-            layer = _FUSED_LAYER.search(n.output[0])
-            if layer:
-                for proj in ("query", "key", "value"):
-                    out[f"{layer.group(1).replace('/', '.')}.attention.self.{proj}"] = n.name
-        elif n.op_type == "EmbedLayerNormalization" and len(n.input) > 2 and n.input[2].endswith(".weight"):
-            out[n.input[2].removesuffix(".weight")] = n.name  # the word-embedding table it gathers from
     return out
-
-
-_FUSED_LAYER = re.compile(r"^/?(.*?/layer\.\d+)/attention/")
 
 
 def optimum_export(model, out_path: Path, task: str, opset: int = 18) -> Path:
@@ -100,55 +81,23 @@ def export_encoder(model, out_path: Path, opset: int = 18) -> Path:
     return optimum_export(model, out_path, "feature-extraction", opset)
 
 
-def fuse_encoder(fp32_path: Path, out_path: Path, attention: bool = True) -> dict:
-    """Fuse an optimum-exported BERT-family encoder with ONNX Runtime's transformer optimizer
-    (``optimize_model``, model type ``bert``, heads and hidden size read from the graph; with
-    ``attention=False`` the attention stays unfused, for layers whose Q/K/V become 4-bit MatMuls) and
-    write ``out_path``. Returns {fused op type: count}. The caller checks parity: a fusion that misreads
-    the graph gives wrong numbers, not an error. Raises :class:`ExportError` when the optimizer fails."""
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    options = FusionOptions("bert")
-    options.enable_attention = attention
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the optimizer logs every fusion it tries
-    try:
-        opt = optimize_model(str(fp32_path), model_type="bert", num_heads=0, hidden_size=0,
-                             optimization_options=options, opt_level=0)
-        opt.save_model_to_file(str(out_path))
-        stats = opt.get_fused_operator_statistics()
-    except Exception as e:  # the optimizer raises many types; one line for the user
-        raise ExportError(f"ONNX Runtime's transformer optimizer could not fuse {Path(fp32_path).name}",
-                          " ".join(str(e).split())[:300], "report this model") from None
-    finally:
-        root.setLevel(level)
-    return {k: v for k, v in stats.items() if v}
-
-
 def quantize_policy(fp32_path: Path, out_path: Path, policy: dict[str, str]) -> dict:
     """Apply ``policy`` ({Linear or embedding module name: "fp32" | "int8" | "int4w"}) to ``fp32_path`` and write
-    ``out_path``. Returns module counts per precision and the names not found in the graph, or fused into a
-    node their precision cannot apply to (those stay FP32)."""
+    ``out_path``. Returns counts per precision and the names not found in the graph (those stay FP32)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     model = onnx.load(str(fp32_path))
     present = linear_matmuls(model)
-    op_type = {n.name: n.op_type for n in model.graph.node}
-    by: dict[str, list[str]] = {"int8": [], "int4w": []}  # node names
-    count = {"int8": 0, "int4w": 0}  # modules
+    by = {"int8": [], "int4w": []}
     missing = []
     for module, prec in policy.items():
         if prec == "fp32":
             continue
-        if module not in present or (prec == "int4w" and op_type[present[module]] != "MatMul"):
-            missing.append(module)  # not in the graph, or fused into a node 4-bit weight-only cannot take
+        if module not in present:
+            missing.append(module)
             continue
-        count[prec] += 1
-        if present[module] not in by[prec]:  # a fused node serves several modules
-            by[prec].append(present[module])
+        by[prec].append(present[module])
     work = Path(tempfile.mkdtemp(prefix=".quant-", dir=Path(out_path).parent))
     root = logging.getLogger()
     level = root.level
@@ -158,7 +107,7 @@ def quantize_policy(fp32_path: Path, out_path: Path, policy: dict[str, str]) -> 
         if by["int8"]:
             nxt = work / "int8.onnx"
             quantize_dynamic(current, nxt, weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=by["int8"],
-                             op_types_to_quantize=["MatMul", "Gather", "Attention", "EmbedLayerNormalization"],
+                             op_types_to_quantize=["MatMul", "Gather"],
                              extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
             current = nxt
         if by["int4w"]:
@@ -177,7 +126,7 @@ def quantize_policy(fp32_path: Path, out_path: Path, policy: dict[str, str]) -> 
     finally:
         root.setLevel(level)
         shutil.rmtree(work, ignore_errors=True)
-    return {"int8": count["int8"], "int4w": count["int4w"],
+    return {"int8": len(by["int8"]), "int4w": len(by["int4w"]),
             "fp32": sum(1 for p in policy.values() if p == "fp32") + len(missing), "not_in_graph": missing}
 
 

@@ -69,9 +69,6 @@ def _compile_args(p: argparse.ArgumentParser) -> None:
                         "fidelity floor to recover by least-squares reconstruction (about 75 s each on 2 cores; "
                         "default 2, 0 = none)")
     p.add_argument("--sequence-length", type=int, help="--model minilm: tokens per input for latency (default 128)")
-    p.add_argument("--no-graph-fusion", dest="graph_fusion", action="store_false", default=None,
-                   help="--model minilm: keep the exported graph's plain ONNX ops (default: fuse attention, "
-                        "LayerNorm and GELU into ONNX Runtime's contrib ops, which only ONNX Runtime runs)")
     p.add_argument("--max-ppl-increase", type=_relative,
                    help="--model smollm2: perplexity on the evaluation text may rise at most this much above FP32's, "
                         "as a fraction or percentage (default 10%%)")

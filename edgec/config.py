@@ -54,7 +54,6 @@ class CompileConfig:
     recovery_steps: int = 0                # transformers: distillation steps after least squares (0 = none)
     recovery_candidates: int = 2           # transformers: how many of the fastest pruned sub-networks to recover (0 = none)
     sequence_length: int = 128             # transformers: tokens per input when measuring latency (batch 1)
-    graph_fusion: bool = True              # transformers (encoders): fuse with ONNX Runtime's transformer optimizer
     max_ppl_increase: float = 0.10         # causal LMs (text generation): perplexity ≤ FP32's × (1 + this)
     executor: str = "in-process"           # where evaluations and device profiles run: in-process | ray
     storage: str | None = None             # NSGA-II state in an Optuna RDB (sqlite:///f.db, postgresql://…), shared
@@ -90,8 +89,7 @@ class CompileConfig:
                                   "pretrained transformers are searched and measured on cpu-ort only so far",
                                   "drop --target or pass --target cpu-ort")
         encoder_only = {"recovery_steps": self.recovery_steps != 0, "recovery_candidates": self.recovery_candidates != 2,
-                        "max_fidelity_drop": self.max_fidelity_drop != 0.02, "sequence_length": self.sequence_length != 128,
-                        "graph_fusion": not self.graph_fusion}
+                        "max_fidelity_drop": self.max_fidelity_drop != 0.02, "sequence_length": self.sequence_length != 128}
         if not self.is_transformer or self.is_decoder:
             for name, given in encoder_only.items():
                 if given:

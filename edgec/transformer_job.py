@@ -161,8 +161,7 @@ def _run(cfg, hf, text, model_info, run: RunDir, progress) -> TransformerResult:
                    TransformerCandidate(TransformerSubnet(n, full.heads, (space.ffn[2],) * n), int8, "int8")]
         strategy = TransformerSearch(space, seed=cfg.seed, population_size=cfg.population_size, initial=initial)
         store = EvaluationStore(run.study / "evaluations.jsonl")
-        evaluator = _Evaluator(student, tokenizer, target, models, shape, search_sents, ref_search,
-                               graph_fusion=cfg.graph_fusion)
+        evaluator = _Evaluator(student, tokenizer, target, models, shape, search_sents, ref_search)
         evaluator.recovery = _Recovery(teacher, tokenizer, train_sents, cfg.seed)
         evals = []
         progress.stage(f"searching (nsga2, {cfg.budget_evals} evaluations on {cfg.target})", cfg.budget_evals)
@@ -296,29 +295,9 @@ class _Recovery:
 class _Evaluator:
     """Builds and measures one candidate: extract → export → parity → quantize → fidelity → latency."""
 
-    def __init__(self, elastic_model, tokenizer, target, models: Path, shape, search_sents, ref_search,
-                 graph_fusion: bool = True) -> None:
+    def __init__(self, elastic_model, tokenizer, target, models: Path, shape, search_sents, ref_search) -> None:
         self.model, self.tok, self.target, self.models, self.shape = elastic_model, tokenizer, target, models, shape
-        self.search_sents, self.ref_search, self.graph_fusion = search_sents, ref_search, graph_fusion
-
-    def fuse(self, fp32: Path, sub, policy: dict, rec: dict) -> Path:
-        """The fused graph (:func:`edgec.compile.transformer.fuse_encoder`; attention left unfused when a
-        layer's Q/K/V are 4-bit weight-only) if it matches PyTorch, else ``fp32``; ``rec["fusion"]`` says
-        which, with the fused op counts or the reason."""
-        from edgec.compile.transformer import check_parity, fuse_encoder
-        from edgec.errors import ExportError
-
-        attention = not any(p == "int4w" for m, p in policy.items() if ".attention.self." in m)
-        fused = fp32.with_name("fused.onnx")
-        try:
-            ops = fuse_encoder(fp32, fused, attention=attention)
-            diff = check_parity(fused, sub, self.tok, self.search_sents[:PARITY_SENTENCES])
-        except ExportError as e:
-            fused.unlink(missing_ok=True)
-            rec["fusion"] = {"applied": False, "why": e.line()}
-            return fp32
-        rec["fusion"] = {"applied": True, "ops": ops, "parity_max_abs_diff": diff}
-        return fused
+        self.search_sents, self.ref_search = search_sents, ref_search
 
     def fidelity(self, path: Path, sentences, ref) -> dict:
         from edgec.compile.transformer import embed_onnx, fidelity
@@ -347,11 +326,8 @@ class _Evaluator:
             fp32 = export_encoder(sub, folder / "fp32.onnx")
             rec["parity_max_abs_diff"] = check_parity(fp32, sub, self.tok, self.search_sents[:PARITY_SENTENCES])
             path = folder / "model.onnx"
-            policy = cand.policy(Arch(sub))
-            graph = self.fuse(fp32, sub, policy, rec) if self.graph_fusion else fp32
-            rec["quantization"] = quantize_policy(graph, path, policy)
-            for f in {fp32, graph}:
-                f.unlink()
+            rec["quantization"] = quantize_policy(fp32, path, cand.policy(Arch(sub)))
+            fp32.unlink()
             rec["params"] = sum(p.numel() for p in sub.parameters())
             rec["size_bytes"] = path.stat().st_size
             rec["path"] = str(path)
@@ -386,9 +362,7 @@ def _report(cfg, model_info, text_info, space, recovery, reference, evals, final
         "quality": "mean cosine similarity of mean-pooled, L2-normalized sentence embeddings to the FP32 "
                    "PyTorch model's; neighbour agreement = same top-1 nearest other sentence",
         "space": space.to_dict(),
-        "target": {**target.describe(), "recipe": ("ONNX Runtime transformer fusion (checked against PyTorch), then "
-                                                   if cfg.graph_fusion else "")
-                   + "per candidate: fp32 | int8 dynamic (per-channel) | int4w MatMulNBits"},
+        "target": {**target.describe(), "recipe": "per candidate: fp32 | int8 dynamic (per-channel) | int4w MatMulNBits"},
         "recovery": [{"candidate_id": r["candidate_id"], "summary": r["summary"], "error": r.get("error"),
                       "fidelity_search_before": r["before_recovery"]["fidelity_search"],
                       "fidelity_search_after": r.get("fidelity_search"), **r.get("recovery", {})} for r in recovery],
@@ -433,7 +407,6 @@ def _publish(out: Path, hf, report: dict, reference: dict, chosen: dict | None) 
             "tokenizer": "tokenizer.json beside model.onnx",
             "max_sequence_length": MAX_TOKENS,  # fidelity was scored on texts truncated to this
             "quantization": _quantization_text(rec.get("candidate")),
-            "graph_fusion": (rec.get("fusion") or {"applied": False}),  # applied: needs ONNX Runtime's contrib ops
             "fidelity": rec["fidelity_eval"],
             "latency": {"p50_ms": lat["p50_ms"], "kind": lat["kind"], "batch": 1,
                         "sequence_length": report["latency_input"]["sequence_length"], "threads": lat["threads"]},

@@ -40,7 +40,6 @@ def assert_one_line_error(proc, fragment):
     (["prune", "--seed", "-1"], "--seed"),
     (["prune", "--round-to", "0"], "--round-to"),
     (["compile", "--prune-round-to", "8"], "prune_round_to"),
-    (["compile", "--no-graph-fusion"], "applies to pretrained encoders"),
     (["prune", "--loss-budget", "inf"], "--loss-budget"),
     (["prune", "--model", "resnet"], "unknown model"),
     (["prune", "--model", "os.path:join"], "needs --checkpoint"),

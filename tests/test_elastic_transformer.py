@@ -45,19 +45,6 @@ def batch(seed=0, n=3, t=7):
     return {"input_ids": ids, "attention_mask": mask}
 
 
-class DigitTokenizer:
-    """A whitespace tokenizer over integers ("5 17 3" → ids 5, 17, 3; padded), enough for a random-weight model."""
-
-    def __call__(self, sentences, **kw):
-        t = max(len(s.split()) for s in sentences)
-        ids = np.zeros((len(sentences), t), np.int64)
-        mask = np.zeros_like(ids)
-        for i, s in enumerate(sentences):
-            w = [int(x) for x in s.split()]
-            ids[i, :len(w)], mask[i, :len(w)] = w, 1
-        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-
-
 def hidden(model, b):
     with torch.no_grad():
         return model(**b).last_hidden_state
@@ -176,57 +163,21 @@ def test_export_quantize_policy_and_fidelity(tmp_path):
                    if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and list(t.dims) == [100, 32]]
     assert int8_tables  # the word embedding table is stored in 8 bits
 
+    class Tok:  # a whitespace tokenizer over digits, enough for a random-weight model
+        def __call__(self, sentences, **kw):
+            t = max(len(s.split()) for s in sentences)
+            ids = np.zeros((len(sentences), t), np.int64)
+            mask = np.zeros_like(ids)
+            for i, s in enumerate(sentences):
+                w = [int(x) for x in s.split()]
+                ids[i, :len(w)], mask[i, :len(w)] = w, 1
+            return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
     sents = [" ".join(str((i * 7 + j) % 97 + 1) for j in range(3 + i % 5)) for i in range(20)]
-    ref = embed_onnx(path, DigitTokenizer(), sents)
+    ref = embed_onnx(path, Tok(), sents)
     same = fidelity(ref, ref)
     assert same["cosine"] == pytest.approx(1.0, abs=1e-6) and same["neighbour_agreement"] == 1.0
-    q = fidelity(embed_onnx(tmp_path / "q.onnx", DigitTokenizer(), sents), ref)
+    q = fidelity(embed_onnx(tmp_path / "q.onnx", Tok(), sents), ref)
     assert 0.5 < q["cosine"] < 1.0
-
-
-def test_fused_encoder_matches_and_its_fused_nodes_take_the_policy(tmp_path):
-    """ONNX Runtime's transformer fusion on a head- and FFN-pruned sub-network (heads differ per layer):
-    one Attention node per layer, the same numbers as the plain graph, and the policy still reaches each
-    layer — Q/K/V through the layer's Attention node (QAttention in INT8; 4-bit is refused there and
-    reported), the other Linears through their MatMuls."""
-    pytest.importorskip("optimum.exporters.onnx")
-    import onnx
-
-    from edgec.compile.transformer import export_encoder, fuse_encoder, linear_matmuls, quantize_policy
-
-    model, b = tiny_bert(), batch(1)
-    rewire(model, collect_importance(model, [b]))
-    space = ElasticSpace.for_model(model)
-    sub = extract(model, TransformerSubnet(3, (space.heads[0], space.heads[-1], space.heads[1]),
-                                           (space.ffn[0], space.ffn[1], space.ffn[-1])))
-    plain = export_encoder(sub, tmp_path / "fp32.onnx")
-    ops = fuse_encoder(plain, tmp_path / "fused.onnx")
-    assert ops["Attention"] == 3 and ops["SkipLayerNormalization"] == 6 and ops["EmbedLayerNormalization"] == 1
-
-    from edgec.compile.transformer import check_parity, embed_onnx
-
-    sents = [" ".join(str((i * 7 + j) % 97 + 1) for j in range(3 + i % 5)) for i in range(12)]  # padded batches
-    assert check_parity(tmp_path / "fused.onnx", sub, DigitTokenizer(), sents, atol=1e-4) < 1e-4
-    names = linear_matmuls(onnx.load(str(tmp_path / "fused.onnx")))
-    assert names["encoder.layer.1.attention.self.key"] == names["encoder.layer.1.attention.self.query"] != \
-        names["encoder.layer.0.attention.self.query"]
-    assert names["embeddings.word_embeddings"] == "EmbedLayerNormalization_0"
-    policy = {n: "fp32" for n in names}
-    policy.update({f"encoder.layer.0.attention.self.{p}": "int8" for p in ("query", "key", "value")})
-    policy.update({f"encoder.layer.2.attention.self.{p}": "int4w" for p in ("query", "key", "value")})
-    policy["encoder.layer.1.intermediate.dense"] = "int4w"
-    counts = quantize_policy(tmp_path / "fused.onnx", tmp_path / "q.onnx", policy)
-    assert counts["int8"] == 3 and counts["int4w"] == 1
-    assert sorted(counts["not_in_graph"]) == [f"encoder.layer.2.attention.self.{p}" for p in ("key", "query", "value")]
-    q_ops = [n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node]
-    assert q_ops.count("QAttention") == 1 and q_ops.count("Attention") == 2 and q_ops.count("MatMulNBits") == 1
-    q = embed_onnx(tmp_path / "q.onnx", DigitTokenizer(), sents)
-    assert float(np.mean(np.sum(q * embed_onnx(plain, DigitTokenizer(), sents), axis=1))) > 0.9
-    # without attention fusion (a layer's Q/K/V in 4 bits) they stay MatMuls that take int4w
-    ops = fuse_encoder(plain, tmp_path / "fused-noatt.onnx", attention=False)
-    assert "Attention" not in ops and ops["SkipLayerNormalization"] == 6
-    names = linear_matmuls(onnx.load(str(tmp_path / "fused-noatt.onnx")))
-    assert names["encoder.layer.2.attention.self.query"].endswith("/MatMul")
 
 
 def test_text_split_is_deterministic_disjoint_and_large_enough():
