@@ -405,7 +405,7 @@ def prune_job(cfg: PruneConfig, model, data: TaskData, ignored, model_info: dict
     import torch
 
     from edgec.rundir import RunDir
-    from edgec.search.pagcp import pagcp
+    from edgec.search.pagcp import count_macs, pagcp
     from edgec.targets import open_target
 
     torch.set_num_threads(cfg.threads)
@@ -433,7 +433,11 @@ def prune_job(cfg: PruneConfig, model, data: TaskData, ignored, model_info: dict
         progress.stage("PAGCP: pruning layer by layer under each task's validation loss")
         started = time.perf_counter()
 
+        macs0 = count_macs(model, example)[0]
+
         def recover(m) -> None:  # plain: distillation is for the final fine-tuning
+            removed = 1 - count_macs(m, example)[0] / macs0
+            progress.stage(f"PAGCP: {removed * 100:.1f}% of the FLOPs removed; recovery fine-tuning")
             finetune(m, data, cfg.recovery_epochs, cfg.seed, progress)
             progress.stage("PAGCP: next pass")
 
