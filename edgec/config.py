@@ -165,9 +165,11 @@ class CompileConfig:
         if self.prune_flops_target is not None and not 0 < self.prune_flops_target < 1:
             bad("prune_flops_target", "it is the fraction of FLOPs to remove, between 0 and 1",
                 "e.g. --prune-flops-target 0.3")
-        if self.prune_round_to is not None and not (self.prune_flops_target is not None and 1 <= self.prune_round_to <= 256):
-            bad("prune_round_to", "it sets the width multiple of --prune-flops-target's pruning, 1 to 256",
-                "pass it with --prune-flops-target, e.g. --prune-round-to 8")
+        if self.prune_round_to is not None and self.prune_flops_target is None:
+            raise ConfigError("prune_round_to (--prune-round-to) without prune_flops_target (--prune-flops-target)",
+                              "it sets the width multiple of that pruning pass", "add --prune-flops-target F or drop it")
+        if self.prune_round_to is not None and not 1 <= self.prune_round_to <= 256:
+            bad("prune_round_to", "kept channel counts are multiples of it, 1 to 256", "e.g. --prune-round-to 8")
         if self.prune_flops_target is not None and self.is_onnx_input:
             bad("prune_flops_target", "pruning applies to the built-in supernet's chosen subnet",
                 "drop it; prune a PyTorch model with 'edgec prune'")

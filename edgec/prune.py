@@ -326,14 +326,15 @@ def teacher_logits(model, data: TaskData) -> dict:
 
 
 def finetune(model, data: TaskData, epochs: int, seed: int, progress, teacher: dict | None = None,
-             kd_weight: float = 0.0) -> None:
+             kd_weight: float = 0.0, label: str = "fine-tuning the pruned model") -> None:
     """Fine-tune a pruned multi-task model on the training split (all tasks), in place; with ``teacher``
-    (:func:`teacher_logits`) and ``kd_weight`` > 0 its classification tasks are distilled too."""
+    (:func:`teacher_logits`) and ``kd_weight`` > 0 its classification tasks are distilled too. ``label``
+    names the stage on the progress display."""
     from edgec.search.multitask import train_multitask
 
     if epochs and data.train_x is not None:
-        progress.stage(f"fine-tuning the pruned model ({epochs} epochs" + (f", distilled {kd_weight:g}"
-                                                                           if teacher and kd_weight else "") + ")")
+        progress.stage(f"{label} ({epochs} epoch{'s' if epochs != 1 else ''}" +
+                       (f", distilled {kd_weight:g}" if teacher and kd_weight else "") + ")")
         try:
             train_multitask(model, data.train_x, data.train_t, data.tasks, epochs, lr=FINETUNE_LR,
                             batch_size=data.batch_size, seed=seed,
@@ -437,8 +438,8 @@ def prune_job(cfg: PruneConfig, model, data: TaskData, ignored, model_info: dict
 
         def recover(m) -> None:  # plain: distillation is for the final fine-tuning
             removed = 1 - count_macs(m, example)[0] / macs0
-            progress.stage(f"PAGCP: {removed * 100:.1f}% of the FLOPs removed; recovery fine-tuning")
-            finetune(m, data, cfg.recovery_epochs, cfg.seed, progress)
+            finetune(m, data, cfg.recovery_epochs, cfg.seed, progress,
+                     label=f"PAGCP: {removed * 100:.1f}% of the FLOPs removed; recovery fine-tuning")
             progress.stage("PAGCP: next pass")
 
         result = pagcp(model, example, oracle, ignored, settings,

@@ -451,7 +451,8 @@ median of {len(lat['pruned']['p50_ms_rounds'])} alternating rounds): {lat['refer
 {lat['pruned']['p50_ms'] * 1e3:.1f} µs (<b>{speed_text(lat['speedup_p50'])}</b>).</p>{gate_line}
 <h2>Per-task metrics</h2>
 <table><tr><th>model</th>{metric_head}</tr>{metric_rows}</table>
-<p>Channel importance: {e(report['config']['importance'])}. Fine-tuning: {report['finetune']['epochs']} epochs at
+<p>Channel importance: {e(report['config']['importance'])}. Kept widths: multiples of
+{report['algorithm']['settings']['round_to']}. Fine-tuning: {report['finetune']['epochs']} epochs at
 lr {report['finetune']['lr']}{e(_distilled(report['finetune']))}.</p>
 <h2>Kept channels per conv layer</h2><img alt="kept channels" src="data:image/png;base64,{png}">
 <h2>Pruning steps</h2><p>Each group's ratio rose in steps while every watched task

@@ -261,8 +261,10 @@ def save_multitask(model: MultiTaskNet, directory: Path, meta: dict) -> Path:
     return directory
 
 
-def load_multitask(directory: Path) -> tuple[MultiTaskNet, dict]:
-    """Rebuild a (possibly pruned) model written by :func:`save_multitask`. Raises :class:`ModelError`."""
+def load_multitask(directory: str | Path) -> tuple[MultiTaskNet, dict]:
+    """Rebuild a (possibly pruned) model written by :func:`save_multitask` in ``directory`` (``model.json`` +
+    ``model.safetensors``; a path or a string). Raises :class:`ModelError` when they are missing or damaged."""
+    directory = Path(directory)
     try:
         meta = json.loads((directory / "model.json").read_text())
         if meta.get("format") != CHECKPOINT_FORMAT:
@@ -274,7 +276,7 @@ def load_multitask(directory: Path) -> tuple[MultiTaskNet, dict]:
         model.load_state_dict(load_file(str(directory / "model.safetensors")))
     except Exception as e:  # a damaged file can raise almost anything
         raise ModelError(f"cannot load multi-task checkpoint {directory}", f"{type(e).__name__}: {e}",
-                         "delete that folder to retrain") from None
+                         "check that the folder holds model.json and model.safetensors written by edgec") from None
     return model.eval(), meta
 
 

@@ -233,9 +233,10 @@ def test_prune_cli_on_digits(tmp_path):
     chosen = [a for a in manifest["artifacts"] if a["chosen"]]
     assert len(chosen) == 1 and chosen[0]["role"] == "pruned"
     onnx.checker.check_model(str(out / chosen[0]["path"]))
-    back, _ = load_multitask((out / chosen[0]["path"]).parent)
+    back, _ = load_multitask(str((out / chosen[0]["path"]).parent))  # a string path too
     assert conv_widths(back) == report["channels"]["after"]
-    assert "kept channels" in (out / "report.html").read_text()
+    html = (out / "report.html").read_text()
+    assert "kept channels" in html and f"Kept widths: multiples of\n{report['algorithm']['settings']['round_to']}" in html
     assert "FLOPs removed" in stdout and f"in {report['algorithm']['passes']} pass(es)" in stdout
 
 
