@@ -46,7 +46,7 @@ class CompileConfig:
     eval_data: str | None = None           # .onnx model input: .npz of inputs to measure fidelity on
     input_shape: tuple[int, ...] | None = None  # .onnx model input: full input shape where dims are dynamic
     prune_flops_target: float | None = None  # after the search: PAGCP-prune the chosen subnet by this FLOPs share
-    prune_round_to: int | None = None      # its kept widths a multiple of this (None: this CPU's NCHWc block)
+    prune_round_to: int | None = None      # its kept widths are multiples of this (None: 8, as edgec prune)
     finetune_epochs: int = 0               # after the search: fine-tune alone for this many epochs (0 = off) the
     finetune_top: int = 4                  # reference and at most this many Pareto architectures (a bisection)
     finetune_child_epochs: int | None = None  # epochs for the architectures other than the reference (None = as above)

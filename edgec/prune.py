@@ -97,7 +97,7 @@ class PruneConfig:
     watch: tuple[str, ...] = ()                # tasks the oracle checks (default: all)
     importance: str = "l1"
     step: float = 0.05
-    round_to: int | None = None                # kept widths a multiple of this; None = this CPU's NCHWc block
+    round_to: int = 8                          # kept widths are multiples of this (see search/pagcp.py)
     finetune_epochs: int | None = None
     recovery_epochs: int = 1                   # fine-tuning between PAGCP passes (with --flops-target)
     kd_weight: float = 0.0                     # final fine-tuning: distill the classification tasks from the unpruned model
@@ -189,11 +189,9 @@ class PruneConfig:
     def pagcp_settings(self):
         from edgec.search.pagcp import PagcpSettings
 
-        from edgec.targets.cpu_ort import nchwc_block_channels
-
         return PagcpSettings(step=self.step, loss_budget=self.loss_budget, flops_target=self.flops_target,
                              importance=self.importance, max_passes=self.max_passes if self.flops_target else 1,
-                             round_to=self.round_to or nchwc_block_channels())
+                             round_to=self.round_to)
 
     def to_dict(self) -> dict:
         d = asdict(self)

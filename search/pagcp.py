@@ -28,13 +28,15 @@ performance oracle, §3.2–3.3):
    over the tasks kept — a channel one task needs is important, whatever the others say (the
    per-task view of step 3).
 
-Kept channel counts are multiples of ``round_to`` (8 here; ``edgec prune`` passes the CPU's
-block, :func:`edgec.targets.cpu_ort.nchwc_block_channels`): ONNX Runtime's CPU convolutions run
-in a channel-blocked layout (NCHWc, 16 channels a block with AVX-512, else 8), padding other
+Kept channel counts are multiples of ``round_to`` (default 8): ONNX Runtime's CPU convolutions
+run in a channel-blocked layout (NCHWc, 16 channels a block with AVX-512, else 8), padding other
 widths to the next multiple, and measured here (cpu-ort, AMD EPYC, 2 threads) the multi-task
 model with 40% fewer channels at odd widths was 1.2× faster on 28×28 inputs and 1.75×
-*slower* on 8×8 inputs, but 2.1× and 1.5× faster at multiples of 8. A step whose rounded
-width equals the previous one is skipped.
+*slower* on 8×8 inputs, but 2.1× and 1.5× faster at multiples of 8. On this AVX-512 host
+widths that are multiples of 8 but not 16 run as fast as the next multiple of 16 (the fashion
+model pruned to 24/40/56-wide convs: 335 µs; rounded up to 16: 336 µs), yet ``round_to=16``
+made the steps too coarse for the loss oracle there (17.5 % of the FLOPs removed instead of
+60 %, 1.17× instead of 1.65×). A step whose rounded width equals the previous one is skipped.
 
 With a FLOPs target, pruning stops as soon as that share of the FLOPs is gone; when a
 pass over all groups ends short of it another pass starts (up to ``max_passes``): after

@@ -30,17 +30,6 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def nchwc_block_channels(cpuinfo: Path = Path("/proc/cpuinfo")) -> int:
-    """Channels per block of ONNX Runtime's NCHWc convolution layout on this CPU: 16 where the CPU
-    has AVX-512F, else 8 (MLAS, ``MlasNchwcGetBlockSize``). A conv whose width is not a multiple runs
-    padded to the next one, so its cost does not fall with the channels pruned below it."""
-    try:
-        flags = next((line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return 16 if "avx512f" in flags.split() else 8
-
-
 @register("cpu-ort")
 class CpuOrt(Target):
     latency_kind = "measured"

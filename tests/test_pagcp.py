@@ -175,21 +175,15 @@ def test_kept_widths_are_multiples_of_round_to():
     assert result.model.conv.out_channels == 16 and result.steps[0].stopped_by == "dense"
 
 
-def test_edgec_prune_rounds_widths_to_the_cpus_nchwc_block_unless_told(monkeypatch, tmp_path):
-    """16 channels a block where /proc/cpuinfo lists avx512f, else 8; --round-to overrides it."""
+def test_round_to_reaches_the_algorithm():
     from pathlib import Path
 
-    import edgec.targets.cpu_ort as cpu_ort
     from edgec.prune import PruneConfig
 
-    block_of = cpu_ort.nchwc_block_channels
-    for flags, block in (("fpu sse2 avx2 avx512f avx512bw", 16), ("fpu sse2 avx2 avx512_vnni_like", 8)):
-        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
-        assert block_of(tmp_path / "cpuinfo") == block
-        monkeypatch.setattr(cpu_ort, "nchwc_block_channels", lambda _b=block: _b)
-        assert PruneConfig(out=Path("x")).pagcp_settings().round_to == block
-        assert PruneConfig(out=Path("x"), round_to=4).pagcp_settings().round_to == 4
-    assert block_of(tmp_path / "missing") == 8
+    assert PruneConfig(out=Path("x")).pagcp_settings().round_to == 8
+    assert PruneConfig(out=Path("x"), round_to=16).pagcp_settings().round_to == 16
+    with pytest.raises(ConfigError, match="--round-to"):
+        PruneConfig(out=Path("x"), round_to=0)
 
 
 @pytest.mark.parametrize("field,value", [("flops_target", 1.5), ("step", 0.0), ("importance", "l3"),
@@ -283,7 +277,7 @@ def _user_project(tmp_path):
         x = rng.random((n, 1, 8, 8), dtype=np.float32)
         np.savez(tmp_path / f"{name}.npz", x=x, labels=rng.integers(0, 4, n), depth=np.concatenate([x, 1 - x], 1))
     return ["--model", "usermodels:build", "--checkpoint", "w.safetensors", "--task", "labels=classification:0",
-            "--task", "depth=dense:1", "--eval-data", "eval.npz", "--round-to", "8"]  # 16 wide: AVX-512's block
+            "--task", "depth=dense:1", "--eval-data", "eval.npz", "--round-to", "8"]
 
 
 def _prune_cli(args, cwd):
