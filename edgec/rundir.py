@@ -84,7 +84,8 @@ class RunDir:
         skeleton = p.is_dir() and self._skeleton_only(p)
         contents = [c.name for c in p.iterdir() if c.name != LOCK] if p.is_dir() and not skeleton else []
         if resume and not skeleton and not (p / "study" / "config.json").is_file():
-            raise OutputDirError(f"nothing to resume in {p}", "it holds no edgec study",
+            raise OutputDirError(f"nothing to resume in {p}",
+                                 "it holds no edgec study" if p.exists() else "it does not exist",
                                  "drop --resume to start a new run")
         if contents and not resume and not force:
             raise OutputDirError(f"output directory {p} is not empty", "edgec will not overwrite it",

@@ -64,7 +64,10 @@ def test_non_empty_out_is_refused_and_untouched(tmp_path):
 
 
 def test_resume_without_a_run_is_refused(tmp_path):
-    assert_one_line_error(edgec("compile", "--resume", "--out", str(tmp_path / "new")), "nothing to resume")
+    assert_one_line_error(edgec("compile", "--resume", "--out", str(tmp_path / "new")), "it does not exist")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "mine.txt").write_text("x")
+    assert_one_line_error(edgec("compile", "--resume", "--out", str(tmp_path / "other")), "holds no edgec study")
 
 
 def test_targets_lists_cpu_ort():
