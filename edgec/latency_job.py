@@ -227,30 +227,27 @@ def measure_candidates(cands, spec, ds, target, settings: LatencySettings, progr
     done: dict[int, dict] = {}
     try:
         anchor = compile_to(anchor_candidate(spec, target.name), "anchor.onnx")
-        todo = list(range(len(cands)))
-        for _ in range(1 + RETRY_PASSES):
-            for i in todo:
-                c = cands[i]
-                path = compile_to(c, "model.onnx")
-                kernels = candidate_kernels(target.name, path, work / "fp32.onnx", c.policy.int8_layers(),
-                                            settings.threads)
-                used, every = quiet.measure(lambda: (target.measure_latency(anchor, ds.input_shape, batch=1).p50_ms,
-                                                     target.measure_latency(path, ds.input_shape, batch=1).p50_ms))
-                rs = used or every  # no quiet round: kept, flagged, and measured again in the next pass
-                a_ms, m_ms = np.array([r[0] for r in rs]), np.array([r[1] for r in rs])
-                ratio = float(np.median(m_ms / a_ms))
-                done[i] = {"id": c.id, "candidate": c.to_dict(), "features": graph_features(kernels).tolist(),
-                           "kernels": len(kernels), "ratio": ratio, "anchor_p50_ms": float(np.median(a_ms)),
-                           "p50_ms": float(np.median(m_ms)), "quiet": bool(used), "rounds_quiet": len(used),
-                           "rounds_measured": len(every) + done.get(i, {}).get("rounds_measured", 0)}
-                progress.advance(sum(r["quiet"] for r in done.values()), len(cands),
-                                 f"{ratio:.2f}× the anchor" + ("" if used else " (noisy: again later)"))
-            # judged against the fastest anchor of the whole session, which may have come later
-            for r in done.values():
-                r["quiet"] = r["quiet"] and r["anchor_p50_ms"] <= QUIET_TOLERANCE * quiet.fastest_ms
-            todo = [i for i in range(len(cands)) if not done[i]["quiet"]]
-            if not todo:
-                break
+
+        def measure_one(i: int) -> float:
+            c = cands[i]
+            path = compile_to(c, "model.onnx")
+            kernels = candidate_kernels(target.name, path, work / "fp32.onnx", c.policy.int8_layers(),
+                                        settings.threads)
+            used, every = quiet.measure(lambda: (target.measure_latency(anchor, ds.input_shape, batch=1).p50_ms,
+                                                 target.measure_latency(path, ds.input_shape, batch=1).p50_ms))
+            rs = used or every  # no quiet round: kept, flagged, and measured again in the next pass
+            a_ms, m_ms = np.array([r[0] for r in rs]), np.array([r[1] for r in rs])
+            ratio = float(np.median(m_ms / a_ms))
+            done[i] = {"id": c.id, "candidate": c.to_dict(), "features": graph_features(kernels).tolist(),
+                       "kernels": len(kernels), "ratio": ratio, "anchor_p50_ms": float(np.median(a_ms)),
+                       "p50_ms": float(np.median(m_ms)), "quiet": bool(used), "rounds_quiet": len(used),
+                       "rounds_measured": len(every) + done.get(i, {}).get("rounds_measured", 0)}
+            progress.advance(sum(r["quiet"] for r in done.values()), len(cands),
+                             f"{ratio:.2f}× the anchor" + ("" if used else " (noisy: again later)"))
+            return done[i]["anchor_p50_ms"] if used else float("inf")
+        quiet.in_passes(range(len(cands)), measure_one)
+        for r in done.values():  # judged against the fastest anchor of the whole session
+            r["quiet"] = r["quiet"] and r["anchor_p50_ms"] <= QUIET_TOLERANCE * quiet.fastest_ms
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return [done[i] for i in range(len(cands))]
@@ -275,6 +272,22 @@ class QuietRounds:
             quiet = [r for r in done if r[0] <= QUIET_TOLERANCE * self.fastest_ms]
             if len(quiet) >= self.rounds or len(done) >= MAX_ROUNDS_FACTOR * self.rounds:
                 return quiet, done
+
+    def in_passes(self, items, measure_item) -> None:
+        """Call ``measure_item(item)`` for each item — it measures through :meth:`measure` and returns the
+        median anchor p50 of the quiet rounds it kept, ``inf`` when none was — then again, after the
+        others, up to :data:`RETRY_PASSES` times, for the items whose anchor was slower than
+        :data:`QUIET_TOLERANCE` × the session's fastest: a fastest that may have come later (the first
+        items have no earlier one to be judged against)."""
+        items = list(items)
+        anchor_ms: dict = {}
+        todo = items
+        for _ in range(1 + RETRY_PASSES):
+            for item in todo:
+                anchor_ms[item] = measure_item(item)
+            todo = [item for item in items if anchor_ms[item] > QUIET_TOLERANCE * self.fastest_ms]
+            if not todo:
+                return
 
 
 def lut_keys(spec) -> list[str]:
@@ -350,9 +363,8 @@ def measure_lut(spec, ds, target, settings: LatencySettings, progress, keys: lis
     per-run cost (session call, input copy) is not the part's: each entry is the part's p50 minus that
     of a null graph of the same input shape measured in the same rounds — one Relu, or on a target whose
     recipe fixes the batch and quantizes the I/O (the HTP), a 1×1 depthwise conv built with that recipe.
-    As for candidates (:func:`measure_candidates`), a part whose rounds were quiet only against the
-    fastest anchor seen *so far* (the first parts have no earlier reference) is measured again after
-    the others, up to :data:`RETRY_PASSES` times, judged against the whole session's fastest anchor.
+    As for candidates, a part whose rounds were quiet only against the fastest anchor seen *so far* is
+    measured again after the others (:meth:`QuietRounds.in_passes`).
     Returns {key: median over rounds of that difference / the anchor's p50, at least 0}."""
     import torch
 
@@ -366,7 +378,6 @@ def measure_lut(spec, ds, target, settings: LatencySettings, progress, keys: lis
     rng = np.random.default_rng(settings.seed)
     work = Path(tempfile.mkdtemp(prefix="edgec-lut-"))
     entries: dict[str, float] = {}
-    anchor_ms: dict[str, float] = {}  # per key: the median anchor p50 of the rounds its entry came from
     quiet = QuietRounds(MODEL_TARGETS[target.name].rounds)
     progress.stage(f"measuring {len(keys)} lookup-table parts on {settings.target}", len(keys))
     try:
@@ -375,36 +386,31 @@ def measure_lut(spec, ds, target, settings: LatencySettings, progress, keys: lis
         anchor = work / "anchor.onnx"
         build(target.recipe, fp32, anchor, anchor_c.policy.int8_layers(), ds.train_x[:CALIBRATION_IMAGES])
         nulls: dict[tuple, Path] = {}
-        todo = list(keys)
-        for _ in range(1 + RETRY_PASSES):
-            for key in todo:
-                module, shape, layers = part(key)
-                if shape not in nulls and not target.static_batch:
-                    nulls[shape] = export_onnx(torch.nn.ReLU(), shape, work / f"null-{len(nulls)}.onnx")
-                elif shape not in nulls:  # the HTP runs only what its recipe made (batch fixed, QDQ, quantized
-                    # I/O), which a lone Relu does not survive: the cheapest op that does, a 1×1 depthwise conv
-                    null = torch.nn.Conv2d(shape[0], shape[0], 1, groups=shape[0], bias=False) if len(shape) == 3 \
-                        else torch.nn.Linear(shape[-1], shape[-1], bias=False)
-                    torch.nn.init.ones_(null.weight) if len(shape) == 3 else torch.nn.init.eye_(null.weight)
-                    built = work / f"null-{len(nulls)}.onnx"
-                    build(target.recipe, export_onnx(null, shape, work / "null-fp32.onnx"), built, (),
-                          rng.random((CALIBRATION_IMAGES, *shape), dtype=np.float32))
-                    nulls[shape] = built
-                fp32 = export_onnx(module, shape, work / "part-fp32.onnx")
-                calib = rng.random((CALIBRATION_IMAGES, *shape), dtype=np.float32)
-                path = work / "part.onnx"
-                build(target.recipe, fp32, path, layers if key.endswith("|int8") else (), calib)
-                used, every = quiet.measure(lambda: (target.measure_latency(anchor, ds.input_shape, batch=1).p50_ms,
-                                                     target.measure_latency(path, shape, batch=1).p50_ms,
-                                                     target.measure_latency(nulls[shape], shape, batch=1).p50_ms))
-                rs = used or every
-                entries[key] = max(0.0, float(np.median([(m - n) / a for a, m, n in rs])))
-                anchor_ms[key] = float(np.median([a for a, _, _ in rs])) if used else float("inf")
-                progress.advance(len(entries), len(keys), key)
-            # judged against the fastest anchor of the whole session, which may have come later
-            todo = [k for k in keys if anchor_ms[k] > QUIET_TOLERANCE * quiet.fastest_ms]
-            if not todo:
-                break
+
+        def measure_one(key: str) -> float:
+            module, shape, layers = part(key)
+            if shape not in nulls and not target.static_batch:
+                nulls[shape] = export_onnx(torch.nn.ReLU(), shape, work / f"null-{len(nulls)}.onnx")
+            elif shape not in nulls:  # the HTP runs only what its recipe made (batch fixed, QDQ, quantized
+                # I/O), which a lone Relu does not survive: the cheapest op that does, a 1×1 depthwise conv
+                null = torch.nn.Conv2d(shape[0], shape[0], 1, groups=shape[0], bias=False) if len(shape) == 3 \
+                    else torch.nn.Linear(shape[-1], shape[-1], bias=False)
+                torch.nn.init.ones_(null.weight) if len(shape) == 3 else torch.nn.init.eye_(null.weight)
+                built = work / f"null-{len(nulls)}.onnx"
+                build(target.recipe, export_onnx(null, shape, work / "null-fp32.onnx"), built, (),
+                      rng.random((CALIBRATION_IMAGES, *shape), dtype=np.float32))
+                nulls[shape] = built
+            fp32 = export_onnx(module, shape, work / "part-fp32.onnx")
+            calib = rng.random((CALIBRATION_IMAGES, *shape), dtype=np.float32)
+            path = work / "part.onnx"
+            build(target.recipe, fp32, path, layers if key.endswith("|int8") else (), calib)
+            used, every = quiet.measure(lambda: (target.measure_latency(anchor, ds.input_shape, batch=1).p50_ms,
+                                                 target.measure_latency(path, shape, batch=1).p50_ms,
+                                                 target.measure_latency(nulls[shape], shape, batch=1).p50_ms))
+            entries[key] = max(0.0, float(np.median([(m - n) / a for a, m, n in used or every])))
+            progress.advance(len(entries), len(keys), key)
+            return float(np.median([a for a, _, _ in used])) if used else float("inf")
+        quiet.in_passes(keys, measure_one)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return entries

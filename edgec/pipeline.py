@@ -715,8 +715,8 @@ def prune_chosen(cfg: CompileConfig, out: Path, supernet, ds: Dataset, chosen: E
                     {"classification": ds.train_y}, ds.val_x, {"classification": ds.val_y}, ds.test_x,
                     {"classification": ds.test_y}, ds.provenance, DEFAULT_TRAINING[ds.name]["batch_size"])
     pcfg = PruneConfig(out=out / "pruned", dataset=ds.name, model=f"subnet:{chosen.candidate_id}",
-                       flops_target=cfg.prune_flops_target, round_to=cfg.prune_round_to or 8, threads=cfg.threads,
-                       seed=cfg.seed, force=True,
+                       flops_target=cfg.prune_flops_target, round_to=cfg.prune_round_to or PruneConfig.round_to,
+                       threads=cfg.threads, seed=cfg.seed, force=True,
                        max_task_drop={"classification": cfg.max_accuracy_drop})
     info = {"candidate_id": chosen.candidate_id, "subnet": chosen.candidate.subnet.to_dict(),
             "policy_applied": False, "output_layers": sorted(fixed)}
