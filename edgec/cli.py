@@ -20,6 +20,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from edgec.errors import EdgecError
 
+UNBOUNDED_LOG_EVERY = 10  # without a terminal, a stage of unknown length logs every this many steps
+
 
 def _compile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("onnx_model", nargs="?", metavar="MODEL.onnx",
@@ -134,6 +136,10 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
                    help="kept channel counts are multiples of N (default 8; ONNX Runtime's CPU convs pad widths to "
                         "their channel block, 16 with AVX-512, but on fashion-mnist steps of 16 were too coarse "
                         "for the loss oracle: 17.5%% of the FLOPs removed instead of 60%%)")
+    p.add_argument("--trial-steps", type=int, default=0, metavar="N",
+                   help="fine-tune every pruning trial for N minibatches before the oracle reads its losses, held "
+                        "against the unpruned model fine-tuned the same way (NetAdapt's short-term fine-tuning; "
+                        "default 0 = read them right after the cut; needs training data)")
     p.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs after pruning (default per dataset)")
     p.add_argument("--recovery-epochs", type=int, default=1,
                    help="with --flops-target: fine-tuning epochs between pruning passes (default 1; 0 = none)")
@@ -614,7 +620,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                       eval_data=args.eval_data,
                       flops_target=args.flops_target, loss_budget=args.loss_budget, max_task_drop=drops,
                       watch=tuple(args.watch or ()), importance=args.importance, step=args.step, round_to=args.round_to,
-                      finetune_epochs=args.finetune_epochs, recovery_epochs=args.recovery_epochs,
+                      trial_steps=args.trial_steps, finetune_epochs=args.finetune_epochs,
+                      recovery_epochs=args.recovery_epochs,
                       kd_weight=args.kd_weight, max_passes=args.max_passes,
                       train_epochs=args.train_epochs, threads=args.threads,
                       runs=args.runs, seed=args.seed, force=args.force)
@@ -825,7 +832,8 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 class _RichProgress:
-    """Progress on stderr: live bars on a terminal, a plain line per ~10% step otherwise (logs, CI)."""
+    """Progress on stderr: live bars on a terminal, otherwise (logs, CI) a plain line per ~10% step, or per
+    :data:`UNBOUNDED_LOG_EVERY` steps of a stage with no known length."""
 
     def __init__(self, console) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -862,6 +870,8 @@ class _RichProgress:
             if decile != self._last_decile:
                 self._last_decile = decile
                 self.console.print(f"  {self._name}: {done}/{total} {note}")
+        elif not self.live and done % UNBOUNDED_LOG_EVERY == 0:  # no total (PAGCP's trials): every so often
+            self.console.print(f"  {self._name}: {done} {note}")
 
     def log(self, text: str) -> None:
         self.console.print(text)

@@ -10,11 +10,14 @@ measure both on ``cpu-ort`` side by side, and publish the pruned artifact with a
 Oracle: each trial model gets its batch-norm statistics re-estimated on training
 images before its validation losses are read ("adaptive BN", Li et al., "EagleEye",
 ECCV 2020, §3.2) — without it a freshly cut layer's stale statistics dominate the
-loss and the oracle stops far too early.
+loss and the oracle stops far too early. With ``--trial-steps N`` every trial (and a
+control copy of the reference) is also fine-tuned for N minibatches before it is read
+(NetAdapt's short-term fine-tuning; see :mod:`edgec.search.pagcp`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -40,6 +43,7 @@ ORACLE_VAL_IMAGES = 1000   # validation images the pruning oracle reads per tria
 BN_RECAL_IMAGES = 512      # training images each trial's BN statistics are re-estimated on
 TAYLOR_IMAGES = 1024       # --importance taylor: training images (after the BN ones) whose gradients rank channels
 TAYLOR_BATCH = 64          # ... in minibatches of this many (Molchanov et al. 2019 accumulate per minibatch)
+TRIAL_SEED_OFFSET = 1      # --trial-steps: the short fine-tuning's images are drawn with seed + this
 
 
 def get_multitask_model(ds: Dataset, progress, epochs: int | None = None):
@@ -98,6 +102,7 @@ class PruneConfig:
     importance: str = "l1"
     step: float = 0.05
     round_to: int = 8                          # kept widths are multiples of this (see search/pagcp.py)
+    trial_steps: int = 0                       # short fine-tuning (minibatches) of every trial before the oracle reads it
     finetune_epochs: int | None = None
     recovery_epochs: int = 1                   # fine-tuning between PAGCP passes (with --flops-target)
     kd_weight: float = 0.0                     # final fine-tuning: distill the classification tasks from the unpruned model
@@ -161,6 +166,7 @@ class PruneConfig:
                                        ("round-to", self.round_to, 1, 256),
                                        ("train-epochs", self.train_epochs, 1, 1000),
                                        ("recovery-epochs", self.recovery_epochs, 0, 100),
+                                       ("trial-steps", self.trial_steps, 0, 10_000),
                                        ("max-passes", self.max_passes, 1, 1000),
                                        ("threads", self.threads, 1, 256), ("runs", self.runs, 10, 100_000)):
             if value is not None and not low <= value <= high:
@@ -246,7 +252,9 @@ class TaskOracle:
     """PAGCP's performance oracle: {task: validation loss} of a model, after adaptive-BN recalibration
     on training images when there are any."""
 
-    def __init__(self, data: TaskData, watch: tuple[str, ...]) -> None:
+    def __init__(self, data: TaskData, watch: tuple[str, ...], trial_steps: int = 0, seed: int = 0) -> None:
+        self.data, self.trial_steps, self.seed = data, trial_steps, seed
+        self.adapt_s = 0.0  # seconds spent in the trials' short fine-tuning
         self.x = data.val_x[:ORACLE_VAL_IMAGES]
         self.targets = {k: v[:ORACLE_VAL_IMAGES] for k, v in data.val_t.items()}
         self.tasks = tuple(t for t in data.tasks if not watch or t.name in watch)
@@ -287,6 +295,18 @@ class TaskOracle:
                 self.backward_passes += 1
                 yield task.name
 
+    def adapt(self, model) -> None:
+        """``--trial-steps``: fine-tune ``model`` in place on ``trial_steps`` minibatches of training images, all
+        tasks, at the fine-tuning's learning rate — the same images (drawn once with ``seed``) for every trial, so
+        trials and their control differ only in their channels."""
+        started = time.perf_counter()
+        n = min(len(self.data.train_x), self.trial_steps * self.data.batch_size)
+        idx = np.sort(np.random.default_rng(self.seed + TRIAL_SEED_OFFSET).permutation(len(self.data.train_x))[:n])
+        subset = dataclasses.replace(self.data, train_x=self.data.train_x[idx],
+                                     train_t={k: v[idx] for k, v in self.data.train_t.items()})
+        finetune(model, subset, 1, self.seed, _Quiet())
+        self.adapt_s += time.perf_counter() - started
+
     def __call__(self, model) -> dict[str, float]:
         from edgec.search.multitask import evaluate_tasks
         from edgec.search.train import recalibrate_bn
@@ -295,6 +315,16 @@ class TaskOracle:
         if self.recal_x is not None:
             recalibrate_bn(model, self.recal_x, max_images=BN_RECAL_IMAGES)
         return {k: v["loss"] for k, v in evaluate_tasks(model, self.x, self.targets, self.tasks).items()}
+
+
+class _Quiet:
+    """A progress sink that shows nothing (the trials' short fine-tunings are too many to show)."""
+
+    def stage(self, *args) -> None:
+        pass
+
+    def advance(self, *args) -> None:
+        pass
 
 
 def _gradient_error(e: Exception) -> ModelError:
@@ -411,6 +441,9 @@ def prune_job(cfg: PruneConfig, model, data: TaskData, ignored, model_info: dict
     target = open_target("cpu-ort", cfg.threads, cfg.runs)
     target.require_available()
     cfg.check_task_names([t.name for t in data.tasks])
+    if cfg.trial_steps and data.train_x is None:
+        raise ConfigError("--trial-steps needs training data", "each trial is fine-tuned on training images",
+                          "pass --train-data or drop --trial-steps")
     if cfg.kd_weight and (data.train_x is None or not any(t.kind == "classification" for t in data.tasks)):
         raise ConfigError("--kd-weight has nothing to distill", "it distills classification tasks in the "
                           "fine-tuning, which needs training data" if data.train_x is None else
@@ -427,7 +460,7 @@ def prune_job(cfg: PruneConfig, model, data: TaskData, ignored, model_info: dict
             model, model_info = model()
         example = torch.zeros(1, *data.input_shape)
         before = task_metrics(model, data)
-        oracle = TaskOracle(data, cfg.watch)
+        oracle = TaskOracle(data, cfg.watch, cfg.trial_steps, cfg.seed)
         settings = cfg.pagcp_settings()
         progress.stage("PAGCP: pruning layer by layer under each task's validation loss")
         started = time.perf_counter()
@@ -444,7 +477,7 @@ def prune_job(cfg: PruneConfig, model, data: TaskData, ignored, model_info: dict
                        on_trial=lambda layer, ratio, losses: progress.advance(
                            oracle.calls, None, f"{layer} −{ratio * 100:.0f}%"),
                        recover=recover if cfg.recovery_epochs and data.train_x is not None else None,
-                       backward=oracle.backward)
+                       backward=oracle.backward, adapt=oracle.adapt if cfg.trial_steps else None)
         prune_s = time.perf_counter() - started
         pruned = result.model
         if cfg.model == "multitask":  # the pruned weights before fine-tuning, to fine-tune them again another way
@@ -518,6 +551,10 @@ def _report(cfg, data: TaskData, model_info, result, settings, reference, before
                                  "val_images": min(ORACLE_VAL_IMAGES, len(data.val_x)),
                                  "bn_recalibration_images": 0 if data.train_x is None else BN_RECAL_IMAGES,
                                  "evaluations": oracle.calls,
+                                 **({"trial_finetune_steps": cfg.trial_steps, "trial_finetune_s": oracle.adapt_s,
+                                     "trial_finetune_source": "NetAdapt, Yang et al., ECCV 2018, §3.2 (short-term "
+                                                              "fine-tune), against a fine-tuned control"}
+                                    if cfg.trial_steps else {}),
                                  **({"taylor_images": len(oracle.grad_x),
                                      "taylor_split": "train" if data.train_x is not None else "val",
                                      "taylor_backward_passes": oracle.backward_passes,

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from edgec.errors import ModelError
-from edgec.search.train import fit_minibatches, write_atomically
+from edgec.search.train import fit_minibatches, one_cycle, write_atomically
 
 # Output width of every conv whose width is free to prune. Residual partners take
 # their width from the layer they add to (res.conv2 = down1, mbconv.project = down2).
@@ -222,7 +222,7 @@ def train_multitask(model: nn.Module, x: np.ndarray, targets: dict[str, np.ndarr
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps_per_epoch = max(1, len(x) // batch_size)
     total = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=max(total, 1), pct_start=0.1)
+    sched = one_cycle(opt, lr, total)
     x_all = torch.from_numpy(x)
     t_all = {name: torch.from_numpy(v) for name, v in targets.items()}
     soft = {name: F.softmax(torch.from_numpy(v), dim=1) for name, v in (teacher_logits or {}).items()}

@@ -48,6 +48,19 @@ times ``loss_budget`` — beyond that the target is reported as not reached rath
 bought with an unbounded loss. The paper's optional second step (keeping only the
 layers with the best loss-per-FLOP ratio) is not implemented.
 
+Short-term fine-tuning of each trial (``adapt``, optional). Step 3 reads the losses right after
+the channels are gone. On a small network with a dense task that view is far too pessimistic:
+on the Fashion-MNIST multi-task model, cutting ``dec1`` from 64 to 48 channels multiplies the
+reconstruction loss by 1.66 (after BN recalibration), and 50 fine-tuning steps bring it back
+to 1.07; ``dec2`` at 16 of 32 reads 11.2× raw and 1.6× after them. The raw oracle therefore
+refuses steps that a fine-tuning would absorb, and takes small ones a runtime does not reward.
+With ``adapt`` (a short fine-tuning, in place), each trial is fine-tuned before the oracle reads
+it — NetAdapt's "short-term fine-tune" of every proposal (Yang et al., "NetAdapt:
+Platform-Aware Neural Network Adaptation for Mobile Applications", ECCV 2018, §3.2) — and it is
+compared with a *control*: a copy of the unpruned reference fine-tuned the same way, so the
+fine-tuning's own drift (50 steps at lr 1e-3 move the classification loss by up to +15 % on a
+converged model) cancels out. A committed step keeps its fine-tuned weights.
+
 The search knows no data: the caller hands in ``evaluate(model) → {task: loss}``.
 Losses must be positive and lower-is-better. FLOPs here are multiply-accumulates
 (MACs) as Torch-Pruning's ``count_ops_and_params`` counts them; reductions are
@@ -130,6 +143,7 @@ class LayerStep:
     macs_after: int
     trials: int
     budget: float = 0.0       # the pass's global loss budget
+    reference: dict[str, float] = field(default_factory=dict)  # the losses the trials were held against
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -289,7 +303,8 @@ def layers_named(names: set[str]) -> Callable[[nn.Module], list[nn.Module]]:
 def pagcp(model: nn.Module, example_input: torch.Tensor, evaluate: Callable[[nn.Module], dict[str, float]],
           ignored_layers: Callable[[nn.Module], list[nn.Module]], settings: PagcpSettings,
           on_trial: Callable[[str, float, dict[str, float]], None] | None = None,
-          recover: Callable[[nn.Module], None] | None = None, backward: TaskBackward | None = None) -> PruneResult:
+          recover: Callable[[nn.Module], None] | None = None, backward: TaskBackward | None = None,
+          adapt: Callable[[nn.Module], None] | None = None) -> PruneResult:
     """Prune ``model`` (left untouched; a copy is pruned) with PAGCP; see the module docstring.
 
     ``example_input``: one batch-1 input, e.g. (1, 1, 28, 28) float32. ``evaluate(m)``:
@@ -298,8 +313,10 @@ def pagcp(model: nn.Module, example_input: torch.Tensor, evaluate: Callable[[nn.
     ``on_trial(layer, ratio, losses)`` sees every trial. ``recover(m)``, when given, trains
     ``m`` in place between passes (a short fine-tuning) before the next pass measures its
     reference losses anew. ``backward``: the tasks' gradients for ``importance="taylor"``
-    (:data:`TaskBackward`). Raises :class:`ConfigError` for a model with nothing to prune, or for
-    Taylor importance without ``backward``.
+    (:data:`TaskBackward`). ``adapt(m)``, when given, fine-tunes ``m`` in place for a few steps; every
+    trial and a control copy of the reference get it before the oracle reads them (see the module
+    docstring). Raises :class:`ConfigError` for a model with nothing to prune, or for Taylor importance
+    without ``backward``.
     """
     if settings.importance == "taylor" and backward is None:
         raise _no_gradients()
@@ -322,7 +339,7 @@ def pagcp(model: nn.Module, example_input: torch.Tensor, evaluate: Callable[[nn.
         pruned_any, macs_at_start = False, macs
         for layer, tau in zip(order, thresholds):
             step, pruned, reached = _prune_layer(current, macs, layer, tau, example_input, evaluate, reference,
-                                                 settings, target_macs, pass_index, on_trial, backward)
+                                                 settings, target_macs, pass_index, on_trial, backward, adapt)
             step.budget = budget
             result.steps.append(step)
             if pruned is not None:  # commit: the pruned model is the new reference
@@ -352,14 +369,17 @@ def pagcp(model: nn.Module, example_input: torch.Tensor, evaluate: Callable[[nn.
 def _prune_layer(current: nn.Module, current_macs: int, layer: str, tau: float, example_input: torch.Tensor,
                  evaluate: Callable[[nn.Module], dict[str, float]], reference: dict[str, float],
                  settings: PagcpSettings, target_macs: float | None, pass_index: int,
-                 on_trial, backward: TaskBackward | None = None) -> tuple[LayerStep, nn.Module | None, bool]:
+                 on_trial, backward: TaskBackward | None = None,
+                 adapt: Callable[[nn.Module], None] | None = None) -> tuple[LayerStep, nn.Module | None, bool]:
     """Raise ``layer``'s ratio step by step under the per-task oracle (channels ranked once, on ``current``).
+    With ``adapt``, trials are fine-tuned and held against a fine-tuned control (made before the first trial).
 
     Returns the step's record, the pruned model to commit (None when no step passed) and
     whether the FLOPs target was reached."""
     channels = dict(current.named_modules())[layer].out_channels
     order: list[int] | None = None  # ranked on the first trial, so a layer with no step left costs nothing
     best_model, best_losses, best_n, stopped_by, reached, trials = None, dict(reference), 0, "max_ratio", False, 0
+    held_against = dict(reference)
     k = 1
     while True:
         n_remove = _removable(channels, k * settings.step, settings)
@@ -371,12 +391,18 @@ def _prune_layer(current: nn.Module, current_macs: int, layer: str, tau: float, 
         if order is None:
             order = torch.argsort(channel_importance(current, layer, example_input, settings.importance,
                                                      backward)).tolist()
+            if adapt is not None:  # the control: the reference fine-tuned as the trials will be
+                control = copy.deepcopy(current)
+                adapt(control)
+                held_against = evaluate(control)
         trial = prune_group(copy.deepcopy(current), layer, n_remove, example_input, order=order)
+        if adapt is not None:
+            adapt(trial)
         losses = evaluate(trial)
         trials += 1
         if on_trial:
             on_trial(layer, n_remove / channels, losses)
-        failed = [t for t, v in losses.items() if v > (1 + tau) * reference[t]]
+        failed = [t for t, v in losses.items() if v > (1 + tau) * held_against[t]]
         if failed:
             stopped_by = max(failed, key=lambda t: losses[t] / reference[t])
             break
@@ -387,5 +413,5 @@ def _prune_layer(current: nn.Module, current_macs: int, layer: str, tau: float, 
             break
         k += 1
     step = LayerStep(layer, pass_index, channels, channels - best_n, best_n / channels, tau, stopped_by,
-                     best_losses, current_macs, trials)
+                     best_losses, current_macs, trials, reference=held_against)
     return step, best_model, reached

@@ -82,8 +82,7 @@ def train_supernet(spec: SupernetSpec, train_x: np.ndarray, train_y: np.ndarray,
     steps_per_epoch = max(1, len(train_x) // settings.batch_size)
     total = settings.epochs * steps_per_epoch
     start_epoch = _load_train_state(state_dir, net, opt, rng) if state_dir else 0
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, settings.lr, total_steps=total, pct_start=0.1,
-                                                last_epoch=start_epoch * steps_per_epoch - 1)
+    sched = one_cycle(opt, settings.lr, total, last_epoch=start_epoch * steps_per_epoch - 1)
     largest, smallest = spec.largest(), spec.smallest()
     step = start_epoch * steps_per_epoch
     net.train()
@@ -235,6 +234,14 @@ def finetune_subnet(net: StaticNet, train_x: np.ndarray, train_y: np.ndarray, se
         return loss
     return fit_minibatches(net, len(train_x), settings.epochs, settings.batch_size, rng, batch_loss, opt, sched,
                            on_step)
+
+
+def one_cycle(opt: torch.optim.Optimizer, lr: float, total_steps: int, last_epoch: int = -1):
+    """PyTorch's one-cycle schedule (Smith & Topin 2019) over ``total_steps`` optimizer steps, warming up for 10 %
+    of them — at least two steps, so a short run (exactly 10 steps divided by zero in ``OneCycleLR``) works."""
+    total_steps = max(total_steps, 1)
+    pct = min(0.5, max(0.1, 2 / total_steps)) if total_steps >= 4 else 0.1
+    return torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=total_steps, pct_start=pct, last_epoch=last_epoch)
 
 
 def fit_minibatches(net: torch.nn.Module, n: int, epochs: int, batch_size: int, rng: np.random.Generator,

@@ -136,3 +136,24 @@ def test_profile_on_the_mac_count_target_shows_what_it_has(tmp_path):
     import onnx
 
     assert count_macs(onnx.load(str(model))) == {"fp32_macs": 192, "int8_macs": 0, "nodes": 1}
+
+
+def test_progress_in_a_log_reports_stages_of_unknown_length():
+    import io
+
+    from rich.console import Console
+
+    from edgec.cli import UNBOUNDED_LOG_EVERY, _RichProgress
+
+    buf = io.StringIO()
+    with _RichProgress(Console(file=buf, force_terminal=False, width=200)) as progress:
+        progress.stage("PAGCP")
+        for call in range(1, 3 * UNBOUNDED_LOG_EVERY + 1):
+            progress.advance(call, None, f"layer −{call}%")
+        progress.stage("fine-tuning")
+        for step in range(1, 101):
+            progress.advance(step, 100)
+    lines = buf.getvalue().splitlines()
+    assert [ln for ln in lines if ln.startswith("  PAGCP")] == [
+        f"  PAGCP: {k * UNBOUNDED_LOG_EVERY} layer −{k * UNBOUNDED_LOG_EVERY}%" for k in (1, 2, 3)]
+    assert sum(ln.startswith("  fine-tuning: ") for ln in lines) == 11  # the first step, then one per 10 %

@@ -265,3 +265,19 @@ def test_finetune_pool_is_the_architectures_front_fastest_first_without_the_larg
     evals = [ev(spec8.largest(), 0.99, 9.0), ev(a, 0.90, 2.0), ev(a, 0.91, 3.0),  # a: best of both policies
              ev(b, 0.80, 1.0), ev(c, 0.85, 2.5), ev(d, 0.95, 4.0)]                 # c: dominated by a
     assert finetune_pool(spec8, evals) == [b, a, d]
+
+
+@pytest.mark.parametrize("total", [1, 3, 4, 10, 11, 20, 200])
+def test_one_cycle_schedule_runs_any_number_of_steps(total):
+    from edgec.search.train import one_cycle
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    sched = one_cycle(opt, 0.1, total)  # OneCycleLR itself divides by zero at exactly 10 steps
+    lrs = []
+    for _ in range(total):
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    assert all(0 < lr <= 0.1 + 1e-12 for lr in lrs)
+    assert total < 10 or lrs[-1] < 0.01  # annealed by the end

@@ -168,6 +168,34 @@ def test_passes_say_why_they_ended_short_of_the_target():
     assert one.stopped_by == "one_pass"
 
 
+def _drifting_oracle(model):
+    """'dense' breaks past 10% removed when read raw, past 50% once fine-tuned; any fine-tuning (a pruned
+    trial or the control alike) adds 0.5 to 'cls' — the drift the control must cancel."""
+    removed, adapted = 1 - model.conv.out_channels / 20, getattr(model, "adapted", False)
+    return {"cls": 1.0 + (0.5 if adapted else 0.0) + 0.01 * removed,
+            "dense": 1.0 + (5.0 if removed > (0.5 if adapted else 0.1) + 1e-9 else 0.1 * removed)}
+
+
+def test_short_fine_tuning_of_trials_is_held_against_a_fine_tuned_control():
+    settings = PagcpSettings(step=0.05, loss_budget=0.2, round_to=1)
+    x, out = torch.zeros(1, 1, 4, 4), (lambda m: [m.out])
+    raw = pagcp(_OneConv(), x, _drifting_oracle, out, settings)
+    assert raw.model.conv.out_channels == 18  # read right after the cut: 10% is all 'dense' allows
+
+    adapted = []
+
+    def adapt(m):
+        adapted.append(m.conv.out_channels)
+        m.adapted = True
+
+    tuned = pagcp(_OneConv(), x, _drifting_oracle, out, settings, adapt=adapt)
+    (step,) = tuned.steps
+    assert tuned.model.conv.out_channels == 10 and step.stopped_by == "dense"  # 50%: the fine-tuned limit
+    assert adapted[0] == 20 and adapted[1:] == [19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9]  # control, then trials
+    assert step.reference["cls"] == 1.5  # held against the control; against the raw 1.0 'cls' fails at once
+    assert getattr(tuned.model, "adapted", False)  # the committed step keeps its fine-tuned weights
+
+
 def test_kept_widths_are_multiples_of_round_to():
     result = pagcp(_OneConv(), torch.zeros(1, 1, 4, 4), _constructed_oracle, lambda m: [m.out],
                    PagcpSettings(step=0.05, loss_budget=0.2, round_to=8))
@@ -215,7 +243,8 @@ def test_task_metrics_are_accuracy_and_psnr(images8):
 def test_prune_cli_on_digits(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "edgec.cli", "prune", "--dataset", "digits", "--flops-target", "0.5",
-                           "--train-epochs", "4", "--finetune-epochs", "1", "--runs", "50", "--out", str(out)],
+                           "--train-epochs", "4", "--finetune-epochs", "1", "--runs", "50", "--trial-steps", "2",
+                           "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     stdout = proc.stdout
@@ -223,6 +252,9 @@ def test_prune_cli_on_digits(tmp_path):
     assert report["flops_reduction"] >= 0.5 and report["flops_target_met"] is True
     assert report["macs_after"] < report["macs_before"]
     assert report["latency"]["pruned"]["kind"] == "measured"
+    oracle = report["algorithm"]["oracle"]  # every trial fine-tuned for 2 minibatches, against a control
+    assert oracle["trial_finetune_steps"] == 2 and oracle["trial_finetune_s"] > 0
+    assert all(s["reference"] for s in report["steps"])
     manifest = json.loads((out / "manifest.json").read_text())
     chosen = [a for a in manifest["artifacts"] if a["chosen"]]
     assert len(chosen) == 1 and chosen[0]["role"] == "pruned"
@@ -337,6 +369,14 @@ def test_user_model_bad_inputs_are_one_line(tmp_path, change, fragment):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_trial_fine_tuning_without_training_data_is_one_line(tmp_path):
+    args = _user_project(tmp_path)
+    proc = _prune_cli([*args, "--trial-steps", "5", "--out", "run"], tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "--trial-steps needs training data" in proc.stderr
     assert not (tmp_path / "run").exists()
 
 
