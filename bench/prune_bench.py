@@ -8,8 +8,8 @@ On the built-in multi-task model (cached, trained on first use) this process:
    (the recovery fine-tuning still trains both tasks, as the final fine-tuning does);
 3. prunes it uniformly (every group the same ratio) by L1 filter magnitude with
    Torch-Pruning's ``MagnitudePruner`` (``MagnitudeImportance(p=1)``, widths rounded to
-   multiples of 8 like PAGCP's), the ratio bisected until its MACs are closest to PAGCP's;
-4. fine-tunes each with the same epochs, seed and learning rate;
+   multiples of ``--round-to`` like PAGCP's), the ratio bisected until its MACs are closest to PAGCP's;
+4. fine-tunes each with the same epochs, seed and learning rate (and ``--kd-weight``);
 5. exports all four models (unpruned + three pruned) to ONNX and measures them on
    ``cpu-ort`` interleaved over ``--rounds`` rounds (median of each round's p50, batch 1);
 
@@ -19,6 +19,7 @@ Not a test: numbers depend on the machine.
 
     python bench/prune_bench.py --dataset digits
     python bench/prune_bench.py --dataset fashion-mnist --flops-target 0.6 --json runs/prune-bench.json
+    python bench/prune_bench.py --dataset digits --importance taylor --round-to 16 --trial-steps 50 --kd-weight 0.5
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def uniform_l1(model, example, target_macs: float, ignored):
+def uniform_l1(model, example, target_macs: float, ignored, round_to: int = 8):
     """Uniform-ratio L1 magnitude pruning (Torch-Pruning), the ratio bisected to the MACs closest to ``target_macs``;
     returns (model, ratio)."""
     import torch_pruning as tp
@@ -47,7 +48,7 @@ def uniform_l1(model, example, target_macs: float, ignored):
         m = copy.deepcopy(model)
         pruner = tp.pruner.MagnitudePruner(m, example, importance=tp.importance.MagnitudeImportance(p=1),
                                            pruning_ratio=ratio, global_pruning=False, ignored_layers=ignored(m),
-                                           round_to=8)
+                                           round_to=round_to)
         pruner.step()
         macs = count_macs(m, example)[0]
         if best is None or abs(macs - target_macs) < abs(best[2] - target_macs):
@@ -66,6 +67,12 @@ def main() -> int:
     ap.add_argument("--max-passes", type=int, default=30, help="PAGCP passes at most (as edgec prune)")
     ap.add_argument("--max-budget-growth", type=float, default=32.0,
                     help="how far PAGCP may double its loss budget (as edgec prune: 32)")
+    ap.add_argument("--importance", default="l1", help="PAGCP's channel ranking: l1 | l2 | taylor (as edgec prune)")
+    ap.add_argument("--round-to", type=int, default=8, help="kept widths are multiples of this, PAGCP and uniform L1")
+    ap.add_argument("--trial-steps", type=int, default=0,
+                    help="PAGCP: fine-tune each trial for this many minibatches against a control (as edgec prune)")
+    ap.add_argument("--kd-weight", type=float, default=0.0,
+                    help="final fine-tuning of every pruned model: distill the classifier from the unpruned model")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
     ap.add_argument("--runs", type=int, default=300, help="timed runs per round")
     ap.add_argument("--seed", type=int, default=0)
@@ -78,7 +85,7 @@ def main() -> int:
     from edgec.cli import _RichProgress, _stdout_console
     from edgec.data import load_dataset
     from edgec.prune import (DEFAULT_FINETUNE_EPOCHS, TaskData, TaskOracle, export_multitask, finetune,
-                             get_multitask_model, measure_side_by_side, task_metrics)
+                             get_multitask_model, measure_side_by_side, task_metrics, teacher_logits)
     from edgec.search.pagcp import PagcpSettings, count_macs, pagcp
     from edgec.targets import open_target
 
@@ -96,26 +103,29 @@ def main() -> int:
         results["unpruned"] = {"model": model, "macs": macs0, "before_ft": task_metrics(model, data),
                                "prune_s": 0.0}
         settings = PagcpSettings(flops_target=args.flops_target, loss_budget=args.loss_budget, max_passes=args.max_passes,
-                                 max_budget_growth=args.max_budget_growth)
+                                 max_budget_growth=args.max_budget_growth, importance=args.importance,
+                                 round_to=args.round_to)
         for name, watch in (("PAGCP (both tasks)", ()), ("PAGCP, classification loss only", ("classification",))):
             progress.stage(f"{name}: pruning")
-            oracle = TaskOracle(data, watch)
+            oracle = TaskOracle(data, watch, args.trial_steps, args.seed)
             start = time.perf_counter()
             r = pagcp(model, example, oracle, ignored, settings,
                       recover=(lambda m: finetune(m, data, args.recovery_epochs, args.seed, progress))
-                      if args.recovery_epochs else None)
+                      if args.recovery_epochs else None, backward=oracle.backward,
+                      adapt=oracle.adapt if args.trial_steps else None)
             results[name] = {"model": r.model, "macs": r.macs_after, "prune_s": time.perf_counter() - start,
                              "oracle_calls": oracle.calls, "passes": r.passes}
         target_macs = results["PAGCP (both tasks)"]["macs"]
         start = time.perf_counter()
-        m, ratio = uniform_l1(model, example, target_macs, ignored)
+        m, ratio = uniform_l1(model, example, target_macs, ignored, args.round_to)
         results["uniform L1 magnitude"] = {"model": m, "macs": count_macs(m, example)[0], "ratio": ratio,
                                            "prune_s": time.perf_counter() - start}
+        teacher = teacher_logits(model, data) if args.kd_weight else {}
         for name, r in results.items():
             if name == "unpruned":
                 continue
             r["before_ft"] = task_metrics(r["model"], data)
-            finetune(r["model"], data, epochs, args.seed, progress)
+            finetune(r["model"], data, epochs, args.seed, progress, teacher, args.kd_weight)
         for r in results.values():
             r["after_ft"] = task_metrics(r["model"], data)
         progress.stage("exporting and measuring on cpu-ort")
@@ -130,7 +140,9 @@ def main() -> int:
     base_acc = base["after_ft"]["test"]["classification"]["accuracy_pct"]
     base_psnr = base["after_ft"]["test"]["reconstruction"]["psnr_db"]
     table = Table(title=f"edgec prune bench — multitask on {ds.name}, FLOPs target {args.flops_target:.0%}, "
-                        f"recovery {args.recovery_epochs} epoch(s) between passes, fine-tune {epochs} epochs, "
+                        f"{args.importance}, widths ×{args.round_to}, trial steps {args.trial_steps}, "
+                        f"recovery {args.recovery_epochs} epoch(s) between passes, fine-tune {epochs} epochs"
+                        f"{f' (distilled {args.kd_weight:g})' if args.kd_weight else ''}, "
                         f"cpu-ort p50 median of {args.rounds} interleaved rounds")
     for col in ("method", "MMACs", "FLOPs removed", "test acc %", "Δ acc pts", "(before FT)", "test PSNR dB",
                 "Δ PSNR dB", "(before FT)", "p50 µs", "speed-up", "prune s"):

@@ -134,8 +134,8 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step", type=float, default=0.05, help="pruning-ratio step per trial (default 0.05)")
     p.add_argument("--round-to", type=int, default=8, metavar="N",
                    help="kept channel counts are multiples of N (default 8; ONNX Runtime's CPU convs pad widths to "
-                        "their channel block, 16 with AVX-512, but on fashion-mnist steps of 16 were too coarse "
-                        "for the loss oracle: 17.5%% of the FLOPs removed instead of 60%%)")
+                        "their channel block, 16 with AVX-512; steps of 16 are too coarse for the loss oracle "
+                        "unless --trial-steps fine-tunes the trials)")
     p.add_argument("--trial-steps", type=int, default=0, metavar="N",
                    help="fine-tune every pruning trial for N minibatches before the oracle reads its losses, held "
                         "against the unpruned model fine-tuned the same way (NetAdapt's short-term fine-tuning; "
