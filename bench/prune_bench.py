@@ -78,6 +78,17 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the figures to this file")
     args = ap.parse_args()
+    if args.trial_steps < 0 or not 0 <= args.kd_weight <= 1:
+        ap.error("--trial-steps must be ≥ 0 and --kd-weight between 0 and 1")
+    from edgec.errors import ConfigError
+    from edgec.search.pagcp import PagcpSettings
+
+    try:
+        settings = PagcpSettings(flops_target=args.flops_target, loss_budget=args.loss_budget, max_passes=args.max_passes,
+                                 max_budget_growth=args.max_budget_growth, importance=args.importance,
+                                 round_to=args.round_to)
+    except ConfigError as e:  # one line, exit 2, as edgec's own commands
+        ap.error(str(e))
 
     import torch
     from rich.table import Table
@@ -86,7 +97,7 @@ def main() -> int:
     from edgec.data import load_dataset
     from edgec.prune import (DEFAULT_FINETUNE_EPOCHS, TaskData, TaskOracle, export_multitask, finetune,
                              get_multitask_model, measure_side_by_side, task_metrics, teacher_logits)
-    from edgec.search.pagcp import PagcpSettings, count_macs, pagcp
+    from edgec.search.pagcp import count_macs, pagcp
     from edgec.targets import open_target
 
     torch.set_num_threads(2)
@@ -102,9 +113,6 @@ def main() -> int:
         macs0 = count_macs(model, example)[0]
         results["unpruned"] = {"model": model, "macs": macs0, "before_ft": task_metrics(model, data),
                                "prune_s": 0.0}
-        settings = PagcpSettings(flops_target=args.flops_target, loss_budget=args.loss_budget, max_passes=args.max_passes,
-                                 max_budget_growth=args.max_budget_growth, importance=args.importance,
-                                 round_to=args.round_to)
         for name, watch in (("PAGCP (both tasks)", ()), ("PAGCP, classification loss only", ("classification",))):
             progress.stage(f"{name}: pruning")
             oracle = TaskOracle(data, watch, args.trial_steps, args.seed)

@@ -255,6 +255,9 @@ class TaskOracle:
     def __init__(self, data: TaskData, watch: tuple[str, ...], trial_steps: int = 0, seed: int = 0) -> None:
         self.data, self.trial_steps, self.seed = data, trial_steps, seed
         self.adapt_s = 0.0  # seconds spent in the trials' short fine-tuning
+        # minibatches each trial really gets: --trial-steps, capped at one pass over the training images
+        self.trial_steps_run = 0 if data.train_x is None else min(trial_steps,
+                                                                  max(1, len(data.train_x) // data.batch_size))
         self.x = data.val_x[:ORACLE_VAL_IMAGES]
         self.targets = {k: v[:ORACLE_VAL_IMAGES] for k, v in data.val_t.items()}
         self.tasks = tuple(t for t in data.tasks if not watch or t.name in watch)
@@ -300,7 +303,7 @@ class TaskOracle:
         tasks, at the fine-tuning's learning rate — the same images (drawn once with ``seed``) for every trial, so
         trials and their control differ only in their channels."""
         started = time.perf_counter()
-        n = min(len(self.data.train_x), self.trial_steps * self.data.batch_size)
+        n = min(len(self.data.train_x), self.trial_steps * self.data.batch_size)  # at most one pass over them
         idx = np.sort(np.random.default_rng(self.seed + TRIAL_SEED_OFFSET).permutation(len(self.data.train_x))[:n])
         subset = dataclasses.replace(self.data, train_x=self.data.train_x[idx],
                                      train_t={k: v[idx] for k, v in self.data.train_t.items()})
@@ -549,9 +552,12 @@ def _report(cfg, data: TaskData, model_info, result, settings, reference, before
         "algorithm": {"name": "PAGCP", "source": "Ye et al., TPAMI 2023, §3", "settings": settings.to_dict(),
                       "oracle": {"watched_tasks": list(cfg.watch) or [t.name for t in data.tasks],
                                  "val_images": min(ORACLE_VAL_IMAGES, len(data.val_x)),
-                                 "bn_recalibration_images": 0 if data.train_x is None else BN_RECAL_IMAGES,
+                                 "bn_recalibration_images": 0 if data.train_x is None else min(BN_RECAL_IMAGES,
+                                                                                                len(data.train_x)),
                                  "evaluations": oracle.calls,
-                                 **({"trial_finetune_steps": cfg.trial_steps, "trial_finetune_s": oracle.adapt_s,
+                                 **({"trial_finetune_steps": oracle.trial_steps_run,
+                                     "trial_finetune_steps_requested": cfg.trial_steps,
+                                     "trial_finetune_s": oracle.adapt_s,
                                      "trial_finetune_source": "NetAdapt, Yang et al., ECCV 2018, §3.2 (short-term "
                                                               "fine-tune), against a fine-tuned control"}
                                     if cfg.trial_steps else {}),

@@ -253,7 +253,8 @@ def test_prune_cli_on_digits(tmp_path):
     assert report["macs_after"] < report["macs_before"]
     assert report["latency"]["pruned"]["kind"] == "measured"
     oracle = report["algorithm"]["oracle"]  # every trial fine-tuned for 2 minibatches, against a control
-    assert oracle["trial_finetune_steps"] == 2 and oracle["trial_finetune_s"] > 0
+    assert oracle["trial_finetune_steps"] == oracle["trial_finetune_steps_requested"] == 2
+    assert oracle["trial_finetune_s"] > 0
     assert all(s["reference"] for s in report["steps"])
     manifest = json.loads((out / "manifest.json").read_text())
     chosen = [a for a in manifest["artifacts"] if a["chosen"]]
@@ -559,3 +560,14 @@ def test_distillation_that_could_not_happen_is_refused(tmp_path, extra, fragment
     assert proc.returncode == 2, proc.stderr
     assert fragment in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_trial_steps_beyond_one_pass_are_recorded_as_run():
+    from edgec.data import load_dataset
+    from edgec.prune import TaskData, TaskOracle
+
+    data = TaskData.from_dataset(load_dataset("digits"))
+    one_pass = len(data.train_x) // data.batch_size
+    assert TaskOracle(data, (), trial_steps=10_000).trial_steps_run == one_pass
+    assert TaskOracle(data, (), trial_steps=3).trial_steps_run == 3
+    assert TaskOracle(data, ()).trial_steps_run == 0
