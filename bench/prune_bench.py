@@ -78,15 +78,18 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the figures to this file")
     args = ap.parse_args()
-    if args.trial_steps < 0 or not 0 <= args.kd_weight <= 1:
-        ap.error("--trial-steps must be ≥ 0 and --kd-weight between 0 and 1")
-    from edgec.errors import ConfigError
-    from edgec.search.pagcp import PagcpSettings
+    import dataclasses
 
-    try:
-        settings = PagcpSettings(flops_target=args.flops_target, loss_budget=args.loss_budget, max_passes=args.max_passes,
-                                 max_budget_growth=args.max_budget_growth, importance=args.importance,
-                                 round_to=args.round_to)
+    from edgec.errors import ConfigError
+    from edgec.prune import PruneConfig
+
+    try:  # edgec prune's own checks and PAGCP settings, so the bench runs what the command would
+        cfg = PruneConfig(out=Path("."), dataset=args.dataset, flops_target=args.flops_target,
+                          loss_budget=args.loss_budget, importance=args.importance, round_to=args.round_to,
+                          trial_steps=args.trial_steps, finetune_epochs=args.finetune_epochs,
+                          recovery_epochs=args.recovery_epochs, kd_weight=args.kd_weight, max_passes=args.max_passes,
+                          seed=args.seed)
+        settings = dataclasses.replace(cfg.pagcp_settings(), max_budget_growth=args.max_budget_growth)
     except ConfigError as e:  # one line, exit 2, as edgec's own commands
         ap.error(str(e))
 

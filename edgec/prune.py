@@ -253,11 +253,16 @@ class TaskOracle:
     on training images when there are any."""
 
     def __init__(self, data: TaskData, watch: tuple[str, ...], trial_steps: int = 0, seed: int = 0) -> None:
-        self.data, self.trial_steps, self.seed = data, trial_steps, seed
+        self.seed = seed
         self.adapt_s = 0.0  # seconds spent in the trials' short fine-tuning
-        # minibatches each trial really gets: --trial-steps, capped at one pass over the training images
-        self.trial_steps_run = 0 if data.train_x is None else min(trial_steps,
-                                                                  max(1, len(data.train_x) // data.batch_size))
+        # --trial-steps: the same training images (drawn once) for every trial, at most one pass over them
+        self.trial_data, self.trial_steps_run = None, 0
+        if trial_steps and data.train_x is not None:
+            n = min(len(data.train_x), trial_steps * data.batch_size)
+            idx = np.sort(np.random.default_rng(seed + TRIAL_SEED_OFFSET).permutation(len(data.train_x))[:n])
+            self.trial_data = dataclasses.replace(data, train_x=data.train_x[idx],
+                                                  train_t={k: v[idx] for k, v in data.train_t.items()})
+            self.trial_steps_run = max(1, n // data.batch_size)  # the minibatches one epoch over them makes
         self.x = data.val_x[:ORACLE_VAL_IMAGES]
         self.targets = {k: v[:ORACLE_VAL_IMAGES] for k, v in data.val_t.items()}
         self.tasks = tuple(t for t in data.tasks if not watch or t.name in watch)
@@ -299,15 +304,11 @@ class TaskOracle:
                 yield task.name
 
     def adapt(self, model) -> None:
-        """``--trial-steps``: fine-tune ``model`` in place on ``trial_steps`` minibatches of training images, all
-        tasks, at the fine-tuning's learning rate — the same images (drawn once with ``seed``) for every trial, so
-        trials and their control differ only in their channels."""
+        """``--trial-steps``: fine-tune ``model`` in place on :attr:`trial_steps_run` minibatches of training images,
+        all tasks, at the fine-tuning's learning rate — the same images (drawn once with ``seed``) for every trial,
+        so trials and their control differ only in their channels."""
         started = time.perf_counter()
-        n = min(len(self.data.train_x), self.trial_steps * self.data.batch_size)  # at most one pass over them
-        idx = np.sort(np.random.default_rng(self.seed + TRIAL_SEED_OFFSET).permutation(len(self.data.train_x))[:n])
-        subset = dataclasses.replace(self.data, train_x=self.data.train_x[idx],
-                                     train_t={k: v[idx] for k, v in self.data.train_t.items()})
-        finetune(model, subset, 1, self.seed, _Quiet())
+        finetune(model, self.trial_data, 1, self.seed, _Quiet())
         self.adapt_s += time.perf_counter() - started
 
     def __call__(self, model) -> dict[str, float]:
@@ -552,8 +553,7 @@ def _report(cfg, data: TaskData, model_info, result, settings, reference, before
         "algorithm": {"name": "PAGCP", "source": "Ye et al., TPAMI 2023, §3", "settings": settings.to_dict(),
                       "oracle": {"watched_tasks": list(cfg.watch) or [t.name for t in data.tasks],
                                  "val_images": min(ORACLE_VAL_IMAGES, len(data.val_x)),
-                                 "bn_recalibration_images": 0 if data.train_x is None else min(BN_RECAL_IMAGES,
-                                                                                                len(data.train_x)),
+                                 "bn_recalibration_images": 0 if oracle.recal_x is None else len(oracle.recal_x),
                                  "evaluations": oracle.calls,
                                  **({"trial_finetune_steps": oracle.trial_steps_run,
                                      "trial_finetune_steps_requested": cfg.trial_steps,
