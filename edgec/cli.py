@@ -146,6 +146,9 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kd-weight", type=float, default=0.0,
                    help="the fine-tuning after pruning distills the classification tasks from the unpruned model with "
                         "this weight, 0..1 (default 0 = cross-entropy only; the recovery epochs stay plain)")
+    p.add_argument("--task-weight", action="append", metavar="TASK=W",
+                   help="the fine-tuning after pruning weighs TASK's loss by W (repeatable; default 1, and 10 for a "
+                        "dense task's MSE); raise a dense task's when a small shared encoder drifts toward classification")
     p.add_argument("--max-passes", type=int, default=30,
                    help="with --flops-target: at most this many passes over all layers (default 30; the loss "
                         "budget's growth cap usually ends them first)")
@@ -599,22 +602,30 @@ def _print_decoder_summary(result, console) -> None:
                   f"generate: python examples/generate.py {result.out}/{result.report['artifacts'][-1]['path'].rsplit('/', 1)[0]}")
 
 
+def _task_numbers(items: list[str] | None, flag: str, example: str) -> dict[str, float]:
+    """{task: number} from repeated ``TASK=NUMBER`` values of ``flag``; :class:`ConfigError` on another form."""
+    from edgec.errors import ConfigError
+
+    out = {}
+    for item in items or []:
+        key, _, value = item.partition("=")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"bad {flag} {item!r}", "expected TASK=NUMBER", example) from None
+    return out
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from edgec.errors import ConfigError
     from edgec.prune import PruneConfig, run_prune
     from edgec.report import speed_text
 
-    drops = {}
-    for item in args.max_task_drop or []:
-        key, _, value = item.partition("=")
-        try:
-            drops[key.strip()] = float(value)
-        except ValueError:
-            raise ConfigError(f"bad --max-task-drop {item!r}", "expected TASK=NUMBER",
-                              "e.g. --max-task-drop classification=1.0 --max-task-drop reconstruction=0.5") from None
+    drops = _task_numbers(args.max_task_drop, "--max-task-drop",
+                          "e.g. --max-task-drop classification=1.0 --max-task-drop reconstruction=0.5")
+    weights = _task_numbers(args.task_weight, "--task-weight", "e.g. --task-weight reconstruction=40")
     cfg = PruneConfig(out=Path(args.out), dataset=args.dataset, data_dir=args.data_dir, model=args.model,
                       checkpoint=args.checkpoint, tasks=tuple(args.task or ()), train_data=args.train_data,
                       eval_data=args.eval_data,
@@ -622,7 +633,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
                       watch=tuple(args.watch or ()), importance=args.importance, step=args.step, round_to=args.round_to,
                       trial_steps=args.trial_steps, finetune_epochs=args.finetune_epochs,
                       recovery_epochs=args.recovery_epochs,
-                      kd_weight=args.kd_weight, max_passes=args.max_passes,
+                      kd_weight=args.kd_weight, task_weights=weights, max_passes=args.max_passes,
                       train_epochs=args.train_epochs, threads=args.threads,
                       runs=args.runs, seed=args.seed, force=args.force)
     with _RichProgress(Console(stderr=True)) as progress:

@@ -29,7 +29,7 @@ import numpy as np
 
 import edgec
 from edgec.data import Dataset, load_dataset
-from edgec.search.multitask import Task
+from edgec.search.multitask import RECON_WEIGHT, Task
 from edgec.errors import ConfigError, ModelError, NoQualifyingCandidate
 
 # Training of the built-in multi-task model, per dataset (part of the cache key).
@@ -106,6 +106,7 @@ class PruneConfig:
     finetune_epochs: int | None = None
     recovery_epochs: int = 1                   # fine-tuning between PAGCP passes (with --flops-target)
     kd_weight: float = 0.0                     # final fine-tuning: distill the classification tasks from the unpruned model
+    task_weights: dict = field(default_factory=dict)  # {task: weight of its loss in the fine-tuning after pruning}
     max_passes: int = 30                       # with --flops-target: at most this many passes over all layers
     train_epochs: int | None = None
     threads: int = 2
@@ -178,6 +179,10 @@ class PruneConfig:
             name, _, value = e.what.removeprefix("bad pruning setting ").partition("=")
             flag = "--" + name.replace("_", "-")
             raise ConfigError(f"bad value for {flag}: {value}", e.why, f"fix {flag}") from None
+        for key, value in self.task_weights.items():
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= 1e6):
+                raise ConfigError(f"bad --task-weight {key}={value!r}", "a task's loss weight is a number > 0 "
+                                  "and ≤ 1e6", "e.g. --task-weight reconstruction=40")
         for key, value in self.max_task_drop.items():
             if not (isinstance(value, (int, float)) and 0 <= value < 1000):
                 raise ConfigError(f"bad --max-task-drop {key}={value!r}", "the drop must be a number in 0 .. 1000 "
@@ -186,7 +191,8 @@ class PruneConfig:
 
     def check_task_names(self, names: list[str]) -> None:
         """--watch and --max-task-drop must name the model's tasks."""
-        for flag, given in (("--watch", self.watch), ("--max-task-drop", tuple(self.max_task_drop))):
+        for flag, given in (("--watch", self.watch), ("--max-task-drop", tuple(self.max_task_drop)),
+                            ("--task-weight", tuple(self.task_weights))):
             unknown = [n for n in given if n not in names]
             if unknown:
                 raise ConfigError(f"unknown task {unknown[0]!r} in {flag}", f"the model's tasks are {', '.join(names)}",
@@ -358,9 +364,11 @@ def teacher_logits(model, data: TaskData) -> dict:
 
 
 def finetune(model, data: TaskData, epochs: int, seed: int, progress, teacher: dict | None = None,
-             kd_weight: float = 0.0, label: str = "fine-tuning the pruned model") -> None:
+             kd_weight: float = 0.0, label: str = "fine-tuning the pruned model",
+             task_weights: dict | None = None) -> None:
     """Fine-tune a pruned multi-task model on the training split (all tasks), in place; with ``teacher``
-    (:func:`teacher_logits`) and ``kd_weight`` > 0 its classification tasks are distilled too. ``label``
+    (:func:`teacher_logits`) and ``kd_weight`` > 0 its classification tasks are distilled too.
+    ``task_weights[task]`` scales a task's loss (default 1, and ``RECON_WEIGHT`` for a dense task). ``label``
     names the stage on the progress display."""
     from edgec.search.multitask import train_multitask
 
@@ -371,7 +379,7 @@ def finetune(model, data: TaskData, epochs: int, seed: int, progress, teacher: d
             train_multitask(model, data.train_x, data.train_t, data.tasks, epochs, lr=FINETUNE_LR,
                             batch_size=data.batch_size, seed=seed,
                             on_step=lambda s, t, loss: progress.advance(s, t, f"loss {loss:.3f}"),
-                            teacher_logits=teacher, kd_weight=kd_weight)
+                            teacher_logits=teacher, kd_weight=kd_weight, weights=task_weights)
         except (RuntimeError, ValueError, IndexError) as e:  # a user model that cannot train on its data
             raise ModelError("fine-tuning the pruned model failed", f"{type(e).__name__}: "
                              f"{(str(e).splitlines() or [''])[0][:200]}", "check the model and --train-data") from None
@@ -492,7 +500,7 @@ def prune_job(cfg: PruneConfig, model, data: TaskData, ignored, model_info: dict
         epochs = cfg.finetune_epochs if cfg.finetune_epochs is not None else DEFAULT_FINETUNE_EPOCHS.get(data.name, 3)
         epochs = epochs if data.train_x is not None else 0
         teacher = teacher_logits(model, data) if cfg.kd_weight and epochs else {}
-        finetune(pruned, data, epochs, cfg.seed, progress, teacher, cfg.kd_weight)
+        finetune(pruned, data, epochs, cfg.seed, progress, teacher, cfg.kd_weight, task_weights=cfg.task_weights)
         after = task_metrics(pruned, data)
         progress.stage("exporting and measuring on cpu-ort")
         models_dir = run.study / "models"
@@ -577,6 +585,8 @@ def _report(cfg, data: TaskData, model_info, result, settings, reference, before
         "flops_reduction": result.flops_reduction,
         "flops_target_met": None if cfg.flops_target is None else result.flops_reduction >= cfg.flops_target,
         "finetune": {"epochs": epochs, "lr": FINETUNE_LR, "kd_weight": cfg.kd_weight,
+                     "task_weights": {t.name: cfg.task_weights.get(t.name, RECON_WEIGHT if t.kind == "dense" else 1.0)
+                                      for t in data.tasks},
                      **({"kd_source": "Hinton et al. 2015, §2 (temperature 1), from the unpruned model"}
                         if cfg.kd_weight else {})},
         "metrics": {"reference": before, "pruned_before_finetune": after_prune, "pruned": after},

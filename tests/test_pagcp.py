@@ -322,7 +322,8 @@ def _prune_cli(args, cwd):
 def test_prune_cli_on_a_user_model(tmp_path):
     args = _user_project(tmp_path)
     proc = _prune_cli([*args, "--train-data", "train.npz", "--flops-target", "0.3", "--finetune-epochs", "1",
-                       "--importance", "taylor", "--kd-weight", "0.5", "--runs", "30", "--out", "run"], tmp_path)
+                       "--importance", "taylor", "--kd-weight", "0.5", "--task-weight", "depth=20", "--runs", "30",
+                       "--out", "run"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["flops_reduction"] >= 0.3
@@ -333,6 +334,7 @@ def test_prune_cli_on_a_user_model(tmp_path):
     assert oracle["taylor_split"] == "train" and oracle["taylor_images"] > 0
     assert oracle["taylor_backward_passes"] == visits * 2 * math.ceil(oracle["taylor_images"] / 64) > 0
     assert report["finetune"]["distilled_tasks"] == ["labels"]
+    assert report["finetune"]["task_weights"] == {"labels": 1.0, "depth": 20.0}
     assert [t["name"] for t in report["tasks"]] == ["labels", "depth"]
     # the conv feeding the 1-channel dense output and the classifier keep their widths
     assert report["channels"]["after"]["dense"] == 2
@@ -571,3 +573,24 @@ def test_trial_steps_beyond_one_pass_are_recorded_as_run():
     assert TaskOracle(data, (), trial_steps=10_000).trial_steps_run == one_pass
     assert TaskOracle(data, (), trial_steps=3).trial_steps_run == 3
     assert TaskOracle(data, ()).trial_steps_run == 0
+
+
+def test_task_weights_set_the_balance_of_the_fine_tuning():
+    """Two dense tasks pull one output toward 0 and toward 1: the fine-tuned output settles at their
+    weighted mean, 0.5 with the default weights (10 each) and 0.75 with --task-weight b=30."""
+    from edgec.prune import TaskData, _Quiet, finetune
+    from edgec.search.multitask import Task
+
+    x = np.random.default_rng(0).random((1024, 1, 4, 4), dtype=np.float32)
+    targets = {"a": np.zeros((1024, 1, 4, 4), np.float32), "b": np.ones((1024, 1, 4, 4), np.float32)}
+    tasks = (Task("a", "dense", 0), Task("b", "dense", 0))
+    data = TaskData("mine", tasks, ("y",), x, targets, x, targets, x, targets, {}, batch_size=32)
+    means = {}
+    for label, weights in (("default", None), ("b=30", {"b": 30.0})):
+        torch.manual_seed(0)
+        net = nn.Conv2d(1, 1, 1)
+        finetune(net, data, 20, 0, _Quiet(), task_weights=weights)
+        with torch.no_grad():
+            means[label] = float(net(torch.from_numpy(x)).mean())
+    assert means["default"] == pytest.approx(0.5, abs=0.05)
+    assert means["b=30"] == pytest.approx(0.75, abs=0.05)
