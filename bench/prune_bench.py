@@ -73,6 +73,8 @@ def main() -> int:
                     help="PAGCP: fine-tune each trial for this many minibatches against a control (as edgec prune)")
     ap.add_argument("--kd-weight", type=float, default=0.0,
                     help="final fine-tuning of every pruned model: distill the classifier from the unpruned model")
+    ap.add_argument("--task-weight", action="append", metavar="TASK=W",
+                    help="final fine-tuning of every pruned model: weigh TASK's loss by W (as edgec prune)")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
     ap.add_argument("--runs", type=int, default=300, help="timed runs per round")
     ap.add_argument("--seed", type=int, default=0)
@@ -80,15 +82,19 @@ def main() -> int:
     args = ap.parse_args()
     import dataclasses
 
+    from edgec.cli import _task_numbers
+    from edgec.search.multitask import BUILTIN_TASKS
     from edgec.errors import ConfigError
     from edgec.prune import PruneConfig
 
     try:  # edgec prune's own checks and PAGCP settings, so the bench runs what the command would
+        weights = _task_numbers(args.task_weight, "--task-weight", "e.g. --task-weight reconstruction=40")
         cfg = PruneConfig(out=Path("."), dataset=args.dataset, flops_target=args.flops_target,
                           loss_budget=args.loss_budget, importance=args.importance, round_to=args.round_to,
                           trial_steps=args.trial_steps, finetune_epochs=args.finetune_epochs,
                           recovery_epochs=args.recovery_epochs, kd_weight=args.kd_weight, max_passes=args.max_passes,
-                          seed=args.seed)
+                          task_weights=weights, seed=args.seed)
+        cfg.check_task_names([t.name for t in BUILTIN_TASKS])
         settings = dataclasses.replace(cfg.pagcp_settings(), max_budget_growth=args.max_budget_growth)
     except ConfigError as e:  # one line, exit 2, as edgec's own commands
         ap.error(str(e))
@@ -136,7 +142,7 @@ def main() -> int:
             if name == "unpruned":
                 continue
             r["before_ft"] = task_metrics(r["model"], data)
-            finetune(r["model"], data, epochs, args.seed, progress, teacher, args.kd_weight)
+            finetune(r["model"], data, epochs, args.seed, progress, teacher, args.kd_weight, task_weights=cfg.task_weights)
         for r in results.values():
             r["after_ft"] = task_metrics(r["model"], data)
         progress.stage("exporting and measuring on cpu-ort")
