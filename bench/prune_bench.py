@@ -83,9 +83,9 @@ def main() -> int:
     import dataclasses
 
     from edgec.cli import _task_numbers
-    from edgec.search.multitask import BUILTIN_TASKS
     from edgec.errors import ConfigError
     from edgec.prune import PruneConfig
+    from edgec.search.multitask import BUILTIN_TASKS
 
     try:  # edgec prune's own checks and PAGCP settings, so the bench runs what the command would
         weights = _task_numbers(args.task_weight, "--task-weight", "e.g. --task-weight reconstruction=40")

@@ -29,7 +29,7 @@ import numpy as np
 
 import edgec
 from edgec.data import Dataset, load_dataset
-from edgec.search.multitask import RECON_WEIGHT, Task
+from edgec.search.multitask import Task, loss_weights
 from edgec.errors import ConfigError, ModelError, NoQualifyingCandidate
 
 # Training of the built-in multi-task model, per dataset (part of the cache key).
@@ -157,6 +157,9 @@ class PruneConfig:
         if self.kd_weight and self.finetune_epochs == 0:
             raise ConfigError("--kd-weight with --finetune-epochs 0", "distillation happens in the fine-tuning",
                               "drop --kd-weight or give --finetune-epochs 1 or more")
+        if self.task_weights and self.finetune_epochs == 0:
+            raise ConfigError("--task-weight with --finetune-epochs 0", "the weights apply to the fine-tuning",
+                              "drop --task-weight or give --finetune-epochs 1 or more")
         if not (math.isfinite(self.step) and 0.01 <= self.step <= 0.5):
             raise ConfigError(f"bad value for --step: {self.step}", "the pruning-ratio step is between 0.01 and 0.5",
                               "e.g. --step 0.05")
@@ -190,7 +193,7 @@ class PruneConfig:
                                   "e.g. --max-task-drop classification=1.0 --max-task-drop reconstruction=0.5")
 
     def check_task_names(self, names: list[str]) -> None:
-        """--watch and --max-task-drop must name the model's tasks."""
+        """--watch, --max-task-drop and --task-weight must name the model's tasks."""
         for flag, given in (("--watch", self.watch), ("--max-task-drop", tuple(self.max_task_drop)),
                             ("--task-weight", tuple(self.task_weights))):
             unknown = [n for n in given if n not in names]
@@ -585,8 +588,7 @@ def _report(cfg, data: TaskData, model_info, result, settings, reference, before
         "flops_reduction": result.flops_reduction,
         "flops_target_met": None if cfg.flops_target is None else result.flops_reduction >= cfg.flops_target,
         "finetune": {"epochs": epochs, "lr": FINETUNE_LR, "kd_weight": cfg.kd_weight,
-                     "task_weights": {t.name: cfg.task_weights.get(t.name, RECON_WEIGHT if t.kind == "dense" else 1.0)
-                                      for t in data.tasks},
+                     "task_weights": loss_weights(data.tasks, cfg.task_weights),
                      **({"kd_source": "Hinton et al. 2015, §2 (temperature 1), from the unpruned model"}
                         if cfg.kd_weight else {})},
         "metrics": {"reference": before, "pruned_before_finetune": after_prune, "pruned": after},

@@ -201,6 +201,11 @@ def evaluate_tasks(model: nn.Module, x: np.ndarray, targets: dict[str, np.ndarra
     return result
 
 
+def loss_weights(tasks: tuple[Task, ...], overrides: dict[str, float] | None = None) -> dict[str, float]:
+    """{task: weight of its loss in training}: 1, :data:`RECON_WEIGHT` for a dense task, then ``overrides``."""
+    return {t.name: (RECON_WEIGHT if t.kind == "dense" else 1.0) for t in tasks} | (overrides or {})
+
+
 def train_multitask(model: nn.Module, x: np.ndarray, targets: dict[str, np.ndarray], tasks: tuple[Task, ...],
                     epochs: int, lr: float = 3e-3, batch_size: int = 128, seed: int = 0,
                     weights: dict[str, float] | None = None,
@@ -218,7 +223,7 @@ def train_multitask(model: nn.Module, x: np.ndarray, targets: dict[str, np.ndarr
     """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    w = {t.name: (RECON_WEIGHT if t.kind == "dense" else 1.0) for t in tasks} | (weights or {})
+    w = loss_weights(tasks, weights)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps_per_epoch = max(1, len(x) // batch_size)
     total = epochs * steps_per_epoch

@@ -52,6 +52,7 @@ def assert_one_line_error(proc, fragment):
     (["prune", "--task-weight", "reconstruction=0"], "bad --task-weight"),
     (["prune", "--task-weight", "reconstruction=nan"], "bad --task-weight"),
     (["prune", "--task-weight", "depth=2"], "unknown task 'depth'"),
+    (["prune", "--task-weight", "reconstruction=2", "--finetune-epochs", "0"], "--task-weight with --finetune-epochs 0"),
     (["prune", "--importance", "fisher"], "importance"),
     (["prune", "--finetune-epochs", "-1"], "finetune-epochs"),
     (["prune", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent"], "apt-get install"),
