@@ -20,6 +20,10 @@ Not a test: numbers depend on the machine.
     python bench/prune_bench.py --dataset digits
     python bench/prune_bench.py --dataset fashion-mnist --flops-target 0.6 --json runs/prune-bench.json
     python bench/prune_bench.py --dataset digits --importance taylor --round-to 16 --trial-steps 50 --kd-weight 0.5
+
+With ``--pagcp-run DIR`` step 1 and its fine-tuning are taken from an ``edgec prune`` run of the same
+settings (checked against its report.json; the unpruned model must be the same cached one), which saves
+the most expensive pruning and one fine-tuning on fashion-mnist (≈ 45 min on 2 cores).
 """
 
 from __future__ import annotations
@@ -57,6 +61,45 @@ def uniform_l1(model, example, target_macs: float, ignored, round_to: int = 8):
     return best[0], best[1]
 
 
+def read_pagcp_run(run_dir: Path, cfg, settings) -> dict:
+    """PAGCP's pruned built-in model (before and after fine-tuning) and its figures from an ``edgec prune`` run
+    directory; raises ConfigError when the run is missing, damaged, or ran with other settings than the bench's."""
+    import dataclasses
+
+    from edgec.errors import ConfigError, ModelError
+    from edgec.prune import DEFAULT_FINETUNE_EPOCHS
+    from edgec.search.multitask import load_multitask
+
+    how = "run edgec prune with the bench's settings into it, or drop --pagcp-run"
+    try:
+        report = json.loads((run_dir / "report.json").read_text())
+        if report.get("job") != "prune" or report["config"].get("model") != "multitask":
+            raise ConfigError(f"--pagcp-run {run_dir} is not an edgec prune run of the built-in multitask model",
+                              f"its report says job {report.get('job')!r}", how)
+        ran, want = {"task_weights": {}, **report["config"]}, json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+        keys = ("dataset", "flops_target", "loss_budget", "importance", "step", "round_to", "trial_steps",
+                "recovery_epochs", "kd_weight", "max_passes", "task_weights", "seed", "watch")
+        differ = [f"{k} {ran.get(k)!r} (bench {want[k]!r})" for k in keys if ran.get(k) != want[k]]
+        growth = report["algorithm"]["settings"].get("max_budget_growth")
+        if growth != settings.max_budget_growth:
+            differ.append(f"max_budget_growth {growth!r} (bench {settings.max_budget_growth!r})")
+        epochs = cfg.finetune_epochs if cfg.finetune_epochs is not None else DEFAULT_FINETUNE_EPOCHS[cfg.dataset]
+        if report["finetune"].get("epochs") != epochs:
+            differ.append(f"finetune_epochs {report['finetune'].get('epochs')!r} (bench {epochs!r})")
+        if differ:
+            raise ConfigError(f"--pagcp-run {run_dir} ran with other settings than the bench", "; ".join(differ), how)
+        pruned = [a for a in report["artifacts"] if a.get("role") == "pruned"]
+        if len(pruned) != 1:
+            raise ConfigError(f"--pagcp-run {run_dir} has no pruned artifact", "its report lists none", how)
+        before, _ = load_multitask(run_dir / "study" / "models" / "pruned-before-finetune")
+        after, _ = load_multitask((run_dir / pruned[0]["path"]).parent)
+        return {"model": before, "finetuned_model": after, "macs": report["macs_after"],
+                "prune_s": report["algorithm"]["prune_s"], "oracle_calls": report["algorithm"]["oracle"]["evaluations"],
+                "passes": report["algorithm"]["passes"], "model_cache_key": report["model"].get("cache_key")}
+    except (OSError, ValueError, KeyError, TypeError, ModelError) as e:
+        raise ConfigError(f"cannot read --pagcp-run {run_dir}", f"{type(e).__name__}: {e}", how) from None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="digits")
@@ -78,6 +121,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
     ap.add_argument("--runs", type=int, default=300, help="timed runs per round")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pagcp-run", metavar="DIR",
+                    help="take PAGCP's (both tasks) pruned model, before and after fine-tuning, from this edgec prune "
+                         "run directory instead of pruning and fine-tuning again; its settings must equal these")
     ap.add_argument("--json", help="write the figures to this file")
     args = ap.parse_args()
     import dataclasses
@@ -96,6 +142,7 @@ def main() -> int:
                           task_weights=weights, seed=args.seed)
         cfg.check_task_names([t.name for t in BUILTIN_TASKS])
         settings = dataclasses.replace(cfg.pagcp_settings(), max_budget_growth=args.max_budget_growth)
+        run = read_pagcp_run(Path(args.pagcp_run), cfg, settings) if args.pagcp_run else None
     except ConfigError as e:  # one line, exit 2, as edgec's own commands
         ap.error(str(e))
 
@@ -122,7 +169,15 @@ def main() -> int:
         macs0 = count_macs(model, example)[0]
         results["unpruned"] = {"model": model, "macs": macs0, "before_ft": task_metrics(model, data),
                                "prune_s": 0.0}
+        if run is not None:
+            if run["model_cache_key"] != info.get("cache_key"):
+                ap.error(f"--pagcp-run {args.pagcp_run} pruned another unpruned model (cache key "
+                         f"{run['model_cache_key']}, this one {info.get('cache_key')}); run edgec prune again")
+            results["PAGCP (both tasks)"] = {k: run[k] for k in ("model", "finetuned_model", "macs", "prune_s",
+                                                                   "oracle_calls", "passes")}
         for name, watch in (("PAGCP (both tasks)", ()), ("PAGCP, classification loss only", ("classification",))):
+            if name in results:
+                continue
             progress.stage(f"{name}: pruning")
             oracle = TaskOracle(data, watch, args.trial_steps, args.seed)
             start = time.perf_counter()
@@ -142,6 +197,9 @@ def main() -> int:
             if name == "unpruned":
                 continue
             r["before_ft"] = task_metrics(r["model"], data)
+            if "finetuned_model" in r:  # fine-tuned by the edgec prune run (--pagcp-run)
+                r["model"] = r.pop("finetuned_model")
+                continue
             finetune(r["model"], data, epochs, args.seed, progress, teacher, args.kd_weight, task_weights=cfg.task_weights)
         for r in results.values():
             r["after_ft"] = task_metrics(r["model"], data)
