@@ -32,6 +32,7 @@ import argparse
 import copy
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -73,9 +74,12 @@ def read_pagcp_run(run_dir: Path, cfg, settings) -> dict:
     how = "run edgec prune with the bench's settings into it, or drop --pagcp-run"
     try:
         report = json.loads((run_dir / "report.json").read_text())
+        if not isinstance(report, dict) or not isinstance(report.get("config"), dict):
+            raise ValueError("report.json is not an edgec report")
         if report.get("job") != "prune" or report["config"].get("model") != "multitask":
             raise ConfigError(f"--pagcp-run {run_dir} is not an edgec prune run of the built-in multitask model",
-                              f"its report says job {report.get('job')!r}", how)
+                              f"its report says job {report.get('job')!r}, model {report['config'].get('model')!r}",
+                              how)
         ran, want = {"task_weights": {}, **report["config"]}, json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
         keys = ("dataset", "flops_target", "loss_budget", "importance", "step", "round_to", "trial_steps",
                 "recovery_epochs", "kd_weight", "max_passes", "task_weights", "seed", "watch")
@@ -96,8 +100,14 @@ def read_pagcp_run(run_dir: Path, cfg, settings) -> dict:
         return {"model": before, "finetuned_model": after, "macs": report["macs_after"],
                 "prune_s": report["algorithm"]["prune_s"], "oracle_calls": report["algorithm"]["oracle"]["evaluations"],
                 "passes": report["algorithm"]["passes"], "model_cache_key": report["model"].get("cache_key")}
-    except (OSError, ValueError, KeyError, TypeError, ModelError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ModelError) as e:
         raise ConfigError(f"cannot read --pagcp-run {run_dir}", f"{type(e).__name__}: {e}", how) from None
+
+
+def fail(error) -> int:
+    """One line on stderr, exit 2, as edgec's own commands (argparse's error() would print the usage first)."""
+    print(f"prune_bench: error: {error}", file=sys.stderr)
+    return 2
 
 
 def main() -> int:
@@ -142,9 +152,15 @@ def main() -> int:
                           task_weights=weights, seed=args.seed)
         cfg.check_task_names([t.name for t in BUILTIN_TASKS])
         settings = dataclasses.replace(cfg.pagcp_settings(), max_budget_growth=args.max_budget_growth)
+        for name in ("rounds", "runs"):
+            if not 1 <= getattr(args, name) <= 100_000:
+                raise ConfigError(f"bad value for --{name}: {getattr(args, name)}", "it must be between 1 and 100000",
+                                  f"e.g. --{name} 5")
+        if args.json and not Path(args.json).parent.is_dir() and Path(args.json).parent.exists():
+            raise ConfigError(f"cannot write --json {args.json}", "its folder is a file", "pass another path")
         run = read_pagcp_run(Path(args.pagcp_run), cfg, settings) if args.pagcp_run else None
     except ConfigError as e:  # one line, exit 2, as edgec's own commands
-        ap.error(str(e))
+        return fail(e)
 
     import torch
     from rich.table import Table
@@ -171,8 +187,9 @@ def main() -> int:
                                "prune_s": 0.0}
         if run is not None:
             if run["model_cache_key"] != info.get("cache_key"):
-                ap.error(f"--pagcp-run {args.pagcp_run} pruned another unpruned model (cache key "
-                         f"{run['model_cache_key']}, this one {info.get('cache_key')}); run edgec prune again")
+                return fail(ConfigError(f"--pagcp-run {args.pagcp_run} pruned another unpruned model",
+                                        f"cache key {run['model_cache_key']}, this one {info.get('cache_key')}",
+                                        "run edgec prune again"))
             results["PAGCP (both tasks)"] = {k: run[k] for k in ("model", "finetuned_model", "macs", "prune_s",
                                                                    "oracle_calls", "passes")}
         for name, watch in (("PAGCP (both tasks)", ()), ("PAGCP, classification loss only", ("classification",))):

@@ -610,9 +610,13 @@ def _task_numbers(items: list[str] | None, flag: str, example: str) -> dict[str,
     for item in items or []:
         key, _, value = item.partition("=")
         try:
-            out[key.strip()] = float(value)
+            number = float(value)
         except ValueError:
             raise ConfigError(f"bad {flag} {item!r}", "expected TASK=NUMBER", example) from None
+        if key.strip() in out:
+            raise ConfigError(f"{flag} names task {key.strip()!r} twice", f"got {out[key.strip()]:g} and {number:g}",
+                              "give each task once")
+        out[key.strip()] = number
     return out
 
 
@@ -620,8 +624,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from edgec.prune import PruneConfig, run_prune
+    from edgec.errors import ConfigError
+    from edgec.prune import PruneConfig, gate_error, run_prune
     from edgec.report import speed_text
+
+    if not args.out.strip():
+        raise ConfigError("--out is empty", "edgec prune writes a run directory", "e.g. --out runs/prune")
+    if args.model.startswith("subnet:"):  # edgec compile --prune-flops-target's own mode
+        raise ConfigError(f"unknown --model {args.model!r}", "subnet:… is how edgec compile names its chosen subnet",
+                          "pass multitask or package.module:factory (or use edgec compile --prune-flops-target)")
 
     drops = _task_numbers(args.max_task_drop, "--max-task-drop",
                           "e.g. --max-task-drop classification=1.0 --max-task-drop reconstruction=0.5")
@@ -661,6 +672,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
                   + ("" if r["flops_target_met"] is not False else f" (the --flops-target was not reached {why})")
                   + f"; cpu-ort p50 {speed_text(lat['speedup_p50'])}. "
                   f"Outputs: {result.out}/report.html, report.json, manifest.json")
+    if r["macs_after"] == r["macs_before"]:
+        console.print("No channels were removed: every layer's first step broke a task's loss budget (the speed "
+                      "ratio is noise). Raise --loss-budget, or set --flops-target to let passes repeat.")
+    oracle = r["algorithm"]["oracle"]
+    if oracle.get("trial_finetune_steps_requested", 0) > oracle.get("trial_finetune_steps", 0):
+        console.print(f"--trial-steps {oracle['trial_finetune_steps_requested']} ran "
+                      f"{oracle['trial_finetune_steps']} minibatches per trial: one pass over the training images "
+                      "is the most it runs.")
+    error = gate_error(cfg, result)
+    if error is not None:
+        raise error
     return 0
 
 

@@ -144,6 +144,9 @@ class PruneConfig:
             if self.dataset not in DATASETS:
                 raise ConfigError(f"unknown dataset {self.dataset!r}", f"known datasets: {', '.join(DATASETS)}",
                                   "pass --dataset digits or --dataset fashion-mnist")
+        if self.dataset == "digits" and self.data_dir:
+            raise ConfigError("--data-dir applies to --dataset fashion-mnist", "digits ships with scikit-learn",
+                              "drop --data-dir")
         if self.is_user_model and (self.dataset != "digits" or self.data_dir or self.train_epochs):
             flag = "--dataset" if self.dataset != "digits" else "--data-dir" if self.data_dir else "--train-epochs"
             raise ConfigError(f"{flag} applies to the built-in multitask model", "a user model is pruned on "
@@ -408,12 +411,15 @@ def conv_widths(model) -> dict[str, int]:
     return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
 
 
-def model_id(widths: dict) -> str:
-    return hashlib.sha256(json.dumps(widths, sort_keys=True).encode()).hexdigest()[:12]
+def model_id(widths: dict, role: str) -> str:
+    """Artifact id: 12 hex digits of SHA-256 over the role and the conv widths (the role keeps the two artifacts
+    apart when nothing was pruned)."""
+    return hashlib.sha256(json.dumps([role, widths], sort_keys=True).encode()).hexdigest()[:12]
 
 
 def run_prune(cfg: PruneConfig, progress) -> PruneResult:
-    """Run ``edgec prune``; see the module docstring. Raises :class:`EdgecError` subclasses."""
+    """Run ``edgec prune``; see the module docstring. Raises :class:`EdgecError` subclasses; a missed
+    ``--max-task-drop`` is not raised here but by the caller, with :func:`gate_error`, after showing the results."""
     if cfg.is_user_model:
         from edgec.user_model import load_user_job
 
@@ -424,15 +430,20 @@ def run_prune(cfg: PruneConfig, progress) -> PruneResult:
 
         def model():  # trained (or read from the cache) only once the run directory is ours
             return get_multitask_model(ds, progress, cfg.train_epochs)
-    result = prune_job(cfg, model, data, ignored, model_info, progress)
+    return prune_job(cfg, model, data, ignored, model_info, progress)
+
+
+def gate_error(cfg: PruneConfig, result: PruneResult) -> NoQualifyingCandidate | None:
+    """The error (exit 3) to raise when the fine-tuned model misses ``--max-task-drop``, else None. The report and
+    manifest are written either way (the manifest then marks the unpruned model chosen)."""
     gate = result.report["max_task_drop"]
-    if gate and not gate["met"]:
-        raise NoQualifyingCandidate("the pruned model misses --max-task-drop",
-                                    "; ".join(f"{k} dropped {gate['val_drops'][k]:.2f} on the validation split "
-                                              f"(allowed {cfg.max_task_drop[k]})" for k in gate["failed"]),
-                                    f"lower --flops-target or --loss-budget; the report is in {cfg.out} (the "
-                                    "manifest marks the unpruned model chosen)")
-    return result
+    if not gate or gate["met"]:
+        return None
+    return NoQualifyingCandidate("the pruned model misses --max-task-drop",
+                                 "; ".join(f"{k} dropped {gate['val_drops'][k]:.2f} on the validation split "
+                                           f"(allowed {cfg.max_task_drop[k]})" for k in gate["failed"]),
+                                 f"lower --flops-target or --loss-budget; the report is in {cfg.out} (the "
+                                 "manifest marks the unpruned model chosen)")
 
 
 def prune_job(cfg: PruneConfig, model, data: TaskData, ignored, model_info: dict | None, progress) -> PruneResult:
@@ -456,6 +467,10 @@ def prune_job(cfg: PruneConfig, model, data: TaskData, ignored, model_info: dict
     target = open_target("cpu-ort", cfg.threads, cfg.runs)
     target.require_available()
     cfg.check_task_names([t.name for t in data.tasks])
+    if data.train_x is None and (cfg.finetune_epochs or cfg.task_weights):
+        flag = "--task-weight" if cfg.task_weights else f"--finetune-epochs {cfg.finetune_epochs}"
+        raise ConfigError(f"{flag} needs training data", "the fine-tuning after pruning trains on it",
+                          f"pass --train-data or drop {flag.split()[0]}")
     if cfg.trial_steps and data.train_x is None:
         raise ConfigError("--trial-steps needs training data", "each trial is fine-tuned on training images",
                           "pass --train-data or drop --trial-steps")
@@ -618,7 +633,7 @@ def _publish(out: Path, report: dict, paths: dict, reference, pruned, data: Task
     artifacts = []
     for role, net in (("reference", reference), ("pruned", pruned)):
         widths = conv_widths(net)
-        mid = model_id(widths)
+        mid = model_id(widths, role)
         dest = out / "artifacts" / "cpu-ort" / mid
         meta = {"edgec_role": role, "edgec_conv_widths": widths, "edgec_outputs": list(data.output_names)}
         add = (lambda folder, n=net: save_multitask(n, folder, {"dataset": data.name})) if save_torch else None

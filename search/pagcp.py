@@ -102,7 +102,7 @@ class PagcpSettings:
                   (0 < self.max_ratio < 1, "max_ratio", "between 0 and 1 (exclusive)"),
                   (self.loss_budget > 0, "loss_budget", "> 0"),
                   (0 < self.decay <= 1, "decay", "in (0, 1]"),
-                  (self.flops_target is None or 0 < self.flops_target < 1, "flops_target", "between 0 and 1"),
+                  (self.flops_target is None or 0 < self.flops_target < 1, "flops_target", "between 0 and 1 (exclusive)"),
                   (self.max_passes >= 1, "max_passes", "≥ 1"),
                   (0 <= self.min_pass_reduction < 1, "min_pass_reduction", "in [0, 1)"),
                   (1 <= self.max_budget_growth <= 1e6, "max_budget_growth", "in [1, 1e6]"),

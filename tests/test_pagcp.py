@@ -349,6 +349,8 @@ def test_prune_cli_on_a_user_model(tmp_path):
 
 @pytest.mark.parametrize("change, fragment", [
     (lambda d: (d / "w.safetensors").write_bytes(b"garbage"), "cannot read checkpoint"),
+    (lambda d: (d / "w.safetensors").write_bytes(b""), "is empty"),
+    (lambda d: (d / "eval.npz").write_text("x,labels\n1,2\n"), "not an .npz archive"),
     (lambda d: np.savez(d / "eval.npz", x=np.zeros((4, 1, 8, 8), np.float32), labels=np.arange(4)), "lacks array 'depth'"),
     (lambda d: np.savez(d / "eval.npz", x=np.zeros((4, 1, 8, 8), np.float32), labels=np.arange(4) + 10,
                         depth=np.zeros((4, 2, 8, 8), np.float32)), "out of range"),
@@ -375,11 +377,14 @@ def test_user_model_bad_inputs_are_one_line(tmp_path, change, fragment):
     assert not (tmp_path / "run").exists()
 
 
-def test_trial_fine_tuning_without_training_data_is_one_line(tmp_path):
+@pytest.mark.parametrize("flags, fragment", [(["--trial-steps", "5"], "--trial-steps needs training data"),
+                                             (["--finetune-epochs", "2"], "--finetune-epochs 2 needs training data"),
+                                             (["--task-weight", "depth=3"], "--task-weight needs training data")])
+def test_training_flags_without_training_data_are_one_line(tmp_path, flags, fragment):
     args = _user_project(tmp_path)
-    proc = _prune_cli([*args, "--trial-steps", "5", "--out", "run"], tmp_path)
+    proc = _prune_cli([*args, *flags, "--out", "run"], tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "--trial-steps needs training data" in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and fragment in proc.stderr
     assert not (tmp_path / "run").exists()
 
 
@@ -438,6 +443,25 @@ def test_max_task_drop_gate_marks_what_an_app_may_pick(tmp_path):
         assert proc.returncode == 3 and chosen == ["reference"], proc.stderr
         errors = [line for line in proc.stderr.splitlines() if line.startswith("edgec: error:")]
         assert len(errors) == 1 and "reconstruction dropped" in errors[0] and "Traceback" not in proc.stderr
+        assert "pruned + fine-tuned" in proc.stdout  # the results are shown before the error
+
+
+@pytest.mark.slow
+def test_a_run_that_prunes_nothing_keeps_both_artifacts(tmp_path):
+    from edgec.compile.package import sha256_file
+
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "edgec.cli", "prune", "--dataset", "digits", "--loss-budget", "0.0001",
+                           "--train-epochs", "4", "--finetune-epochs", "1", "--runs", "30", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    artifacts = json.loads((out / "manifest.json").read_text())["artifacts"]
+    assert sorted(a["role"] for a in artifacts) == ["pruned", "reference"]
+    assert len({a["id"] for a in artifacts}) == len({a["path"] for a in artifacts}) == 2
+    for a in artifacts:  # neither file overwrote the other
+        assert sha256_file(out / a["path"]) == a["sha256"]
+    assert (report["macs_after"] == report["macs_before"]) == ("No channels were removed" in proc.stdout)
 
 
 def test_each_classification_task_has_its_own_accuracy(images8):
