@@ -893,7 +893,7 @@ class _RichProgress:
         self._task = self._bar.add_task(name, total=total, note="")
         self._name, self._last_decile = name, -1
         if not self.live:
-            self.console.print(f"{name} …")
+            self.console.print(f"{name} …", soft_wrap=True)  # one line per event in a log, never wrapped
 
     def advance(self, done: int, total: int | None = None, note: str = "") -> None:
         if self._task is not None:
@@ -902,9 +902,9 @@ class _RichProgress:
             decile = 10 * done // total
             if decile != self._last_decile:
                 self._last_decile = decile
-                self.console.print(f"  {self._name}: {done}/{total} {note}")
+                self.console.print(f"  {self._name}: {done}/{total} {note}", soft_wrap=True)
         elif not self.live and done % UNBOUNDED_LOG_EVERY == 0:  # no total (PAGCP's trials): every so often
-            self.console.print(f"  {self._name}: {done} {note}")
+            self.console.print(f"  {self._name}: {done} {note}", soft_wrap=True)
 
     def log(self, text: str) -> None:
         self.console.print(text)
