@@ -19,6 +19,7 @@ from edgec.errors import OutputDirError
 
 OUTPUTS = ("report.json", "report.html", "candidates.csv", "manifest.json", "artifacts", "study", "pruned")
 LOCK = ".edgec.lock"
+PREVIOUS = ".tmp-previous-run"  # --force on a job without --resume: the replaced outputs, kept until it succeeds
 TMP_PREFIX = ".tmp-"  # every write through a temporary file and a rename names its temporary this way, so what
 #                      a kill mid-write leaves is recognised (and swept) here
 
@@ -105,9 +106,15 @@ class RunDir:
             self._lock_fd = None
             raise OutputDirError(f"output directory {p} is in use", "another edgec run holds its lock",
                                  "wait for it to finish or pass another --out") from None
-        if force:
-            self._remove_outputs()
         self._sweep_leftovers()
+        if force and not self.resumable:  # kept aside, and put back if this run fails or is interrupted
+            backup = p / PREVIOUS
+            backup.mkdir()
+            for name in OUTPUTS:
+                if (p / name).exists() or (p / name).is_symlink():
+                    os.replace(p / name, backup / name)
+        elif force:
+            self._remove_outputs()
         (p / "study" / "models").mkdir(parents=True, exist_ok=True)
 
     @property
@@ -124,6 +131,16 @@ class RunDir:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        backup = self.path / PREVIOUS
+        if backup.is_dir() and not backup.is_symlink():  # --force without --resume: restore or drop the old run
+            if exc_type is not None:
+                self._remove_outputs()
+                for child in backup.iterdir():
+                    os.replace(child, self.path / child.name)
+                backup.rmdir()
+                self.close()
+                return
+            shutil.rmtree(backup)
         # A run that failed before storing any evaluation in a folder that was empty leaves nothing
         # behind, so the corrected command is not refused as "not empty". (Ctrl-C keeps it: --resume.)
         if exc_type is not None and (issubclass(exc_type, Exception) or not self.resumable) and self._fresh:

@@ -111,3 +111,29 @@ def test_a_full_disk_is_one_line_leaves_nothing_half_written_and_resumes(tmp_pat
     assert len(ids) == len(set(ids))
     trials = load_script()
     assert trials.artifacts_intact(out) == []
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, RuntimeError])
+def test_force_without_resume_puts_the_old_run_back_when_the_new_one_fails(tmp_path, interrupt):
+    out = tmp_path / "run"
+    (out / "artifacts").mkdir(parents=True)
+    (out / "report.json").write_text("old")
+    (out / "artifacts" / "model.onnx").write_text("old model")
+    with pytest.raises(interrupt):
+        with RunDir(out, force=True, resumable=False):  # edgec prune --force, then Ctrl-C or a crash
+            assert not (out / "report.json").exists()  # the old outputs are aside while it runs
+            (out / "report.json").write_text("half")
+            raise interrupt()
+    assert (out / "report.json").read_text() == "old" and (out / "artifacts" / "model.onnx").read_text() == "old model"
+    assert sorted(c.name for c in out.iterdir()) == [LOCK, "artifacts", "report.json"]
+
+
+def test_force_without_resume_replaces_the_old_run_when_the_new_one_succeeds(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "report.json").write_text("old")
+    (out / "candidates.csv").write_text("old")
+    with RunDir(out, force=True, resumable=False):
+        (out / "report.json").write_text("new")
+    assert (out / "report.json").read_text() == "new"
+    assert sorted(c.name for c in out.iterdir()) == [LOCK, "report.json", "study"]
