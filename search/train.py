@@ -168,10 +168,13 @@ def recalibrate_bn(net: StaticNet, x: np.ndarray, batch_size: int = 256, max_ima
 
     Shared statistics belong to no single subnet, so each extracted subnet gets its
     own before evaluation (Once-for-All §3.2; BigNAS §3.3). Statistics are the
-    plain average over batches (``momentum=None``). Uses the first
-    ``max_images`` images; returns ``net`` in eval mode.
+    plain average over batches (``momentum=None`` while calibrating; each batch norm's own momentum is
+    restored afterwards, so later training updates the statistics as usual — left at ``None``, a
+    fine-tuning of thousands of steps averaged them over its whole trajectory, stale weights included).
+    Uses the first ``max_images`` images; returns ``net`` in eval mode.
     """
     bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    momenta = [bn.momentum for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over all calibration batches
@@ -179,6 +182,8 @@ def recalibrate_bn(net: StaticNet, x: np.ndarray, batch_size: int = 256, max_ima
     data = torch.from_numpy(x[:max_images])
     for i in range(0, len(data), batch_size):
         net(data[i:i + batch_size])
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
     return net.eval()
 
 

@@ -61,6 +61,18 @@ def test_recalibrate_bn_sets_subnet_statistics(randomized_supernet, spec8, image
     assert not static.training
 
 
+def test_recalibrate_bn_gives_training_its_momentum_back(images8):
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.3))
+    recalibrate_bn(net, images8, batch_size=100)
+    assert net[1].momentum == 0.3
+    calibrated = net[1].running_mean.clone()
+    net.train()
+    with torch.no_grad():  # one training batch moves the statistics by the momentum, not by 1 / (batches + 1)
+        h = net[0](torch.from_numpy(images8[:50]))
+        net(torch.from_numpy(images8[:50]))
+    assert torch.allclose(net[1].running_mean, 0.7 * calibrated + 0.3 * h.mean((0, 2, 3)), atol=1e-5)
+
+
 def test_corrupt_checkpoint_is_a_model_error(tmp_path):
     from edgec.errors import ModelError
 
