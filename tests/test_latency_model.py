@@ -115,6 +115,16 @@ def _edgec(*args, env=None, timeout=600):
                           env=env)
 
 
+def _measured(*args, env=None, attempts=3):
+    """``_edgec`` for a command that measures latency: when it refuses because the shared host was busy
+    ("… on a quiet machine", its designed refusal), run it again, up to ``attempts`` times in all."""
+    for _ in range(attempts):
+        p = _edgec(*args, env=env)
+        if p.returncode != 2 or "on a quiet machine" not in p.stderr:
+            break
+    return p
+
+
 def test_latency_cli_refuses_bad_settings_and_a_missing_model_in_one_line(tmp_path):
     env = {**os.environ, "EDGEC_CACHE_DIR": str(tmp_path / "cache")}
     for args, fragment in ((("build", "--samples", "5"), "--samples"),
@@ -181,13 +191,13 @@ def test_an_interrupted_build_says_so_and_leaves_nothing_behind(tmp_path, sig, c
 def test_latency_build_then_validate_on_digits(tmp_path, monkeypatch):
     """A small model end to end: measured candidates, a fit, held-out figures in the JSON and the HTML."""
     env = {**os.environ, "EDGEC_CACHE_DIR": str(tmp_path / "cache")}
-    p = _edgec("latency", "build", "--dataset", "digits", "--samples", "24", "--runs", "30", "--no-lut", env=env)
+    p = _measured("latency", "build", "--dataset", "digits", "--samples", "24", "--runs", "30", "--no-lut", env=env)
     assert p.returncode == 0, p.stderr[-2000:]
     models = list((tmp_path / "cache" / "latency").glob("cpu-ort-digits-*.json"))
     meta = json.loads(models[0].read_text())["meta"]  # a busy host's noisy candidates are left out, and counted
     assert len(models) == 1 and meta["samples"] + len(meta["samples_noisy_left_out"]) == 24 and meta["samples"] >= 10
     out = tmp_path / "v.json"
-    p = _edgec("latency", "validate", "--dataset", "digits", "--subnets", "12", "--runs", "30", "--json", str(out),
+    p = _measured("latency", "validate", "--dataset", "digits", "--subnets", "12", "--runs", "30", "--json", str(out),
                "--html", str(tmp_path / "v.html"), env=env)
     assert p.returncode == 0, p.stderr[-2000:]
     v = json.loads(out.read_text())
@@ -210,7 +220,7 @@ def test_latency_build_then_validate_on_digits(tmp_path, monkeypatch):
     foreign = models[0].with_name("cpu-ort-digits-0123456789ab.json")
     foreign.write_text(json.dumps(doc))
     models[0].unlink()
-    p = _edgec("latency", "validate", "--dataset", "digits", "--subnets", "12", "--runs", "30", "--json", str(out),
+    p = _measured("latency", "validate", "--dataset", "digits", "--subnets", "12", "--runs", "30", "--json", str(out),
                "--html", str(tmp_path / "v.html"), env=env)
     assert p.returncode == 0, p.stderr[-2000:]
     v = json.loads(out.read_text())
