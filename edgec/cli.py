@@ -148,7 +148,7 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
                         "this weight, 0..1 (default 0 = cross-entropy only; the recovery epochs stay plain)")
     p.add_argument("--task-weight", action="append", metavar="TASK=W",
                    help="the fine-tuning after pruning weighs TASK's loss by W (repeatable; default 1, and 10 for a "
-                        "dense task's MSE); raise a dense task's when a small shared encoder drifts toward classification")
+                        "dense task's MSE), e.g. reconstruction=40 to trade accuracy for PSNR")
     p.add_argument("--max-passes", type=int, default=30,
                    help="with --flops-target: at most this many passes over all layers (default 30; the loss "
                         "budget's growth cap usually ends them first)")

@@ -37,6 +37,7 @@ class RunDir:
         self.path = path
         self.resumable = resumable
         self._lock_fd: int | None = None
+        self._backup: Path | None = None  # --force without --resume: where the replaced outputs wait
         self._created = not path.exists()
         self._fresh = self._created or (path.is_dir() and (not any(path.iterdir()) or self._skeleton_only(path)))
         self._prepare(resume, force)
@@ -107,12 +108,12 @@ class RunDir:
             raise OutputDirError(f"output directory {p} is in use", "another edgec run holds its lock",
                                  "wait for it to finish or pass another --out") from None
         self._sweep_leftovers()
-        if force and not self.resumable:  # kept aside, and put back if this run fails or is interrupted
-            backup = p / PREVIOUS
-            backup.mkdir()
+        if force and not self.resumable and not self._fresh:  # kept aside, put back if this run fails or stops
+            self._backup = p / PREVIOUS
+            self._backup.mkdir()
             for name in OUTPUTS:
                 if (p / name).exists() or (p / name).is_symlink():
-                    os.replace(p / name, backup / name)
+                    os.replace(p / name, self._backup / name)
         elif force:
             self._remove_outputs()
         (p / "study" / "models").mkdir(parents=True, exist_ok=True)
@@ -131,16 +132,14 @@ class RunDir:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        backup = self.path / PREVIOUS
-        if backup.is_dir() and not backup.is_symlink():  # --force without --resume: restore or drop the old run
+        if self._backup is not None:  # --force without --resume: put the old run back, or drop it
             if exc_type is not None:
                 self._remove_outputs()
-                for child in backup.iterdir():
+                for child in self._backup.iterdir():
                     os.replace(child, self.path / child.name)
-                backup.rmdir()
-                self.close()
-                return
-            shutil.rmtree(backup)
+                self._backup.rmdir()
+            else:
+                shutil.rmtree(self._backup)
         # A run that failed before storing any evaluation in a folder that was empty leaves nothing
         # behind, so the corrected command is not refused as "not empty". (Ctrl-C keeps it: --resume.)
         if exc_type is not None and (issubclass(exc_type, Exception) or not self.resumable) and self._fresh:

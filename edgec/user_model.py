@@ -84,6 +84,12 @@ def build_model(spec: str):
     return model.eval()
 
 
+def _file_head(path: Path, n: int) -> bytes:
+    """The first ``n`` bytes of ``path`` (its format's magic number; fewer for a shorter file)."""
+    with path.open("rb") as f:
+        return f.read(n)
+
+
 def load_weights(model, path_text: str) -> None:
     """Load a checkpoint into ``model`` (strict). Raises :class:`ModelError`."""
     import torch
@@ -95,7 +101,7 @@ def load_weights(model, path_text: str) -> None:
     if path.stat().st_size > MAX_CHECKPOINT_BYTES:
         raise ModelError(f"checkpoint {path} is larger than 4 GiB", "edgec prunes small edge models",
                          "pass the model's own weights")
-    head = path.read_bytes()[:8] if path.stat().st_size else b""
+    head = _file_head(path, 4)
     if not head:
         raise ModelError(f"checkpoint {path} is empty", "a 0-byte file holds no weights", "pass the model's weights")
     if path.suffix != ".safetensors" and not head.startswith((b"PK\x03\x04", b"\x80")):
@@ -144,8 +150,7 @@ def read_task_npz(path_text: str, tasks, flag: str) -> tuple[np.ndarray, dict]:
     if not path.is_file():
         raise DataError(f"{flag} {path} not found" if not path.exists() else f"{flag} {path} is not a file",
                         "it must be an .npz file", "pass the right path")
-    with path.open("rb") as f:
-        head = f.read(4)
+    head = _file_head(path, 4)
     if head != b"PK\x03\x04":  # numpy would try to unpickle anything else (and refuse it)
         raise DataError(f"cannot read {flag} {path}", "it is empty" if not head else "it is not an .npz archive "
                         "(no zip header)", "save it with numpy.savez (no object arrays)")

@@ -137,3 +137,12 @@ def test_force_without_resume_replaces_the_old_run_when_the_new_one_succeeds(tmp
         (out / "report.json").write_text("new")
     assert (out / "report.json").read_text() == "new"
     assert sorted(c.name for c in out.iterdir()) == [LOCK, "report.json", "study"]
+
+
+def test_force_on_a_new_folder_that_fails_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "new"
+    with pytest.raises(RuntimeError):
+        with RunDir(out, force=True, resumable=False):
+            (out / "report.json").write_text("half")
+            raise RuntimeError()
+    assert not out.exists()
