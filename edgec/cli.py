@@ -674,7 +674,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                   f"Outputs: {result.out}/report.html, report.json, manifest.json")
     if r["macs_after"] == r["macs_before"]:
         console.print("No channels were removed: every layer's first step broke a task's loss budget (the speed "
-                      "ratio is noise). Raise --loss-budget, or set --flops-target to let passes repeat.")
+                      "ratio is noise; the manifest marks the unpruned model chosen). Raise --loss-budget, or set "
+                      "--flops-target to let passes repeat.")
     oracle = r["algorithm"]["oracle"]
     if oracle.get("trial_finetune_steps_requested", 0) > oracle.get("trial_finetune_steps", 0):
         console.print(f"--trial-steps {oracle['trial_finetune_steps_requested']} ran "

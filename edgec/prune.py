@@ -532,8 +532,9 @@ def prune_job(cfg: PruneConfig, model, data: TaskData, ignored, model_info: dict
         report["finetune"]["distilled_tasks"] = sorted(teacher)
         gate = _gate(cfg, report)
         report["max_task_drop"] = gate
+        nothing_pruned = result.macs_after == result.macs_before  # only fine-tuned: no reason to pick it
         _publish(run.path, report, paths, model, pruned, data, save_torch=cfg.model == "multitask",
-                 chosen_role="reference" if gate and not gate["met"] else "pruned")
+                 chosen_role="reference" if (gate and not gate["met"]) or nothing_pruned else "pruned")
         from edgec.compile.package import write_atomic
         from edgec.report import write_prune_html
 

@@ -463,6 +463,7 @@ def test_a_run_that_prunes_nothing_keeps_both_artifacts(tmp_path):
         assert sha256_file(out / a["path"]) == a["sha256"]
     assert report["macs_after"] == report["macs_before"] and "No channels were removed" in proc.stdout
     assert len({a["sha256"] for a in artifacts}) == 2  # same widths, the unpruned and the fine-tuned weights
+    assert [a["role"] for a in artifacts if a["chosen"]] == ["reference"]  # fine-tuning alone is no reason to pick it
 
 
 def test_each_classification_task_has_its_own_accuracy(images8):
