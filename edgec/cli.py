@@ -258,7 +258,8 @@ def _context_args(sub) -> None:
     q.add_argument("--variants", default="fp32,int8w", help="decoder precisions: fp32 (required), int8w, int4w "
                    "(default fp32,int8w)")
     q.add_argument("--threads", type=int, default=2, help="runtime threads (default 2)")
-    q = ctx.add_parser("eval", help="perplexity with no / full / compressed / truncated context and controls; "
+    q = ctx.add_parser("eval", help="perplexity with no / full / compressed / truncated context, controls and the "
+                       "truncation curve (what the memory is worth in tokens of text); "
                        "TTFT and peak memory on cpu-ort", allow_abbrev=False)
     q.add_argument("folder", nargs="?", default=str(DEFAULT_DIR), help=f"the trained compressor (default {DEFAULT_DIR})")
     q.add_argument("--context-tokens", type=int, default=512, help="context length for perplexity (default 512)")
@@ -362,7 +363,7 @@ def cmd_context(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from edgec import context_job as job
-    from edgec.report import break_even_text, context_html
+    from edgec.report import break_even_text, context_html, text_equivalent_text
 
     out = _stdout_console()
     if args.context_command == "train":
@@ -411,6 +412,7 @@ def cmd_context(args: argparse.Namespace) -> int:
     for k, text in result["conditions"].items():
         table.add_row(f"({k[0]}) {text}", f"{ppl[k]:.3f}")
     out.print(table)
+    out.print(text_equivalent_text(result))
     t = Table(title=f"time to first token on cpu-ort ({result['variant']} decoder, {result['threads']} threads, "
                     "medians, measured)")
     for col in ("context", "memory", "full prefill ms", "compressed ms", "of which encoder ms", "speed-up"):

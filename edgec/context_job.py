@@ -12,6 +12,11 @@ The compressor itself (encoder = the decoder's first blocks, projector, memory l
   resumed run sees the same batches as an uninterrupted one. Checkpoints (projector + AdamW state,
   safetensors) are written atomically every ``checkpoint_every`` steps; rerunning the same command
   resumes from the last one. The result is ``<out>/compressor.safetensors`` + ``compressor.json``.
+- **export** — encoder + projector, embedding and decoder graphs per precision, parity-checked, with the
+  manifest that chains them (:func:`export`).
+- **eval** — continuation perplexity under the issue's conditions (a)–(f) (:data:`CONDITIONS`), plus the
+  truncation curve (the last k context tokens as text, k from 0 to the whole context), which says how
+  many tokens of text the memory is worth; time to first token and peak memory on cpu-ort (:func:`evaluate`).
 
 Everything runs on the CPU (bfloat16 autocast for the frozen decoder's forward/backward).
 """
@@ -428,18 +433,43 @@ def eval_samples(docs: list, context_tokens: int, target_tokens: int, samples: i
     return [pool[k] for k in pick]
 
 
+def text_budgets(memory_tokens: int, context_tokens: int) -> list[int]:
+    """The truncation curve's budgets: how many of the context's last tokens are given as text — 0 (= (a)),
+    N/8, N/4, N/2, N (= (d)), 2N and the whole context (= (b)), N = ``memory_tokens``."""
+    m = memory_tokens
+    return sorted({k for k in (0, m // 8, m // 4, m // 2, m, 2 * m, context_tokens) if 0 <= k <= context_tokens})
+
+
+def text_equivalent_tokens(curve: list[dict], ppl: float) -> float | None:
+    """How many context tokens given as text the memory is worth: where ``ppl`` (the memory's perplexity)
+    meets the truncation curve ``[{"text_tokens": k, "perplexity": p}, ...]`` (k ascending), interpolated
+    linearly in k between the first two points that bracket it. 0.0 when the memory is no better than no
+    context; None when it beats every point (the whole context included)."""
+    pts = [(float(c["text_tokens"]), float(c["perplexity"])) for c in curve]
+    if ppl >= pts[0][1]:
+        return 0.0
+    for (k0, p0), (k1, p1) in zip(pts, pts[1:]):
+        if p0 >= ppl >= p1:
+            return round(k1 if p0 == p1 else k0 + (k1 - k0) * (p0 - ppl) / (p0 - p1), 1)
+    return None
+
+
 def perplexities(comp, doc_start: int, samples: list, context_tokens: int, batch_size: int = 8,
                  progress=None) -> dict:
     """Continuation perplexity of the last ``len - context_tokens`` tokens of each sample under every
     condition of :data:`CONDITIONS` (FP32, PyTorch). Returns {condition: perplexity} plus
-    ``gap_closure`` = (PPL_a − PPL_c) / (PPL_a − PPL_b), ``memory_tokens`` and ``tokens_scored``."""
+    ``gap_closure`` = (PPL_a − PPL_c) / (PPL_a − PPL_b), ``memory_tokens``, ``tokens_scored``, the
+    truncation curve ``text_budget`` (perplexity with the last k context tokens as text, k from
+    :func:`text_budgets`) and ``memory_text_equivalent_tokens`` (:func:`text_equivalent_tokens`)."""
     import torch
 
     docs = [d for d, _ in samples]
     seqs = np.stack([s for _, s in samples])
     ctx, tgt = seqs[:, :context_tokens], seqs[:, context_tokens:]
     m = comp.spec.memory_tokens(context_tokens)
-    sums = {k: 0.0 for k in CONDITIONS}
+    same = {0: "a_no_context", m: "d_last_tokens", context_tokens: "b_full_context"}
+    extra = [k for k in text_budgets(m, context_tokens) if k not in same]
+    sums = {k: 0.0 for k in [*CONDITIONS, *(f"last_{k}" for k in extra)]}
     other = []
     for i in range(len(samples)):  # the next sample from another document
         j = next(k % len(samples) for k in range(i + 1, i + len(samples)) if docs[k % len(samples)] != docs[i])
@@ -466,6 +496,7 @@ def perplexities(comp, doc_start: int, samples: list, context_tokens: int, batch
                 "e_zero_memory": torch.cat([s, torch.zeros_like(mem[sl])], 1),
                 "e_shuffled_memory": torch.cat([s, mem[sl][:, perm]], 1),
                 "f_other_document": torch.cat([s, mem[[other[i] for i in range(b, b + k)]]], 1),
+                **{f"last_{n}": torch.cat([s, comp.token_embeds(c_ids[:, context_tokens - n:])], 1) for n in extra},
             }
             t = torch.from_numpy(tgt[sl])
             for name, prefix in prefixes.items():
@@ -475,7 +506,10 @@ def perplexities(comp, doc_start: int, samples: list, context_tokens: int, batch
     n_tok = tgt.size
     ppl = {k: math.exp(v / n_tok) for k, v in sums.items()}
     a, b, c = ppl["a_no_context"], ppl["b_full_context"], ppl["c_compressed"]
-    return {**{k: round(v, 4) for k, v in ppl.items()}, "gap_closure": round((a - c) / (a - b), 4) if a != b else None,
+    curve = [{"text_tokens": k, "perplexity": round(ppl[same.get(k, f"last_{k}")], 4)}
+             for k in text_budgets(m, context_tokens)]
+    return {**{k: round(ppl[k], 4) for k in CONDITIONS}, "gap_closure": round((a - c) / (a - b), 4) if a != b else None,
+            "text_budget": curve, "memory_text_equivalent_tokens": text_equivalent_tokens(curve, c),
             "memory_tokens": m, "tokens_scored": int(n_tok), "samples": len(samples),
             "documents": len(set(docs))}
 
@@ -779,7 +813,8 @@ def evaluate(folder: Path, context_tokens: int, samples: int, variant: str, thre
     comp, meta, tokenizer = load_compressor(folder)
     corpus = load_corpus(tokenizer, train=False)
     pool = eval_samples(corpus.eval, context_tokens, 128, samples)
-    progress.stage(f"perplexity, 7 conditions × {len(pool)} held-out passages (PyTorch FP32)",
+    progress.stage(f"perplexity, {len(CONDITIONS)} conditions and the truncation curve × {len(pool)} held-out passages "
+                   "(PyTorch FP32)",
                    math.ceil(len(pool) / 8))
     t0 = time.perf_counter()
     ppl = perplexities(comp, meta["doc_start_id"], pool, context_tokens, progress=progress)
@@ -810,6 +845,7 @@ def evaluate(folder: Path, context_tokens: int, samples: int, variant: str, thre
     return {"compressor": folder.as_posix(), "spec": spec, "compression_ratio": spec["group_tokens"],
             "memory_per_window": manifest["memory_per_window"], "conditions": CONDITIONS, "perplexity": ppl,
             "gap_closure": ppl["gap_closure"], "c_beats_d": ppl["c_compressed"] < ppl["d_last_tokens"],
+            "memory_text_equivalent_tokens": ppl["memory_text_equivalent_tokens"],
             "ttft": rows, "ttft_speedup_1024": by_len[1024]["ttft_speedup"] if 1024 in by_len else None,
             "break_even_context_tokens": break_even(rows), "peak_memory_1024": peak,
             "variant": variant, "threads": threads, "target": "cpu-ort", "parity_fp32": manifest.get("parity_fp32"),

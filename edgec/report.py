@@ -716,6 +716,18 @@ def context_plots_png(result: dict) -> tuple[bytes, bytes]:
     return bars, _png(fig)
 
 
+def text_equivalent_text(result: dict) -> str:
+    """``edgec context eval``'s truncation curve in words: what the memory is worth in context tokens given
+    as text, and the perplexity with the last k tokens for each k measured."""
+    ppl = result["perplexity"]
+    eq = ppl.get("memory_text_equivalent_tokens")
+    worth = ("no more than no context" if eq == 0 else "more than the whole context as text" if eq is None
+             else f"about {eq:g} context tokens as text")
+    curve = " · ".join(f"{c['text_tokens']}: {c['perplexity']:.2f}" for c in ppl.get("text_budget", []))
+    return (f"the {ppl['memory_tokens']} memory embeddings are worth {worth} "
+            f"(perplexity with the last k tokens as text — {curve}; memory: {ppl['c_compressed']:.2f})")
+
+
 def break_even_text(result: dict) -> str:
     """The break-even context length of ``edgec context eval``'s result, in words."""
     be = result["break_even_context_tokens"]
@@ -756,6 +768,7 @@ memory embeddings per {result['spec']['window_tokens']}-token window. Trained {t
 <b>{'n/a' if gap is None else f'{gap * 100:.1f} %'}</b>; compressed beats the last-N-tokens text:
 <b>{result['c_beats_d']}</b>.</p>
 <table><tr><th>condition</th><th>perplexity</th></tr>{cond}</table>
+<p>Truncation curve: {e(text_equivalent_text(result))}.</p>
 <img alt="perplexity per condition" src="data:image/png;base64,{bars}">
 <h2>Time to first token on cpu-ort (measured)</h2>
 <p>Speed-up at 1024 tokens: <b>{'n/a' if result['ttft_speedup_1024'] is None else f"{result['ttft_speedup_1024']:.2f}×"}</b>; break-even context:

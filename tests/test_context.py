@@ -144,6 +144,45 @@ def test_break_even_interpolates_where_compression_starts_to_pay():
     assert break_even(rows[:1]) is None
 
 
+def test_the_memory_is_placed_on_the_truncation_curve():
+    from edgec.context_job import text_budgets, text_equivalent_tokens
+
+    assert text_budgets(64, 512) == [0, 8, 16, 32, 64, 128, 512]
+    assert text_budgets(4, 16) == [0, 1, 2, 4, 8, 16]
+    curve = [{"text_tokens": k, "perplexity": p} for k, p in ((0, 21.0), (8, 17.0), (16, 15.0), (32, 13.0))]
+    assert text_equivalent_tokens(curve, 16.0) == 12.0  # halfway between 8 and 16
+    assert text_equivalent_tokens(curve, 15.0) == 16.0
+    assert text_equivalent_tokens(curve, 25.0) == 0.0  # worse than no context
+    assert text_equivalent_tokens(curve, 12.0) is None  # better than every budget measured
+    bumpy = [{"text_tokens": 0, "perplexity": 10.0}, {"text_tokens": 4, "perplexity": 8.0},
+             {"text_tokens": 8, "perplexity": 9.0}, {"text_tokens": 16, "perplexity": 6.0}]
+    assert text_equivalent_tokens(bumpy, 8.5) == 3.0  # the first crossing, not 8 → 16
+
+
+def test_perplexities_measure_the_truncation_curve_with_its_known_endpoints(tiny_lm):
+    import math
+
+    import torch
+
+    from edgec.compile.context import Compressor
+    from edgec.context_job import perplexities
+
+    comp = Compressor(tiny_lm, _spec())  # group 4: a 32-token context gives 8 memory embeddings
+    rng = np.random.default_rng(1)
+    samples = [(i % 2, rng.integers(3, 40, 40)) for i in range(3)]
+    r = perplexities(comp, 1, samples, 32, batch_size=2)
+    curve = {c["text_tokens"]: c["perplexity"] for c in r["text_budget"]}
+    assert list(curve) == [0, 1, 2, 4, 8, 16, 32] and r["memory_tokens"] == 8
+    assert (curve[0], curve[8], curve[32]) == (r["a_no_context"], r["d_last_tokens"], r["b_full_context"])
+    with torch.no_grad():  # the last 2 tokens as text, by hand
+        start = comp.token_embeds(torch.tensor([[1]]))
+        nll = sum(float(comp.target_nll(torch.cat([start, comp.token_embeds(torch.from_numpy(s[30:32])[None])], 1),
+                                        torch.from_numpy(s[32:])[None])) for _, s in samples)
+    assert curve[2] == pytest.approx(math.exp(nll / 24), rel=1e-3)
+    eq = r["memory_text_equivalent_tokens"]
+    assert eq is None or 0 <= eq <= 32
+
+
 def test_eval_without_a_trained_compressor_says_how_to_train(tmp_path, capsys):
     from edgec.cli import main
 
@@ -224,6 +263,8 @@ def test_train_resume_export_and_eval_end_to_end(tmp_path, capsys):
                  "--json", str(figures)]) == 0
     r = json.loads(figures.read_text())
     assert set(r["conditions"]) <= set(r["perplexity"]) and r["compression_ratio"] == 8
+    assert [c["text_tokens"] for c in r["perplexity"]["text_budget"]] == [0, 4, 8, 16, 32, 64, 256]
+    assert "memory embeddings are worth" in capsys.readouterr().out
     assert r["ttft_speedup_1024"] > 0 and all(row["kind"] == "measured" for row in r["ttft"])
     assert (one / "report.html").read_text().count("data:image/png") == 2
     w = load_file(str(one / "compressor.safetensors"))
