@@ -1,7 +1,8 @@
 """Benchmark of the context compressor's time to first token on cpu-ort, every decoder precision side by side.
 
 For an exported compressor (``edgec context export``), in one process and on the same held-out text:
-for each decoder variant in the export (fp32, int8w, int4w …) and each context length, the full-context
+for each encoder precision (fp32, int8) × decoder variant in the export (fp32, int8w, int4w …) and each
+context length, the full-context
 prefill (embedding + decoder over ``[doc_start ; context ; prompt]``) against the compressed path
 (encoder + projector over the context, then a prefill of ``[doc_start ; memory ; prompt]``), interleaved,
 medians of ``--repeats`` pairs after one warm-up. ``measured``; not a test: numbers depend on the machine —
@@ -40,17 +41,18 @@ def main() -> None:
     contexts = [int(c) for c in args.contexts.split(",")]
     table = Table(title=f"time to first token, cpu-ort, {args.threads} threads, medians of {args.repeats} "
                         f"interleaved pairs (measured); {manifest['compression_ratio']}× compression")
-    for col in ("decoder", "context", "full ms", "compressed ms", "encoder ms", "speed-up"):
+    for col in ("encoder", "decoder", "context", "full ms", "compressed ms", "encoder ms", "speed-up"):
         table.add_column(col, justify="right")
     rows = []
-    for variant in manifest["decoders"]:
-        rt = ContextRuntime(export, variant, args.threads)
-        for r in ttft_rows(rt, stream, contexts, args.repeats):
-            r["variant"] = variant
-            rows.append(r)
-            table.add_row(variant, str(r["context_tokens"]), f"{r['full_ttft_ms']:.1f}",
-                          f"{r['compressed_ttft_ms']:.1f}", f"{r['encoder_ms']:.1f}", f"{r['ttft_speedup']:.2f}×")
-        del rt
+    for encoder in manifest.get("encoders", {"fp32": None}):
+        for variant in manifest["decoders"]:
+            rt = ContextRuntime(export, variant, args.threads, encoder)
+            for r in ttft_rows(rt, stream, contexts, args.repeats):
+                r["variant"], r["encoder"] = variant, encoder
+                rows.append(r)
+                table.add_row(encoder, variant, str(r["context_tokens"]), f"{r['full_ttft_ms']:.1f}",
+                              f"{r['compressed_ttft_ms']:.1f}", f"{r['encoder_ms']:.1f}", f"{r['ttft_speedup']:.2f}×")
+            del rt
     Console().print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -769,8 +769,10 @@ memory embeddings per {result['spec']['window_tokens']}-token window. Trained {t
 <b>{result['c_beats_d']}</b>.</p>
 <table><tr><th>condition</th><th>perplexity</th></tr>{cond}</table>
 <p>Truncation curve: {e(text_equivalent_text(result))}.</p>
+<p>(c) with the memory of the exported <b>{e(result['encoder'])}</b> encoder graph (the one timed below):
+<b>{result['c_compressed_onnx_encoder']:.3f}</b>.</p>
 <img alt="perplexity per condition" src="data:image/png;base64,{bars}">
-<h2>Time to first token on cpu-ort (measured)</h2>
+<h2>Time to first token on cpu-ort (measured; {e(result['encoder'])} encoder, {e(result['variant'])} decoder)</h2>
 <p>Speed-up at 1024 tokens: <b>{'n/a' if result['ttft_speedup_1024'] is None else f"{result['ttft_speedup_1024']:.2f}×"}</b>; break-even context:
 <b>{break_even_text(result)}</b>. A {result['ttft'][0]['prompt_tokens']}-token prompt follows the context; medians of
 interleaved runs.</p>

@@ -3,7 +3,8 @@
 An export folder (``edgec context export``) holds ``manifest.json`` and three graphs:
 
 - ``encoder.onnx``: ``window_ids`` (windows, window_tokens) int64 → ``memory`` (windows,
-  memory_per_window, hidden) float32 — the decoder's first blocks and the projector;
+  memory_per_window, hidden) float32 — the decoder's first blocks and the projector; ``encoder-int8.onnx``
+  is the same graph with dynamic INT8 MatMuls (the manifest's ``encoders`` lists both);
 - ``embed.onnx``: ``input_ids`` (batch, seq) int64 → ``inputs_embeds`` (batch, seq, hidden) float32;
 - ``decoder-<variant>/model.onnx``: the decoder without its embedding (ONNX Runtime GenAI's builder,
   ``inputs_embeds``, KV cache), one folder per precision variant.
@@ -45,10 +46,12 @@ def context_windows(context_ids, group_tokens: int, window_tokens: int, pad_id: 
 class ContextRuntime:
     """The exported compressor's sessions. ``folder``: an export folder (or the compressor's folder
     holding it as ``onnx/``); ``variant``: the decoder's
-    precision variant named in the manifest; ``threads``: intra-op threads per session. Raises
+    precision variant named in the manifest; ``threads``: intra-op threads per session; ``encoder``: the
+    encoder's precision among the manifest's ``encoders`` (None: ``int8`` when the export has it — the
+    faster one, its perplexity is in ``edgec context eval`` — else ``fp32``). Raises
     :class:`ModelError` for a missing/foreign manifest, a missing graph or a memory-token mismatch."""
 
-    def __init__(self, folder: Path, variant: str = "fp32", threads: int = 2) -> None:
+    def __init__(self, folder: Path, variant: str = "fp32", threads: int = 2, encoder: str | None = None) -> None:
         from edgec.targets.ort_generate import Decoder, session
 
         folder = Path(folder)
@@ -68,7 +71,8 @@ class ContextRuntime:
             self.group, self.window = int(spec["group_tokens"]), int(spec["window_tokens"])
             self.memory_per_window, self.doc_start = int(m["memory_per_window"]), int(m["doc_start_id"])
             decoders = {k: str(v["path"]) for k, v in m["decoders"].items()}
-            paths = {"encoder": folder / str(m["encoder"]["path"]), "embed": folder / str(m["embed"]["path"])}
+            encoders = {k: str(v["path"]) for k, v in m.get("encoders", {"fp32": m["encoder"]}).items()}
+            paths = {"embed": folder / str(m["embed"]["path"])}
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ModelError(f"{folder}/manifest.json is damaged", f"bad or missing field ({type(e).__name__}: {e})",
                              "export it again with edgec context export") from None
@@ -80,8 +84,12 @@ class ContextRuntime:
         if variant not in decoders:
             raise ModelError(f"the export has no decoder variant {variant!r}", f"it has {', '.join(decoders)}",
                              "pick one of those")
-        self.manifest = m
-        paths["decoder"] = folder / decoders[variant]
+        encoder = encoder or ("int8" if "int8" in encoders else "fp32")
+        if encoder not in encoders:
+            raise ModelError(f"the export has no encoder variant {encoder!r}", f"it has {', '.join(encoders)}",
+                             "pick one of those, or export again with this edgec")
+        self.manifest, self.encoder_variant = m, encoder
+        paths["encoder"], paths["decoder"] = folder / encoders[encoder], folder / decoders[variant]
         for name, p in paths.items():
             if not p.is_file() or folder.resolve() not in p.resolve().parents:
                 raise ModelError(f"the export is missing its {name} graph", f"{p} is not a file inside {folder}",

@@ -196,6 +196,8 @@ def test_train_resume_export_and_eval_end_to_end(tmp_path, capsys):
     """Train a few steps on a tiny random Llama, interrupt-and-resume gives the same weights as one run,
     the export matches PyTorch and runs through the app's chain, eval writes its figures."""
     pytest.importorskip("onnxruntime_genai")
+    import math
+
     import torch
     from safetensors.torch import load_file
 
@@ -247,7 +249,11 @@ def test_train_resume_export_and_eval_end_to_end(tmp_path, capsys):
     assert main(["context", "export", str(one), "--variants", "fp32,int8w"]) == 0
     manifest = json.loads((one / "onnx" / "manifest.json").read_text())
     assert manifest["parity_fp32"]["memory_max_abs_diff"] < 1e-3 and manifest["memory_per_window"] == 32
-    rt = ContextRuntime(one / "onnx")
+    assert set(manifest["encoders"]) == {"fp32", "int8"} and manifest["encoders"]["int8"]["memory_cosine_to_fp32"] > 0.9
+    assert ContextRuntime(one / "onnx").encoder_variant == "int8"
+    with pytest.raises(ModelError, match="no encoder variant 'int4'"):
+        ContextRuntime(one / "onnx", encoder="int4")
+    rt = ContextRuntime(one / "onnx", encoder="fp32")
     ids = np.arange(3, 3 + 300) % 90 + 3
     out = rt.generate(ids[:296], ids[296:], 4)
     assert len(out["tokens"]) == 4
@@ -264,6 +270,8 @@ def test_train_resume_export_and_eval_end_to_end(tmp_path, capsys):
     r = json.loads(figures.read_text())
     assert set(r["conditions"]) <= set(r["perplexity"]) and r["compression_ratio"] == 8
     assert [c["text_tokens"] for c in r["perplexity"]["text_budget"]] == [0, 4, 8, 16, 32, 64, 256]
+    assert r["encoder"] == "int8" and math.isfinite(r["c_compressed_onnx_encoder"])
+    assert r["c_compressed_onnx_encoder"] == pytest.approx(r["perplexity"]["c_compressed"], rel=0.2)
     assert "memory embeddings are worth" in capsys.readouterr().out
     assert r["ttft_speedup_1024"] > 0 and all(row["kind"] == "measured" for row in r["ttft"])
     assert (one / "report.html").read_text().count("data:image/png") == 2
