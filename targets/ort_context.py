@@ -71,7 +71,9 @@ class ContextRuntime:
             self.group, self.window = int(spec["group_tokens"]), int(spec["window_tokens"])
             self.memory_per_window, self.doc_start = int(m["memory_per_window"]), int(m["doc_start_id"])
             decoders = {k: str(v["path"]) for k, v in m["decoders"].items()}
-            encoders = {k: str(v["path"]) for k, v in m.get("encoders", {"fp32": m["encoder"]}).items()}
+            hidden = int(spec["hidden_size"])
+            listed = m["encoders"] if "encoders" in m else {"fp32": m["encoder"]}  # older exports: FP32 only
+            encoders = {str(k): str(v["path"]) for k, v in listed.items()}
             paths = {"embed": folder / str(m["embed"]["path"])}
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise ModelError(f"{folder}/manifest.json is damaged", f"bad or missing field ({type(e).__name__}: {e})",
@@ -84,29 +86,40 @@ class ContextRuntime:
         if variant not in decoders:
             raise ModelError(f"the export has no decoder variant {variant!r}", f"it has {', '.join(decoders)}",
                              "pick one of those")
-        encoder = encoder or ("int8" if "int8" in encoders else "fp32")
+        if encoder is None:
+            encoder = "int8" if "int8" in encoders else "fp32"
         if encoder not in encoders:
-            raise ModelError(f"the export has no encoder variant {encoder!r}", f"it has {', '.join(encoders)}",
-                             "pick one of those, or export again with this edgec")
+            raise ModelError(f"the export has no encoder variant {encoder!r}", f"it has {', '.join(encoders) or 'none'}",
+                             "pick one of those, or export again with edgec context export")
         self.manifest, self.encoder_variant = m, encoder
         paths["encoder"], paths["decoder"] = folder / encoders[encoder], folder / decoders[variant]
         for name, p in paths.items():
-            if not p.is_file() or folder.resolve() not in p.resolve().parents:
-                raise ModelError(f"the export is missing its {name} graph", f"{p} is not a file inside {folder}",
+            if not p.is_file():
+                raise ModelError(f"the export is missing its {name} graph", f"{p} is not a file",
+                                 "export it again with edgec context export"
+                                 + (", or use the fp32 encoder" if name == "encoder" and encoder != "fp32" else ""))
+            if folder.resolve() not in p.resolve().parents:
+                raise ModelError(f"the export's {name} graph is outside it", f"{p} resolves outside {folder}",
                                  "export it again with edgec context export")
-        try:
-            self.encoder = session(str(paths["encoder"]), threads)
-            self.embed_sess = session(str(paths["embed"]), threads)
-            self.decoder = Decoder(session(str(paths["decoder"]), threads))
-        except Exception as e:  # noqa: BLE001 — onnxruntime raises its own types for damaged graphs
-            raise ModelError(f"ONNX Runtime cannot load the export in {folder}", " ".join(str(e).split())[:200],
-                             "export it again with edgec context export") from None
-        out_shape = self.encoder.get_outputs()[0].shape
-        if len(out_shape) != 3 or out_shape[1] != self.memory_per_window:
-            raise ModelError("the encoder graph does not match the manifest",
-                             f"it emits {out_shape[1] if len(out_shape) == 3 else out_shape} memory embeddings per "
-                             f"window, the manifest says {self.memory_per_window}",
+
+        def load(path):
+            try:
+                return session(str(path), threads)
+            except Exception as e:  # noqa: BLE001 — onnxruntime raises its own types for damaged graphs
+                raise ModelError(f"ONNX Runtime cannot load {path.name} in {folder}", " ".join(str(e).split())[:200],
+                                 "export it again with edgec context export") from None
+
+        self.encoder = load(paths["encoder"])  # checked before the big graphs are loaded
+        ins, outs = self.encoder.get_inputs(), self.encoder.get_outputs()
+        out_shape = outs[0].shape if len(outs) == 1 else None
+        if [i.name for i in ins] != ["window_ids"] or out_shape is None or len(out_shape) != 3 \
+                or out_shape[1] != self.memory_per_window or out_shape[2] != hidden:
+            raise ModelError(f"the encoder graph {paths['encoder'].name} does not match the manifest",
+                             f"inputs {[i.name for i in ins]} → outputs {[o.shape for o in outs]}; the manifest says "
+                             f"window_ids → (windows, {self.memory_per_window}, {hidden})",
                              "export the compressor again; memory-token counts are fixed by training")
+        self.embed_sess = load(paths["embed"])
+        self.decoder = Decoder(load(paths["decoder"]))
         self.decoder.embed = self.embed
 
     def embed(self, ids) -> np.ndarray:

@@ -251,8 +251,20 @@ def test_train_resume_export_and_eval_end_to_end(tmp_path, capsys):
     assert manifest["parity_fp32"]["memory_max_abs_diff"] < 1e-3 and manifest["memory_per_window"] == 32
     assert set(manifest["encoders"]) == {"fp32", "int8"} and manifest["encoders"]["int8"]["memory_cosine_to_fp32"] > 0.9
     assert ContextRuntime(one / "onnx").encoder_variant == "int8"
-    with pytest.raises(ModelError, match="no encoder variant 'int4'"):
-        ContextRuntime(one / "onnx", encoder="int4")
+    for bad in ("int4", ""):
+        with pytest.raises(ModelError, match=f"no encoder variant '{bad}'"):
+            ContextRuntime(one / "onnx", encoder=bad)
+    old_style = {k: v for k, v in manifest.items() if k != "encoders"}  # an export from before the INT8 encoder
+    (one / "onnx" / "manifest.json").write_text(json.dumps(old_style))
+    assert ContextRuntime(one / "onnx").encoder_variant == "fp32"
+    no_legacy = {k: v for k, v in manifest.items() if k != "encoder"}
+    (one / "onnx" / "manifest.json").write_text(json.dumps(no_legacy))
+    assert ContextRuntime(one / "onnx").encoder_variant == "int8"
+    swapped = dict(manifest, encoders={"fp32": {"path": "embed.onnx"}})  # a graph of another signature
+    (one / "onnx" / "manifest.json").write_text(json.dumps(swapped))
+    with pytest.raises(ModelError, match="encoder graph embed.onnx does not match"):
+        ContextRuntime(one / "onnx")
+    (one / "onnx" / "manifest.json").write_text(json.dumps(manifest))
     rt = ContextRuntime(one / "onnx", encoder="fp32")
     ids = np.arange(3, 3 + 300) % 90 + 3
     out = rt.generate(ids[:296], ids[296:], 4)
@@ -265,8 +277,10 @@ def test_train_resume_export_and_eval_end_to_end(tmp_path, capsys):
     (one / "onnx" / "manifest.json").write_text(json.dumps(manifest))
 
     figures = tmp_path / "figures.json"
+    (one / "onnx" / "encoder-int8.onnx").unlink()  # a damaged export is made again, not failed on late
     assert main(["context", "eval", str(one), "--samples", "4", "--context-tokens", "256",
                  "--json", str(figures)]) == 0
+    assert (one / "onnx" / "encoder-int8.onnx").is_file()
     r = json.loads(figures.read_text())
     assert set(r["conditions"]) <= set(r["perplexity"]) and r["compression_ratio"] == 8
     assert [c["text_tokens"] for c in r["perplexity"]["text_budget"]] == [0, 4, 8, 16, 32, 64, 256]
@@ -305,7 +319,7 @@ def test_eval_refuses_reports_that_would_replace_its_inputs_or_special_files(tmp
 def test_a_manifest_that_contradicts_itself_is_refused(tmp_path):
     from edgec.targets.ort_context import MANIFEST_FORMAT, ContextRuntime
 
-    m = {"format": MANIFEST_FORMAT, "compressor": {"group_tokens": 4, "window_tokens": 256}, "memory_per_window": 32,
+    m = {"format": MANIFEST_FORMAT, "compressor": {"group_tokens": 4, "window_tokens": 256, "hidden_size": 576}, "memory_per_window": 32,
          "doc_start_id": 0, "decoders": {"fp32": {"path": "d/model.onnx"}}, "encoder": {"path": "e.onnx"},
          "embed": {"path": "m.onnx"}}
     (tmp_path / "manifest.json").write_text(json.dumps(m))
