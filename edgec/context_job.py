@@ -312,7 +312,7 @@ def _train_loop(settings, comp, corpus, opt, spec, hf, doc_start, start, history
         if stage != stage_name:
             stage_name, running = stage, []
             first, last = (1, settings.restore_steps) if stage == "restoration" else (settings.restore_steps + 1, total)
-            progress.stage(f"{stage}, steps {first}–{last} of", total)
+            progress.stage(f"{stage}, steps {first}–{last}", total)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, total, settings.lr)
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -20,6 +20,7 @@ Imports only numpy and onnxruntime.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -49,7 +50,8 @@ class ContextRuntime:
     precision variant named in the manifest; ``threads``: intra-op threads per session; ``encoder``: the
     encoder's precision among the manifest's ``encoders`` (None: ``int8`` when the export has it — the
     faster one, its perplexity is in ``edgec context eval`` — else ``fp32``). Raises
-    :class:`ModelError` for a missing/foreign manifest, a missing graph or a memory-token mismatch."""
+    :class:`ModelError` for a missing/foreign manifest, a missing graph, a memory-token mismatch, or an
+    ``onnx/`` export older than the ``compressor.safetensors`` beside it (retrained since)."""
 
     def __init__(self, folder: Path, variant: str = "fp32", threads: int = 2, encoder: str | None = None) -> None:
         from edgec.targets.ort_generate import Decoder, session
@@ -91,6 +93,12 @@ class ContextRuntime:
         if encoder not in encoders:
             raise ModelError(f"the export has no encoder variant {encoder!r}", f"it has {', '.join(encoders) or 'none'}",
                              "pick one of those, or export again with edgec context export")
+        weights = folder.parent / "compressor.safetensors"
+        if folder.name == "onnx" and weights.is_file() \
+                and m.get("compressor_sha256") != hashlib.sha256(weights.read_bytes()).hexdigest():
+            raise ModelError(f"the export in {folder} is of other weights than {weights.name} beside it",
+                             "the compressor was retrained after it was exported",
+                             f"export it again: edgec context export {folder.parent}")
         self.manifest, self.encoder_variant = m, encoder
         paths["encoder"], paths["decoder"] = folder / encoders[encoder], folder / decoders[variant]
         for name, p in paths.items():

@@ -295,6 +295,8 @@ def test_train_resume_export_and_eval_end_to_end(tmp_path, capsys):
     from edgec.compile.package import sha256_file
 
     train(TrainSettings(out=str(one), **{**base, "seed": 3, "force": True}), Quiet())
+    with pytest.raises(ModelError, match="other weights.*export it again"):  # the app would run stale graphs
+        ContextRuntime(one)
     assert main(["context", "eval", str(one), "--samples", "2", "--context-tokens", "256"]) == 0
     again = json.loads((one / "onnx" / "manifest.json").read_text())
     assert again["compressor_sha256"] == sha256_file(one / "compressor.safetensors") != manifest["compressor_sha256"]
