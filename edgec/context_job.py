@@ -864,7 +864,7 @@ def evaluate(folder: Path, context_tokens: int, samples: int, variant: str, thre
         old = old if isinstance(old, dict) else {}
     same_weights = bool(old) and old.get("compressor_sha256") == sha256_file(compressor_paths(folder)[0])
     encoders = old.get("encoders") if isinstance(old.get("encoders"), dict) else {}
-    current = same_weights and all(  # a missing or damaged encoder graph is exported again, before the long part
+    current = same_weights and all(  # a missing encoder graph: export again, not fail after the perplexity pass
         isinstance(encoders.get(v), dict) and (export_dir / str(encoders[v].get("path"))).is_file()
         for v in ENCODER_VARIANTS)
     old_variants = [v for v in (old.get("decoders") or {}) if v in DECODER_VARIANTS] if isinstance(
