@@ -226,7 +226,7 @@ def _context_args(sub) -> None:
                        allow_abbrev=False)
     ctx = p.add_subparsers(dest="context_command", metavar="train|export|eval", required=True,
                            parser_class=_ArgumentParser)
-    from edgec.context_job import DEFAULT_DIR, TrainSettings
+    from edgec.context_job import DEFAULT_DIR, ENCODER_VARIANTS, TrainSettings
 
     d = TrainSettings()
     q = ctx.add_parser("train", help="train the projector with the decoder frozen (restoration, then continuation)",
@@ -265,7 +265,7 @@ def _context_args(sub) -> None:
     q.add_argument("--context-tokens", type=int, default=512, help="context length for perplexity (default 512)")
     q.add_argument("--samples", type=int, default=48, help="held-out passages (default 48)")
     q.add_argument("--variant", default="fp32", help="decoder precision for the timings (default fp32)")
-    q.add_argument("--encoder", default="int8", choices=("fp32", "int8"),
+    q.add_argument("--encoder", default="int8", choices=tuple(ENCODER_VARIANTS),
                    help="encoder graph for the timings, its memory's perplexity is reported too (default int8: "
                         "dynamic INT8 MatMuls, about 2x faster, same perplexity measured)")
     q.add_argument("--threads", type=int, default=2, help="threads (default 2)")

@@ -437,7 +437,7 @@ def text_budgets(memory_tokens: int, context_tokens: int) -> list[int]:
     """The truncation curve's budgets: how many of the context's last tokens are given as text — 0 (= (a)),
     N/8, N/4, N/2, N (= (d)), 2N and the whole context (= (b)), N = ``memory_tokens``."""
     m = memory_tokens
-    return sorted({k for k in (0, m // 8, m // 4, m // 2, m, 2 * m, context_tokens) if 0 <= k <= context_tokens})
+    return sorted({k for k in (0, m // 8, m // 4, m // 2, m, 2 * m, context_tokens) if k <= context_tokens})
 
 
 def text_equivalent_tokens(curve: list[dict], ppl: float) -> float | None:
@@ -619,6 +619,7 @@ def export(folder: Path, variants: tuple[str, ...], threads: int, progress) -> d
     from edgec.errors import ExportError
     from edgec.pipeline import cache_root
     from edgec.targets.ort_context import MANIFEST_FORMAT, ContextRuntime
+    from edgec.targets.ort_generate import session
 
     unknown = [v for v in variants if v not in DECODER_VARIANTS]
     if unknown or not variants or "fp32" not in variants:
@@ -719,7 +720,7 @@ def export(folder: Path, variants: tuple[str, ...], threads: int, progress) -> d
             raise ExportError("the exported compressor does not match PyTorch",
                               f"memory |Δ| {parity['memory_max_abs_diff']:.2g}, logits |Δ| "
                               f"{parity['logits_max_abs_diff']:.2g}", "report this with the decoder used")
-        mem_q = ContextRuntime(work, "fp32", threads, encoder="int8").memory(seq[:512])
+        mem_q = rt.memory(seq[:512], session(str(work / ENCODER_VARIANTS["int8"]), threads))  # not a 2nd decoder
         cos = (mem_q * mem_o).sum(-1) / np.maximum(np.linalg.norm(mem_q, axis=-1) * np.linalg.norm(mem_o, axis=-1),
                                                     1e-12)
         manifest["encoders"]["int8"].update(memory_cosine_to_fp32=round(float(cos.mean()), 6),

@@ -135,10 +135,11 @@ class ContextRuntime:
         ids = np.asarray(ids, np.int64).reshape(1, -1)
         return self.embed_sess.run(None, {"input_ids": ids})[0]
 
-    def memory(self, context_ids) -> np.ndarray:
-        """A context (L,) int → memory (L // group_tokens, hidden) float32."""
+    def memory(self, context_ids, encoder_session=None) -> np.ndarray:
+        """A context (L,) int → memory (L // group_tokens, hidden) float32, by this runtime's encoder or
+        by ``encoder_session`` (another encoder graph of the same export, e.g. to compare precisions)."""
         win, m = context_windows(context_ids, self.group, self.window, self.doc_start)
-        mem = self.encoder.run(None, {"window_ids": win})[0]
+        mem = (encoder_session or self.encoder).run(None, {"window_ids": win})[0]
         return mem.reshape(-1, mem.shape[-1])[:m]
 
     def prefix(self, context_ids, prompt_ids) -> np.ndarray:
