@@ -226,6 +226,7 @@ def _context_args(sub) -> None:
                        allow_abbrev=False)
     ctx = p.add_subparsers(dest="context_command", metavar="train|export|eval", required=True,
                            parser_class=_ArgumentParser)
+    from edgec.compile.context import MEMORY_KINDS
     from edgec.context_job import DEFAULT_DIR, ENCODER_VARIANTS, TrainSettings
 
     d = TrainSettings()
@@ -240,6 +241,9 @@ def _context_args(sub) -> None:
     q.add_argument("--group-tokens", type=int, default=d.group_tokens,
                    help=f"context tokens per memory embedding = compression ratio (default {d.group_tokens}: "
                         "32 memory embeddings per 256-token window)")
+    q.add_argument("--memory", default=d.memory, choices=MEMORY_KINDS,
+                   help="where the memory enters the decoder: kv (default; every layer's key/value cache, "
+                        "prefix-tuning's placement) or embeddings (input embeddings, as Dolphin)")
     q.add_argument("--restore-steps", type=int, default=d.restore_steps,
                    help=f"restoration steps (default {d.restore_steps})")
     q.add_argument("--continue-steps", type=int, default=d.continue_steps,
@@ -366,12 +370,13 @@ def cmd_context(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from edgec import context_job as job
-    from edgec.report import break_even_text, context_html, text_equivalent_text
+    from edgec.report import break_even_text, context_html, memory_noun, text_equivalent_text
 
     out = _stdout_console()
     if args.context_command == "train":
         settings = job.TrainSettings(out=args.out, decoder=args.decoder, encoder_layers=args.encoder_layers,
-                                     group_tokens=args.group_tokens, restore_steps=args.restore_steps,
+                                     group_tokens=args.group_tokens, memory=args.memory,
+                                     restore_steps=args.restore_steps,
                                      continue_steps=args.continue_steps, batch_size=args.batch_size, lr=args.lr,
                                      distill=args.distill, seed=args.seed, threads=args.threads, force=args.force)
         with _RichProgress(Console(stderr=True)) as progress:
@@ -409,7 +414,8 @@ def cmd_context(args: argparse.Namespace) -> int:
                               progress, args.encoder)
     ppl = result["perplexity"]
     table = Table(title=f"continuation perplexity, {ppl['context_tokens']}-token context → "
-                        f"{ppl['memory_tokens']} memory embeddings ({result['eval_samples']} held-out passages)")
+                        f"{ppl['memory_tokens']} {memory_noun(result['spec'])} ({result['eval_samples']} held-out "
+                        "passages)")
     table.add_column("condition")
     table.add_column("perplexity", justify="right")
     for k, text in result["conditions"].items():

@@ -51,6 +51,7 @@ class TrainSettings:
     decoder: str = "smollm2"
     encoder_layers: int = 1
     group_tokens: int = 8
+    memory: str = "kv"
     restore_steps: int = 150
     continue_steps: int = 600
     batch_size: int = 4
@@ -79,6 +80,11 @@ class TrainSettings:
         if not 0 <= self.encoder_layers <= 64:
             raise ConfigError(f"--encoder-layers {self.encoder_layers} is out of range", "0 to the decoder's "
                               "layer count", "use 1")
+        from edgec.compile.context import MEMORY_KINDS
+
+        if self.memory not in MEMORY_KINDS:
+            raise ConfigError(f"--memory {self.memory!r} is not a memory kind", f"choose from {', '.join(MEMORY_KINDS)}",
+                              "use kv (every layer's key/value cache) or embeddings (input embeddings, Dolphin)")
         if not str(self.out).strip():
             raise ConfigError("--out is empty", "a folder is needed", f"pass a folder, e.g. {DEFAULT_DIR}")
         if self.restore_steps + self.continue_steps == 0:
@@ -246,7 +252,7 @@ def train(settings: TrainSettings, progress) -> dict:
         hf, tokenizer, lm = load_decoder(settings.decoder)
         spec = CompressorSpec(encoder_layers=settings.encoder_layers, group_tokens=settings.group_tokens,
                               window_tokens=WINDOW_TOKENS, hidden_size=lm.config.hidden_size,
-                              decoder=settings.decoder)
+                              decoder=settings.decoder, memory=settings.memory)
         comp = Compressor(lm, spec)
     except BaseException:
         if created:  # leave no empty folder behind for a decoder we could not use
@@ -304,7 +310,6 @@ def _train_loop(settings, comp, corpus, opt, spec, hf, doc_start, start, history
     weights, meta_path = compressor_paths(out)
     ckpt, ckpt_meta = out / "checkpoint.safetensors", out / "checkpoint.json"
     total = settings.restore_steps + settings.continue_steps
-    start_doc = torch.tensor([[doc_start]])
     t0 = time.perf_counter() - elapsed
     stage_name, running = None, []
     for step in range(start, total):
@@ -317,16 +322,17 @@ def _train_loop(settings, comp, corpus, opt, spec, hf, doc_start, start, history
             g["lr"] = _lr_at(step, total, settings.lr)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             win = torch.from_numpy(np.ascontiguousarray(contexts.reshape(-1, spec.window_tokens)))
-            mem = comp.encode_windows(win).reshape(len(contexts), -1, spec.hidden_size)
-            prefix = torch.cat([comp.token_embeds(start_doc).expand(len(contexts), -1, -1), mem.to(torch.float32)], 1)
+            mem = comp.encode_windows(win)
+            mem = mem.reshape(len(contexts), -1, *mem.shape[2:])
             tgt = torch.from_numpy(targets)
-            logits = comp.target_logits(prefix, tgt).float()
+            logits = comp.memory_logits(mem, tgt, doc_start).float()
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
             if settings.distill and stage == "continuation":
                 # knowledge distillation from the same decoder reading the full context as text: the
                 # gradient concentrates on the tokens the context actually changes
                 with torch.no_grad():
-                    full = torch.cat([prefix[:, :1], comp.token_embeds(torch.from_numpy(contexts))], 1)
+                    full = comp.token_embeds(torch.from_numpy(np.concatenate(
+                        [np.full((len(contexts), 1), doc_start, np.int64), contexts], 1)))
                     teacher = torch.log_softmax(comp.target_logits(full, tgt).float(), -1)
                 kl = torch.nn.functional.kl_div(torch.log_softmax(logits, -1), teacher, log_target=True,
                                                 reduction="batchmean") / tgt.shape[1]
@@ -413,7 +419,7 @@ def load_compressor(folder: Path, lm=None):
 CONDITIONS = {
     "a_no_context": "no context",
     "b_full_context": "the full context as text",
-    "c_compressed": "the compressed context (memory embeddings)",
+    "c_compressed": "the compressed context (the memory)",
     "d_last_tokens": "the last N tokens of the context as text (N = memory count: the same budget)",
     "e_zero_memory": "zeroed memory (negative control)",
     "e_shuffled_memory": "memory in shuffled order (negative control)",
@@ -481,6 +487,7 @@ def perplexities(comp, doc_start: int, samples: list, context_tokens: int, batch
             mems += [comp.memory(c, doc_start) for c in ctx[b:b + batch_size]]
         mem = torch.stack(mems)
         start = comp.token_embeds(torch.tensor([[doc_start]]))
+        memory_conditions = {"c_compressed", "e_zero_memory", "e_shuffled_memory", "f_other_document"}
         steps = list(range(0, len(samples), batch_size))
         for n, b in enumerate(steps):
             sl = slice(b, b + batch_size)
@@ -491,16 +498,17 @@ def perplexities(comp, doc_start: int, samples: list, context_tokens: int, batch
             prefixes = {
                 "a_no_context": s,
                 "b_full_context": torch.cat([s, comp.token_embeds(c_ids)], 1),
-                "c_compressed": torch.cat([s, mem[sl]], 1),
+                "c_compressed": mem[sl],
                 "d_last_tokens": torch.cat([s, comp.token_embeds(c_ids[:, context_tokens - m:])], 1),
-                "e_zero_memory": torch.cat([s, torch.zeros_like(mem[sl])], 1),
-                "e_shuffled_memory": torch.cat([s, mem[sl][:, perm]], 1),
-                "f_other_document": torch.cat([s, mem[[other[i] for i in range(b, b + k)]]], 1),
+                "e_zero_memory": torch.zeros_like(mem[sl]),
+                "e_shuffled_memory": mem[sl][:, perm],
+                "f_other_document": mem[[other[i] for i in range(b, b + k)]],
                 **{f"last_{n}": torch.cat([s, comp.token_embeds(c_ids[:, context_tokens - n:])], 1) for n in extra},
             }
             t = torch.from_numpy(tgt[sl])
-            for name, prefix in prefixes.items():
-                sums[name] += float(comp.target_nll(prefix, t))
+            for name, prefix in prefixes.items():  # memory conditions: [doc_start ; memory] as the compressor reads it
+                sums[name] += float(comp.memory_nll(prefix, t, doc_start) if name in memory_conditions
+                                    else comp.target_nll(prefix, t))
             if progress:
                 progress.advance(n + 1, len(steps))
     n_tok = tgt.size
@@ -521,12 +529,15 @@ def runtime_memory_perplexity(comp, rt, doc_start: int, samples: list, context_t
     import torch
 
     nll, n_tok = 0.0, 0
-    start = comp.token_embeds(torch.tensor([[doc_start]]))
     with torch.no_grad():
         for _, seq in samples:
-            mem = torch.from_numpy(rt.memory(seq[:context_tokens]))[None]
+            mem = torch.from_numpy(rt.memory(seq[:context_tokens]))
             tgt = torch.from_numpy(np.asarray(seq[context_tokens:], np.int64))[None]
-            nll += float(comp.target_nll(torch.cat([start, mem], 1), tgt))
+            if comp.spec.memory == "kv":  # the graph's cache entries (2, layers, kv_heads, 1 + M, head_dim)
+                logits = comp.cached_logits(mem[0][:, None], mem[1][:, None], tgt)
+                nll += float(torch.nn.functional.cross_entropy(logits[0].float(), tgt[0], reduction="sum"))
+            else:
+                nll += float(comp.memory_nll(mem[None], tgt, doc_start))
             n_tok += tgt.numel()
     return round(math.exp(nll / n_tok), 4)
 
@@ -550,27 +561,39 @@ def _embed_graph(weight: np.ndarray, path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def _encoder_graph(comp, path: Path) -> None:
-    """``window_ids`` (windows, window_tokens) int64 → ``memory`` (windows, memory_per_window, hidden)."""
+def _encoder_graph(comp, path: Path, doc_start: int) -> None:
+    """``window_ids`` (windows, window_tokens) int64 → ``memory`` (windows, memory_per_window, hidden), or
+    for ``memory="kv"`` → ``memory_keys``, ``memory_values`` (layers, kv_heads, 1 + windows ×
+    memory_per_window, head_dim): the decoder's cache of ``[doc_start ; memory]``, keys rotated."""
     import torch
+
+    kv = comp.spec.memory == "kv"
 
     class EncoderGraph(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.embed, self.projector = comp.embed, comp.projector
-            self.layers = torch.nn.ModuleList(comp.lm.model.layers[: comp.spec.encoder_layers])
+            self.layers = torch.nn.ModuleList(comp.lm.model.layers[: comp.spec.encoder_layers]
+                                              if not kv else comp.lm.model.layers)
 
         def forward(self, window_ids):
-            return comp.encode_windows(window_ids)
+            mem = comp.encode_windows(window_ids)
+            if not kv:
+                return mem
+            keys, values = comp.memory_kv(mem.reshape(1, -1, *mem.shape[2:]), doc_start)
+            return keys[:, 0], values[:, 0]
 
+    if kv:
+        comp._start_kv(doc_start)  # computed now: constants in the graph, not a traced decoder forward
     attn = comp.lm.config._attn_implementation
     comp.lm.config._attn_implementation = "eager"
     try:
         example = torch.zeros((2, comp.spec.window_tokens), dtype=torch.int64)
         with torch.no_grad():
+            names = ["memory_keys", "memory_values"] if kv else ["memory"]
+            axes = {n: {2: "memory_positions"} for n in names} if kv else {"memory": {0: "windows"}}
             torch.onnx.export(EncoderGraph().eval(), (example,), str(path), input_names=["window_ids"],
-                              output_names=["memory"], dynamic_axes={"window_ids": {0: "windows"},
-                                                                     "memory": {0: "windows"}},
+                              output_names=names, dynamic_axes={"window_ids": {0: "windows"}, **axes},
                               opset_version=18, dynamo=False)
     finally:
         comp.lm.config._attn_implementation = attn
@@ -641,11 +664,15 @@ def export(folder: Path, variants: tuple[str, ...], threads: int, progress) -> d
                              "make the folder writable, or copy the compressor to a writable one") from None
     try:
         progress.stage("exporting encoder + projector (FP32, dynamic INT8), embedding", 3)
-        _encoder_graph(comp, work / ENCODER_VARIANTS["fp32"])
+        _encoder_graph(comp, work / ENCODER_VARIANTS["fp32"], meta["doc_start_id"])
         progress.advance(1, 3)
         _quantize_encoder(work / ENCODER_VARIANTS["fp32"], work / ENCODER_VARIANTS["int8"])
         progress.advance(2, 3)
-        _embed_graph(comp.embed.weight.detach().numpy(), work / "embed.onnx")
+        table = comp.embed.weight.detach()
+        kv = spec.memory == "kv"
+        if kv:  # the trained bridge embedding as one extra row: bridge_token_id = the vocabulary size
+            table = torch.cat([table, comp.projector.bridge.detach()[None]])
+        _embed_graph(table.numpy(), work / "embed.onnx")
         progress.advance(3, 3)
         decoders = {}
         progress.stage("building decoders (ONNX Runtime GenAI builder, inputs_embeds)", len(variants))
@@ -664,11 +691,17 @@ def export(folder: Path, variants: tuple[str, ...], threads: int, progress) -> d
             if (hf.path / name).is_file():
                 shutil.copyfile(hf.path / name, work / name)
                 tok_files.append(name)
+        cfg = comp.lm.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        cache_shape = [cfg.num_hidden_layers, cfg.num_key_value_heads, "1 + windows * memory_per_window", head_dim,
+                       "float32"]
         manifest = {
             "format": MANIFEST_FORMAT, "compressor": spec.to_dict(), "memory_per_window": spec.memory_per_window,
             "compression_ratio": spec.group_tokens, "doc_start_id": meta["doc_start_id"],
+            **({"bridge_token_id": int(cfg.vocab_size)} if kv else {}),
             "encoder": {"path": "encoder.onnx", "inputs": {"window_ids": ["windows", spec.window_tokens, "int64"]},
-                        "outputs": {"memory": ["windows", spec.memory_per_window, spec.hidden_size, "float32"]}},
+                        "outputs": {"memory_keys": cache_shape, "memory_values": cache_shape} if kv else
+                        {"memory": ["windows", spec.memory_per_window, spec.hidden_size, "float32"]}},
             "encoders": {"fp32": {"path": ENCODER_VARIANTS["fp32"], "precision": "fp32"},
                          "int8": {"path": ENCODER_VARIANTS["int8"],
                                   "precision": "dynamic INT8 MatMuls (weights per tensor), FP32 embedding"}},
@@ -690,12 +723,18 @@ def export(folder: Path, variants: tuple[str, ...], threads: int, progress) -> d
             "chain": ["tokenize the context and the prompt with the tokenizer (no special tokens)",
                       f"drop the context's oldest len % {spec.group_tokens} tokens; cut it into windows of "
                       f"{spec.window_tokens} tokens, right-padding the last with doc_start_id",
-                      f"memory = encoder(window_ids).reshape(-1, {spec.hidden_size})[: len // {spec.group_tokens}] "
-                      "(either graph of encoders; int8 is the faster)",
-                      "prefix = concat(embed([doc_start_id]), memory, embed(prompt_ids))",
-                      "decoder: inputs_embeds = prefix[None], attention_mask = ones(1, len(prefix)), past_key_values "
-                      "of length 0; then per generated token: inputs_embeds = embed([[token]]), attention_mask = "
-                      "ones(1, past + 1), past_key_values = the previous step's present; stop at eos_token_id"],
+                      *([f"keys, values = encoder(window_ids) (either graph of encoders; int8 is the faster); "
+                         f"P = 1 + len // {spec.group_tokens}; past_key_values.<i>.key = keys[i, :, :P][None], "
+                         "past_key_values.<i>.value = values[i, :, :P][None] (the cache of [doc_start ; memory])",
+                         "decoder: inputs_embeds = embed([[bridge_token_id] + prompt_ids]), attention_mask = "
+                         "ones(1, P + 1 + len(prompt_ids)), past_key_values as above"] if kv else
+                        [f"memory = encoder(window_ids).reshape(-1, {spec.hidden_size})[: len // {spec.group_tokens}] "
+                         "(either graph of encoders; int8 is the faster)",
+                         "prefix = concat(embed([doc_start_id]), memory, embed(prompt_ids))",
+                         "decoder: inputs_embeds = prefix[None], attention_mask = ones(1, len(prefix)), "
+                         "past_key_values of length 0"]),
+                      "then per generated token: inputs_embeds = embed([[token]]), attention_mask = ones(1, past + 1), "
+                      "past_key_values = the previous step's present; stop at eos_token_id"],
             "decoder_source": meta["decoder_source"], "training": {k: v for k, v in meta["training"].items()
                                                                    if k != "history"},
         }
@@ -705,14 +744,22 @@ def export(folder: Path, variants: tuple[str, ...], threads: int, progress) -> d
         corpus = load_corpus(tokenizer, train=False)
         (_, seq), = eval_samples(corpus.eval, 512, 16, 1)[:1]
         rt = ContextRuntime(work, "fp32", threads, encoder="fp32")
+        prompt = seq[512:]
         with torch.no_grad():
-            mem_t = comp.memory(seq[:512], meta["doc_start_id"]).numpy()
-            start = comp.token_embeds(torch.tensor([[meta["doc_start_id"]]]))[0]
-            prefix_t = torch.cat([start, torch.from_numpy(mem_t), comp.token_embeds(torch.from_numpy(seq[512:]))])
-            logits_t = comp.lm(inputs_embeds=prefix_t[None]).logits[0, -1].numpy()
+            mem = comp.memory(seq[:512], meta["doc_start_id"])
+            if kv:  # the cache of [doc_start ; memory], then [bridge ; prompt]; logits after the prompt
+                keys, values = comp.memory_kv(mem[None], meta["doc_start_id"])
+                mem_t = torch.stack([keys[:, 0], values[:, 0]]).numpy()
+                nxt = torch.from_numpy(np.append(prompt, 0).astype(np.int64))[None]
+                logits_t = comp.cached_logits(keys, values, nxt)[0, -1].numpy()
+            else:
+                mem_t = mem.numpy()
+                start = comp.token_embeds(torch.tensor([[meta["doc_start_id"]]]))[0]
+                prefix_t = torch.cat([start, mem, comp.token_embeds(torch.from_numpy(prompt))])
+                logits_t = comp.lm(inputs_embeds=prefix_t[None]).logits[0, -1].numpy()
         mem_o = rt.memory(seq[:512])
-        prefix_o = rt.prefix(seq[:512], seq[512:])
-        logits_o, _ = rt.decoder._run(prefix_o[None], rt.decoder._empty_past(), 0)
+        x, past, past_len = rt.inputs(seq[:512], prompt)
+        logits_o, _ = rt.decoder._run(x[None], past, past_len)
         parity = {"memory_max_abs_diff": float(np.abs(mem_o - mem_t).max()),
                   "logits_max_abs_diff": float(np.abs(logits_o - logits_t).max()),
                   "same_next_token": bool(np.argmax(logits_o) == np.argmax(logits_t))}
@@ -729,7 +776,8 @@ def export(folder: Path, variants: tuple[str, ...], threads: int, progress) -> d
         for v in variants:
             if v != "fp32":
                 q = ContextRuntime(work, v, threads, encoder="fp32")
-                lo, _ = q.decoder._run(q.prefix(seq[:512], seq[512:])[None], q.decoder._empty_past(), 0)
+                x, past, past_len = q.inputs(seq[:512], prompt)
+                lo, _ = q.decoder._run(x[None], past, past_len)
                 decoders[v]["same_next_token_as_fp32"] = bool(np.argmax(lo) == np.argmax(logits_t))
         manifest["parity_fp32"] = parity
         manifest["sha256"] = {p.relative_to(work).as_posix(): sha256_file(p) for p in sorted(work.rglob("*.onnx"))}
@@ -811,7 +859,8 @@ def ttft_rows(rt, stream: np.ndarray, contexts=TTFT_CONTEXTS, repeats: int = 5, 
         f, c = float(np.median(full)) * 1e3, float(np.median(comp)) * 1e3
         rows.append({"context_tokens": length, "memory_tokens": length // rt.group, "prompt_tokens": PROMPT_TOKENS,
                      "full_prefill_tokens": 1 + length + PROMPT_TOKENS,
-                     "compressed_prefill_tokens": 1 + length // rt.group + PROMPT_TOKENS,
+                     "compressed_prefill_tokens": (1 + PROMPT_TOKENS if rt.memory_kind == "kv"  # [bridge ; prompt]
+                                                   else 1 + length // rt.group + PROMPT_TOKENS),
                      "full_ttft_ms": round(f, 2), "compressed_ttft_ms": round(c, 2),
                      "encoder_ms": round(float(np.median(enc)) * 1e3, 2), "ttft_speedup": round(f / c, 3),
                      "repeats": repeats, "kind": "measured"})

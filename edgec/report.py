@@ -716,6 +716,11 @@ def context_plots_png(result: dict) -> tuple[bytes, bytes]:
     return bars, _png(fig)
 
 
+def memory_noun(spec: dict) -> str:
+    """What one memory position is, in words, for a compressor ``spec`` (its ``memory`` kind)."""
+    return "KV-cache memory positions" if spec.get("memory") == "kv" else "memory embeddings"
+
+
 def text_equivalent_text(result: dict) -> str:
     """``edgec context eval``'s truncation curve in words: what the memory is worth in context tokens given
     as text, and the perplexity with the last k tokens for each k measured."""
@@ -724,7 +729,7 @@ def text_equivalent_text(result: dict) -> str:
     worth = ("no more than no context" if eq == 0 else "more than the whole context as text" if eq is None
              else f"about {eq:g} context tokens as text")
     curve = " · ".join(f"{c['text_tokens']}: {c['perplexity']:.2f}" for c in ppl.get("text_budget", []))
-    return (f"the {ppl['memory_tokens']} memory embeddings are worth {worth} "
+    return (f"the {ppl['memory_tokens']} {memory_noun(result['spec'])} are worth {worth} "
             f"(perplexity with the last k tokens as text — {curve}; memory: {ppl['c_compressed']:.2f})")
 
 
@@ -758,12 +763,13 @@ def context_html(result: dict) -> str:
 <style>{_STYLE}</style></head><body>
 <h1>Context compressor — {e(result['spec']['decoder'])}, {result['compression_ratio']}× compression</h1>
 <p>Encoder: the decoder's first {result['spec']['encoder_layers']} block(s) + projector; {result['memory_per_window']}
-memory embeddings per {result['spec']['window_tokens']}-token window. Trained {t.get('steps', '?')} steps
+{memory_noun(result['spec'])} per {result['spec']['window_tokens']}-token window{
+' (in every decoder layer&#39;s key/value cache)' if result['spec'].get('memory') == 'kv' else ' (decoder input)'}. Trained {t.get('steps', '?')} steps
 ({t.get('restore_steps', '?')} restoration, {t.get('continue_steps', '?')} continuation) in
 {(t.get('train_s') or 0) / 60:.1f} min on {t.get('threads', '?')} CPU threads. Evaluation text: {e(result['corpus']['eval'])}.</p>
 <h2>Continuation perplexity</h2>
 <p>{ppl['samples']} held-out passages from {ppl['documents']} documents: a {ppl['context_tokens']}-token context
-({ppl['memory_tokens']} memory embeddings), then {ppl['target_tokens']} scored tokens; PyTorch FP32.
+({ppl['memory_tokens']} {memory_noun(result['spec'])}), then {ppl['target_tokens']} scored tokens; PyTorch FP32.
 <b>Gap closure</b> (PPL<sub>a</sub> − PPL<sub>c</sub>) / (PPL<sub>a</sub> − PPL<sub>b</sub>) =
 <b>{'n/a' if gap is None else f'{gap * 100:.1f} %'}</b>; compressed beats the last-N-tokens text:
 <b>{result['c_beats_d']}</b>.</p>

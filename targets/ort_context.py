@@ -9,11 +9,20 @@ An export folder (``edgec context export``) holds ``manifest.json`` and three gr
 - ``decoder-<variant>/model.onnx``: the decoder without its embedding (ONNX Runtime GenAI's builder,
   ``inputs_embeds``, KV cache), one folder per precision variant.
 
-The chain (:meth:`ContextRuntime.prefix`): drop the context's oldest ``len % group_tokens`` tokens, cut
+The chain (:meth:`ContextRuntime.inputs`): drop the context's oldest ``len % group_tokens`` tokens, cut
 it into windows of ``window_tokens`` (the last one right-padded with ``doc_start_id``), run the encoder,
-keep the first ``len // group_tokens`` memory rows, then feed the decoder
-``[embed(doc_start_id) ; memory ; embed(prompt)]``. The memory-token count is part of the manifest and
-of the encoder graph; a mismatch between them is refused when loading.
+keep the first M = ``len // group_tokens`` memory positions, then
+
+- ``memory = "embeddings"``: the encoder gives ``memory`` (windows, memory_per_window, hidden); feed the
+  decoder ``[embed(doc_start_id) ; memory ; embed(prompt)]`` with an empty cache;
+- ``memory = "kv"``: the encoder gives ``memory_keys`` / ``memory_values`` (layers, kv_heads, 1 +
+  windows × memory_per_window, head_dim) — the decoder's cache of ``[doc_start ; memory]``, keys rotated
+  as the decoder caches them; keep the first 1 + M positions of each layer as ``past_key_values`` and
+  feed ``embed([bridge_token_id] + prompt)`` (``bridge_token_id`` is the extra last row of
+  ``embed.onnx``'s table, a trained embedding).
+
+The memory-token count is part of the manifest and of the encoder graph; a mismatch between them is
+refused when loading.
 
 Imports only numpy and onnxruntime.
 """
@@ -74,6 +83,8 @@ class ContextRuntime:
             self.memory_per_window, self.doc_start = int(m["memory_per_window"]), int(m["doc_start_id"])
             decoders = {k: str(v["path"]) for k, v in m["decoders"].items()}
             hidden = int(spec["hidden_size"])
+            self.memory_kind = str(spec.get("memory", "embeddings"))
+            self.bridge = int(m["bridge_token_id"]) if self.memory_kind == "kv" else None
             listed = m["encoders"] if "encoders" in m else {"fp32": m["encoder"]}  # older exports: FP32 only
             encoders = {str(k): str(v["path"]) for k, v in listed.items()}
             paths = {"embed": folder / str(m["embed"]["path"])}
@@ -85,6 +96,9 @@ class ContextRuntime:
                              f"{self.window}-token windows in groups of {self.group} do not give "
                              f"{self.memory_per_window} memory embeddings per window",
                              "export the compressor again; memory-token counts are fixed by training")
+        if self.memory_kind not in ("embeddings", "kv"):
+            raise ModelError(f"{folder}/manifest.json names an unknown memory kind {self.memory_kind!r}",
+                             "this edgec knows embeddings and kv", "export it again with this edgec")
         if variant not in decoders:
             raise ModelError(f"the export has no decoder variant {variant!r}", f"it has {', '.join(decoders)}",
                              "pick one of those")
@@ -119,16 +133,30 @@ class ContextRuntime:
 
         self.encoder = load(paths["encoder"])  # checked before the big graphs are loaded
         ins, outs = self.encoder.get_inputs(), self.encoder.get_outputs()
-        out_shape = outs[0].shape if len(outs) == 1 else None
-        if [i.name for i in ins] != ["window_ids"] or out_shape is None or len(out_shape) != 3 \
-                or out_shape[1] != self.memory_per_window or out_shape[2] != hidden:
+        if self.memory_kind == "kv":
+            io = m.get("decoder_io") if isinstance(m.get("decoder_io"), dict) else {}
+            want = [io.get("layers"), io.get("kv_heads"), None, io.get("head_dim")]
+            ok = all(type(want[i]) is int for i in (0, 1, 3)) and \
+                [o.name for o in outs] == ["memory_keys", "memory_values"] and all(
+                len(o.shape) == 4 and all(w is None or s == w for s, w in zip(o.shape, want)) for o in outs)
+            expect = f"window_ids → memory_keys, memory_values ({want[0]}, {want[1]}, 1 + windows × " \
+                     f"{self.memory_per_window}, {want[3]})"
+        else:
+            out_shape = outs[0].shape if len(outs) == 1 else None
+            ok = out_shape is not None and len(out_shape) == 3 and out_shape[1] == self.memory_per_window \
+                and out_shape[2] == hidden
+            expect = f"window_ids → (windows, {self.memory_per_window}, {hidden})"
+        if [i.name for i in ins] != ["window_ids"] or not ok:
             raise ModelError(f"the encoder graph {paths['encoder'].name} does not match the manifest",
                              f"inputs {[i.name for i in ins]} → outputs {[o.shape for o in outs]}; the manifest says "
-                             f"window_ids → (windows, {self.memory_per_window}, {hidden})",
-                             "export the compressor again; memory-token counts are fixed by training")
+                             + expect, "export the compressor again; memory-token counts are fixed by training")
         self.embed_sess = load(paths["embed"])
         self.decoder = Decoder(load(paths["decoder"]))
         self.decoder.embed = self.embed
+        if self.memory_kind == "kv" and len(self.decoder.past_names) != 2 * want[0]:
+            raise ModelError(f"the decoder graph {paths['decoder'].name} does not match the manifest",
+                             f"{len(self.decoder.past_names) // 2} cache layers, the KV memory has {want[0]}",
+                             "export the compressor again")
 
     def embed(self, ids) -> np.ndarray:
         """Token ids (1, n) or (n,) int64 → (1, n, hidden) float32."""
@@ -136,19 +164,45 @@ class ContextRuntime:
         return self.embed_sess.run(None, {"input_ids": ids})[0]
 
     def memory(self, context_ids, encoder_session=None) -> np.ndarray:
-        """A context (L,) int → memory (L // group_tokens, hidden) float32, by this runtime's encoder or
-        by ``encoder_session`` (another encoder graph of the same export, e.g. to compare precisions)."""
+        """A context (L,) int → memory, by this runtime's encoder or by ``encoder_session`` (another encoder
+        graph of the same export, e.g. to compare precisions): (L // group_tokens, hidden) float32 input
+        embeddings, or for ``memory="kv"`` the cache of ``[doc_start ; memory]``, (2 (keys, values),
+        layers, kv_heads, 1 + L // group_tokens, head_dim) float32."""
         win, m = context_windows(context_ids, self.group, self.window, self.doc_start)
-        mem = (encoder_session or self.encoder).run(None, {"window_ids": win})[0]
-        return mem.reshape(-1, mem.shape[-1])[:m]
+        out = (encoder_session or self.encoder).run(None, {"window_ids": win})
+        if self.memory_kind == "kv":
+            return np.stack(out)[:, :, :, : 1 + m]
+        return out[0].reshape(-1, out[0].shape[-1])[:m]
 
     def prefix(self, context_ids, prompt_ids) -> np.ndarray:
-        """``[embed(doc_start) ; memory(context) ; embed(prompt)]`` (n, hidden) float32."""
+        """``[embed(doc_start) ; memory(context) ; embed(prompt)]`` (n, hidden) float32 — the decoder's
+        input for ``memory="embeddings"`` (see :meth:`inputs` for both kinds)."""
+        if self.memory_kind == "kv":
+            raise ModelError("this export keeps its memory in the decoder's cache", "there is no input prefix",
+                             "use ContextRuntime.inputs")
         parts = [self.embed([self.doc_start])[0]]
         if len(context_ids):
             parts.append(self.memory(context_ids))
         parts.append(self.embed(prompt_ids)[0])
         return np.concatenate(parts)
+
+    def inputs(self, context_ids, prompt_ids, compressed: bool = True) -> tuple[np.ndarray, dict, int]:
+        """The decoder's first call: (inputs_embeds (n, hidden) float32, past_key_values {name: OrtValue},
+        past length). Compressed with ``memory="kv"``: the memory is the past and the input is
+        ``embed([bridge] + prompt)``; otherwise the past is empty and the input :meth:`prefix` (or, not
+        compressed, the whole context as text)."""
+        if not compressed:
+            return self.full_prefix(context_ids, prompt_ids), self.decoder._empty_past(), 0
+        if self.memory_kind != "kv":
+            return self.prefix(context_ids, prompt_ids), self.decoder._empty_past(), 0
+        kv = np.ascontiguousarray(self.memory(context_ids))  # kept alive by the OrtValues' owner below
+        ort = self.decoder._ort
+        past = {}
+        for name in self.decoder.past_names:
+            layer, which = int(name.split(".")[1]), 0 if name.endswith(".key") else 1
+            past[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(kv[which, layer][None]))
+        past["_keep"] = kv
+        return self.embed([self.bridge, *list(prompt_ids)])[0], past, kv.shape[3]
 
     def full_prefix(self, context_ids, prompt_ids) -> np.ndarray:
         """``embed([doc_start] + context + prompt)`` (n, hidden): the uncompressed baseline."""
@@ -158,8 +212,8 @@ class ContextRuntime:
         """Seconds from the token ids to the first new token (embedding, encoder + projector when
         ``compressed``, decoder prefill, argmax), and that token."""
         t0 = time.perf_counter()
-        x = self.prefix(context_ids, prompt_ids) if compressed else self.full_prefix(context_ids, prompt_ids)
-        logits, _ = self.decoder._run(x[None], self.decoder._empty_past(), 0)
+        x, past, past_len = self.inputs(context_ids, prompt_ids, compressed)
+        logits, _ = self.decoder._run(x[None], past, past_len)
         tok = int(np.argmax(logits))
         return time.perf_counter() - t0, tok
 
@@ -170,5 +224,5 @@ class ContextRuntime:
         for the result."""
         if eos_id is None:
             eos_id = self.manifest.get("eos_token_id")
-        x = self.prefix(context_ids, prompt_ids) if compressed else self.full_prefix(context_ids, prompt_ids)
-        return self.decoder.generate(x, new_tokens, eos_id)
+        x, past, past_len = self.inputs(context_ids, prompt_ids, compressed)
+        return self.decoder.generate(x, new_tokens, eos_id, past=past, past_len=past_len)

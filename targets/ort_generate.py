@@ -118,18 +118,20 @@ class Decoder:
         self.sess.run_with_iobinding(b, options)
         return b.get_outputs()[0].numpy()[0, -1]
 
-    def generate(self, prompt_ids, new_tokens: int, eos_id: int | None = None) -> dict:
+    def generate(self, prompt_ids, new_tokens: int, eos_id: int | None = None, past: dict | None = None,
+                 past_len: int = 0) -> dict:
         """Greedy decoding of up to ``new_tokens`` tokens after ``prompt_ids`` (a list of token ids, or for an
-        ``inputs_embeds`` graph also a (n, hidden) float32 array of prompt embeddings). Returns ``{"tokens":
+        ``inputs_embeds`` graph also a (n, hidden) float32 array of prompt embeddings), after a cache
+        ``past`` of ``past_len`` positions ({past name: OrtValue}; None: empty). Returns ``{"tokens":
         list[int], "ttft_s", "decode_s", "decode_tokens_per_s"}`` (see the module docstring); stops
         early at ``eos_id`` when given."""
         ids = np.asarray(prompt_ids)
         ids = ids.astype(np.float32)[None] if ids.ndim == 2 else ids.astype(np.int64)[None]
         t0 = time.perf_counter()
-        logits, past = self._run(ids, self._empty_past(), 0)
+        logits, past = self._run(ids, self._empty_past() if past is None else past, past_len)
         tok = int(np.argmax(logits))
         ttft = time.perf_counter() - t0
-        tokens, length = [tok], ids.shape[1]
+        tokens, length = [tok], past_len + ids.shape[1]
         t1 = time.perf_counter()
         shared = None
         if self.shared_cache is not False and new_tokens > 1 and tok != eos_id:

@@ -88,6 +88,52 @@ def test_the_decoder_only_gets_gradients_into_the_projector(tiny_lm):
     assert comp.projector.up.weight.grad is not None and comp.projector.linear.weight.grad.abs().sum() > 0
 
 
+def test_kv_memory_made_of_the_true_states_is_the_decoders_own_cache(tiny_lm):
+    """If the KV memory held, per layer, the decoder's own hidden states of M tokens, its cache must be the
+    decoder's cache of those tokens (norms, k/v projections, RoPE at positions 1..M) and the logits after
+    it those of the decoder reading the tokens as text (bridge = the next token's embedding)."""
+    import torch
+
+    from edgec.compile.context import Compressor
+
+    comp = Compressor(tiny_lm, _spec(memory="kv"))
+    ids = torch.tensor([[1, 5, 9, 2, 7, 11, 3, 8, 4, 6, 10, 12]])  # doc_start 1, 7 memory tokens, then 4
+    m = 7
+    with torch.no_grad():
+        out = tiny_lm(ids, output_hidden_states=True, use_cache=True)
+        states = torch.stack(out.hidden_states[:3], 2)[:, 1:1 + m]  # (1, M, layers, hidden): each layer's input
+        keys, values = comp.memory_kv(states, doc_start=1)
+        pkv = out.past_key_values
+        for i in range(3):
+            torch.testing.assert_close(keys[i], pkv.layers[i].keys[:, :, :1 + m], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(values[i], pkv.layers[i].values[:, :, :1 + m], rtol=1e-4, atol=1e-5)
+        comp.projector.bridge.copy_(tiny_lm.model.embed_tokens.weight[ids[0, 1 + m]])
+        logits = comp.cached_logits(keys, values, ids[:, 2 + m:])
+    torch.testing.assert_close(logits, out.logits[:, 1 + m:-1], rtol=1e-4, atol=1e-4)
+    assert keys.shape == (3, 1, 2, 1 + m, 8)
+
+
+def test_the_kv_projector_trains_alone_and_starts_at_the_scaled_group_mean(tiny_lm):
+    import torch
+
+    from edgec.compile.context import Compressor, hidden_rms
+
+    comp = Compressor(tiny_lm, _spec(memory="kv", encoder_layers=0))
+    ids = np.arange(3, 19)
+    rms = hidden_rms(tiny_lm, np.arange(256) * 7919 % 40)
+    with torch.no_grad():
+        mem = comp.memory(ids)  # (4 groups, 3 layers, 32)
+        e = tiny_lm.model.embed_tokens(torch.from_numpy(ids))
+        e = (e * torch.rsqrt(e.pow(2).mean(-1, keepdim=True) + 1e-6)).reshape(4, 4, 32).mean(1)
+    assert mem.shape == (4, 3, 32) and len(rms) == 3
+    for layer in range(3):
+        torch.testing.assert_close(mem[:, layer], e * rms[layer], rtol=1e-4, atol=1e-5)
+    loss = comp.memory_nll(comp.memory(np.arange(3, 35))[None], torch.arange(3, 11)[None], doc_start=1)
+    loss.backward()
+    assert all(p.grad is None for p in tiny_lm.parameters())
+    assert comp.projector.bridge.grad.abs().sum() > 0 and comp.projector.gain.grad.abs().sum() > 0
+
+
 def test_spec_checks_and_weights_of_another_memory_count_are_refused(tiny_lm):
     from edgec.compile.context import Compressor, CompressorSpec, load_projector, trainable_state
 
@@ -96,8 +142,14 @@ def test_spec_checks_and_weights_of_another_memory_count_are_refused(tiny_lm):
     with pytest.raises(ConfigError, match="encoder_layers 5"):
         Compressor(tiny_lm, _spec(encoder_layers=5))
     with pytest.raises(ModelError, match="unknown keys"):
+        CompressorSpec.from_dict({**_spec().to_dict(), "memory_slots": 3})
+    with pytest.raises(ModelError, match="memory must be strings"):
         CompressorSpec.from_dict({**_spec().to_dict(), "memory": 3})
+    with pytest.raises(ModelError, match="spec is damaged"):
+        CompressorSpec.from_dict({**_spec().to_dict(), "memory": "hybrid"})
     assert CompressorSpec.from_dict(_spec().to_dict()) == _spec()
+    older = {k: v for k, v in _spec(memory="kv").to_dict().items() if k != "memory"}  # before the KV memory
+    assert CompressorSpec.from_dict(older).memory == "embeddings"
     trained = trainable_state(Compressor(tiny_lm, _spec(group_tokens=4)).projector)
     with pytest.raises(ModelError, match="do not match its spec"):
         load_projector(_spec(group_tokens=8), trained)
@@ -191,6 +243,18 @@ def test_eval_without_a_trained_compressor_says_how_to_train(tmp_path, capsys):
     assert "no trained compressor" in err and "edgec context train" in err and len(err.strip().splitlines()) == 1
 
 
+def _tiny_decoder_dir(tmp_path):
+    """A tiny random Llama as a Hugging Face folder with a 4096-token context: (folder, its config)."""
+    from test_decoder import tiny_llama_dir
+
+    hf = tmp_path / "tiny"
+    tiny_llama_dir(hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg["max_position_embeddings"] = 4096
+    (hf / "config.json").write_text(json.dumps(cfg))
+    return hf, cfg
+
+
 @pytest.mark.slow
 def test_train_resume_export_and_eval_end_to_end(tmp_path, capsys):
     """Train a few steps on a tiny random Llama, interrupt-and-resume gives the same weights as one run,
@@ -204,13 +268,8 @@ def test_train_resume_export_and_eval_end_to_end(tmp_path, capsys):
     from edgec.cli import main
     from edgec.context_job import TrainSettings, train
     from edgec.targets.ort_context import ContextRuntime
-    from test_decoder import tiny_llama_dir
 
-    hf = tmp_path / "tiny"
-    tiny_llama_dir(hf)
-    cfg = json.loads((hf / "config.json").read_text())
-    cfg["max_position_embeddings"] = 4096
-    (hf / "config.json").write_text(json.dumps(cfg))
+    hf, cfg = _tiny_decoder_dir(tmp_path)
 
     class Quiet:
         def stage(self, *a, **k): ...
@@ -249,6 +308,16 @@ def test_train_resume_export_and_eval_end_to_end(tmp_path, capsys):
     assert main(["context", "export", str(one), "--variants", "fp32,int8w"]) == 0
     manifest = json.loads((one / "onnx" / "manifest.json").read_text())
     assert manifest["parity_fp32"]["memory_max_abs_diff"] < 1e-3 and manifest["memory_per_window"] == 32
+    # the default KV memory: the encoder emits the decoder's cache; its graph holds only the layers' input
+    # norms and k/v projections besides the encoder block (no traced decoder forward for doc_start)
+    assert manifest["compressor"]["memory"] == "kv" and manifest["bridge_token_id"] == cfg["vocab_size"]
+    import onnx
+
+    enc = onnx.load(str(one / "onnx" / "encoder.onnx"))
+    assert [o.name for o in enc.graph.output] == ["memory_keys", "memory_values"]
+    matmuls = sum(n.op_type == "MatMul" for n in enc.graph.node)
+    # block 0 (7 projections + 2 attention products), projector (2), k/v per layer, RoPE (2): measured 17
+    assert matmuls <= 9 + 2 + 2 * cfg["num_hidden_layers"] + 2, matmuls
     assert set(manifest["encoders"]) == {"fp32", "int8"} and manifest["encoders"]["int8"]["memory_cosine_to_fp32"] > 0.9
     assert ContextRuntime(one / "onnx").encoder_variant == "int8"
     for bad in ("int4", ""):
@@ -286,7 +355,7 @@ def test_train_resume_export_and_eval_end_to_end(tmp_path, capsys):
     assert [c["text_tokens"] for c in r["perplexity"]["text_budget"]] == [0, 4, 8, 16, 32, 64, 256]
     assert r["encoder"] == "int8" and math.isfinite(r["c_compressed_onnx_encoder"])
     assert r["c_compressed_onnx_encoder"] == pytest.approx(r["perplexity"]["c_compressed"], rel=0.2)
-    assert "memory embeddings are worth" in capsys.readouterr().out
+    assert "KV-cache memory positions are worth" in capsys.readouterr().out
     assert r["ttft_speedup_1024"] > 0 and all(row["kind"] == "measured" for row in r["ttft"])
     assert (one / "report.html").read_text().count("data:image/png") == 2
     w = load_file(str(one / "compressor.safetensors"))
@@ -301,6 +370,34 @@ def test_train_resume_export_and_eval_end_to_end(tmp_path, capsys):
     again = json.loads((one / "onnx" / "manifest.json").read_text())
     assert again["compressor_sha256"] == sha256_file(one / "compressor.safetensors") != manifest["compressor_sha256"]
     assert set(again["decoders"]) == {"fp32", "int8w"}
+
+
+@pytest.mark.slow
+def test_embeddings_memory_trains_exports_and_evaluates(tmp_path, capsys):
+    """``--memory embeddings`` (Dolphin's placement) through the whole CLI: the export's memory is the
+    decoder's input, parity holds, the app's chain generates, eval writes its figures."""
+    pytest.importorskip("onnxruntime_genai")
+    from edgec.cli import main
+    from edgec.targets.ort_context import ContextRuntime
+
+    hf, cfg = _tiny_decoder_dir(tmp_path)
+    out = tmp_path / "emb"
+    assert main(["context", "train", "--out", str(out), "--decoder", str(hf), "--memory", "embeddings",
+                 "--restore-steps", "1", "--continue-steps", "1", "--batch-size", "2"]) == 0
+    assert main(["context", "export", str(out), "--variants", "fp32"]) == 0
+    manifest = json.loads((out / "onnx" / "manifest.json").read_text())
+    assert manifest["compressor"]["memory"] == "embeddings" and "bridge_token_id" not in manifest
+    assert manifest["parity_fp32"]["logits_max_abs_diff"] < 1e-2
+    rt = ContextRuntime(out)
+    ids = np.arange(3, 3 + 300) % 90 + 3
+    x, past, past_len = rt.inputs(ids[:296], ids[296:])
+    assert past_len == 0 and x.shape == (1 + 296 // 8 + 4, cfg["hidden_size"])
+    assert len(rt.generate(ids[:296], ids[296:], 3)["tokens"]) == 3
+    figures = tmp_path / "f.json"
+    assert main(["context", "eval", str(out), "--samples", "2", "--context-tokens", "256", "--variant", "fp32",
+                 "--json", str(figures)]) == 0
+    r = json.loads(figures.read_text())
+    assert r["spec"]["memory"] == "embeddings" and r["ttft"][0]["compressed_prefill_tokens"] == 1 + 64 // 8 + 16
 
 
 def test_eval_refuses_reports_that_would_replace_its_inputs_or_special_files(tmp_path, capsys):
