@@ -216,6 +216,11 @@ class Compressor:
             raise ModelError(f"the compressor was built for hidden size {spec.hidden_size}",
                              f"the decoder has {cfg.hidden_size}", "use the decoder it was trained with")
         spec.check(cfg.num_hidden_layers)
+        if spec.memory == "kv" and (getattr(cfg, "model_type", None) != "llama" or any(
+                hasattr(layer.self_attn, "k_norm") for layer in lm.model.layers)):
+            raise ModelError(f"--memory kv needs a plain Llama decoder, not {getattr(cfg, 'model_type', '?')}",
+                             "the KV memory applies each layer's norm, k/v projections and RoPE as Llama does",
+                             "use --memory embeddings with this decoder")
         self.lm, self.spec = lm, spec
         for p in lm.parameters():
             p.requires_grad_(False)

@@ -282,6 +282,8 @@ def train(settings: TrainSettings, progress) -> dict:
                 or not isinstance(m.get("step"), int) or not 0 < m["step"] <= total_steps
                 or len(m["history"]) != m["step"]):
             raise damaged
+        if isinstance(m.get("identity"), dict):  # checkpoints from before --memory were of input embeddings
+            m["identity"].setdefault("memory", "embeddings")
         if m.get("identity") != settings.identity():
             diff = sorted(k for k in settings.identity() if m.get("identity", {}).get(k) != settings.identity()[k])
             raise ConfigError(f"{out} holds a checkpoint of another training run", f"options differ: {', '.join(diff)}",
@@ -557,6 +559,7 @@ def _embed_graph(weight: np.ndarray, path: Path) -> None:
         [helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, ["batch", "seq", weight.shape[1]])],
         [numpy_helper.from_array(weight.astype(np.float32), "embed_tokens.weight")])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    helper.set_model_props(model, {"embedding_rows": str(weight.shape[0])})  # the runtime checks ids against it
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
 

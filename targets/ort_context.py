@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgec.errors import ModelError
+from edgec.errors import ConfigError, ModelError
 
 MANIFEST_FORMAT = "edgec-context-export/1"
 
@@ -84,7 +84,11 @@ class ContextRuntime:
             decoders = {k: str(v["path"]) for k, v in m["decoders"].items()}
             hidden = int(spec["hidden_size"])
             self.memory_kind = str(spec.get("memory", "embeddings"))
-            self.bridge = int(m["bridge_token_id"]) if self.memory_kind == "kv" else None
+            self.bridge = m["bridge_token_id"] if self.memory_kind == "kv" else None
+            io = m.get("decoder_io") if isinstance(m.get("decoder_io"), dict) else {}
+            cache_dims = [io.get("layers"), io.get("kv_heads"), io.get("head_dim")]
+            if self.memory_kind == "kv" and not all(type(v) is int and v > 0 for v in [self.bridge, *cache_dims]):
+                raise TypeError("bridge_token_id and decoder_io's layers, kv_heads, head_dim must be positive integers")
             listed = m["encoders"] if "encoders" in m else {"fp32": m["encoder"]}  # older exports: FP32 only
             encoders = {str(k): str(v["path"]) for k, v in listed.items()}
             paths = {"embed": folder / str(m["embed"]["path"])}
@@ -134,34 +138,68 @@ class ContextRuntime:
         self.encoder = load(paths["encoder"])  # checked before the big graphs are loaded
         ins, outs = self.encoder.get_inputs(), self.encoder.get_outputs()
         if self.memory_kind == "kv":
-            io = m.get("decoder_io") if isinstance(m.get("decoder_io"), dict) else {}
-            want = [io.get("layers"), io.get("kv_heads"), None, io.get("head_dim")]
-            ok = all(type(want[i]) is int for i in (0, 1, 3)) and \
-                [o.name for o in outs] == ["memory_keys", "memory_values"] and all(
+            layers, kv_heads, head_dim = cache_dims
+            want = [layers, kv_heads, None, head_dim]
+            ok = [o.name for o in outs] == ["memory_keys", "memory_values"] and all(
                 len(o.shape) == 4 and all(w is None or s == w for s, w in zip(o.shape, want)) for o in outs)
-            expect = f"window_ids → memory_keys, memory_values ({want[0]}, {want[1]}, 1 + windows × " \
-                     f"{self.memory_per_window}, {want[3]})"
+            expect = f"window_ids → memory_keys, memory_values ({layers}, {kv_heads}, 1 + windows × " \
+                     f"{self.memory_per_window}, {head_dim})"
         else:
             out_shape = outs[0].shape if len(outs) == 1 else None
             ok = out_shape is not None and len(out_shape) == 3 and out_shape[1] == self.memory_per_window \
                 and out_shape[2] == hidden
-            expect = f"window_ids → (windows, {self.memory_per_window}, {hidden})"
-        if [i.name for i in ins] != ["window_ids"] or not ok:
+            expect = f"window_ids → memory (windows, {self.memory_per_window}, {hidden})"
+        in_shape = ins[0].shape if len(ins) == 1 else None
+        if [i.name for i in ins] != ["window_ids"] or len(in_shape) != 2 or in_shape[1] != self.window or not ok:
             raise ModelError(f"the encoder graph {paths['encoder'].name} does not match the manifest",
-                             f"inputs {[i.name for i in ins]} → outputs {[o.shape for o in outs]}; the manifest says "
-                             + expect, "export the compressor again; memory-token counts are fixed by training")
+                             f"{[(i.name, i.shape) for i in ins]} → {[(o.name, o.shape) for o in outs]}; the manifest "
+                             f"says window_ids (windows, {self.window}) → " + expect.split(" → ", 1)[1],
+                             "export the compressor again; memory-token counts are fixed by training")
+        if self.memory_kind == "kv":  # the cache length per window is dynamic in the graph: one probe window
+            got = self.encoder.run(None, {"window_ids": np.zeros((1, self.window), np.int64)})[0].shape[2]
+            if got != 1 + self.memory_per_window:
+                raise ModelError(f"the encoder graph {paths['encoder'].name} does not match the manifest",
+                                 f"one window gives {got - 1} memory positions, the manifest says "
+                                 f"{self.memory_per_window}", "export the compressor again; memory-token counts "
+                                 "are fixed by training")
         self.embed_sess = load(paths["embed"])
+        meta = self.embed_sess.get_modelmeta().custom_metadata_map
+        rows = int(meta["embedding_rows"]) if str(meta.get("embedding_rows", "")).isdigit() else None
+        if self.memory_kind == "kv" and rows != self.bridge + 1:
+            raise ModelError(f"the embedding graph {paths['embed'].name} does not hold the bridge embedding",
+                             f"bridge_token_id {self.bridge} must be its table's last row; the table has "
+                             f"{rows if rows is not None else 'an unknown number of'} rows",
+                             "export the compressor again with edgec context export")
+        self.vocab_size = self.bridge if self.memory_kind == "kv" else rows  # None: not recorded (older export)
         self.decoder = Decoder(load(paths["decoder"]))
         self.decoder.embed = self.embed
-        if self.memory_kind == "kv" and len(self.decoder.past_names) != 2 * want[0]:
+        if self.memory_kind == "kv" and (len(self.decoder.past_names) != 2 * layers or self.decoder.kv_heads != kv_heads
+                                         or self.decoder.head_dim != head_dim):
             raise ModelError(f"the decoder graph {paths['decoder'].name} does not match the manifest",
-                             f"{len(self.decoder.past_names) // 2} cache layers, the KV memory has {want[0]}",
+                             f"its cache is {len(self.decoder.past_names) // 2} layers × {self.decoder.kv_heads} heads "
+                             f"× {self.decoder.head_dim}, the KV memory's {layers} × {kv_heads} × {head_dim}",
                              "export the compressor again")
 
     def embed(self, ids) -> np.ndarray:
         """Token ids (1, n) or (n,) int64 → (1, n, hidden) float32."""
         ids = np.asarray(ids, np.int64).reshape(1, -1)
         return self.embed_sess.run(None, {"input_ids": ids})[0]
+
+    def token_ids(self, ids, what: str) -> np.ndarray:
+        """``ids`` as a flat int64 array of vocabulary ids; :class:`ConfigError` otherwise (``what`` names them)."""
+        a = ids if isinstance(ids, np.ndarray) and ids.dtype.kind in "iu" else \
+            np.asarray(ids if len(ids) else [], dtype=object)
+        if a.ndim != 1 or (a.dtype == object and not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                                         for v in a)):
+            raise ConfigError(f"the {what} is not a flat list of token ids", f"got an array of shape {a.shape}",
+                              "pass token ids from the tokenizer, e.g. tokenizer(text)['input_ids']")
+        a = a.astype(np.int64)
+        hi = self.vocab_size
+        if len(a) and (a.min() < 0 or (hi is not None and a.max() >= hi)):
+            raise ConfigError(f"the {what} holds token ids outside the vocabulary",
+                              f"ids {int(a.min())}…{int(a.max())}, vocabulary 0…{'?' if hi is None else hi - 1}",
+                              "tokenize with the export's tokenizer")
+        return a
 
     def memory(self, context_ids, encoder_session=None) -> np.ndarray:
         """A context (L,) int → memory, by this runtime's encoder or by ``encoder_session`` (another encoder
@@ -191,6 +229,7 @@ class ContextRuntime:
         past length). Compressed with ``memory="kv"``: the memory is the past and the input is
         ``embed([bridge] + prompt)``; otherwise the past is empty and the input :meth:`prefix` (or, not
         compressed, the whole context as text)."""
+        context_ids, prompt_ids = self.token_ids(context_ids, "context"), self.token_ids(prompt_ids, "prompt")
         if not compressed:
             return self.full_prefix(context_ids, prompt_ids), self.decoder._empty_past(), 0
         if self.memory_kind != "kv":

@@ -113,6 +113,18 @@ def test_kv_memory_made_of_the_true_states_is_the_decoders_own_cache(tiny_lm):
     assert keys.shape == (3, 1, 2, 1 + m, 8)
 
 
+def test_kv_memory_refuses_decoders_whose_attention_is_not_llamas(tiny_lm):
+    import copy
+
+    from edgec.compile.context import Compressor
+
+    other = copy.deepcopy(tiny_lm)
+    other.config.model_type = "qwen3"  # q/k norms inside attention: the KV memory would skip them
+    with pytest.raises(ModelError, match="needs a plain Llama decoder.*--memory embeddings"):
+        Compressor(other, _spec(memory="kv"))
+    assert Compressor(other, _spec()).spec.memory == "embeddings"
+
+
 def test_the_kv_projector_trains_alone_and_starts_at_the_scaled_group_mean(tiny_lm):
     import torch
 
@@ -293,6 +305,11 @@ def test_train_resume_export_and_eval_end_to_end(tmp_path, capsys):
     with pytest.raises(ConfigError, match="another training run.*seed"):
         train(TrainSettings(out=str(two), **{**base, "seed": 1}), Quiet())
     good = (two / "checkpoint.json").read_text()
+    older = json.loads(good)
+    del older["identity"]["memory"]  # a checkpoint from before --memory: input embeddings, not this kv run
+    (two / "checkpoint.json").write_text(json.dumps(older))
+    with pytest.raises(ConfigError, match="options differ: memory"):
+        train(TrainSettings(out=str(two), **base), Quiet())
     (two / "checkpoint.json").write_text(good.replace('"step": 3', '"step": 2'))  # not the tensors' step
     with pytest.raises(ModelError, match="damaged"):
         train(TrainSettings(out=str(two), **base), Quiet())
@@ -343,7 +360,23 @@ def test_train_resume_export_and_eval_end_to_end(tmp_path, capsys):
     (one / "onnx" / "manifest.json").write_text(json.dumps(bad))
     with pytest.raises(ModelError, match="memory"):
         ContextRuntime(one / "onnx")
+    # KV exports, from a bad-input review: each a ModelError at load, not an ONNX Runtime error at the first call
+    io = manifest["decoder_io"]
+    for bad, message in [
+            (dict(bad, compressor={**manifest["compressor"], "group_tokens": 16}), "one window gives 32 memory positions"),
+            (dict(manifest, bridge_token_id=manifest["bridge_token_id"] - 1), "bridge_token_id .* last row"),
+            (dict(manifest, bridge_token_id=True), "damaged"),
+            (dict(manifest, decoder_io={k: v for k, v in io.items() if k != "layers"}), "damaged"),
+            (dict(manifest, decoder_io=dict(io, kv_heads=io["kv_heads"] * 2)), "encoder graph .* does not match")]:
+        (one / "onnx" / "manifest.json").write_text(json.dumps(bad))
+        with pytest.raises(ModelError, match=message):
+            ContextRuntime(one / "onnx")
     (one / "onnx" / "manifest.json").write_text(json.dumps(manifest))
+    for ctx, prompt, message in [(ids[:16], [[5, 6]], "prompt is not a flat list"),
+                                 (ids[:16], [cfg["vocab_size"]], "outside the vocabulary"),  # the bridge's row
+                                 ([-1, 4], [5], "context holds token ids outside")]:
+        with pytest.raises(ConfigError, match=message):
+            rt.generate(ctx, prompt, 2)
 
     figures = tmp_path / "figures.json"
     (one / "onnx" / "encoder-int8.onnx").unlink()  # a damaged export is made again, not failed on late
