@@ -708,7 +708,7 @@ def export(folder: Path, variants: tuple[str, ...], threads: int, progress) -> d
             "encoders": {"fp32": {"path": ENCODER_VARIANTS["fp32"], "precision": "fp32"},
                          "int8": {"path": ENCODER_VARIANTS["int8"],
                                   "precision": "dynamic INT8 MatMuls (weights per tensor), FP32 embedding"}},
-            "embed": {"path": "embed.onnx", "inputs": {"input_ids": ["batch", "seq", "int64"]},
+            "embed": {"path": "embed.onnx", "rows": int(table.shape[0]), "inputs": {"input_ids": ["batch", "seq", "int64"]},
                       "outputs": {"inputs_embeds": ["batch", "seq", spec.hidden_size, "float32"]}},
             "decoders": decoders, "tokenizer": tok_files,
             "compressor_sha256": sha256_file(compressor_paths(folder)[0]),
@@ -725,7 +725,8 @@ def export(folder: Path, variants: tuple[str, ...], threads: int, progress) -> d
                            "genai_config": "decoder-<variant>/genai_config.json"},
             "chain": ["tokenize the context and the prompt with the tokenizer (no special tokens)",
                       f"drop the context's oldest len % {spec.group_tokens} tokens; cut it into windows of "
-                      f"{spec.window_tokens} tokens, right-padding the last with doc_start_id",
+                      f"{spec.window_tokens} tokens (at least one: all doc_start_id when nothing is left), "
+                      "right-padding the last with doc_start_id",
                       *([f"keys, values = encoder(window_ids) (either graph of encoders; int8 is the faster); "
                          f"P = 1 + len // {spec.group_tokens}; past_key_values.<i>.key = keys[i, :, :P][None], "
                          "past_key_values.<i>.value = values[i, :, :P][None] (the cache of [doc_start ; memory])",
@@ -885,6 +886,12 @@ def break_even(rows: list[dict]) -> float | None:
     return None
 
 
+def _field(d: dict, key: str, sub: str):
+    """``d[key][sub]`` of a manifest that may be damaged; None where it is missing or not a dict."""
+    v = d.get(key)
+    return v.get(sub) if isinstance(v, dict) else None
+
+
 def evaluate(folder: Path, context_tokens: int, samples: int, variant: str, threads: int, progress,
              encoder: str = "int8") -> dict:
     """``edgec context eval``: perplexities under every condition (PyTorch, FP32), the (c) perplexity with
@@ -919,7 +926,8 @@ def evaluate(folder: Path, context_tokens: int, samples: int, variant: str, thre
     encoders = old.get("encoders") if isinstance(old.get("encoders"), dict) else {}
     current = same_weights and all(  # a missing encoder graph: export again, not fail after the perplexity pass
         isinstance(encoders.get(v), dict) and (export_dir / str(encoders[v].get("path"))).is_file()
-        for v in ENCODER_VARIANTS)
+        for v in ENCODER_VARIANTS) and (  # the first KV exports had no bridge row count: export again
+        _field(old, "compressor", "memory") != "kv" or isinstance(_field(old, "embed", "rows"), int))
     old_variants = [v for v in (old.get("decoders") or {}) if v in DECODER_VARIANTS] if isinstance(
         old.get("decoders"), dict) else []
     if current and variant not in old_variants:

@@ -225,22 +225,25 @@ class ContextRuntime:
         return np.concatenate(parts)
 
     def inputs(self, context_ids, prompt_ids, compressed: bool = True) -> tuple[np.ndarray, dict, int]:
-        """The decoder's first call: (inputs_embeds (n, hidden) float32, past_key_values {name: OrtValue},
-        past length). Compressed with ``memory="kv"``: the memory is the past and the input is
-        ``embed([bridge] + prompt)``; otherwise the past is empty and the input :meth:`prefix` (or, not
-        compressed, the whole context as text)."""
+        """What the decoder's first call takes: (inputs_embeds (n, hidden) float32 — feed it as ``x[None]``
+        —, past_key_values {input name: OrtValue (1, kv_heads, past, head_dim) float32}, past length; the
+        call also takes ``attention_mask = ones(1, past + n)``). Compressed with ``memory="kv"``: the memory
+        is the past and the input is ``embed([bridge] + prompt)``; otherwise the past is empty and the
+        input :meth:`prefix` (or, not compressed, the whole context as text). :class:`ConfigError` for
+        ids that are not a flat list of vocabulary ids."""
         context_ids, prompt_ids = self.token_ids(context_ids, "context"), self.token_ids(prompt_ids, "prompt")
         if not compressed:
             return self.full_prefix(context_ids, prompt_ids), self.decoder._empty_past(), 0
         if self.memory_kind != "kv":
             return self.prefix(context_ids, prompt_ids), self.decoder._empty_past(), 0
-        kv = np.ascontiguousarray(self.memory(context_ids))  # kept alive by the OrtValues' owner below
+        kv = self.memory(context_ids)
         ort = self.decoder._ort
         past = {}
         for name in self.decoder.past_names:
             layer, which = int(name.split(".")[1]), 0 if name.endswith(".key") else 1
-            past[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(kv[which, layer][None]))
-        past["_keep"] = kv
+            a = np.ascontiguousarray(kv[which, layer][None])
+            past[name] = ort.OrtValue.ortvalue_from_shape_and_type(a.shape, np.float32)  # owns its memory
+            past[name].update_inplace(a)
         return self.embed([self.bridge, *list(prompt_ids)])[0], past, kv.shape[3]
 
     def full_prefix(self, context_ids, prompt_ids) -> np.ndarray:
