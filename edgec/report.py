@@ -763,8 +763,9 @@ def context_html(result: dict) -> str:
 <style>{_STYLE}</style></head><body>
 <h1>Context compressor — {e(result['spec']['decoder'])}, {result['compression_ratio']}× compression</h1>
 <p>Encoder: the decoder's first {result['spec']['encoder_layers']} block(s) + projector; {result['memory_per_window']}
-{memory_noun(result['spec'])} per {result['spec']['window_tokens']}-token window{
-' (in every decoder layer&#39;s key/value cache)' if result['spec'].get('memory') == 'kv' else ' (decoder input)'}. Trained {t.get('steps', '?')} steps
+{'memory positions' if result['spec'].get('memory') == 'kv' else 'memory embeddings'} per {
+result['spec']['window_tokens']}-token window{', written into every decoder layer&#39;s key/value cache'
+if result['spec'].get('memory') == 'kv' else ', given to the decoder as input embeddings'}. Trained {t.get('steps', '?')} steps
 ({t.get('restore_steps', '?')} restoration, {t.get('continue_steps', '?')} continuation) in
 {(t.get('train_s') or 0) / 60:.1f} min on {t.get('threads', '?')} CPU threads. Evaluation text: {e(result['corpus']['eval'])}.</p>
 <h2>Continuation perplexity</h2>
