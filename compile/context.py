@@ -235,6 +235,7 @@ class Compressor:
                              f"the decoder has {cfg.num_hidden_layers}", "use the decoder it was trained with")
         self.projector = projector
         self._torch = torch
+        self._start_cache: dict = {}  # doc_start id → the decoder's cache of that one token
 
     # -- the encoder ------------------------------------------------------------------------------
     def encode_windows(self, window_ids):
@@ -272,7 +273,7 @@ class Compressor:
     def _start_kv(self, doc_start: int) -> list:
         """The decoder's cache entries of ``[doc_start]`` at position 0: [(key, value)] per layer, each
         (1, kv_heads, 1, head_dim) float32 (computed once per id, no gradient)."""
-        cache = self.__dict__.setdefault("_start_cache", {})
+        cache = self._start_cache
         if doc_start not in cache:
             torch = self._torch
             with torch.no_grad(), torch.autocast("cpu", enabled=False):
@@ -332,7 +333,10 @@ class Compressor:
     def memory_nll(self, mem, target_ids, doc_start: int):
         """Summed next-token NLL (nats) of ``target_ids`` (B, T) after ``[doc_start ; memory]`` (see
         :meth:`memory_logits`)."""
-        logits = self.memory_logits(mem, target_ids, doc_start)
+        return self.summed_nll(self.memory_logits(mem, target_ids, doc_start), target_ids)
+
+    def summed_nll(self, logits, target_ids):
+        """Summed cross-entropy (nats) of ``logits`` (B, T, vocab) against ``target_ids`` (B, T) int64."""
         return self._torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                                        target_ids.reshape(-1), reduction="sum")
 
@@ -346,9 +350,7 @@ class Compressor:
     def target_nll(self, prefix_embeds, target_ids):
         """Summed next-token NLL (nats) of ``target_ids`` (B, T) int64 after ``prefix_embeds``
         (B, P, hidden) float32."""
-        logits = self.target_logits(prefix_embeds, target_ids)
-        return self._torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                                       target_ids.reshape(-1), reduction="sum")
+        return self.summed_nll(self.target_logits(prefix_embeds, target_ids), target_ids)
 
 
 def trainable_state(projector) -> dict:

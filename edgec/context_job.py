@@ -536,8 +536,7 @@ def runtime_memory_perplexity(comp, rt, doc_start: int, samples: list, context_t
             mem = torch.from_numpy(rt.memory(seq[:context_tokens]))
             tgt = torch.from_numpy(np.asarray(seq[context_tokens:], np.int64))[None]
             if comp.spec.memory == "kv":  # the graph's cache entries (2, layers, kv_heads, 1 + M, head_dim)
-                logits = comp.cached_logits(mem[0][:, None], mem[1][:, None], tgt)
-                nll += float(torch.nn.functional.cross_entropy(logits[0].float(), tgt[0], reduction="sum"))
+                nll += float(comp.summed_nll(comp.cached_logits(mem[0][:, None], mem[1][:, None], tgt), tgt))
             else:
                 nll += float(comp.memory_nll(mem[None], tgt, doc_start))
             n_tok += tgt.numel()

@@ -206,11 +206,15 @@ class ContextRuntime:
         graph of the same export, e.g. to compare precisions): (L // group_tokens, hidden) float32 input
         embeddings, or for ``memory="kv"`` the cache of ``[doc_start ; memory]``, (2 (keys, values),
         layers, kv_heads, 1 + L // group_tokens, head_dim) float32."""
-        win, m = context_windows(context_ids, self.group, self.window, self.doc_start)
-        out = (encoder_session or self.encoder).run(None, {"window_ids": win})
+        out, m = self._encode(context_ids, encoder_session)
         if self.memory_kind == "kv":
             return np.stack(out)[:, :, :, : 1 + m]
         return out[0].reshape(-1, out[0].shape[-1])[:m]
+
+    def _encode(self, context_ids, encoder_session=None) -> tuple[list, int]:
+        """The encoder graph's raw outputs for a context, and its memory count M."""
+        win, m = context_windows(context_ids, self.group, self.window, self.doc_start)
+        return (encoder_session or self.encoder).run(None, {"window_ids": win}), m
 
     def prefix(self, context_ids, prompt_ids) -> np.ndarray:
         """``[embed(doc_start) ; memory(context) ; embed(prompt)]`` (n, hidden) float32 — the decoder's
@@ -236,15 +240,15 @@ class ContextRuntime:
             return self.full_prefix(context_ids, prompt_ids), self.decoder._empty_past(), 0
         if self.memory_kind != "kv":
             return self.prefix(context_ids, prompt_ids), self.decoder._empty_past(), 0
-        kv = self.memory(context_ids)
+        (keys, values), m = self._encode(context_ids)  # not memory(): no stacked copy on the timed path
         ort = self.decoder._ort
         past = {}
         for name in self.decoder.past_names:
-            layer, which = int(name.split(".")[1]), 0 if name.endswith(".key") else 1
-            a = np.ascontiguousarray(kv[which, layer][None])
+            layer = int(name.split(".")[1])
+            a = np.ascontiguousarray((keys if name.endswith(".key") else values)[layer, :, : 1 + m][None])
             past[name] = ort.OrtValue.ortvalue_from_shape_and_type(a.shape, np.float32)  # owns its memory
             past[name].update_inplace(a)
-        return self.embed([self.bridge, *list(prompt_ids)])[0], past, kv.shape[3]
+        return self.embed([self.bridge, *list(prompt_ids)])[0], past, 1 + m
 
     def full_prefix(self, context_ids, prompt_ids) -> np.ndarray:
         """``embed([doc_start] + context + prompt)`` (n, hidden): the uncompressed baseline."""
