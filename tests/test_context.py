@@ -167,6 +167,22 @@ def test_spec_checks_and_weights_of_another_memory_count_are_refused(tiny_lm):
         load_projector(_spec(group_tokens=8), trained)
 
 
+def test_training_autocasts_to_bfloat16_only_where_the_cpu_runs_it_natively(monkeypatch):
+    import torch
+
+    from edgec.context_job import train_dtype
+
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda native=native: native)
+        assert train_dtype() == expected
+
+    def broken():
+        raise RuntimeError("no such probe")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", broken)
+    assert train_dtype() == "float32"
+
+
 def test_batches_are_a_function_of_seed_and_step():
     from edgec.context_job import Corpus, TrainSettings, batch_for
 
@@ -293,6 +309,7 @@ def test_train_resume_export_and_eval_end_to_end(tmp_path, capsys):
     one, two = tmp_path / "one", tmp_path / "two"
     meta = train(TrainSettings(out=str(one), **base), Quiet())
     assert meta["training"]["steps"] == 4 and not (one / "checkpoint.json").exists()
+    assert meta["training"]["autocast"] in ("bfloat16", "float32")
 
     class Stop(Quiet):
         def advance(self, done, total=None, note=""):
