@@ -443,6 +443,8 @@ CONDITIONS = {
     "e_zero_memory": "zeroed memory (negative control)",
     "e_shuffled_memory": "memory in shuffled order (negative control)",
     "f_other_document": "memory of another document's context (negative control)",
+    "f_other_document_text": "another document's full context as text (reference for (f): what any text of "
+                             "this corpus gives, whatever it says)",
 }
 
 
@@ -522,6 +524,8 @@ def perplexities(comp, doc_start: int, samples: list, context_tokens: int, batch
                 "e_zero_memory": torch.zeros_like(mem[sl]),
                 "e_shuffled_memory": mem[sl][:, perm],
                 "f_other_document": mem[[other[i] for i in range(b, b + k)]],
+                "f_other_document_text": torch.cat([s, comp.token_embeds(torch.from_numpy(
+                    ctx[[other[i] for i in range(b, b + k)]]))], 1),
                 **{f"last_{n}": torch.cat([s, comp.token_embeds(c_ids[:, context_tokens - n:])], 1) for n in extra},
             }
             t = torch.from_numpy(tgt[sl])

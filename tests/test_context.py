@@ -259,6 +259,11 @@ def test_perplexities_measure_the_truncation_curve_with_its_known_endpoints(tiny
         nll = sum(float(comp.target_nll(torch.cat([start, comp.token_embeds(torch.from_numpy(s[30:32])[None])], 1),
                                         torch.from_numpy(s[32:])[None])) for _, s in samples)
     assert curve[2] == pytest.approx(math.exp(nll / 24), rel=1e-3)
+    with torch.no_grad():  # (f)'s text reference: the next sample of another document, whole context as text
+        other = {0: 1, 1: 2, 2: 1}
+        nll = sum(float(comp.target_nll(torch.cat([start, comp.token_embeds(torch.from_numpy(
+            samples[other[i]][1][:32])[None])], 1), torch.from_numpy(s[32:])[None])) for i, (_, s) in enumerate(samples))
+    assert r["f_other_document_text"] == pytest.approx(math.exp(nll / 24), rel=1e-3)
     eq = r["memory_text_equivalent_tokens"]
     assert eq is None or 0 <= eq <= 32
 
