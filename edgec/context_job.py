@@ -50,7 +50,7 @@ class TrainSettings:
 
     out: str = str(DEFAULT_DIR)
     decoder: str = "smollm2"
-    encoder_layers: int = 1
+    encoder_layers: int = 4
     group_tokens: int = 8
     memory: str = "kv"
     restore_steps: int = 150
@@ -80,7 +80,7 @@ class TrainSettings:
                               "use 8 (Dolphin's 32 memory embeddings per window), or 4, 16, 32")
         if not 0 <= self.encoder_layers <= 64:
             raise ConfigError(f"--encoder-layers {self.encoder_layers} is out of range", "0 to the decoder's "
-                              "layer count", "use 1")
+                              "layer count", "use 4")
         from edgec.compile.context import MEMORY_KINDS
 
         if self.memory not in MEMORY_KINDS:

@@ -438,7 +438,7 @@ def test_embeddings_memory_trains_exports_and_evaluates(tmp_path, capsys):
     hf, cfg = _tiny_decoder_dir(tmp_path)
     out = tmp_path / "emb"
     assert main(["context", "train", "--out", str(out), "--decoder", str(hf), "--memory", "embeddings",
-                 "--restore-steps", "1", "--continue-steps", "1", "--batch-size", "2"]) == 0
+                 "--encoder-layers", "1", "--restore-steps", "1", "--continue-steps", "1", "--batch-size", "2"]) == 0
     assert main(["context", "export", str(out), "--variants", "fp32"]) == 0
     manifest = json.loads((out / "onnx" / "manifest.json").read_text())
     assert manifest["compressor"]["memory"] == "embeddings" and "bridge_token_id" not in manifest
