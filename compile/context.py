@@ -62,7 +62,9 @@ class CompressorSpec:
     ``group_tokens``); ``projector_hidden``: width of the projector's MLP; ``hidden_size``: the
     decoder's embedding width; ``decoder``: the decoder's name (as given to ``--decoder``); ``memory``:
     where the memory enters the decoder, ``"embeddings"`` (input embeddings, Dolphin) or ``"kv"`` (every
-    layer's key/value cache); files without it are ``"embeddings"`` (edgec before the KV memory)."""
+    layer's key/value cache); files without it are ``"embeddings"`` (edgec before the KV memory).
+    The defaults here are what a file without the key means; ``edgec context train``'s own defaults
+    are :class:`edgec.context_job.TrainSettings`' (4 encoder layers, ``kv``)."""
 
     encoder_layers: int = 1
     group_tokens: int = 8
@@ -91,8 +93,8 @@ class CompressorSpec:
                               "use 256 with group_tokens 8")
         hi = decoder_layers if decoder_layers is not None else 64
         if not 0 <= self.encoder_layers <= hi:
-            raise ConfigError(f"encoder_layers {self.encoder_layers} is out of range",
-                              f"the decoder has {hi} layers", f"use 0 to {hi} (1 is the default)")
+            raise ConfigError(f"--encoder-layers {self.encoder_layers} is out of range",
+                              f"the decoder has {hi} layers", f"pass --encoder-layers between 0 and {hi}")
         if self.memory not in MEMORY_KINDS:
             raise ConfigError(f"memory {self.memory!r} is not a memory kind", f"choose from {', '.join(MEMORY_KINDS)}",
                               "use kv")

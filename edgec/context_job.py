@@ -19,7 +19,7 @@ The compressor itself (encoder = the decoder's first blocks, projector, memory l
   many tokens of text the memory is worth; time to first token and peak memory on cpu-ort (:func:`evaluate`).
 
 Everything runs on the CPU: training autocasts the frozen decoder's forward/backward to bfloat16 where
-the CPU computes bfloat16 natively (AVX-512 BF16 / AMX) and stays float32 elsewhere (:func:`train_dtype`).
+oneDNN supports bfloat16 (AVX-512 CPUs; natively with AVX-512 BF16 / AMX) and stays float32 elsewhere (:func:`train_dtype`).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class TrainSettings:
                               "use 8 (Dolphin's 32 memory embeddings per window), or 4, 16, 32")
         if not 0 <= self.encoder_layers <= 64:
             raise ConfigError(f"--encoder-layers {self.encoder_layers} is out of range", "0 to the decoder's "
-                              "layer count", "use 4")
+                              "layer count", "use 4 (the default) or fewer for a decoder of fewer layers")
         from edgec.compile.context import MEMORY_KINDS
 
         if self.memory not in MEMORY_KINDS:
@@ -163,8 +163,8 @@ def batch_for(step: int, settings: TrainSettings, corpus: Corpus, window_tokens:
 
 
 def train_dtype() -> str:
-    """The autocast dtype of training on this CPU: ``"bfloat16"`` where oneDNN runs bfloat16 natively
-    (AVX-512 BF16 or AMX), else ``"float32"`` — on an AVX2-only CPU a bfloat16 matmul with its backward
+    """The autocast dtype of training on this CPU: ``"bfloat16"`` where oneDNN supports bfloat16 (its
+    ``avx512_core`` level and up: AVX-512 CPUs, natively with AVX-512 BF16 or AMX), else ``"float32"`` — on an AVX2-only CPU a bfloat16 matmul with its backward
     measured ~10× slower than float32 (0.5 s vs 0.05 s for 512×576×1536), which made a step minutes long."""
     import torch
 
@@ -329,7 +329,7 @@ def _train_loop(settings, comp, corpus, opt, spec, hf, doc_start, start, history
     t0 = time.perf_counter() - elapsed
     stage_name, running = None, []
     dtype = train_dtype()
-    why = "native on this CPU" if dtype == "bfloat16" else "this CPU has no native bfloat16"
+    why = "oneDNN supports it on this CPU" if dtype == "bfloat16" else "no oneDNN bfloat16 on this CPU (no AVX-512)"
     progress.log(f"autocast: {dtype} ({why})")
     for step in range(start, total):
         stage, contexts, targets = batch_for(step, settings, corpus, spec.window_tokens)

@@ -768,7 +768,7 @@ result['spec']['window_tokens']}-token window{', written into every decoder laye
 if result['spec'].get('memory') == 'kv' else ', given to the decoder as input embeddings'}. Trained {t.get('steps', '?')} steps
 ({t.get('restore_steps', '?')} restoration, {t.get('continue_steps', '?')} continuation) in
 {(t.get('train_s') or 0) / 60:.1f} min on {t.get('threads', '?')} CPU threads{
-f" ({e(str(t['autocast']))} autocast)" if t.get('autocast') else ''}. Evaluation text: {e(result['corpus']['eval'])}.</p>
+f" in {e(str(t['autocast']))}" if t.get('autocast') else ''}. Evaluation text: {e(result['corpus']['eval'])}.</p>
 <h2>Continuation perplexity</h2>
 <p>{ppl['samples']} held-out passages from {ppl['documents']} documents: a {ppl['context_tokens']}-token context
 ({ppl['memory_tokens']} {memory_noun(result['spec'])}), then {ppl['target_tokens']} scored tokens; PyTorch FP32.

@@ -151,7 +151,7 @@ def test_spec_checks_and_weights_of_another_memory_count_are_refused(tiny_lm):
 
     with pytest.raises(ConfigError, match="multiple of group_tokens"):
         _spec(window_tokens=18).check()
-    with pytest.raises(ConfigError, match="encoder_layers 5"):
+    with pytest.raises(ConfigError, match="--encoder-layers 5"):
         Compressor(tiny_lm, _spec(encoder_layers=5))
     with pytest.raises(ModelError, match="unknown keys"):
         CompressorSpec.from_dict({**_spec().to_dict(), "memory_slots": 3})
