@@ -19,7 +19,8 @@ The compressor itself (encoder = the decoder's first blocks, projector, memory l
   many tokens of text the memory is worth; time to first token and peak memory on cpu-ort (:func:`evaluate`).
 
 Everything runs on the CPU: training autocasts the frozen decoder's forward/backward to bfloat16 where
-oneDNN supports bfloat16 (AVX-512 CPUs; natively with AVX-512 BF16 / AMX) and stays float32 elsewhere (:func:`train_dtype`).
+oneDNN supports bfloat16 (AVX-512 CPUs; natively with AVX-512 BF16 / AMX) and stays float32 elsewhere
+(:func:`train_dtype`).
 """
 
 from __future__ import annotations
@@ -164,8 +165,9 @@ def batch_for(step: int, settings: TrainSettings, corpus: Corpus, window_tokens:
 
 def train_dtype() -> str:
     """The autocast dtype of training on this CPU: ``"bfloat16"`` where oneDNN supports bfloat16 (its
-    ``avx512_core`` level and up: AVX-512 CPUs, natively with AVX-512 BF16 or AMX), else ``"float32"`` — on an AVX2-only CPU a bfloat16 matmul with its backward
-    measured ~10× slower than float32 (0.5 s vs 0.05 s for 512×576×1536), which made a step minutes long."""
+    ``avx512_core`` level and up: AVX-512 CPUs, natively with AVX-512 BF16 or AMX), else ``"float32"``.
+    On an AVX2-only CPU a bfloat16 matmul with its backward measured ~10× slower than float32 (0.5 s vs
+    0.05 s for 512×576×1536), which made a training step minutes long."""
     import torch
 
     try:
@@ -523,9 +525,8 @@ def perplexities(comp, doc_start: int, samples: list, context_tokens: int, batch
                 "d_last_tokens": torch.cat([s, comp.token_embeds(c_ids[:, context_tokens - m:])], 1),
                 "e_zero_memory": torch.zeros_like(mem[sl]),
                 "e_shuffled_memory": mem[sl][:, perm],
-                "f_other_document": mem[[other[i] for i in range(b, b + k)]],
-                "f_other_document_text": torch.cat([s, comp.token_embeds(torch.from_numpy(
-                    ctx[[other[i] for i in range(b, b + k)]]))], 1),
+                "f_other_document": mem[other[sl]],
+                "f_other_document_text": torch.cat([s, comp.token_embeds(torch.from_numpy(ctx[other[sl]]))], 1),
                 **{f"last_{n}": torch.cat([s, comp.token_embeds(c_ids[:, context_tokens - n:])], 1) for n in extra},
             }
             t = torch.from_numpy(tgt[sl])

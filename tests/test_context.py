@@ -167,7 +167,7 @@ def test_spec_checks_and_weights_of_another_memory_count_are_refused(tiny_lm):
         load_projector(_spec(group_tokens=8), trained)
 
 
-def test_training_autocasts_to_bfloat16_only_where_the_cpu_runs_it_natively(monkeypatch):
+def test_training_autocasts_to_bfloat16_only_where_onednn_supports_it(monkeypatch):
     import torch
 
     from edgec.context_job import train_dtype

@@ -53,8 +53,7 @@ def test_htp_simulator_matches_cpu_on_the_qdq_model(small_fp32, images8, tmp_pat
         htp = io.dequantize_output(target.run(path, io.quantize_input(x), tmp_path / "work"))
     finally:
         target.close()
-    # the QDQ graph's own semantics (reference ops): ORT's fused integer kernels differ on AVX2-only CPUs
-    cpu = onnx_logits(path, x, io=io.to_dict(), optimize=False)
+    cpu = onnx_logits(path, x, io=io.to_dict())
     fp32 = onnx_logits(small_fp32, x)
     assert np.max(np.abs(htp - cpu)) <= HTP_TOLERANCE_STEPS * io.output_scale
     assert np.mean(np.argmax(htp, 1) == np.argmax(cpu, 1)) >= 0.75
