@@ -196,6 +196,15 @@ def _atomic_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> 
         tmp.unlink(missing_ok=True)
 
 
+def _remove_if_empty(folder: Path) -> None:
+    """Remove ``folder`` only while it is empty: a run stopped before its first checkpoint leaves nothing
+    behind, but never deletes what another run started in the same folder since wrote there."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
 def _optimizer_tensors(opt) -> dict:
     out = {}
     for i, st in opt.state_dict()["state"].items():
@@ -272,7 +281,7 @@ def train(settings: TrainSettings, progress) -> dict:
         comp = Compressor(lm, spec)
     except BaseException:
         if created:  # leave no empty folder behind for a decoder we could not use
-            shutil.rmtree(out, ignore_errors=True)
+            _remove_if_empty(out)
         raise
     doc_start = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     doc_start = 0 if doc_start is None else int(doc_start)
@@ -314,8 +323,8 @@ def train(settings: TrainSettings, progress) -> dict:
     try:
         return _train_loop(settings, comp, corpus, opt, spec, hf, doc_start, start, history, elapsed, progress)
     except BaseException:
-        if created and not ckpt.exists():  # interrupted before the first checkpoint: nothing to resume
-            shutil.rmtree(out, ignore_errors=True)
+        if created:  # interrupted before the first checkpoint: nothing to resume, no empty folder left
+            _remove_if_empty(out)
         raise
 
 

@@ -288,6 +288,36 @@ def _tiny_decoder_dir(tmp_path):
     return hf, cfg
 
 
+def test_train_stopped_before_its_first_checkpoint_never_deletes_another_runs_files(tmp_path):
+    """A run stopped before its first checkpoint removes the folder it created only while it is empty: a
+    second run started in the same folder meanwhile keeps what it wrote."""
+    from edgec.context_job import TrainSettings, train
+
+    hf, _ = _tiny_decoder_dir(tmp_path)
+    base = dict(decoder=str(hf), restore_steps=2, continue_steps=0, batch_size=1, checkpoint_every=2,
+                encoder_layers=1)
+
+    class Stop:
+        def __init__(self, out, intruder):
+            self.out, self.intruder = out, intruder
+
+        def stage(self, *a, **k): ...
+        def log(self, *a): ...
+
+        def advance(self, done, total=None, note=""):
+            if self.intruder:  # another run's file lands in the folder during step 1
+                (self.out / "other-run.json").write_text("{}")
+            raise KeyboardInterrupt
+
+    alone, shared = tmp_path / "alone", tmp_path / "shared"
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainSettings(out=str(alone), **base), Stop(alone, False))
+    assert not alone.exists()
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainSettings(out=str(shared), **base), Stop(shared, True))
+    assert (shared / "other-run.json").read_text() == "{}"
+
+
 @pytest.mark.slow
 def test_train_resume_export_and_eval_end_to_end(tmp_path, capsys):
     """Train a few steps on a tiny random Llama, interrupt-and-resume gives the same weights as one run,
