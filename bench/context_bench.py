@@ -3,8 +3,9 @@
 For an exported compressor (``edgec context export``), in one process and on the same held-out text:
 for each encoder precision (fp32, int8) × decoder variant in the export (fp32, int8w, int4w …) and each
 context length, the full-context
-prefill (embedding + decoder over ``[doc_start ; context ; prompt]``) against the compressed path
-(encoder + projector over the context, then a prefill of ``[doc_start ; memory ; prompt]``), interleaved,
+prefill (embedding + decoder over ``[doc_start ; context ; prompt]``) against the compressed path as the
+export's chain reads the context (encoder + projector over its older part, then a prefill of the last
+``tail_tokens`` and the prompt after the memory — ``ContextRuntime.inputs``), interleaved,
 medians of ``--repeats`` pairs after one warm-up. ``measured``; not a test: numbers depend on the machine —
 compare the ratios in one table, not absolute milliseconds across runs.
 
@@ -40,7 +41,8 @@ def main() -> None:
     stream = np.concatenate(load_corpus(AutoTokenizer.from_pretrained(export), train=False).eval)
     contexts = [int(c) for c in args.contexts.split(",")]
     table = Table(title=f"time to first token, cpu-ort, {args.threads} threads, medians of {args.repeats} "
-                        f"interleaved pairs (measured); {manifest['compression_ratio']}× compression")
+                        f"interleaved pairs (measured); {manifest['compression_ratio']}× compression, the last "
+                        f"{manifest.get('tail_tokens', 0)} context tokens as text")
     for col in ("encoder", "decoder", "context", "full ms", "compressed ms", "encoder ms", "speed-up"):
         table.add_column(col, justify="right")
     rows = []

@@ -227,7 +227,10 @@ def _context_args(sub) -> None:
     ctx = p.add_subparsers(dest="context_command", metavar="train|export|eval", required=True,
                            parser_class=_ArgumentParser)
     from edgec.compile.context import MEMORY_KINDS
-    from edgec.context_job import DEFAULT_DIR, ENCODER_VARIANTS, TrainSettings
+    from edgec.context_job import DEFAULT_DIR, DEFAULT_TAIL_TOKENS, ENCODER_VARIANTS, TrainSettings
+
+    TAIL_HELP = (f"a context's last tokens kept as text, at most half its decoder positions; the memory covers the "
+                 f"tokens before them (default {DEFAULT_TAIL_TOKENS}; 0 compresses the whole context)")
 
     d = TrainSettings()
     q = ctx.add_parser("train", help="train the projector with the decoder frozen (restoration, then continuation)",
@@ -262,6 +265,7 @@ def _context_args(sub) -> None:
     q.add_argument("--variants", default="fp32,int8w", help="decoder precisions: fp32 (required), int8w, int4w "
                    "(default fp32,int8w)")
     q.add_argument("--threads", type=int, default=2, help="runtime threads (default 2)")
+    q.add_argument("--tail-tokens", type=int, default=DEFAULT_TAIL_TOKENS, help=TAIL_HELP)
     q = ctx.add_parser("eval", help="perplexity with no / full / compressed / truncated context, controls and the "
                        "truncation curve (what the memory is worth in tokens of text); "
                        "TTFT and peak memory on cpu-ort", allow_abbrev=False)
@@ -273,6 +277,8 @@ def _context_args(sub) -> None:
                    help="encoder graph for the timings, its memory's perplexity is reported too (default int8: "
                         "dynamic INT8 MatMuls, about 2x faster, same perplexity measured)")
     q.add_argument("--threads", type=int, default=2, help="threads (default 2)")
+    q.add_argument("--tail-tokens", type=int, default=DEFAULT_TAIL_TOKENS, help=TAIL_HELP + "; the export is "
+                   "redone when it was made with another value")
     q.add_argument("--json", metavar="FILE", help="write the figures here (gap_closure, ttft_speedup_1024, ...)")
     q.add_argument("--html", metavar="FILE", help="write the report here (default <folder>/report.html)")
 
@@ -392,7 +398,7 @@ def cmd_context(args: argparse.Namespace) -> int:
     if args.context_command == "export":
         variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
         with _RichProgress(Console(stderr=True)) as progress:
-            m = job.export(Path(args.folder), variants, args.threads, progress)
+            m = job.export(Path(args.folder), variants, args.threads, progress, args.tail_tokens)
         p = m["parity_fp32"]
         out.print(f"Exported to {Path(args.folder) / 'onnx'}: encoder + projector, embedding, decoder "
                   f"({', '.join(m['decoders'])}); parity with PyTorch: memory |Δ| {p['memory_max_abs_diff']:.1e}, "
@@ -411,11 +417,12 @@ def cmd_context(args: argparse.Namespace) -> int:
                                                    folder / "onnx" / "manifest.json"))
     with _RichProgress(Console(stderr=True)) as progress:
         result = job.evaluate(Path(args.folder), args.context_tokens, args.samples, args.variant, args.threads,
-                              progress, args.encoder)
+                              progress, args.encoder, args.tail_tokens)
     ppl = result["perplexity"]
-    table = Table(title=f"continuation perplexity, {ppl['context_tokens']}-token context → "
-                        f"{ppl['memory_tokens']} {memory_noun(result['spec'])} ({result['eval_samples']} held-out "
-                        "passages)")
+    t_len = ppl.get("tail_tokens", 0)
+    table = Table(title=f"continuation perplexity, {ppl['context_tokens']}-token context → N = {ppl['memory_tokens']} "
+                        f"positions: {ppl['memory_tokens'] - t_len} {memory_noun(result['spec'])} + the last {t_len} "
+                        f"tokens as text ({result['eval_samples']} held-out passages)")
     table.add_column("condition")
     table.add_column("perplexity", justify="right")
     for k, text in result["conditions"].items():
@@ -426,10 +433,10 @@ def cmd_context(args: argparse.Namespace) -> int:
               f"{result['c_compressed_onnx_encoder']:.3f}")
     t = Table(title=f"time to first token on cpu-ort ({result['encoder']} encoder, {result['variant']} decoder, "
                     f"{result['threads']} threads, medians, measured)")
-    for col in ("context", "memory", "full prefill ms", "compressed ms", "of which encoder ms", "speed-up"):
+    for col in ("context", "memory + text", "full prefill ms", "compressed ms", "of which encoder ms", "speed-up"):
         t.add_column(col, justify="right")
     for r in result["ttft"]:
-        t.add_row(str(r["context_tokens"]), str(r["memory_tokens"]), f"{r['full_ttft_ms']:.1f}",
+        t.add_row(str(r["context_tokens"]), f"{r['memory_tokens']} + {r.get('tail_tokens', 0)}", f"{r['full_ttft_ms']:.1f}",
                   f"{r['compressed_ttft_ms']:.1f}", f"{r['encoder_ms']:.1f}", f"{r['ttft_speedup']:.2f}×")
     out.print(t)
     gap = result["gap_closure"]

@@ -16,7 +16,13 @@ The compressor itself (encoder = the decoder's first blocks, projector, memory l
   manifest that chains them (:func:`export`).
 - **eval** — continuation perplexity under the issue's conditions (a)–(f) (:data:`CONDITIONS`), plus the
   truncation curve (the last k context tokens as text, k from 0 to the whole context), which says how
-  many tokens of text the memory is worth; time to first token and peak memory on cpu-ort (:func:`evaluate`).
+  many tokens of text the compressed context is worth; time to first token and peak memory on cpu-ort
+  (:func:`evaluate`).
+
+The compressed context is read as the app's chain reads it (:func:`edgec.targets.ort_context.split_context`):
+a context of L tokens gets N = L // group_tokens decoder positions, its last ``tail_tokens`` (at most N // 2)
+stay text and the memory covers the tokens before them. Training needs nothing for this: continuation
+already teaches the decoder to read the memory and then the text that follows it.
 
 Everything runs on the CPU: training autocasts the frozen decoder's forward/backward to bfloat16 where
 oneDNN supports bfloat16 (AVX-512 CPUs; natively with AVX-512 BF16 / AMX) and stays float32 elsewhere
@@ -40,6 +46,10 @@ from edgec.errors import ConfigError, ModelError, OutputDirError
 from edgec.rundir import TMP_PREFIX
 
 DEFAULT_DIR = Path("runs") / "context"
+# a context's last tokens the app's chain keeps as text (at most half its positions): measured on the default
+# compressor, 512-token contexts, 64 positions: 0 → perplexity 13.43, 8 → 11.92, 16 → 11.32, 32 → 10.43,
+# 40 → 10.25 (the last 64 tokens as text: 11.54); 32 keeps at least half the positions memory
+DEFAULT_TAIL_TOKENS = 32
 CONTEXT_CHOICES = (256, 512, 768, 1024)
 WINDOW_TOKENS = 256
 FORMAT = "edgec-context-compressor/1"
@@ -397,6 +407,12 @@ def _train_loop(settings, comp, corpus, opt, spec, hf, doc_start, start, history
     return meta
 
 
+def check_tail_tokens(tail_tokens: int) -> None:
+    if not 0 <= tail_tokens <= 4096:
+        raise ConfigError(f"--tail-tokens {tail_tokens} is out of range", "0 (compress the whole context) to 4096",
+                          f"use {DEFAULT_TAIL_TOKENS}")
+
+
 def check_threads(threads: int) -> None:
     if not 1 <= threads <= 256:
         raise ConfigError(f"--threads {threads} is out of range", "1 to 256", "use 2")
@@ -449,11 +465,14 @@ def load_compressor(folder: Path, lm=None):
 CONDITIONS = {
     "a_no_context": "no context",
     "b_full_context": "the full context as text",
-    "c_compressed": "the compressed context (the memory)",
+    "c_compressed": "the compressed context: the memory of its older part, then its last t tokens as text "
+                    "(N positions in all, the app's chain)",
+    "c_memory_only": "the memory of the whole context, no text (N positions)",
     "d_last_tokens": "the last N tokens of the context as text (N = memory count: the same budget)",
-    "e_zero_memory": "zeroed memory (negative control)",
-    "e_shuffled_memory": "memory in shuffled order (negative control)",
-    "f_other_document": "memory of another document's context (negative control)",
+    "e_zero_memory": "zeroed memory, the same last t tokens (negative control)",
+    "e_shuffled_memory": "memory in shuffled order, the same last t tokens (negative control)",
+    "e_tail_only": "the last t tokens alone, no memory (what (c)'s text gives by itself)",
+    "f_other_document": "memory of another document's context, the same last t tokens (negative control)",
     "f_other_document_text": "another document's full context as text (reference for (f): what any text of "
                              "this corpus gives, whatever it says)",
 }
@@ -492,19 +511,26 @@ def text_equivalent_tokens(curve: list[dict], ppl: float) -> float | None:
     return None
 
 
-def perplexities(comp, doc_start: int, samples: list, context_tokens: int, batch_size: int = 8,
-                 progress=None) -> dict:
+def perplexities(comp, doc_start: int, samples: list, context_tokens: int, tail_tokens: int = 0,
+                 batch_size: int = 8, progress=None) -> dict:
     """Continuation perplexity of the last ``len - context_tokens`` tokens of each sample under every
-    condition of :data:`CONDITIONS` (FP32, PyTorch). Returns {condition: perplexity} plus
-    ``gap_closure`` = (PPL_a − PPL_c) / (PPL_a − PPL_b), ``memory_tokens``, ``tokens_scored``, the
-    truncation curve ``text_budget`` (perplexity with the last k context tokens as text, k from
+    condition of :data:`CONDITIONS` (FP32, PyTorch); the compressed context (c) is read as the app's chain
+    reads it (:func:`~edgec.targets.ort_context.split_context` with ``tail_tokens``: N positions, the
+    memory of the older part, then the last t tokens as text). Returns {condition: perplexity} plus
+    ``gap_closure`` = (PPL_a − PPL_c) / (PPL_a − PPL_b), ``memory_tokens`` (N), ``tail_tokens`` (t), ``tokens_scored``,
+    the truncation curve ``text_budget`` (perplexity with the last k context tokens as text, k from
     :func:`text_budgets`) and ``memory_text_equivalent_tokens`` (:func:`text_equivalent_tokens`)."""
     import torch
+
+    from edgec.targets.ort_context import split_context
 
     docs = [d for d, _ in samples]
     seqs = np.stack([s for _, s in samples])
     ctx, tgt = seqs[:, :context_tokens], seqs[:, context_tokens:]
     m = comp.spec.memory_tokens(context_tokens)
+    older, tails = zip(*(split_context(c, comp.spec.group_tokens, tail_tokens) for c in ctx))
+    t_len = len(tails[0])
+    tail = np.stack(tails).reshape(len(samples), t_len)
     same = {0: "a_no_context", m: "d_last_tokens", context_tokens: "b_full_context"}
     extra = [k for k in text_budgets(m, context_tokens) if k not in same]
     sums = {k: 0.0 for k in [*CONDITIONS, *(f"last_{k}" for k in extra)]}
@@ -514,11 +540,13 @@ def perplexities(comp, doc_start: int, samples: list, context_tokens: int, batch
         other.append(j)
     rng = np.random.default_rng(0)
     with torch.no_grad():
-        mems = []
+        mems, whole = [], []
         for b in range(0, len(samples), batch_size):
-            mems += [comp.memory(c, doc_start) for c in ctx[b:b + batch_size]]
-        mem = torch.stack(mems)
+            mems += [comp.memory(c, doc_start) for c in older[b:b + batch_size]]
+            whole += [comp.memory(c, doc_start) for c in ctx[b:b + batch_size]]
+        mem, whole = torch.stack(mems), torch.stack(whole)
         start = comp.token_embeds(torch.tensor([[doc_start]]))
+        # memory conditions: [doc_start ; memory] as the compressor reads it, then the tail as text
         memory_conditions = {"c_compressed", "e_zero_memory", "e_shuffled_memory", "f_other_document"}
         steps = list(range(0, len(samples), batch_size))
         for n, b in enumerate(steps):
@@ -526,7 +554,7 @@ def perplexities(comp, doc_start: int, samples: list, context_tokens: int, batch
             k = len(seqs[sl])
             s = start.expand(k, -1, -1)
             c_ids = torch.from_numpy(ctx[sl])
-            perm = torch.from_numpy(rng.permutation(m))
+            perm = torch.from_numpy(rng.permutation(mem.shape[1]))
             prefixes = {
                 "a_no_context": s,
                 "b_full_context": torch.cat([s, comp.token_embeds(c_ids)], 1),
@@ -534,14 +562,20 @@ def perplexities(comp, doc_start: int, samples: list, context_tokens: int, batch
                 "d_last_tokens": torch.cat([s, comp.token_embeds(c_ids[:, context_tokens - m:])], 1),
                 "e_zero_memory": torch.zeros_like(mem[sl]),
                 "e_shuffled_memory": mem[sl][:, perm],
+                "e_tail_only": torch.cat([s, comp.token_embeds(torch.from_numpy(tail[sl]))], 1),
                 "f_other_document": mem[other[sl]],
                 "f_other_document_text": torch.cat([s, comp.token_embeds(torch.from_numpy(ctx[other[sl]]))], 1),
                 **{f"last_{n}": torch.cat([s, comp.token_embeds(c_ids[:, context_tokens - n:])], 1) for n in extra},
             }
             t = torch.from_numpy(tgt[sl])
-            for name, prefix in prefixes.items():  # memory conditions: [doc_start ; memory] as the compressor reads it
-                sums[name] += float(comp.memory_nll(prefix, t, doc_start) if name in memory_conditions
-                                    else comp.target_nll(prefix, t))
+            with_tail = torch.from_numpy(np.concatenate([tail[sl], tgt[sl]], 1))
+            for name, prefix in prefixes.items():
+                if name in memory_conditions:  # the tail is read after the memory, only the target is scored
+                    nll = comp.summed_nll(comp.memory_logits(prefix, with_tail, doc_start)[:, t_len:], t)
+                else:
+                    nll = comp.target_nll(prefix, t)
+                sums[name] += float(nll)
+            sums["c_memory_only"] += float(comp.memory_nll(whole[sl], t, doc_start))
             if progress:
                 progress.advance(n + 1, len(steps))
     n_tok = tgt.size
@@ -550,26 +584,31 @@ def perplexities(comp, doc_start: int, samples: list, context_tokens: int, batch
     curve = [{"text_tokens": k, "perplexity": round(ppl[same.get(k, f"last_{k}")], 4)}
              for k in text_budgets(m, context_tokens)]
     return {**{k: round(ppl[k], 4) for k in CONDITIONS}, "gap_closure": round((a - c) / (a - b), 4) if a != b else None,
+            "gap_closure_memory_only": round((a - ppl["c_memory_only"]) / (a - b), 4) if a != b else None,
             "text_budget": curve, "memory_text_equivalent_tokens": text_equivalent_tokens(curve, c),
-            "memory_tokens": m, "tokens_scored": int(n_tok), "samples": len(samples),
+            "memory_only_text_equivalent_tokens": text_equivalent_tokens(curve, ppl["c_memory_only"]),
+            "memory_tokens": m, "tail_tokens": t_len, "tokens_scored": int(n_tok), "samples": len(samples),
             "documents": len(set(docs))}
 
 
 def runtime_memory_perplexity(comp, rt, doc_start: int, samples: list, context_tokens: int) -> float:
-    """Continuation perplexity (as :func:`perplexities`' (c)) with the memory computed by an exported
-    encoder — ``rt`` a :class:`~edgec.targets.ort_context.ContextRuntime` — and the PyTorch decoder: the
-    quality of the graph that is timed."""
+    """Continuation perplexity (as :func:`perplexities`' (c), the context read as ``rt`` splits it) with the
+    memory computed by an exported encoder — ``rt`` a :class:`~edgec.targets.ort_context.ContextRuntime`
+    — and the PyTorch decoder: the quality of the graph that is timed."""
     import torch
 
     nll, n_tok = 0.0, 0
     with torch.no_grad():
         for _, seq in samples:
-            mem = torch.from_numpy(rt.memory(seq[:context_tokens]))
+            older, tail = rt.split(seq[:context_tokens])
+            mem = torch.from_numpy(rt.memory(older))
             tgt = torch.from_numpy(np.asarray(seq[context_tokens:], np.int64))[None]
+            ids = torch.from_numpy(np.concatenate([tail, tgt[0].numpy()]))[None]
             if comp.spec.memory == "kv":  # the graph's cache entries (2, layers, kv_heads, 1 + M, head_dim)
-                nll += float(comp.summed_nll(comp.cached_logits(mem[0][:, None], mem[1][:, None], tgt), tgt))
+                logits = comp.cached_logits(mem[0][:, None], mem[1][:, None], ids)
             else:
-                nll += float(comp.memory_nll(mem[None], tgt, doc_start))
+                logits = comp.memory_logits(mem[None], ids, doc_start)
+            nll += float(comp.summed_nll(logits[:, len(tail):], tgt))
             n_tok += tgt.numel()
     return round(math.exp(nll / n_tok), 4)
 
@@ -654,10 +693,12 @@ def _quantize_encoder(src: Path, dst: Path) -> None:
 ENCODER_VARIANTS = {"fp32": "encoder.onnx", "int8": "encoder-int8.onnx"}
 
 
-def export(folder: Path, variants: tuple[str, ...], threads: int, progress) -> dict:
+def export(folder: Path, variants: tuple[str, ...], threads: int, progress,
+           tail_tokens: int = DEFAULT_TAIL_TOKENS) -> dict:
     """Export the compressor trained in ``folder`` to ``folder/onnx`` (encoder + projector, embedding,
     decoder per precision variant, tokenizer files, ``manifest.json``), check parity against PyTorch and
-    return the manifest. Written into a temporary folder and renamed into place. The encoder comes in
+    return the manifest. ``tail_tokens``: how many of a context's last tokens the app's chain keeps as text
+    (the manifest's ``tail_tokens``; see :func:`~edgec.targets.ort_context.split_context`). Written into a temporary folder and renamed into place. The encoder comes in
     two precisions (:data:`ENCODER_VARIANTS`): FP32 and dynamic INT8 (:func:`_quantize_encoder`), whose
     memory's cosine similarity to the FP32 memory is recorded, not gated (``edgec context eval``
     measures its perplexity).
@@ -674,7 +715,7 @@ def export(folder: Path, variants: tuple[str, ...], threads: int, progress) -> d
     from edgec.compile.hf_source import resolve
     from edgec.errors import ExportError
     from edgec.pipeline import cache_root
-    from edgec.targets.ort_context import MANIFEST_FORMAT, ContextRuntime
+    from edgec.targets.ort_context import MANIFEST_FORMAT, ContextRuntime, split_context
     from edgec.targets.ort_generate import session
 
     unknown = [v for v in variants if v not in DECODER_VARIANTS]
@@ -683,6 +724,7 @@ def export(folder: Path, variants: tuple[str, ...], threads: int, progress) -> d
                           "fp32 is required (it is the parity reference)"),
                           f"choose from {', '.join(DECODER_VARIANTS)}", "e.g. --variants fp32,int8w")
     check_threads(threads)
+    check_tail_tokens(tail_tokens)
     folder = Path(folder)
     require_trained(folder)
     progress.stage("loading the compressor")
@@ -730,7 +772,8 @@ def export(folder: Path, variants: tuple[str, ...], threads: int, progress) -> d
                        "float32"]
         manifest = {
             "format": MANIFEST_FORMAT, "compressor": spec.to_dict(), "memory_per_window": spec.memory_per_window,
-            "compression_ratio": spec.group_tokens, "doc_start_id": meta["doc_start_id"],
+            "compression_ratio": spec.group_tokens, "tail_tokens": int(tail_tokens),
+            "doc_start_id": meta["doc_start_id"],
             **({"bridge_token_id": int(cfg.vocab_size)} if kv else {}),
             "encoder": {"path": "encoder.onnx", "inputs": {"window_ids": ["windows", spec.window_tokens, "int64"]},
                         "outputs": {"memory_keys": cache_shape, "memory_values": cache_shape} if kv else
@@ -754,17 +797,19 @@ def export(folder: Path, variants: tuple[str, ...], threads: int, progress) -> d
                            or comp.lm.config.hidden_size // comp.lm.config.num_attention_heads,
                            "genai_config": "decoder-<variant>/genai_config.json"},
             "chain": ["tokenize the context and the prompt with the tokenizer (no special tokens)",
-                      f"drop the context's oldest len % {spec.group_tokens} tokens; cut it into windows of "
-                      f"{spec.window_tokens} tokens (at least one: all doc_start_id when nothing is left), "
-                      "right-padding the last with doc_start_id",
-                      *([f"keys, values = encoder(window_ids) (either graph of encoders; int8 is the faster); "
-                         f"P = 1 + len // {spec.group_tokens}; past_key_values.<i>.key = keys[i, :, :P][None], "
+                      f"N = len(context) // {spec.group_tokens}, t = min({int(tail_tokens)} (tail_tokens), N // 2): "
+                      f"tail = the context's last t tokens, kept as text; older = the (N - t) * {spec.group_tokens} "
+                      "tokens before them, compressed (the oldest of the context are dropped: N positions in all)",
+                      f"cut older into windows of {spec.window_tokens} tokens (at least one: all doc_start_id "
+                      "when nothing is left), right-padding the last with doc_start_id",
+                      *(["keys, values = encoder(window_ids) (either graph of encoders; int8 is the faster); "
+                         "P = 1 + N - t; past_key_values.<i>.key = keys[i, :, :P][None], "
                          "past_key_values.<i>.value = values[i, :, :P][None] (the cache of [doc_start ; memory])",
-                         "decoder: inputs_embeds = embed([[bridge_token_id] + prompt_ids]), attention_mask = "
-                         "ones(1, P + 1 + len(prompt_ids)), past_key_values as above"] if kv else
-                        [f"memory = encoder(window_ids).reshape(-1, {spec.hidden_size})[: len // {spec.group_tokens}] "
+                         "decoder: inputs_embeds = embed([[bridge_token_id] + tail + prompt_ids]), attention_mask = "
+                         "ones(1, P + 1 + t + len(prompt_ids)), past_key_values as above"] if kv else
+                        [f"memory = encoder(window_ids).reshape(-1, {spec.hidden_size})[: N - t] "
                          "(either graph of encoders; int8 is the faster)",
-                         "prefix = concat(embed([doc_start_id]), memory, embed(prompt_ids))",
+                         "prefix = concat(embed([doc_start_id]), memory, embed(tail + prompt_ids))",
                          "decoder: inputs_embeds = prefix[None], attention_mask = ones(1, len(prefix)), "
                          "past_key_values of length 0"]),
                       "then per generated token: inputs_embeds = embed([[token]]), attention_mask = ones(1, past + 1), "
@@ -779,19 +824,21 @@ def export(folder: Path, variants: tuple[str, ...], threads: int, progress) -> d
         (_, seq), = eval_samples(corpus.eval, 512, 16, 1)[:1]
         rt = ContextRuntime(work, "fp32", threads, encoder="fp32")
         prompt = seq[512:]
+        older, tail = split_context(seq[:512], spec.group_tokens, tail_tokens)  # as the chain reads the context
+        read = np.concatenate([tail, prompt])
         with torch.no_grad():
-            mem = comp.memory(seq[:512], meta["doc_start_id"])
-            if kv:  # the cache of [doc_start ; memory], then [bridge ; prompt]; logits after the prompt
+            mem = comp.memory(older, meta["doc_start_id"])
+            if kv:  # the cache of [doc_start ; memory], then [bridge ; tail ; prompt]; logits after the prompt
                 keys, values = comp.memory_kv(mem[None], meta["doc_start_id"])
                 mem_t = torch.stack([keys[:, 0], values[:, 0]]).numpy()
-                nxt = torch.from_numpy(np.append(prompt, 0).astype(np.int64))[None]
+                nxt = torch.from_numpy(np.append(read, 0).astype(np.int64))[None]
                 logits_t = comp.cached_logits(keys, values, nxt)[0, -1].numpy()
             else:
                 mem_t = mem.numpy()
                 start = comp.token_embeds(torch.tensor([[meta["doc_start_id"]]]))[0]
-                prefix_t = torch.cat([start, mem, comp.token_embeds(torch.from_numpy(prompt))])
+                prefix_t = torch.cat([start, mem, comp.token_embeds(torch.from_numpy(read))])
                 logits_t = comp.lm(inputs_embeds=prefix_t[None]).logits[0, -1].numpy()
-        mem_o = rt.memory(seq[:512])
+        mem_o = rt.memory(older)
         x, past, past_len = rt.inputs(seq[:512], prompt)
         logits_o, _ = rt.decoder._run(x[None], past, past_len)
         parity = {"memory_max_abs_diff": float(np.abs(mem_o - mem_t).max()),
@@ -801,7 +848,7 @@ def export(folder: Path, variants: tuple[str, ...], threads: int, progress) -> d
             raise ExportError("the exported compressor does not match PyTorch",
                               f"memory |Δ| {parity['memory_max_abs_diff']:.2g}, logits |Δ| "
                               f"{parity['logits_max_abs_diff']:.2g}", "report this with the decoder used")
-        mem_q = rt.memory(seq[:512], session(str(work / ENCODER_VARIANTS["int8"]), threads))  # not a 2nd decoder
+        mem_q = rt.memory(older, session(str(work / ENCODER_VARIANTS["int8"]), threads))  # not a 2nd decoder
         cos = (mem_q * mem_o).sum(-1) / np.maximum(np.linalg.norm(mem_q, axis=-1) * np.linalg.norm(mem_o, axis=-1),
                                                     1e-12)
         manifest["encoders"]["int8"].update(memory_cosine_to_fp32=round(float(cos.mean()), 6),
@@ -887,13 +934,15 @@ def ttft_rows(rt, stream: np.ndarray, contexts=TTFT_CONTEXTS, repeats: int = 5, 
         for r in range(repeats):
             for compressed in ((True, False) if r % 2 else (False, True)):
                 (comp if compressed else full).append(rt.ttft_s(ctx, prompt, compressed)[0])
+            older, tail = rt.split(ctx)
             t0 = time.perf_counter()
-            rt.memory(ctx)
+            rt.memory(older)
             enc.append(time.perf_counter() - t0)
         f, c = float(np.median(full)) * 1e3, float(np.median(comp)) * 1e3
-        rows.append({"context_tokens": length, "memory_tokens": length // rt.group, "prompt_tokens": PROMPT_TOKENS,
-                     "full_prefill_tokens": 1 + length + PROMPT_TOKENS,
-                     "compressed_prefill_tokens": (1 + PROMPT_TOKENS if rt.memory_kind == "kv"  # [bridge ; prompt]
+        t = len(tail)
+        rows.append({"context_tokens": length, "memory_tokens": length // rt.group - t, "tail_tokens": t,
+                     "prompt_tokens": PROMPT_TOKENS, "full_prefill_tokens": 1 + length + PROMPT_TOKENS,
+                     "compressed_prefill_tokens": (1 + t + PROMPT_TOKENS if rt.memory_kind == "kv"  # [bridge ; tail ; prompt]
                                                    else 1 + length // rt.group + PROMPT_TOKENS),
                      "full_ttft_ms": round(f, 2), "compressed_ttft_ms": round(c, 2),
                      "encoder_ms": round(float(np.median(enc)) * 1e3, 2), "ttft_speedup": round(f / c, 3),
@@ -923,7 +972,7 @@ def _field(d: dict, key: str, sub: str):
 
 
 def evaluate(folder: Path, context_tokens: int, samples: int, variant: str, threads: int, progress,
-             encoder: str = "int8") -> dict:
+             encoder: str = "int8", tail_tokens: int = DEFAULT_TAIL_TOKENS) -> dict:
     """``edgec context eval``: perplexities under every condition (PyTorch, FP32), the (c) perplexity with
     the memory of the exported ``encoder`` graph (fp32 or int8), and TTFT / peak memory on cpu-ort with that
     encoder and the ``variant`` decoder (exporting first when ``folder/onnx`` is missing or stale). Returns
@@ -936,6 +985,7 @@ def evaluate(folder: Path, context_tokens: int, samples: int, variant: str, thre
     if not 2 <= samples <= 10_000:
         raise ConfigError(f"--samples {samples} is out of range", "2 to 10000", "use 48")
     check_threads(threads)
+    check_tail_tokens(tail_tokens)
     if variant not in DECODER_VARIANTS:
         raise ConfigError(f"--variant {variant!r} is not a decoder precision", f"choose from {', '.join(DECODER_VARIANTS)}",
                           "use fp32")
@@ -957,7 +1007,8 @@ def evaluate(folder: Path, context_tokens: int, samples: int, variant: str, thre
     current = same_weights and all(  # a missing encoder graph: export again, not fail after the perplexity pass
         isinstance(encoders.get(v), dict) and (export_dir / str(encoders[v].get("path"))).is_file()
         for v in ENCODER_VARIANTS) and (  # the first KV exports had no bridge row count: export again
-        _field(old, "compressor", "memory") != "kv" or isinstance(_field(old, "embed", "rows"), int))
+        _field(old, "compressor", "memory") != "kv" or isinstance(_field(old, "embed", "rows"), int)) and (
+        old.get("tail_tokens", 0) == tail_tokens)  # the chain the export describes is the one measured
     old_variants = [v for v in (old.get("decoders") or {}) if v in DECODER_VARIANTS] if isinstance(
         old.get("decoders"), dict) else []
     if current and variant not in old_variants:
@@ -973,15 +1024,18 @@ def evaluate(folder: Path, context_tokens: int, samples: int, variant: str, thre
                    "(PyTorch FP32)",
                    math.ceil(len(pool) / 8))
     t0 = time.perf_counter()
-    ppl = perplexities(comp, meta["doc_start_id"], pool, context_tokens, progress=progress)
+    ppl = perplexities(comp, meta["doc_start_id"], pool, context_tokens, tail_tokens, progress=progress)
     ppl["eval_s"] = round(time.perf_counter() - t0, 1)
     ppl["context_tokens"], ppl["target_tokens"] = context_tokens, 128
     if not current:
         if old:
             progress.log(f"{export_dir} was exported " + ("from other weights (the compressor was retrained)"
-                         if old.get("compressor_sha256") and not same_weights else "by an older edgec, or is damaged")
+                         if old.get("compressor_sha256") and not same_weights else
+                         f"with --tail-tokens {old.get('tail_tokens', 0)}" if same_weights and old.get(
+                             "tail_tokens", 0) != tail_tokens else "by an older edgec, or is damaged")
                          + ": exporting again")
-        export(folder, tuple(dict.fromkeys(["fp32", "int8w", *old_variants, variant])), threads, progress)
+        export(folder, tuple(dict.fromkeys(["fp32", "int8w", *old_variants, variant])), threads, progress,
+               tail_tokens)
     from edgec.targets.ort_context import ContextRuntime
 
     manifest = json.loads((export_dir / "manifest.json").read_text())
@@ -1004,7 +1058,7 @@ def evaluate(folder: Path, context_tokens: int, samples: int, variant: str, thre
     return {"compressor": folder.as_posix(), "spec": spec, "compression_ratio": spec["group_tokens"],
             "memory_per_window": manifest["memory_per_window"], "conditions": CONDITIONS, "perplexity": ppl,
             "gap_closure": ppl["gap_closure"], "c_beats_d": ppl["c_compressed"] < ppl["d_last_tokens"],
-            "memory_text_equivalent_tokens": ppl["memory_text_equivalent_tokens"],
+            "memory_text_equivalent_tokens": ppl["memory_text_equivalent_tokens"], "tail_tokens": tail_tokens,
             "ttft": rows, "ttft_speedup_1024": by_len[1024]["ttft_speedup"] if 1024 in by_len else None,
             "break_even_context_tokens": break_even(rows), "peak_memory_1024": peak,
             "encoder": encoder, "c_compressed_onnx_encoder": ppl_rt,

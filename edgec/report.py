@@ -725,12 +725,22 @@ def text_equivalent_text(result: dict) -> str:
     """``edgec context eval``'s truncation curve in words: what the memory is worth in context tokens given
     as text, and the perplexity with the last k tokens for each k measured."""
     ppl = result["perplexity"]
-    eq = ppl.get("memory_text_equivalent_tokens")
-    worth = ("no more than no context" if eq == 0 else "more than the whole context as text" if eq is None
-             else f"about {eq:g} context tokens as text")
+
+    def worth(eq):
+        return ("no more than no context" if eq == 0 else "more than the whole context as text" if eq is None
+                else f"about {eq:g} context tokens as text")
+
     curve = " · ".join(f"{c['text_tokens']}: {c['perplexity']:.2f}" for c in ppl.get("text_budget", []))
-    return (f"the {ppl['memory_tokens']} {memory_noun(result['spec'])} are worth {worth} "
-            f"(perplexity with the last k tokens as text — {curve}; memory: {ppl['c_compressed']:.2f})")
+    t = ppl.get("tail_tokens", 0)
+    if not t:
+        return (f"the {ppl['memory_tokens']} {memory_noun(result['spec'])} are worth "
+                f"{worth(ppl.get('memory_text_equivalent_tokens'))} (perplexity with the last k tokens as text — "
+                f"{curve}; memory: {ppl['c_compressed']:.2f})")
+    return (f"the compressed context ({ppl['memory_tokens'] - t} {memory_noun(result['spec'])} + the last {t} tokens "
+            f"as text) is worth {worth(ppl.get('memory_text_equivalent_tokens'))}, the memory of the whole context "
+            f"alone ({ppl['memory_tokens']} positions) {worth(ppl.get('memory_only_text_equivalent_tokens'))} "
+            f"(perplexity with the last k tokens as text — {curve}; compressed: {ppl['c_compressed']:.2f}, memory "
+            f"alone: {ppl['c_memory_only']:.2f})")
 
 
 def break_even_text(result: dict) -> str:
@@ -750,7 +760,8 @@ def context_html(result: dict) -> str:
     ppl = result["perplexity"]
     cond = "".join(f"<tr><td>({k[0]}) {e(text)}</td><td>{ppl[k]:.3f}</td></tr>"
                    for k, text in result["conditions"].items())
-    rows = "".join(f"<tr><td>{r['context_tokens']}</td><td>{r['memory_tokens']}</td><td>{r['full_ttft_ms']:.1f}</td>"
+    rows = "".join(f"<tr><td>{r['context_tokens']}</td><td>{r['memory_tokens']} + {r.get('tail_tokens', 0)}</td>"
+                   f"<td>{r['full_ttft_ms']:.1f}</td>"
                    f"<td>{r['compressed_ttft_ms']:.1f}</td><td>{r['encoder_ms']:.1f}</td><td>{r['ttft_speedup']:.2f}×</td></tr>"
                    for r in result["ttft"])
     peak = result.get("peak_memory_1024") or {}
@@ -771,7 +782,10 @@ if result['spec'].get('memory') == 'kv' else ', given to the decoder as input em
 f" in {e(str(t['autocast']))}" if t.get('autocast') else ''}. Evaluation text: {e(result['corpus']['eval'])}.</p>
 <h2>Continuation perplexity</h2>
 <p>{ppl['samples']} held-out passages from {ppl['documents']} documents: a {ppl['context_tokens']}-token context
-({ppl['memory_tokens']} {memory_noun(result['spec'])}), then {ppl['target_tokens']} scored tokens; PyTorch FP32.
+(N = {ppl['memory_tokens']} decoder positions: the compressed context (c) is the memory of its older part in
+{ppl['memory_tokens'] - ppl.get('tail_tokens', 0)} {memory_noun(result['spec'])}, then its last
+{ppl.get('tail_tokens', 0)} tokens as text — <code>--tail-tokens</code>), then {ppl['target_tokens']} scored tokens;
+PyTorch FP32.
 <b>Gap closure</b> (PPL<sub>a</sub> − PPL<sub>c</sub>) / (PPL<sub>a</sub> − PPL<sub>b</sub>) =
 <b>{'n/a' if gap is None else f'{gap * 100:.1f} %'}</b>; compressed beats the last-N-tokens text:
 <b>{result['c_beats_d']}</b>.</p>
@@ -784,7 +798,7 @@ f" in {e(str(t['autocast']))}" if t.get('autocast') else ''}. Evaluation text: {
 <p>Speed-up at 1024 tokens: <b>{'n/a' if result['ttft_speedup_1024'] is None else f"{result['ttft_speedup_1024']:.2f}×"}</b>; break-even context:
 <b>{break_even_text(result)}</b>. A {result['ttft'][0]['prompt_tokens']}-token prompt follows the context; medians of
 interleaved runs.</p>
-<table><tr><th>context tokens</th><th>memory</th><th>full prefill ms</th><th>compressed ms</th>
+<table><tr><th>context tokens</th><th>memory + text tokens</th><th>full prefill ms</th><th>compressed ms</th>
 <th>of which encoder ms</th><th>speed-up</th></tr>{rows}</table>
 <img alt="TTFT vs context length" src="data:image/png;base64,{ttft}">
 <h2>Peak memory, 1024-token context</h2><ul>{mem}</ul>

@@ -9,16 +9,19 @@ An export folder (``edgec context export``) holds ``manifest.json`` and three gr
 - ``decoder-<variant>/model.onnx``: the decoder without its embedding (ONNX Runtime GenAI's builder,
   ``inputs_embeds``, KV cache), one folder per precision variant.
 
-The chain (:meth:`ContextRuntime.inputs`): drop the context's oldest ``len % group_tokens`` tokens, cut
-it into windows of ``window_tokens`` (the last one right-padded with ``doc_start_id``), run the encoder,
-keep the first M = ``len // group_tokens`` memory positions, then
+The chain (:meth:`ContextRuntime.inputs`): a context of L tokens gets N = L // group_tokens decoder
+positions; its last t = min(``tail_tokens``, N // 2) tokens stay text (the manifest's ``tail_tokens``; 0
+in exports of before 2026-12-03) and the (N − t) × group_tokens tokens before them are compressed
+(:func:`split_context`; the oldest ones are dropped). Cut those into windows of ``window_tokens`` (the
+last one right-padded with ``doc_start_id``), run the encoder, keep the first M = N − t memory
+positions, then
 
 - ``memory = "embeddings"``: the encoder gives ``memory`` (windows, memory_per_window, hidden); feed the
-  decoder ``[embed(doc_start_id) ; memory ; embed(prompt)]`` with an empty cache;
+  decoder ``[embed(doc_start_id) ; memory ; embed(tail + prompt)]`` with an empty cache;
 - ``memory = "kv"``: the encoder gives ``memory_keys`` / ``memory_values`` (layers, kv_heads, 1 +
   windows × memory_per_window, head_dim) — the decoder's cache of ``[doc_start ; memory]``, keys rotated
   as the decoder caches them; keep the first 1 + M positions of each layer as ``past_key_values`` and
-  feed ``embed([bridge_token_id] + prompt)`` (``bridge_token_id`` is the extra last row of
+  feed ``embed([bridge_token_id] + tail + prompt)`` (``bridge_token_id`` is the extra last row of
   ``embed.onnx``'s table, a trained embedding).
 
 The memory-token count is part of the manifest and of the encoder graph; a mismatch between them is
@@ -53,6 +56,19 @@ def context_windows(context_ids, group_tokens: int, window_tokens: int, pad_id: 
     return out, len(ids) // group_tokens
 
 
+def split_context(context_ids, group_tokens: int, tail_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """The compressed reading of a context (L,) int within its budget of N = L // group_tokens decoder
+    positions: (the ids to compress, (N − t) × group_tokens of them; the last t ids, kept as text), t =
+    min(tail_tokens, N // 2). The memory's N − t positions and the t tokens of text fill the N positions;
+    the oldest ``L − t − (N − t) × group_tokens`` ids (about ``t × (group_tokens − 1)``) are dropped.
+    ``tail_tokens = 0``: the whole context (less its oldest ``L % group_tokens`` ids) is compressed."""
+    ids = np.asarray(context_ids, np.int64)
+    n = len(ids) // group_tokens
+    t = min(int(tail_tokens), n // 2)
+    end = len(ids) - t
+    return ids[end - (n - t) * group_tokens: end], ids[end:]
+
+
 class ContextRuntime:
     """The exported compressor's sessions. ``folder``: an export folder (or the compressor's folder
     holding it as ``onnx/``); ``variant``: the decoder's
@@ -84,6 +100,7 @@ class ContextRuntime:
             decoders = {k: str(v["path"]) for k, v in m["decoders"].items()}
             hidden = int(spec["hidden_size"])
             self.memory_kind = str(spec.get("memory", "embeddings"))
+            self.tail_tokens = int(m.get("tail_tokens", 0))  # older exports compressed the whole context
             self.bridge = m["bridge_token_id"] if self.memory_kind == "kv" else None
             io = m.get("decoder_io") if isinstance(m.get("decoder_io"), dict) else {}
             cache_dims = [io.get("layers"), io.get("kv_heads"), io.get("head_dim")]
@@ -100,6 +117,9 @@ class ContextRuntime:
                              f"{self.window}-token windows in groups of {self.group} do not give "
                              f"{self.memory_per_window} memory embeddings per window",
                              "export the compressor again; memory-token counts are fixed by training")
+        if self.tail_tokens < 0:
+            raise ModelError(f"{folder}/manifest.json is damaged", f"tail_tokens is {self.tail_tokens}",
+                             "export it again with edgec context export")
         if self.memory_kind not in ("embeddings", "kv"):
             raise ModelError(f"{folder}/manifest.json names an unknown memory kind {self.memory_kind!r}",
                              "this edgec knows embeddings and kv", "export it again with this edgec")
@@ -216,31 +236,39 @@ class ContextRuntime:
         win, m = context_windows(context_ids, self.group, self.window, self.doc_start)
         return (encoder_session or self.encoder).run(None, {"window_ids": win}), m
 
+    def split(self, context_ids) -> tuple[np.ndarray, np.ndarray]:
+        """(the context ids the encoder compresses, the last ones kept as text): :func:`split_context` with
+        the manifest's ``group_tokens`` and ``tail_tokens``."""
+        return split_context(context_ids, self.group, self.tail_tokens)
+
     def prefix(self, context_ids, prompt_ids) -> np.ndarray:
-        """``[embed(doc_start) ; memory(context) ; embed(prompt)]`` (n, hidden) float32 — the decoder's
-        input for ``memory="embeddings"`` (see :meth:`inputs` for both kinds)."""
+        """``[embed(doc_start) ; memory(older context) ; embed(tail + prompt)]`` (n, hidden) float32 — the
+        decoder's input for ``memory="embeddings"`` (see :meth:`inputs` for both kinds and :meth:`split`)."""
         if self.memory_kind == "kv":
             raise ModelError("this export keeps its memory in the decoder's cache", "there is no input prefix",
                              "use ContextRuntime.inputs")
+        older, tail = self.split(context_ids)
         parts = [self.embed([self.doc_start])[0]]
-        if len(context_ids):
-            parts.append(self.memory(context_ids))
-        parts.append(self.embed(prompt_ids)[0])
+        if len(older):
+            parts.append(self.memory(older))
+        parts.append(self.embed([*tail.tolist(), *list(prompt_ids)])[0])
         return np.concatenate(parts)
 
     def inputs(self, context_ids, prompt_ids, compressed: bool = True) -> tuple[np.ndarray, dict, int]:
         """What the decoder's first call takes: (inputs_embeds (n, hidden) float32 — feed it as ``x[None]``
         —, past_key_values {input name: OrtValue (1, kv_heads, past, head_dim) float32}, past length; the
-        call also takes ``attention_mask = ones(1, past + n)``). Compressed with ``memory="kv"``: the memory
-        is the past and the input is ``embed([bridge] + prompt)``; otherwise the past is empty and the
-        input :meth:`prefix` (or, not compressed, the whole context as text). :class:`ConfigError` for
-        ids that are not a flat list of vocabulary ids."""
+        call also takes ``attention_mask = ones(1, past + n)``). Compressed, the context is read as
+        :meth:`split` cuts it — the memory of its older part, then its last ``tail_tokens`` as text; with
+        ``memory="kv"`` the memory is the past and the input is ``embed([bridge] + tail + prompt)``;
+        otherwise the past is empty and the input :meth:`prefix` (or, not compressed, the whole context as
+        text). :class:`ConfigError` for ids that are not a flat list of vocabulary ids."""
         context_ids, prompt_ids = self.token_ids(context_ids, "context"), self.token_ids(prompt_ids, "prompt")
         if not compressed:
             return self.full_prefix(context_ids, prompt_ids), self.decoder._empty_past(), 0
         if self.memory_kind != "kv":
             return self.prefix(context_ids, prompt_ids), self.decoder._empty_past(), 0
-        (keys, values), m = self._encode(context_ids)  # not memory(): no stacked copy on the timed path
+        older, tail = self.split(context_ids)
+        (keys, values), m = self._encode(older)  # not memory(): no stacked copy on the timed path
         ort = self.decoder._ort
         past = {}
         for name in self.decoder.past_names:
@@ -248,7 +276,7 @@ class ContextRuntime:
             a = np.ascontiguousarray((keys if name.endswith(".key") else values)[layer, :, : 1 + m][None])
             past[name] = ort.OrtValue.ortvalue_from_shape_and_type(a.shape, np.float32)  # owns its memory
             past[name].update_inplace(a)
-        return self.embed([self.bridge, *list(prompt_ids)])[0], past, 1 + m
+        return self.embed([self.bridge, *tail.tolist(), *list(prompt_ids)])[0], past, 1 + m
 
     def full_prefix(self, context_ids, prompt_ids) -> np.ndarray:
         """``embed([doc_start] + context + prompt)`` (n, hidden): the uncompressed baseline."""

@@ -266,6 +266,33 @@ def test_perplexities_measure_the_truncation_curve_with_its_known_endpoints(tiny
     assert r["f_other_document_text"] == pytest.approx(math.exp(nll / 24), rel=1e-3)
     eq = r["memory_text_equivalent_tokens"]
     assert eq is None or 0 <= eq <= 32
+    assert r["tail_tokens"] == 0 and r["c_compressed"] == r["c_memory_only"]
+
+    # with a tail: the memory of the 6 × 4 tokens before the last 2, then those 2 as text — by hand
+    t = perplexities(comp, 1, samples, 32, tail_tokens=2, batch_size=2)
+    assert (t["tail_tokens"], t["memory_tokens"], t["c_memory_only"]) == (2, 8, r["c_memory_only"])
+    assert t["e_tail_only"] == curve[2]
+    with torch.no_grad():
+        nll = 0.0
+        for _, s in samples:
+            mem = comp.memory(s[6:30], 1)[None]
+            ids = torch.from_numpy(s[30:])[None]
+            nll += float(comp.summed_nll(comp.memory_logits(mem, ids, 1)[:, 2:], ids[:, 2:]))
+    assert t["c_compressed"] == pytest.approx(math.exp(nll / 24), rel=1e-3)
+
+
+def test_split_context_keeps_the_budget_of_one_position_per_group():
+    from edgec.targets.ort_context import split_context
+
+    ids = np.arange(1000, 1000 + 515)  # 3 beyond a multiple of 8: N = 64
+    older, tail = split_context(ids, 8, 32)
+    assert tail.tolist() == ids[-32:].tolist() and older.tolist() == ids[-32 - 256:-32].tolist()
+    assert len(older) // 8 + len(tail) == len(ids) // 8
+    older, tail = split_context(ids[:40], 8, 32)  # N = 5: at most half the positions as text
+    assert (len(older), tail.tolist()) == (24, ids[38:40].tolist())
+    older, tail = split_context(ids[:100], 8, 0)  # no tail: the whole context less its oldest 100 % 8
+    assert len(tail) == 0 and older.tolist() == ids[4:100].tolist()
+    assert [len(a) for a in split_context(ids[:7], 8, 32)] == [0, 0]
 
 
 def test_eval_without_a_trained_compressor_says_how_to_train(tmp_path, capsys):
@@ -440,7 +467,11 @@ def test_train_resume_export_and_eval_end_to_end(tmp_path, capsys):
     assert [c["text_tokens"] for c in r["perplexity"]["text_budget"]] == [0, 4, 8, 16, 32, 64, 256]
     assert r["encoder"] == "int8" and math.isfinite(r["c_compressed_onnx_encoder"])
     assert r["c_compressed_onnx_encoder"] == pytest.approx(r["perplexity"]["c_compressed"], rel=0.2)
-    assert "KV-cache memory positions are worth" in capsys.readouterr().out
+    assert "(16 KV-cache memory positions + the last 16 tokens as text) is worth" in capsys.readouterr().out
+    # 256 tokens → N = 32 positions, of which the last 16 tokens as text (the default 32, capped at N // 2)
+    assert r["perplexity"]["tail_tokens"] == r["tail_tokens"] // 2 == 16 and r["perplexity"]["memory_tokens"] == 32
+    assert {row["memory_tokens"] + row["tail_tokens"] for row in r["ttft"]} >= {32, 128}
+    assert json.loads((one / "onnx" / "manifest.json").read_text())["tail_tokens"] == 32
     assert r["ttft_speedup_1024"] > 0 and all(row["kind"] == "measured" for row in r["ttft"])
     assert (one / "report.html").read_text().count("data:image/png") == 2
     w = load_file(str(one / "compressor.safetensors"))
@@ -451,8 +482,12 @@ def test_train_resume_export_and_eval_end_to_end(tmp_path, capsys):
     train(TrainSettings(out=str(one), **{**base, "seed": 3, "force": True}), Quiet())
     with pytest.raises(ModelError, match="other weights.*export it again"):  # the app would run stale graphs
         ContextRuntime(one)
-    assert main(["context", "eval", str(one), "--samples", "2", "--context-tokens", "256"]) == 0
+    assert main(["context", "eval", str(one), "--samples", "2", "--context-tokens", "256", "--tail-tokens", "0",
+                 "--json", str(figures)]) == 0
+    r = json.loads(figures.read_text())["perplexity"]  # no tail: (c) is the memory of the whole context
+    assert r["tail_tokens"] == 0 and r["c_compressed"] == r["c_memory_only"] and r["e_tail_only"] == r["a_no_context"]
     again = json.loads((one / "onnx" / "manifest.json").read_text())
+    assert again["tail_tokens"] == 0
     assert again["compressor_sha256"] == sha256_file(one / "compressor.safetensors") != manifest["compressor_sha256"]
     assert set(again["decoders"]) == {"fp32", "int8w"}
 
