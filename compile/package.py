@@ -6,7 +6,6 @@ renamed into place, so an app never sees a half-written artifact.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -14,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from edgec.compile.export import set_metadata
-from edgec.rundir import TMP_PREFIX
+from edgec.rundir import TMP_PREFIX, sha256_file  # noqa: F401 — sha256_file is imported from here
 
 
 def _umask() -> int:
@@ -27,14 +26,6 @@ def make_readable(path: Path) -> None:
     """Give a temp file/folder (created 0600/0700) the modes an ordinary one gets (0666/0777 & ~umask),
     so apps and other users can read what edgec publishes."""
     os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def publish_model(model_path: Path, dest_dir: Path, metadata: dict,

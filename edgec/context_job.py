@@ -408,9 +408,11 @@ def _train_loop(settings, comp, corpus, opt, spec, hf, doc_start, start, history
 
 
 def check_tail_tokens(tail_tokens: int) -> None:
-    if not 0 <= tail_tokens <= 4096:
-        raise ConfigError(f"--tail-tokens {tail_tokens} is out of range", "0 (compress the whole context) to 4096",
-                          f"use {DEFAULT_TAIL_TOKENS}")
+    from edgec.targets.ort_context import MAX_TAIL_TOKENS
+
+    if not 0 <= tail_tokens <= MAX_TAIL_TOKENS:
+        raise ConfigError(f"--tail-tokens {tail_tokens} is out of range",
+                          f"0 (compress the whole context) to {MAX_TAIL_TOKENS}", f"use {DEFAULT_TAIL_TOKENS}")
 
 
 def check_threads(threads: int) -> None:

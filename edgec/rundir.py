@@ -9,6 +9,7 @@ Layout (DESIGN.md): ``report.json``, ``report.html``, ``candidates.csv``,
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -16,6 +17,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgec.errors import OutputDirError
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (standard library only: the app-side runtimes use it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
 
 OUTPUTS = ("report.json", "report.html", "candidates.csv", "manifest.json", "artifacts", "study", "pruned")
 LOCK = ".edgec.lock"

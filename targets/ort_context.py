@@ -32,7 +32,6 @@ Imports only numpy and onnxruntime.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -43,6 +42,7 @@ import numpy as np
 from edgec.errors import ConfigError, ModelError
 
 MANIFEST_FORMAT = "edgec-context-export/1"
+MAX_TAIL_TOKENS = 4096  # the longest context edgec context eval takes
 
 
 def context_windows(context_ids, group_tokens: int, window_tokens: int, pad_id: int) -> tuple[np.ndarray, int]:
@@ -61,10 +61,20 @@ def split_context(context_ids, group_tokens: int, tail_tokens: int) -> tuple[np.
     positions: (the ids to compress, (N − t) × group_tokens of them; the last t ids, kept as text), t =
     min(tail_tokens, N // 2). The memory's N − t positions and the t tokens of text fill the N positions;
     the oldest ``L − t − (N − t) × group_tokens`` ids (about ``t × (group_tokens − 1)``) are dropped.
-    ``tail_tokens = 0``: the whole context (less its oldest ``L % group_tokens`` ids) is compressed."""
-    ids = np.asarray(context_ids, np.int64)
+    ``tail_tokens = 0``: the whole context (less its oldest ``L % group_tokens`` ids) is compressed.
+    :class:`ConfigError` for ids that are not a flat integer list, or a group / tail out of range."""
+    if type(group_tokens) is not int or group_tokens < 1 or type(tail_tokens) is not int \
+            or not 0 <= tail_tokens <= MAX_TAIL_TOKENS:
+        raise ConfigError(f"cannot split a context in groups of {group_tokens!r} with a tail of {tail_tokens!r}",
+                          f"group_tokens must be an integer ≥ 1, tail_tokens one from 0 to {MAX_TAIL_TOKENS}",
+                          "pass the manifest's group_tokens and tail_tokens")
+    ids = np.asarray(context_ids)
+    if ids.ndim != 1 or (len(ids) and ids.dtype.kind not in "iu"):
+        raise ConfigError("the context is not a flat list of token ids", f"got an array of shape {ids.shape} "
+                          f"and dtype {ids.dtype}", "pass token ids from the tokenizer")
+    ids = ids.astype(np.int64)
     n = len(ids) // group_tokens
-    t = min(int(tail_tokens), n // 2)
+    t = min(tail_tokens, n // 2)
     end = len(ids) - t
     return ids[end - (n - t) * group_tokens: end], ids[end:]
 
@@ -75,10 +85,14 @@ class ContextRuntime:
     precision variant named in the manifest; ``threads``: intra-op threads per session; ``encoder``: the
     encoder's precision among the manifest's ``encoders`` (None: ``int8`` when the export has it — the
     faster one, its perplexity is in ``edgec context eval`` — else ``fp32``). Raises
-    :class:`ModelError` for a missing/foreign manifest, a missing graph, a memory-token mismatch, or an
-    ``onnx/`` export older than the ``compressor.safetensors`` beside it (retrained since)."""
+    :class:`ModelError` for a missing/foreign manifest, a missing graph, a memory-token mismatch, an
+    ``onnx/`` export older than the ``compressor.safetensors`` beside it (retrained since), or — with
+    ``verify`` (default) — a graph whose sha256 is not the one the manifest recorded at export (changed or
+    damaged since; 1–2 s for the ~800 MB a runtime loads)."""
 
-    def __init__(self, folder: Path, variant: str = "fp32", threads: int = 2, encoder: str | None = None) -> None:
+    def __init__(self, folder: Path, variant: str = "fp32", threads: int = 2, encoder: str | None = None,
+                 verify: bool = True) -> None:
+        from edgec.rundir import sha256_file
         from edgec.targets.ort_generate import Decoder, session
 
         folder = Path(folder)
@@ -100,7 +114,7 @@ class ContextRuntime:
             decoders = {k: str(v["path"]) for k, v in m["decoders"].items()}
             hidden = int(spec["hidden_size"])
             self.memory_kind = str(spec.get("memory", "embeddings"))
-            self.tail_tokens = int(m.get("tail_tokens", 0))  # older exports compressed the whole context
+            self.tail_tokens = m.get("tail_tokens", 0)  # older exports compressed the whole context
             self.bridge = m["bridge_token_id"] if self.memory_kind == "kv" else None
             io = m.get("decoder_io") if isinstance(m.get("decoder_io"), dict) else {}
             cache_dims = [io.get("layers"), io.get("kv_heads"), io.get("head_dim")]
@@ -117,8 +131,9 @@ class ContextRuntime:
                              f"{self.window}-token windows in groups of {self.group} do not give "
                              f"{self.memory_per_window} memory embeddings per window",
                              "export the compressor again; memory-token counts are fixed by training")
-        if self.tail_tokens < 0:
-            raise ModelError(f"{folder}/manifest.json is damaged", f"tail_tokens is {self.tail_tokens}",
+        if type(self.tail_tokens) is not int or not 0 <= self.tail_tokens <= MAX_TAIL_TOKENS:
+            raise ModelError(f"{folder}/manifest.json is damaged",
+                             f"tail_tokens is {self.tail_tokens!r}, not an integer from 0 to {MAX_TAIL_TOKENS}",
                              "export it again with edgec context export")
         if self.memory_kind not in ("embeddings", "kv"):
             raise ModelError(f"{folder}/manifest.json names an unknown memory kind {self.memory_kind!r}",
@@ -133,7 +148,7 @@ class ContextRuntime:
                              "pick one of those, or export again with edgec context export")
         weights = folder.parent / "compressor.safetensors"
         if folder.name == "onnx" and weights.is_file() \
-                and m.get("compressor_sha256") != hashlib.sha256(weights.read_bytes()).hexdigest():
+                and m.get("compressor_sha256") != sha256_file(weights):
             raise ModelError(f"the export in {folder} is of other weights than {weights.name} beside it",
                              "the compressor was retrained after it was exported",
                              f"export it again: edgec context export {folder.parent}")
@@ -146,6 +161,13 @@ class ContextRuntime:
                                  + (", or use the fp32 encoder" if name == "encoder" and encoder != "fp32" else ""))
             if folder.resolve() not in p.resolve().parents:
                 raise ModelError(f"the export's {name} graph is outside it", f"{p} resolves outside {folder}",
+                                 "export it again with edgec context export")
+        recorded = m.get("sha256") if isinstance(m.get("sha256"), dict) else {}
+        for name, p in paths.items() if verify else ():
+            want = recorded.get(p.relative_to(folder).as_posix())
+            if want is not None and sha256_file(p) != want:
+                raise ModelError(f"the export's {name} graph {p.name} is not the one exported",
+                                 "its sha256 differs from the manifest's (changed or damaged since the export)",
                                  "export it again with edgec context export")
 
         def load(path):
@@ -239,7 +261,7 @@ class ContextRuntime:
     def split(self, context_ids) -> tuple[np.ndarray, np.ndarray]:
         """(the context ids the encoder compresses, the last ones kept as text): :func:`split_context` with
         the manifest's ``group_tokens`` and ``tail_tokens``."""
-        return split_context(context_ids, self.group, self.tail_tokens)
+        return split_context(self.token_ids(context_ids, "context"), self.group, self.tail_tokens)
 
     def prefix(self, context_ids, prompt_ids) -> np.ndarray:
         """``[embed(doc_start) ; memory(older context) ; embed(tail + prompt)]`` (n, hidden) float32 — the

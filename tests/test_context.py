@@ -293,6 +293,10 @@ def test_split_context_keeps_the_budget_of_one_position_per_group():
     older, tail = split_context(ids[:100], 8, 0)  # no tail: the whole context less its oldest 100 % 8
     assert len(tail) == 0 and older.tolist() == ids[4:100].tolist()
     assert [len(a) for a in split_context(ids[:7], 8, 32)] == [0, 0]
+    for bad in [(ids, 8, -5), (ids, 0, 32), (ids, 8, "32"), (ids, 8, True), (ids.reshape(5, 103), 8, 32),
+                (ids * 1.5, 8, 32), (None, 8, 32)]:
+        with pytest.raises(ConfigError):
+            split_context(*bad)
 
 
 def test_eval_without_a_trained_compressor_says_how_to_train(tmp_path, capsys):
@@ -430,6 +434,13 @@ def test_train_resume_export_and_eval_end_to_end(tmp_path, capsys):
     with pytest.raises(ModelError, match="encoder graph embed.onnx does not match"):
         ContextRuntime(one / "onnx")
     (one / "onnx" / "manifest.json").write_text(json.dumps(manifest))
+    embed = (one / "onnx" / "embed.onnx").read_bytes()  # a graph changed after the export: refused before loading
+    (one / "onnx" / "embed.onnx").write_bytes(embed + b"\0")
+    with pytest.raises(ModelError, match="embed graph embed.onnx is not the one exported"):
+        ContextRuntime(one / "onnx")
+    with pytest.raises(ModelError, match="ONNX Runtime cannot load embed.onnx"):  # unverified: ORT finds it later
+        ContextRuntime(one / "onnx", verify=False)
+    (one / "onnx" / "embed.onnx").write_bytes(embed)
     rt = ContextRuntime(one / "onnx", encoder="fp32")
     ids = np.arange(3, 3 + 300) % 90 + 3
     out = rt.generate(ids[:296], ids[296:], 4)
@@ -445,6 +456,7 @@ def test_train_resume_export_and_eval_end_to_end(tmp_path, capsys):
             (dict(bad, compressor={**manifest["compressor"], "group_tokens": 16}), "one window gives 32 memory positions"),
             (dict(manifest, bridge_token_id=manifest["bridge_token_id"] - 1), "bridge_token_id .* last row"),
             (dict(manifest, bridge_token_id=True), "damaged"),
+            *((dict(manifest, tail_tokens=t), "tail_tokens is") for t in (-5, 1.5, True, "32", None, 10 ** 30)),
             (dict(manifest, decoder_io={k: v for k, v in io.items() if k != "layers"}), "damaged"),
             (dict(manifest, decoder_io=dict(io, kv_heads=io["kv_heads"] * 2)), "encoder graph .* does not match")]:
         (one / "onnx" / "manifest.json").write_text(json.dumps(bad))
