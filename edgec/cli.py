@@ -275,7 +275,8 @@ def _context_args(sub) -> None:
     q.add_argument("--variant", default="fp32", help="decoder precision for the timings (default fp32)")
     q.add_argument("--encoder", default="int8", choices=tuple(ENCODER_VARIANTS),
                    help="encoder graph for the timings, its memory's perplexity is reported too (default int8: "
-                        "dynamic INT8 MatMuls, about 2x faster, same perplexity measured)")
+                        "dynamic INT8 MatMuls, about 2x faster; with the default 4 blocks its perplexity measured "
+                        "10.56 vs 10.44 in FP32)")
     q.add_argument("--threads", type=int, default=2, help="threads (default 2)")
     q.add_argument("--tail-tokens", type=int, default=DEFAULT_TAIL_TOKENS, help=TAIL_HELP + "; the export is "
                    "redone when it was made with another value")

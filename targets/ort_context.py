@@ -317,8 +317,13 @@ class ContextRuntime:
                  eos_id: int | None = None) -> dict:
         """Greedy continuation of ``prompt_ids`` given a context (compressed or as text), stopping at ``eos_id``
         (default: the manifest's ``eos_token_id``); see :meth:`edgec.targets.ort_generate.Decoder.generate`
-        for the result."""
+        for the result — its ``ttft_s`` counts from the token ids, so it includes the embedding and, when
+        ``compressed``, the encoder (as :meth:`ttft_s` does)."""
         if eos_id is None:
             eos_id = self.manifest.get("eos_token_id")
+        t0 = time.perf_counter()
         x, past, past_len = self.inputs(context_ids, prompt_ids, compressed)
-        return self.decoder.generate(x, new_tokens, eos_id, past=past, past_len=past_len)
+        prepare_s = time.perf_counter() - t0
+        out = self.decoder.generate(x, new_tokens, eos_id, past=past, past_len=past_len)
+        out["ttft_s"] += prepare_s
+        return out

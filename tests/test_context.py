@@ -445,6 +445,16 @@ def test_train_resume_export_and_eval_end_to_end(tmp_path, capsys):
     ids = np.arange(3, 3 + 300) % 90 + 3
     out = rt.generate(ids[:296], ids[296:], 4)
     assert len(out["tokens"]) == 4
+    real_inputs = rt.inputs
+
+    def slow_inputs(*a, **k):  # ttft_s counts from the token ids: the encoder's time is in it
+        import time
+        time.sleep(0.3)
+        return real_inputs(*a, **k)
+
+    rt.inputs = slow_inputs
+    assert rt.generate(ids[:296], ids[296:], 1)["ttft_s"] >= 0.3
+    rt.inputs = real_inputs
     # a manifest whose memory count disagrees with the encoder graph is refused
     bad = dict(manifest, memory_per_window=16)
     (one / "onnx" / "manifest.json").write_text(json.dumps(bad))
