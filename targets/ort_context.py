@@ -214,6 +214,11 @@ class ContextRuntime:
                              "export the compressor again with edgec context export")
         self.vocab_size = self.bridge if self.memory_kind == "kv" else rows  # None: not recorded (older export)
         self.decoder = Decoder(load(paths["decoder"]))
+        try:  # the builder's graph holds rotary tables for this many positions
+            self.max_positions = int(json.loads((paths["decoder"].parent / "genai_config.json").read_text())
+                                     ["model"]["context_length"])
+        except (OSError, ValueError, KeyError, TypeError):
+            self.max_positions = None  # not recorded: not checked
         self.decoder.embed = self.embed
         if self.memory_kind == "kv" and (len(self.decoder.past_names) != 2 * layers or self.decoder.kv_heads != kv_heads
                                          or self.decoder.head_dim != head_dim):
@@ -283,7 +288,13 @@ class ContextRuntime:
         :meth:`split` cuts it — the memory of its older part, then its last ``tail_tokens`` as text; with
         ``memory="kv"`` the memory is the past and the input is ``embed([bridge] + tail + prompt)``;
         otherwise the past is empty and the input :meth:`prefix` (or, not compressed, the whole context as
-        text). :class:`ConfigError` for ids that are not a flat list of vocabulary ids."""
+        text). :class:`ConfigError` for ids that are not a flat list of vocabulary ids, or for more positions
+        than the decoder graph has (its ``genai_config.json``'s ``context_length``)."""
+        x, past, past_len = self._inputs(context_ids, prompt_ids, compressed)
+        self._check_positions(past_len + len(x), compressed)
+        return x, past, past_len
+
+    def _inputs(self, context_ids, prompt_ids, compressed: bool) -> tuple[np.ndarray, dict, int]:
         context_ids, prompt_ids = self.token_ids(context_ids, "context"), self.token_ids(prompt_ids, "prompt")
         if not compressed:
             return self.full_prefix(context_ids, prompt_ids), self.decoder._empty_past(), 0
@@ -299,6 +310,14 @@ class ContextRuntime:
             past[name] = ort.OrtValue.ortvalue_from_shape_and_type(a.shape, np.float32)  # owns its memory
             past[name].update_inplace(a)
         return self.embed([self.bridge, *tail.tolist(), *list(prompt_ids)])[0], past, 1 + m
+
+    def _check_positions(self, positions: int, compressed: bool) -> None:
+        """:class:`ConfigError` when a call would need more positions than the decoder graph has."""
+        if self.max_positions is not None and positions > self.max_positions:
+            raise ConfigError(f"the {'compressed ' if compressed else ''}context, prompt and new tokens need "
+                              f"{positions} decoder positions", f"the decoder has {self.max_positions}",
+                              "shorten the context or the prompt, ask for fewer new tokens"
+                              + ("" if compressed else ", or read the context compressed"))
 
     def full_prefix(self, context_ids, prompt_ids) -> np.ndarray:
         """``embed([doc_start] + context + prompt)`` (n, hidden): the uncompressed baseline."""
@@ -324,6 +343,7 @@ class ContextRuntime:
         t0 = time.perf_counter()
         x, past, past_len = self.inputs(context_ids, prompt_ids, compressed)
         prepare_s = time.perf_counter() - t0
+        self._check_positions(past_len + len(x) + max(int(new_tokens) - 1, 0), compressed)
         out = self.decoder.generate(x, new_tokens, eos_id, past=past, past_len=past_len)
         out["ttft_s"] += prepare_s
         return out

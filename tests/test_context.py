@@ -455,6 +455,14 @@ def test_train_resume_export_and_eval_end_to_end(tmp_path, capsys):
     rt.inputs = slow_inputs
     assert rt.generate(ids[:296], ids[296:], 1)["ttft_s"] >= 0.3
     rt.inputs = real_inputs
+    # past the decoder's 4096 positions: one clear error as text, while the compressed reading still fits
+    assert rt.max_positions == 4096
+    long_ids = np.arange(4200) % 90 + 3
+    with pytest.raises(ConfigError, match="need 4204 decoder positions.*has 4096.*read the context compressed"):
+        rt.generate(long_ids, [5, 6, 7], 2, compressed=False)
+    assert len(rt.generate(long_ids, [5, 6, 7], 2)["tokens"]) == 2
+    with pytest.raises(ConfigError, match="compressed context, prompt and new tokens need"):
+        rt.generate(long_ids, [5, 6, 7], 4000)
     # a manifest whose memory count disagrees with the encoder graph is refused
     bad = dict(manifest, memory_per_window=16)
     (one / "onnx" / "manifest.json").write_text(json.dumps(bad))
