@@ -532,7 +532,7 @@ def perplexities(comp, doc_start: int, samples: list, context_tokens: int, tail_
     m = comp.spec.memory_tokens(context_tokens)
     older, tails = zip(*(split_context(c, comp.spec.group_tokens, tail_tokens) for c in ctx))
     t_len = len(tails[0])
-    tail = np.stack(tails).reshape(len(samples), t_len)
+    tail = np.stack(tails)  # (samples, t)
     same = {0: "a_no_context", m: "d_last_tokens", context_tokens: "b_full_context"}
     extra = [k for k in text_budgets(m, context_tokens) if k not in same]
     sums = {k: 0.0 for k in [*CONDITIONS, *(f"last_{k}" for k in extra)]}
@@ -542,11 +542,8 @@ def perplexities(comp, doc_start: int, samples: list, context_tokens: int, tail_
         other.append(j)
     rng = np.random.default_rng(0)
     with torch.no_grad():
-        mems, whole = [], []
-        for b in range(0, len(samples), batch_size):
-            mems += [comp.memory(c, doc_start) for c in older[b:b + batch_size]]
-            whole += [comp.memory(c, doc_start) for c in ctx[b:b + batch_size]]
-        mem, whole = torch.stack(mems), torch.stack(whole)
+        mem = torch.stack([comp.memory(c, doc_start) for c in older])
+        whole = torch.stack([comp.memory(c, doc_start) for c in ctx]) if t_len else None  # no tail: (c) itself
         start = comp.token_embeds(torch.tensor([[doc_start]]))
         # memory conditions: [doc_start ; memory] as the compressor reads it, then the tail as text
         memory_conditions = {"c_compressed", "e_zero_memory", "e_shuffled_memory", "f_other_document"}
@@ -577,10 +574,13 @@ def perplexities(comp, doc_start: int, samples: list, context_tokens: int, tail_
                 else:
                     nll = comp.target_nll(prefix, t)
                 sums[name] += float(nll)
-            sums["c_memory_only"] += float(comp.memory_nll(whole[sl], t, doc_start))
+            if t_len:
+                sums["c_memory_only"] += float(comp.memory_nll(whole[sl], t, doc_start))
             if progress:
                 progress.advance(n + 1, len(steps))
     n_tok = tgt.size
+    if not t_len:
+        sums["c_memory_only"] = sums["c_compressed"]
     ppl = {k: math.exp(v / n_tok) for k, v in sums.items()}
     a, b, c = ppl["a_no_context"], ppl["b_full_context"], ppl["c_compressed"]
     curve = [{"text_tokens": k, "perplexity": round(ppl[same.get(k, f"last_{k}")], 4)}
@@ -933,10 +933,10 @@ def ttft_rows(rt, stream: np.ndarray, contexts=TTFT_CONTEXTS, repeats: int = 5, 
         rt.ttft_s(ctx, prompt, True)
         rt.ttft_s(ctx, prompt, False)
         full, comp, enc = [], [], []
+        older, tail = rt.split(ctx)
         for r in range(repeats):
             for compressed in ((True, False) if r % 2 else (False, True)):
                 (comp if compressed else full).append(rt.ttft_s(ctx, prompt, compressed)[0])
-            older, tail = rt.split(ctx)
             t0 = time.perf_counter()
             rt.memory(older)
             enc.append(time.perf_counter() - t0)
@@ -1031,11 +1031,13 @@ def evaluate(folder: Path, context_tokens: int, samples: int, variant: str, thre
     ppl["context_tokens"], ppl["target_tokens"] = context_tokens, 128
     if not current:
         if old:
-            progress.log(f"{export_dir} was exported " + ("from other weights (the compressor was retrained)"
-                         if old.get("compressor_sha256") and not same_weights else
-                         f"with --tail-tokens {old.get('tail_tokens', 0)}" if same_weights and old.get(
-                             "tail_tokens", 0) != tail_tokens else "by an older edgec, or is damaged")
-                         + ": exporting again")
+            if old.get("compressor_sha256") and not same_weights:
+                why = "from other weights (the compressor was retrained)"
+            elif same_weights and old.get("tail_tokens", 0) != tail_tokens:
+                why = f"with --tail-tokens {old.get('tail_tokens', 0)}"
+            else:
+                why = "by an older edgec, or is damaged"
+            progress.log(f"{export_dir} was exported {why}: exporting again")
         export(folder, tuple(dict.fromkeys(["fp32", "int8w", *old_variants, variant])), threads, progress,
                tail_tokens)
     from edgec.targets.ort_context import ContextRuntime

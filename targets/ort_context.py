@@ -300,7 +300,7 @@ class ContextRuntime:
             return self.full_prefix(context_ids, prompt_ids), self.decoder._empty_past(), 0
         if self.memory_kind != "kv":
             return self.prefix(context_ids, prompt_ids), self.decoder._empty_past(), 0
-        older, tail = self.split(context_ids)
+        older, tail = split_context(context_ids, self.group, self.tail_tokens)  # ids checked above
         (keys, values), m = self._encode(older)  # not memory(): no stacked copy on the timed path
         ort = self.decoder._ort
         past = {}
