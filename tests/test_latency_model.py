@@ -404,6 +404,41 @@ def test_a_candidate_measured_only_while_the_host_was_slow_is_measured_again_the
     assert rows[1]["rounds_measured"] == (1 + RETRY_PASSES) * MAX_ROUNDS_FACTOR * ROUNDS
 
 
+def test_too_few_quiet_candidates_are_made_up_once_from_the_spares_in_the_same_session(monkeypatch):
+    """``measure_enough`` (build and validate): of the first 3 candidates one is only ever measured while
+    the host is slow (its anchor at 2× the session's fastest); after its retries, one spare of the pool is
+    measured in its place — not the rest of the pool — and the slow one stays flagged."""
+    from types import SimpleNamespace
+
+    import edgec.latency_job as lj
+    from edgec.latency_job import LatencySettings, _space, measure_enough, random_candidates
+    from edgec.pipeline import Progress
+
+    settings = LatencySettings(dataset="digits")
+    ds, spec = _space(settings)
+    pool = random_candidates(spec, 6, seed=5)
+    slow = pool[1].id
+    # candidate_kernels runs before each candidate's rounds: the order the candidates are measured in
+    order = iter([pool[0].id, slow, pool[2].id, *[slow] * lj.RETRY_PASSES, pool[3].id])
+    original = lj.candidate_kernels
+
+    def kernels(target_name, model, fp32, int8_layers, threads):
+        measure.current = next(order)
+        return original(target_name, model, fp32, int8_layers, threads)
+
+    def measure(path, shape, batch):
+        if path.name == "anchor.onnx":
+            return SimpleNamespace(p50_ms=2.0 if measure.current == slow else 1.0)
+        return SimpleNamespace(p50_ms=0.5)
+    monkeypatch.setattr(lj, "candidate_kernels", kernels)
+    target = SimpleNamespace(name="cpu-ort", recipe="ort-qdq-u8s8", measure_latency=measure)
+    rows = measure_enough(pool, 3, spec, ds, target, settings, Progress(), "scripted")
+    assert [r["id"] for r in rows] == [c.id for c in pool[:4]]
+    assert [r["quiet"] for r in rows] == [True, False, True, True]
+    assert all(r["ratio"] == pytest.approx(0.5) for r in rows if r["quiet"])
+    assert next(order, None) is None  # nothing measured beyond the one spare
+
+
 def test_a_lookup_table_part_measured_before_the_hosts_fastest_anchor_is_measured_again():
     """The first part has no earlier anchor to be judged against: its rounds, all slow and with a
     distorted ratio (CI once measured a 1×-expanded 3×3 block above a 6×-expanded 5×5 one this way), count
