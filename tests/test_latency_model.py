@@ -194,8 +194,10 @@ def test_latency_build_then_validate_on_digits(tmp_path, monkeypatch):
     p = _measured("latency", "build", "--dataset", "digits", "--samples", "24", "--runs", "30", "--no-lut", env=env)
     assert p.returncode == 0, p.stderr[-2000:]
     models = list((tmp_path / "cache" / "latency").glob("cpu-ort-digits-*.json"))
-    meta = json.loads(models[0].read_text())["meta"]  # a busy host's noisy candidates are left out, and counted
-    assert len(models) == 1 and meta["samples"] + len(meta["samples_noisy_left_out"]) == 24 and meta["samples"] >= 10
+    meta = json.loads(models[0].read_text())["meta"]  # a busy host's noisy candidates are left out, and counted;
+    # as many spares as were noisy in the first 24 are measured once more
+    measured = meta["samples"] + len(meta["samples_noisy_left_out"])
+    assert len(models) == 1 and 24 <= measured <= 48 and meta["samples"] >= 10
     out = tmp_path / "v.json"
     p = _measured("latency", "validate", "--dataset", "digits", "--subnets", "12", "--runs", "30", "--json", str(out),
                "--html", str(tmp_path / "v.html"), env=env)
