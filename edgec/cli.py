@@ -233,7 +233,7 @@ def _context_args(sub) -> None:
                  f"tokens before them (default {DEFAULT_TAIL_TOKENS}; 0 compresses the whole context)")
 
     d = TrainSettings()
-    q = ctx.add_parser("train", help="train the projector with the decoder frozen (restoration, then continuation)",
+    q = ctx.add_parser("train", help="train the projector with the decoder frozen (restoration, continuation, then optionally contrast)",
                        allow_abbrev=False)
     q.add_argument("--out", default=str(DEFAULT_DIR), help=f"output folder (default {DEFAULT_DIR}); rerunning "
                    "the same command resumes from its last checkpoint")
@@ -256,6 +256,14 @@ def _context_args(sub) -> None:
     q.add_argument("--distill", type=float, default=d.distill,
                    help="weight of a distillation term in continuation (KL to the decoder reading the full "
                         "context as text); 0 = off (default: it measured 2.8× slower per step for a small gain)")
+    q.add_argument("--contrast-steps", type=int, default=d.contrast_steps,
+                   help="steps of a third stage that reads the context as the app does (memory + --tail-tokens "
+                        "as text) and trains another passage's memory to be worth no more than the tail alone, "
+                        f"so the memory carries its own document (default {d.contrast_steps}); on a folder "
+                        "trained without it, adds the stage to that compressor")
+    q.add_argument("--contrast", type=float, default=d.contrast,
+                   help=f"weight of the contrast stage's other-passage term (default {d.contrast:g})")
+    q.add_argument("--tail-tokens", type=int, default=d.tail_tokens, help="in the contrast stage: " + TAIL_HELP)
     q.add_argument("--seed", type=int, default=d.seed, help="seed of the batches (default 0)")
     q.add_argument("--threads", type=int, default=d.threads, help="torch threads (default 2)")
     q.add_argument("--force", action="store_true", help="start over, replacing a trained compressor or checkpoint")
@@ -385,7 +393,9 @@ def cmd_context(args: argparse.Namespace) -> int:
                                      group_tokens=args.group_tokens, memory=args.memory,
                                      restore_steps=args.restore_steps,
                                      continue_steps=args.continue_steps, batch_size=args.batch_size, lr=args.lr,
-                                     distill=args.distill, seed=args.seed, threads=args.threads, force=args.force)
+                                     distill=args.distill, contrast_steps=args.contrast_steps, contrast=args.contrast,
+                                     tail_tokens=args.tail_tokens, seed=args.seed, threads=args.threads,
+                                     force=args.force)
         with _RichProgress(Console(stderr=True)) as progress:
             meta = job.train(settings, progress)
         t = meta["training"]

@@ -51,6 +51,7 @@ DEFAULT_DIR = Path("runs") / "context"
 # 40 → 10.25 (the last 64 tokens as text: 11.54); 32 keeps at least half the positions memory
 DEFAULT_TAIL_TOKENS = 32
 CONTEXT_CHOICES = (256, 512, 768, 1024)
+CONTRAST_LR_FACTOR = 0.25  # the contrast stage's peak learning rate, of --lr (a fine-tune of a trained projector)
 WINDOW_TOKENS = 256
 FORMAT = "edgec-context-compressor/1"
 
@@ -70,6 +71,9 @@ class TrainSettings:
     target_tokens: int = 128
     lr: float = 2e-3
     distill: float = 0.0
+    contrast_steps: int = 0
+    contrast: float = 1.0
+    tail_tokens: int = DEFAULT_TAIL_TOKENS
     seed: int = 0
     threads: int = 2
     checkpoint_every: int = 25
@@ -77,7 +81,8 @@ class TrainSettings:
     extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
-        ints = {"restore_steps": (0, 100_000), "continue_steps": (0, 100_000), "batch_size": (1, 64),
+        ints = {"restore_steps": (0, 100_000), "continue_steps": (0, 100_000), "contrast_steps": (0, 100_000),
+                "tail_tokens": (0, 1024), "batch_size": (1, 64),
                 "target_tokens": (8, 1024), "seed": (0, 2**32 - 1), "threads": (1, 256),
                 "checkpoint_every": (1, 100_000)}
         for name, (lo, hi) in ints.items():
@@ -99,19 +104,32 @@ class TrainSettings:
                               "use kv (every layer's key/value cache) or embeddings (input embeddings, Dolphin)")
         if not str(self.out).strip():
             raise ConfigError("--out is empty", "a folder is needed", f"pass a folder, e.g. {DEFAULT_DIR}")
-        if self.restore_steps + self.continue_steps == 0:
-            raise ConfigError("nothing to train", "--restore-steps and --continue-steps are both 0",
+        if self.restore_steps + self.continue_steps + self.contrast_steps == 0:
+            raise ConfigError("nothing to train", "--restore-steps, --continue-steps and --contrast-steps are all 0",
                               "give at least one step")
         if not (0 < self.lr <= 1.0) or not math.isfinite(self.lr):
             raise ConfigError(f"--lr {self.lr} is out of range", "a learning rate in (0, 1]", "use 2e-3")
         if not (0 <= self.distill <= 100) or not math.isfinite(self.distill):
             raise ConfigError(f"--distill {self.distill} is out of range", "a weight in [0, 100]", "use 0 or 1")
+        if not (0 <= self.contrast <= 100) or not math.isfinite(self.contrast):
+            raise ConfigError(f"--contrast {self.contrast} is out of range", "a weight in [0, 100]", "use 1")
+        if self.contrast_steps and self.contrast and self.batch_size < 2:
+            raise ConfigError("--contrast-steps needs --batch-size 2 or more", "each passage is contrasted with "
+                              "another passage's memory from its batch", "use the default --batch-size 4")
+
+    @property
+    def total_steps(self) -> int:
+        return self.restore_steps + self.continue_steps + self.contrast_steps
 
     def identity(self) -> dict:
-        """The options a resumed run must share with the checkpoint."""
+        """The options a resumed run must share with the checkpoint; with no contrast stage, its options are
+        left out (runs from before the stage match)."""
         d = asdict(self)
         for k in ("out", "force", "threads", "checkpoint_every", "extra"):
             d.pop(k)
+        if not self.contrast_steps:
+            for k in ("contrast_steps", "contrast", "tail_tokens"):
+                d.pop(k)
         return d
 
 
@@ -163,14 +181,58 @@ def _pick(docs: list, need: int, rng, n: int) -> list[np.ndarray]:
 
 def batch_for(step: int, settings: TrainSettings, corpus: Corpus, window_tokens: int):
     """(stage, contexts (B, L) int64, targets (B, T) int64) of training step ``step`` — a pure function of
-    (seed, step), so resuming repeats nothing and skips nothing."""
+    (seed, step), so resuming repeats nothing and skips nothing. Stages: ``restoration``, ``continuation``,
+    then ``contrast`` (continuation's batches, read with the tail: :func:`contrast_loss`)."""
     rng = np.random.default_rng([settings.seed, step])
     if step < settings.restore_steps:
         w = np.stack(_pick(corpus.train, window_tokens, rng, settings.batch_size))
         return "restoration", w, w
     length = int(rng.choice(CONTEXT_CHOICES))
     s = np.stack(_pick(corpus.train, length + settings.target_tokens, rng, settings.batch_size))
-    return "continuation", s[:, :length], s[:, length:]
+    stage = "continuation" if step < settings.restore_steps + settings.continue_steps else "contrast"
+    return stage, s[:, :length], s[:, length:]
+
+
+def contrast_loss(comp, contexts: np.ndarray, targets: np.ndarray, doc_start: int, tail_tokens: int,
+                  weight: float) -> tuple:
+    """The contrast stage's loss of one batch: (loss, {"ce": mean CE of the targets after the memory and the
+    tail, "ce_other": the same after the next passage's memory and this one's tail, "ce_tail": after the
+    tail alone}, nats per token).
+
+    Each context (B, L) int64 is read as the app reads it (:func:`~edgec.targets.ort_context.split_context`:
+    the memory of its older part, then its last ``tail_tokens`` as text); the targets (B, T) int64 are
+    scored. Loss = CE + ``weight`` × mean over passages of max(0, CE_tail − CE_other): another passage's
+    memory is trained to be worth no more than no memory. Without it, most of what a continuation-trained
+    memory adds is generic — a learned soft prompt that helps any passage (measured on the default
+    compressor: another document's memory + the tail 10.93 perplexity, the tail alone 13.09, the own memory
+    10.44) — and the negative controls of Dolphin-style evaluations ((e), (f)) cannot tell it from reading.
+    The hinge is the negative pair of a contrastive objective — edgec's own addition for those controls, not
+    part of Dolphin's or ICAE's training. The passages of a batch are drawn independently, so "another" may
+    rarely be the same document. Gradient reaches only the projector (the decoder is frozen)."""
+    import torch
+
+    from edgec.targets.ort_context import split_context
+
+    b = len(contexts)
+    older, tails = zip(*(split_context(c, comp.spec.group_tokens, tail_tokens) for c in contexts))
+    t = len(tails[0])
+    tail, tgt = torch.from_numpy(np.stack(tails)), torch.from_numpy(np.ascontiguousarray(targets))
+    mem = torch.stack([comp.memory(c, doc_start) for c in older])
+    with_tail = torch.cat([tail, tgt], 1)
+
+    def ce(logits):
+        return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                                 reduction="none").view(b, -1).mean(1)
+    own = ce(comp.memory_logits(mem, with_tail, doc_start)[:, t:])
+    loss, stats = own.mean(), {"ce": float(own.detach().mean())}
+    if weight:
+        other = ce(comp.memory_logits(mem.roll(1, 0), with_tail, doc_start)[:, t:])
+        with torch.no_grad():
+            start = comp.token_embeds(torch.tensor([[doc_start]])).expand(b, -1, -1)
+            alone = ce(comp.target_logits(torch.cat([start, comp.token_embeds(tail)], 1), tgt))
+        loss = loss + weight * torch.relu(alone - other).mean()
+        stats.update(ce_other=float(other.detach().mean()), ce_tail=float(alone.mean()))
+    return loss, stats
 
 
 def train_dtype() -> str:
@@ -269,9 +331,13 @@ def train(settings: TrainSettings, progress) -> dict:
     out = Path(settings.out)
     weights, meta_path = compressor_paths(out)
     ckpt, ckpt_meta = out / "checkpoint.safetensors", out / "checkpoint.json"
+    extend = None
     if meta_path.exists() and not settings.force:
-        raise ConfigError(f"{out} already holds a trained compressor", "training again would replace it",
-                          "pass --force to retrain, or --out another folder")
+        extend = _extendable(meta_path, weights, settings)
+        if extend is None:
+            raise ConfigError(f"{out} already holds a trained compressor", "training again would replace it",
+                              "pass --force to retrain, or --out another folder (or only add --contrast-steps N "
+                              "to the options it was trained with, to give it a contrast stage)")
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -297,9 +363,13 @@ def train(settings: TrainSettings, progress) -> dict:
     doc_start = 0 if doc_start is None else int(doc_start)
     corpus = load_corpus(tokenizer)
     opt = torch.optim.AdamW(comp.projector.parameters(), lr=settings.lr, weight_decay=0.01)
-    total = settings.restore_steps + settings.continue_steps
+    total = settings.total_steps
     start, history, elapsed = 0, [], 0.0
-    if ckpt_meta.exists() and not settings.force:
+    if extend is not None and not ckpt_meta.exists():  # a finished run gets its contrast stage: from its weights
+        comp.projector.load_state_dict(extend["tensors"])
+        start, history, elapsed = settings.restore_steps + settings.continue_steps, extend["history"], extend["elapsed"]
+        progress.log(f"adding {settings.contrast_steps} contrast steps to the compressor trained in {out}")
+    elif ckpt_meta.exists() and not settings.force:
         damaged = ModelError(f"the checkpoint in {out} is damaged", "checkpoint.json and checkpoint.safetensors "
                              "do not belong together or cannot be read", "pass --force to start over")
         try:
@@ -311,7 +381,7 @@ def train(settings: TrainSettings, progress) -> dict:
                 step_in_tensors = (f.metadata() or {}).get("step")
         except Exception as e:  # noqa: BLE001 — json, OS and safetensors' own error types
             raise damaged from e
-        total_steps = settings.restore_steps + settings.continue_steps
+        total_steps = settings.total_steps
         if (not isinstance(m, dict) or str(m.get("step")) != step_in_tensors or not isinstance(m.get("identity"), dict)
                 or not isinstance(m.get("history"), list) or not isinstance(m.get("elapsed_s"), (int, float))
                 or not isinstance(m.get("step"), int) or not 0 < m["step"] <= total_steps
@@ -338,6 +408,55 @@ def train(settings: TrainSettings, progress) -> dict:
         raise
 
 
+def _extendable(meta_path: Path, weights: Path, settings: TrainSettings) -> dict | None:
+    """A finished compressor that ``settings`` extend — trained with the same options and no contrast stage,
+    ``settings`` adding one — as {"tensors", "history", "elapsed"}; None when it is another run.
+    :class:`ModelError` when its files cannot be read."""
+    if not settings.contrast_steps:
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        trained = meta["training"]
+        same = {k: v for k, v in settings.identity().items() if k not in ("contrast_steps", "contrast", "tail_tokens")}
+        stored = {"memory": "embeddings", **trained}  # runs from before --memory were of input embeddings
+        if trained.get("contrast_steps") or any(stored.get(k) != v for k, v in same.items()):
+            return None
+        history = trained["history"]
+        if not isinstance(history, list) or len(history) != settings.restore_steps + settings.continue_steps:
+            return None
+        from safetensors.torch import load_file
+
+        return {"tensors": load_file(str(weights)), "history": history, "elapsed": float(trained["train_s"])}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"cannot read the compressor in {meta_path.parent}", " ".join(str(e).split())[:200],
+                         "retrain it with edgec context train --force") from None
+
+
+def _memory_loss(comp, contexts: np.ndarray, targets: np.ndarray, doc_start: int, distill: float):
+    """Restoration's and continuation's loss of one batch: mean CE of ``targets`` (B, T) after the memory of
+    ``contexts`` (B, L), plus ``distill`` × the KL to the decoder reading the context as text."""
+    import torch
+
+    window = comp.spec.window_tokens
+    win = torch.from_numpy(np.ascontiguousarray(contexts.reshape(-1, window)))
+    mem = comp.encode_windows(win)
+    mem = mem.reshape(len(contexts), -1, *mem.shape[2:])
+    tgt = torch.from_numpy(targets)
+    logits = comp.memory_logits(mem, tgt, doc_start).float()
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+    if distill:
+        # knowledge distillation from the same decoder reading the full context as text: the
+        # gradient concentrates on the tokens the context actually changes
+        with torch.no_grad():
+            full = comp.token_embeds(torch.from_numpy(np.concatenate(
+                [np.full((len(contexts), 1), doc_start, np.int64), contexts], 1)))
+            teacher = torch.log_softmax(comp.target_logits(full, tgt).float(), -1)
+        kl = torch.nn.functional.kl_div(torch.log_softmax(logits, -1), teacher, log_target=True,
+                                        reduction="batchmean") / tgt.shape[1]
+        loss = loss + distill * kl
+    return loss
+
+
 def _train_loop(settings, comp, corpus, opt, spec, hf, doc_start, start, history, elapsed, progress) -> dict:
     import torch
 
@@ -346,7 +465,8 @@ def _train_loop(settings, comp, corpus, opt, spec, hf, doc_start, start, history
     out = Path(settings.out)
     weights, meta_path = compressor_paths(out)
     ckpt, ckpt_meta = out / "checkpoint.safetensors", out / "checkpoint.json"
-    total = settings.restore_steps + settings.continue_steps
+    total = settings.total_steps
+    first_contrast = settings.restore_steps + settings.continue_steps
     t0 = time.perf_counter() - elapsed
     stage_name, running = None, []
     dtype = train_dtype()
@@ -356,34 +476,28 @@ def _train_loop(settings, comp, corpus, opt, spec, hf, doc_start, start, history
         stage, contexts, targets = batch_for(step, settings, corpus, spec.window_tokens)
         if stage != stage_name:
             stage_name, running = stage, []
-            first, last = (1, settings.restore_steps) if stage == "restoration" else (settings.restore_steps + 1, total)
+            first, last = {"restoration": (1, settings.restore_steps),
+                           "continuation": (settings.restore_steps + 1, first_contrast),
+                           "contrast": (first_contrast + 1, total)}[stage]
             progress.stage(f"{stage}, steps {first}–{last}", total)
+        if step == first_contrast and step:  # a fine-tune of the trained projector: its own optimizer
+            opt = torch.optim.AdamW(comp.projector.parameters(), lr=settings.lr, weight_decay=0.01)
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, total, settings.lr)
+            g["lr"] = (_lr_at(step, first_contrast, settings.lr) if stage != "contrast" else
+                       _lr_at(step - first_contrast, settings.contrast_steps, settings.lr * CONTRAST_LR_FACTOR))
+        stats = {}
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-            win = torch.from_numpy(np.ascontiguousarray(contexts.reshape(-1, spec.window_tokens)))
-            mem = comp.encode_windows(win)
-            mem = mem.reshape(len(contexts), -1, *mem.shape[2:])
-            tgt = torch.from_numpy(targets)
-            logits = comp.memory_logits(mem, tgt, doc_start).float()
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
-            if settings.distill and stage == "continuation":
-                # knowledge distillation from the same decoder reading the full context as text: the
-                # gradient concentrates on the tokens the context actually changes
-                with torch.no_grad():
-                    full = comp.token_embeds(torch.from_numpy(np.concatenate(
-                        [np.full((len(contexts), 1), doc_start, np.int64), contexts], 1)))
-                    teacher = torch.log_softmax(comp.target_logits(full, tgt).float(), -1)
-                kl = torch.nn.functional.kl_div(torch.log_softmax(logits, -1), teacher, log_target=True,
-                                                reduction="batchmean") / tgt.shape[1]
-                loss = loss + settings.distill * kl
+            if stage == "contrast":
+                loss, stats = contrast_loss(comp, contexts, targets, doc_start, settings.tail_tokens, settings.contrast)
+            else:
+                loss = _memory_loss(comp, contexts, targets, doc_start, settings.distill if stage == "continuation" else 0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(comp.projector.parameters(), 1.0)
         opt.step()
         running.append(float(loss.detach()))
         history.append({"step": step + 1, "stage": stage, "loss": round(running[-1], 4),
-                        "context_tokens": int(contexts.shape[1])})
+                        "context_tokens": int(contexts.shape[1]), **{k: round(v, 4) for k, v in stats.items()}})
         progress.advance(step + 1, total, f"loss {np.mean(running[-20:]):.3f} (mean of the last 20 steps)")
         if (step + 1) % settings.checkpoint_every == 0 or step + 1 == total:
             # the step is in both files: a crash between the two writes is detected on resume
@@ -396,9 +510,13 @@ def _train_loop(settings, comp, corpus, opt, spec, hf, doc_start, start, history
             "training": {**settings.identity(), "train_s": round(train_s, 1), "steps": total,
                          "threads": settings.threads, "autocast": dtype, "corpus": corpus.info,
                          "final_loss": {s: round(float(np.mean([h["loss"] for h in history if h["stage"] == s][-25:])), 4)
-                                        for s in ("restoration", "continuation")
+                                        for s in ("restoration", "continuation", "contrast")
                                         if any(h["stage"] == s for h in history)},
-                         "history": history},
+                         "history": history,
+                         **({"contrast_last_25": {k: round(float(np.mean([h[k] for h in history[-25:] if k in h])), 4)
+                                                  for k in ("ce", "ce_other", "ce_tail")
+                                                  if any(k in h for h in history[-25:])}}
+                            if settings.contrast_steps else {})},
             "trainable_parameters": int(sum(p.numel() for p in comp.projector.parameters()))}
     _atomic_tensors(weights, trainable_state(comp.projector))
     write_atomic(meta_path, json.dumps(meta, indent=1))

@@ -197,6 +197,11 @@ def test_batches_are_a_function_of_seed_and_step():
         assert (a == b).all()
     assert not (batch_for(4, TrainSettings(restore_steps=2, continue_steps=3, batch_size=3, seed=1), corpus, 256)[2]
                 == t2).all()
+    with_contrast = TrainSettings(restore_steps=2, continue_steps=3, contrast_steps=2, batch_size=3)
+    assert [batch_for(k, with_contrast, corpus, 256)[0] for k in range(7)] == \
+        ["restoration"] * 2 + ["continuation"] * 3 + ["contrast"] * 2
+    for a, b in zip(batch_for(4, with_contrast, corpus, 256)[1:], (c2, t2)):  # the stage does not move the batches
+        assert (a == b).all()
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -206,6 +211,10 @@ def test_batches_are_a_function_of_seed_and_step():
     ({"seed": -1}, "--seed -1"),
     ({"group_tokens": 7}, "--group-tokens 7 does not divide"),
     ({"distill": -1.0}, "--distill -1.0"),
+    ({"contrast": float("inf")}, "--contrast inf"),
+    ({"contrast_steps": -1}, "--contrast-steps -1"),
+    ({"tail_tokens": 5000}, "--tail-tokens 5000"),
+    ({"contrast_steps": 5, "batch_size": 1}, "needs --batch-size 2"),
 ])
 def test_train_settings_are_checked(kw, message):
     from edgec.context_job import TrainSettings
@@ -347,6 +356,47 @@ def test_train_stopped_before_its_first_checkpoint_never_deletes_another_runs_fi
     with pytest.raises(KeyboardInterrupt):
         train(TrainSettings(out=str(shared), **base), Stop(shared, True))
     assert (shared / "other-run.json").read_text() == "{}"
+
+
+@pytest.mark.slow
+def test_the_contrast_stage_extends_a_trained_compressor_and_scores_the_tail_reading(tmp_path):
+    """``--contrast-steps`` on a folder trained without it adds the stage from its weights (the first stages
+    are not run again); each contrast step records the CE after the own memory + tail, after another
+    passage's memory + the same tail and after the tail alone, and its loss is CE + the hinge between the
+    last two. Another run's options, or a second extension, are refused; runs without the stage keep the
+    identity they had before it existed."""
+    import torch
+    from safetensors.torch import load_file
+
+    from edgec.context_job import TrainSettings, load_compressor, train
+
+    hf, _ = _tiny_decoder_dir(tmp_path)
+
+    class Quiet:
+        def stage(self, *a, **k): ...
+        def advance(self, *a, **k): ...
+        def log(self, *a): ...
+
+    base = dict(out=str(tmp_path / "c"), decoder=str(hf), restore_steps=1, continue_steps=1, batch_size=2,
+                encoder_layers=1, target_tokens=16)
+    assert "contrast_steps" not in TrainSettings(**base).identity()  # checkpoints from before the stage resume
+    meta = train(TrainSettings(**base), Quiet())
+    before = load_file(str(tmp_path / "c" / "compressor.safetensors"))
+    with pytest.raises(ConfigError, match="already holds"):  # another run's options: not an extension
+        train(TrainSettings(**{**base, "seed": 1, "contrast_steps": 2}), Quiet())
+    ext = train(TrainSettings(**{**base, "contrast_steps": 2, "tail_tokens": 8}), Quiet())
+    h = ext["training"]["history"]
+    assert h[:2] == meta["training"]["history"] and [x["stage"] for x in h[2:]] == ["contrast", "contrast"]
+    for x in h[2:]:
+        assert x["loss"] == pytest.approx(x["ce"] + max(0.0, x["ce_tail"] - x["ce_other"]), abs=2e-4)
+    assert ext["training"]["contrast_steps"] == 2 and ext["training"]["steps"] == 4
+    assert set(ext["training"]["contrast_last_25"]) == {"ce", "ce_other", "ce_tail"}
+    after = load_file(str(tmp_path / "c" / "compressor.safetensors"))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ConfigError, match="already holds"):  # it has its contrast stage now
+        train(TrainSettings(**{**base, "contrast_steps": 2, "tail_tokens": 8}), Quiet())
+    comp, _, _ = load_compressor(tmp_path / "c")  # and it loads as any compressor
+    assert comp.spec.memory == "kv"
 
 
 @pytest.mark.slow
