@@ -366,7 +366,11 @@ def train(settings: TrainSettings, progress) -> dict:
     total = settings.total_steps
     start, history, elapsed = 0, [], 0.0
     if extend is not None and not ckpt_meta.exists():  # a finished run gets its contrast stage: from its weights
-        comp.projector.load_state_dict(extend["tensors"])
+        try:
+            comp.projector.load_state_dict(extend["tensors"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise ModelError(f"cannot read the compressor in {out}", "its weights do not fit its compressor.json "
+                             f"({' '.join(str(e).split())[:120]})", "retrain it with edgec context train --force") from None
         start, history, elapsed = settings.restore_steps + settings.continue_steps, extend["history"], extend["elapsed"]
         progress.log(f"adding {settings.contrast_steps} contrast steps to the compressor trained in {out}")
     elif ckpt_meta.exists() and not settings.force:

@@ -384,6 +384,15 @@ def test_the_contrast_stage_extends_a_trained_compressor_and_scores_the_tail_rea
     before = load_file(str(tmp_path / "c" / "compressor.safetensors"))
     with pytest.raises(ConfigError, match="already holds"):  # another run's options: not an extension
         train(TrainSettings(**{**base, "seed": 1, "contrast_steps": 2}), Quiet())
+    import shutil
+
+    from safetensors.torch import save_file
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "c", damaged)
+    save_file({"down.weight": torch.zeros(1)}, str(damaged / "compressor.safetensors"))
+    with pytest.raises(ModelError, match="cannot read the compressor"):  # not a traceback from torch
+        train(TrainSettings(**{**base, "out": str(damaged), "contrast_steps": 2}), Quiet())
     ext = train(TrainSettings(**{**base, "contrast_steps": 2, "tail_tokens": 8}), Quiet())
     h = ext["training"]["history"]
     assert h[:2] == meta["training"]["history"] and [x["stage"] for x in h[2:]] == ["contrast", "contrast"]
