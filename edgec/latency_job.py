@@ -257,17 +257,19 @@ def measure_candidates(cands, spec, ds, target, settings: LatencySettings, progr
 
 
 def measure_enough(pool, n: int, spec, ds, target, settings: LatencySettings, progress, label: str) -> list[dict]:
-    """:func:`measure_candidates` on the first ``n`` of ``pool``, then — once — on as many more of it as
-    were too noisy to count, in the same session; every row is judged at the end against the fastest
-    anchor of both. Returns the rows of both passes (noisy ones flagged ``"quiet": False``)."""
+    """:func:`measure_candidates` on the first ``n`` of ``pool``, then on as many more of it as were too
+    noisy to count — again while some still are, up to ``2 n`` candidates in all — in the same session;
+    every row is judged at the end against the fastest anchor of all passes. Returns the rows of every
+    pass (noisy ones flagged ``"quiet": False``)."""
     quiet = QuietRounds(MODEL_TARGETS[target.name].rounds)
     rows = measure_candidates(pool[:n], spec, ds, target, settings, progress, label, quiet)
-    short = n - sum(r["quiet"] for r in rows)
-    if short > 0 and pool[n:]:
-        more = pool[n:n + short]
+    used, cap = n, min(len(pool), 2 * n)
+    while (short := n - sum(r["quiet"] for r in rows)) > 0 and used < cap:
+        more = pool[used:min(used + short, cap)]
+        used += len(more)
         rows += measure_candidates(more, spec, ds, target, settings, progress,
                                    f"measuring {len(more)} more (noisy ones left out)", quiet)
-        for r in rows:  # a faster anchor may have come in the second pass
+        for r in rows:  # a faster anchor may have come in a later pass
             r["quiet"] = r["quiet"] and r["anchor_p50_ms"] <= QUIET_TOLERANCE * quiet.fastest_ms
     return rows
 
