@@ -668,8 +668,11 @@ def validate_model(settings: LatencySettings, progress) -> dict:
         every = measure_candidates(cands, spec, ds, target, settings, progress,
                                    f"measuring {len(cands)} held-out candidates on {settings.target}")
         short = settings.subnets - sum(r["quiet"] for r in every)
-        if short > 0:  # as many more as were too noisy to count, once (stop 29's validate, kept while
-            more = held_out[settings.subnets:settings.subnets + short]  # measure_enough is checked here)
+        # as many more as were too noisy to count, once, each pass judged on its own: with measure_enough
+        # here (one session, stricter), test_latency_build_then_validate_on_digits' automatic re-validation
+        # failed once (its reason not captured) where this passes — measure_enough for validate is unproven
+        if short > 0:
+            more = held_out[settings.subnets:settings.subnets + short]
             every += measure_candidates(more, spec, ds, target, settings, progress,
                                         f"measuring {len(more)} more held-out candidates (noisy ones left out)")
     finally:
