@@ -197,7 +197,7 @@ def contrast_loss(comp, contexts: np.ndarray, targets: np.ndarray, doc_start: in
                   weight: float) -> tuple:
     """The contrast stage's loss of one batch: (loss, {"ce": mean CE of the targets after the memory and the
     tail, "ce_other": the same after the next passage's memory and this one's tail, "ce_tail": after the
-    tail alone}, nats per token).
+    tail alone, "hinge": the mean of the per-passage hinges below}, nats per token).
 
     Each context (B, L) int64 is read as the app reads it (:func:`~edgec.targets.ort_context.split_context`:
     the memory of its older part, then its last ``tail_tokens`` as text); the targets (B, T) int64 are
@@ -230,8 +230,9 @@ def contrast_loss(comp, contexts: np.ndarray, targets: np.ndarray, doc_start: in
         with torch.no_grad():
             start = comp.token_embeds(torch.tensor([[doc_start]])).expand(b, -1, -1)
             alone = ce(comp.target_logits(torch.cat([start, comp.token_embeds(tail)], 1), tgt))
-        loss = loss + weight * torch.relu(alone - other).mean()
-        stats.update(ce_other=float(other.detach().mean()), ce_tail=float(alone.mean()))
+        hinge = torch.relu(alone - other).mean()
+        loss = loss + weight * hinge
+        stats.update(ce_other=float(other.detach().mean()), ce_tail=float(alone.mean()), hinge=float(hinge.detach()))
     return loss, stats
 
 
@@ -518,7 +519,7 @@ def _train_loop(settings, comp, corpus, opt, spec, hf, doc_start, start, history
                                         if any(h["stage"] == s for h in history)},
                          "history": history,
                          **({"contrast_last_25": {k: round(float(np.mean([h[k] for h in history[-25:] if k in h])), 4)
-                                                  for k in ("ce", "ce_other", "ce_tail")
+                                                  for k in ("ce", "ce_other", "ce_tail", "hinge")
                                                   if any(k in h for h in history[-25:])}}
                             if settings.contrast_steps else {})},
             "trainable_parameters": int(sum(p.numel() for p in comp.projector.parameters()))}
