@@ -598,6 +598,8 @@ CONDITIONS = {
     "e_shuffled_memory": "memory in shuffled order, the same last t tokens (negative control)",
     "e_tail_only": "the last t tokens alone, no memory (what (c)'s text gives by itself)",
     "f_other_document": "memory of another document's context, the same last t tokens (negative control)",
+    "f_other_document_memory_only": "memory of another document's whole context, no text (negative control "
+                                    "for the memory alone, (c) memory only: read next to (a) and the text reference)",
     "f_other_document_text": "another document's full context as text (reference for (f): what any text of "
                              "this corpus gives, whatever it says)",
 }
@@ -697,13 +699,15 @@ def perplexities(comp, doc_start: int, samples: list, context_tokens: int, tail_
                 else:
                     nll = comp.target_nll(prefix, t)
                 sums[name] += float(nll)
-            if t_len:
+            if t_len:  # the memory of the whole context, no text: this passage's, and another document's
                 sums["c_memory_only"] += float(comp.memory_nll(whole[sl], t, doc_start))
+                sums["f_other_document_memory_only"] += float(comp.memory_nll(whole[other[sl]], t, doc_start))
             if progress:
                 progress.advance(n + 1, len(steps))
     n_tok = tgt.size
     if not t_len:
         sums["c_memory_only"] = sums["c_compressed"]
+        sums["f_other_document_memory_only"] = sums["f_other_document"]
     ppl = {k: math.exp(v / n_tok) for k, v in sums.items()}
     a, b, c = ppl["a_no_context"], ppl["b_full_context"], ppl["c_compressed"]
     curve = [{"text_tokens": k, "perplexity": round(ppl[same.get(k, f"last_{k}")], 4)}

@@ -280,6 +280,9 @@ def test_perplexities_measure_the_truncation_curve_with_its_known_endpoints(tiny
     # with a tail: the memory of the 6 × 4 tokens before the last 2, then those 2 as text — by hand
     t = perplexities(comp, 1, samples, 32, tail_tokens=2, batch_size=2)
     assert (t["tail_tokens"], t["memory_tokens"], t["c_memory_only"]) == (2, 8, r["c_memory_only"])
+    # another document's memory alone is (f) read without a tail; with no tail the two are one condition
+    assert t["f_other_document_memory_only"] == r["f_other_document"] == r["f_other_document_memory_only"]
+    assert t["f_other_document"] != t["f_other_document_memory_only"]
     assert t["e_tail_only"] == curve[2]
     with torch.no_grad():
         nll = 0.0
