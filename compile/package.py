@@ -12,7 +12,6 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from edgec.compile.export import set_metadata
 from edgec.rundir import TMP_PREFIX, sha256_file  # noqa: F401 — sha256_file is imported from here
 
 
@@ -36,6 +35,8 @@ def publish_model(model_path: Path, dest_dir: Path, metadata: dict,
     ``folder/model.onnx`` before the folder is published. An existing ``dest_dir`` is
     replaced only once the new one is complete. Returns the published model's path.
     """
+    from edgec.compile.export import set_metadata  # onnx and torch: not for the CLI's start (help, bad flags)
+
     dest_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest_dir.parent, prefix=f"{TMP_PREFIX}{dest_dir.name}-"))
     try:

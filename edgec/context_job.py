@@ -324,11 +324,11 @@ def train(settings: TrainSettings, progress) -> dict:
     Raises :class:`ConfigError` for bad options or an output folder holding another run,
     :class:`OutputDirError` when it cannot be written, :class:`ModelError` for a decoder that is not
     Llama-family."""
+    settings.check()  # before torch's import: a bad option is answered at once
     import torch
 
     from edgec.compile.context import Compressor, CompressorSpec
 
-    settings.check()
     out = Path(settings.out)
     weights, meta_path = compressor_paths(out)
     ckpt, ckpt_meta = out / "checkpoint.safetensors", out / "checkpoint.json"

@@ -24,13 +24,16 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 import edgec
 from edgec.data import Dataset, load_dataset
-from edgec.search.multitask import Task, loss_weights
 from edgec.errors import ConfigError, ModelError, NoQualifyingCandidate
+
+if TYPE_CHECKING:  # torch: imported where it is used, after the options are checked
+    from edgec.search.multitask import Task
 
 # Training of the built-in multi-task model, per dataset (part of the cache key).
 DEFAULT_MT_TRAINING = {
@@ -570,6 +573,8 @@ def measure_side_by_side(target, paths: dict[str, Path], input_shape, rounds: in
 
 def _report(cfg, data: TaskData, model_info, result, settings, reference, before, after_prune, after, latency,
             prune_s, oracle: TaskOracle, epochs, target) -> dict:
+    from edgec.search import multitask
+
     return {
         "schema_version": 1, "job": "prune", "edgec_version": edgec.__version__,
         "config": cfg.to_dict(),
@@ -604,7 +609,7 @@ def _report(cfg, data: TaskData, model_info, result, settings, reference, before
         "flops_reduction": result.flops_reduction,
         "flops_target_met": None if cfg.flops_target is None else result.flops_reduction >= cfg.flops_target,
         "finetune": {"epochs": epochs, "lr": FINETUNE_LR, "kd_weight": cfg.kd_weight,
-                     "task_weights": loss_weights(data.tasks, cfg.task_weights),
+                     "task_weights": multitask.loss_weights(data.tasks, cfg.task_weights),
                      **({"kd_source": "Hinton et al. 2015, §2 (temperature 1), from the unpruned model"}
                         if cfg.kd_weight else {})},
         "metrics": {"reference": before, "pruned_before_finetune": after_prune, "pruned": after},

@@ -16,13 +16,15 @@ never mixed with measured ones. Deterministic: the same graph always gives the s
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
 
 from edgec.errors import ModelError
 from edgec.targets.base import LatencyStats, Target, register
+
+if TYPE_CHECKING:  # onnx is imported where it is used: it takes ~1.5 s, which every CLI start would pay
+    import onnx
 
 FP32_MACS_PER_MS = 4.0e6     # assumed: 4 GMAC/s in FP32
 INT8_MACS_PER_MS = 8.0e6     # assumed: INT8 kernels at twice the FP32 rate
@@ -47,6 +49,8 @@ def count_macs(model: onnx.ModelProto) -> dict[str, int]:
     """{"fp32_macs", "int8_macs", "nodes"} of ``model`` at batch 1 (see the module docstring).
 
     Raises :class:`ModelError` when shape inference cannot give a compute node's shapes."""
+    import onnx
+
     inferred = onnx.shape_inference.infer_shapes(model)
     g = inferred.graph
     shapes = {vi.name: _dims(vi) for vi in [*g.input, *g.value_info, *g.output]}

@@ -27,14 +27,16 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
 
 from edgec.errors import ModelError, TargetError
 from edgec.targets.base import LatencyStats, Target, register
 from edgec.targets.worker import Worker, call_for_target
+
+if TYPE_CHECKING:  # onnx is imported where it is used: it takes ~1.5 s, which every CLI start would pay
+    import onnx
 
 UNSUPPORTED_OPS = ("DynamicQuantizeLinear", "Loop", "If", "Scan")
 DEFAULT_CLOCK_MHZ = 1000.0
@@ -62,6 +64,8 @@ def macs_by_node(model: onnx.ModelProto) -> dict[str, int]:
     """Multiply-accumulates per Conv/Gemm/MatMul node at the model's static shapes (others 0).
 
     Used to weigh NPU coverage by compute; needs static shapes (batch fixed)."""
+    import onnx
+
     inferred = onnx.shape_inference.infer_shapes(model)
     shapes = {}
     for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
@@ -130,6 +134,8 @@ class NpuQnnHtp(Target):
 
     def check_model(self, model_path: Path, batch_fixable: bool = False, shown_as: str | None = None) -> None:
         """Raise :class:`ModelError` naming what the HTP cannot run in ``model_path``."""
+        import onnx
+
         problems = htp_unsupported(onnx.load(str(model_path), load_external_data=False), batch_fixable)
         if problems:
             more = f" (+{len(problems) - 4} more)" if len(problems) > 4 else ""
@@ -192,6 +198,8 @@ class NpuQnnHtp(Target):
 
     def placement(self, model_path: Path, prof: dict) -> dict:
         """NPU coverage from a :meth:`profile`: shares of nodes and of MACs on the NPU, fallen-back nodes."""
+        import onnx
+
         model = onnx.load(str(model_path), load_external_data=False)
         macs = macs_by_node(model)
         ops = {(n.name or n.output[0]): n.op_type for n in model.graph.node}
@@ -213,6 +221,8 @@ class NpuQnnHtp(Target):
     def run(self, model_path: Path, inputs: np.ndarray, work_dir: Path) -> np.ndarray:
         """Outputs of ``model_path`` on the HTP for ``inputs`` (N, ...) of the model's input dtype,
         one sample per run (N × the simulator's time: keep N small on x86-64)."""
+        import onnx
+
         work_dir.mkdir(parents=True, exist_ok=True)
         model = onnx.load(str(model_path), load_external_data=False)
         npz = work_dir / "htp_inputs.npz"
