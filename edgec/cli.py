@@ -486,7 +486,8 @@ def cmd_latency(args: argparse.Namespace) -> int:
                       f"(built {fit['replaced'].get('built_at')}) for the same target, space and machine.")
         if fit.get("samples_noisy_left_out"):
             out.print(f"{len(fit['samples_noisy_left_out'])} candidate(s) never measured quietly (the anchor over "
-                      f"{fit['quiet_tolerance']}× its session's reference p50, even when measured again) were left out of the fit.")
+                      f"{fit['quiet_tolerance']}× its session's reference p50, even when measured again) were left "
+                      "out of the fit.")
         own = model.fit_metrics()
         out.print(f"On its own samples: {own['within_10pct'] * 100:.0f} % within ±10 %, RMSPE {own['rmspe'] * 100:.1f} %.")
         if fit["samples"] < SMALL_FIT_SAMPLES:
@@ -530,7 +531,8 @@ def cmd_latency(args: argparse.Namespace) -> int:
     out.print(table)
     if result["noisy_left_out"]:
         out.print(f"{len(result['noisy_left_out'])} held-out candidate(s) never measured quietly (their anchor ran over "
-                  f"{result['quiet_tolerance']}× its session's reference p50) are left out of these figures; listed in --json.")
+                  f"{result['quiet_tolerance']}× its session's reference p50) are left out of these figures; "
+                  "listed in --json.")
     if not result["built_here"]:
         b, h = result["built_on"], result["validated_on"]
         out.print(f"The model was built on another machine ({b['runtime']}, {b['device']}, {b['threads']} threads); "

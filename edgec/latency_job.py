@@ -212,11 +212,11 @@ def measure_candidates(cands, spec, ds, target, settings: LatencySettings, progr
     "candidate", "features", "kernels", "ratio" (median over the quiet rounds of p50 / anchor p50, see
     :class:`QuietRounds`), "anchor_p50_ms", "p50_ms" (medians over them), "quiet", "rounds_quiet",
     "rounds_measured"}`` in the order of ``cands``. A candidate with no quiet round, or whose anchor ran
-    slower than :data:`QUIET_TOLERANCE` × the session's reference (:class:`QuietRounds`), is measured again after the others (up to
-    :data:`RETRY_PASSES` times); if it never is quiet its row has ``"quiet": False`` and its figures come
-    from all its rounds — labels the callers leave out (the slow host mode does not keep ratios). Pass
-    ``quiet`` to judge against the reference of a session that measured others before
-    (:func:`measure_enough`)."""
+    slower than :data:`QUIET_TOLERANCE` × the session's reference (:class:`QuietRounds`), is measured
+    again after the others (up to :data:`RETRY_PASSES` times); if it never is quiet its row has
+    ``"quiet": False`` and its figures come from all its rounds — labels the callers leave out (the slow
+    host mode does not keep ratios). Pass ``quiet`` to judge against the reference of a session that
+    measured others before (:func:`measure_enough`)."""
     from edgec.compile.export import export_onnx
     from edgec.compile.recipes import build
     from edgec.search.supernet import extract_subnet
@@ -505,7 +505,8 @@ def build_model(settings: LatencySettings, progress):
         rows = [r for r in rows if r["quiet"]]
         if len(rows) < 10:
             raise ConfigError(f"only {len(rows)} of {len(rows) + len(noisy)} candidates could be measured on a "
-                              "quiet machine", "the anchor kept running slower than the session's reference (other load?)",
+                              "quiet machine",
+                              "the anchor kept running slower than the session's reference (other load?)",
                               "build again when the machine is quiet")
         meta = {**_machine(target), "space": f"fbnet-supernet ({settings.dataset})", "spec": spec.to_dict(),
                 "anchor": {"candidate": anchor_candidate(spec, target.name).to_dict(),

@@ -662,7 +662,8 @@ def _noisy_html(result: dict) -> str:
     if not noisy:
         return ""
     return (f"<p>{len(noisy)} held-out candidate(s) were never measured in a quiet round (the anchor over "
-            f"{result['quiet_tolerance']}× its session's reference p50, even after measuring them again) and are left out.</p>\n")
+            f"{result['quiet_tolerance']}× its session's reference p50, even after measuring them again) "
+            "and are left out.</p>\n")
 
 
 def _elsewhere_html(result: dict) -> str:
