@@ -407,10 +407,10 @@ def test_a_candidate_measured_only_while_the_host_was_slow_is_measured_again_the
 
 
 def test_too_few_quiet_candidates_are_made_up_from_the_spares_in_the_same_session(monkeypatch):
-    """``measure_enough`` (build and validate): of the first 3 candidates one is only ever measured while the host is
-    slow (its anchor at 2× the session's fastest); after its retries, one spare of the pool is measured in
-    its place — not the rest of the pool — and the slow one stays flagged. A spare that is slow as well is
-    made up by the next one."""
+    """``measure_enough`` (build and validate): of the first 3 candidates one is only ever measured while
+    the host is slow (its anchor at 2× the session's reference); after its retries, one spare of the pool
+    is measured in its place — not the rest of the pool — and the slow one stays flagged. A spare that is
+    slow as well is made up by the next one."""
     from types import SimpleNamespace
 
     import edgec.latency_job as lj
